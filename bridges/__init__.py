@@ -1,0 +1,1 @@
+"""Frame transports (Spout, Syphon, NDI, shared memory, files, patterns)."""

@@ -1,0 +1,45 @@
+"""The loaded model parts a StreamPipeline needs, with the facts read from their configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.stream.modes import PredictionType
+
+
+@dataclass
+class ModelBundle:
+    """Everything the pipeline runs, already on its device and in its dtype.
+
+    Attributes:
+        unet: a diffusers ``UNet2DConditionModel`` (or anything with the same call).
+        vae: ``AutoencoderTiny`` (TAESD) or ``AutoencoderKL``; ``encode``/``decode`` as diffusers.
+        text_encoder: ``CLIPTextModel``; ``text_encoder(ids)[0]`` is ``(B, 77, D)``.
+        tokenizer: ``CLIPTokenizer`` with ``model_max_length`` 77.
+        alphas_cumprod: ``(num_train_timesteps,)`` float32 on CPU, from the scheduler config.
+        prediction_type: epsilon or v_prediction.
+        vae_scale_factor: image pixels per latent pixel (8 for SD).
+        latent_channels: channels of the latent (4 for SD).
+        vae_scaling_factor: multiply encoder latents by this (1.0 for TAESD, 0.18215 for SD VAE).
+        source: a human-readable name of where the weights came from.
+        identity: facts that identify the weights (for cache keys), e.g. model id, LoRAs.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    alphas_cumprod: torch.Tensor
+    prediction_type: PredictionType
+    device: torch.device
+    dtype: torch.dtype
+    vae_scale_factor: int = 8
+    latent_channels: int = 4
+    vae_scaling_factor: float = 1.0
+    num_train_timesteps: int = 1000
+    original_inference_steps: int = 50
+    source: str = ""
+    identity: dict[str, Any] = field(default_factory=dict)

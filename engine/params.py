@@ -1,0 +1,547 @@
+"""The one registry of live parameters: OSC, feedback, OSCQuery, docs and TD derive from it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from engine.stream.modes import BlendMethod, CfgType, allowed
+
+MAX_PROMPT_CHARS = 2000
+MAX_BLEND_ITEMS = 8
+MAX_T_INDEX_ITEMS = 8
+MAX_SEED = 2**31 - 1
+
+
+class ParamKind(str, Enum):
+    """The value type of a live parameter."""
+
+    FLOAT = "float"
+    INT = "int"
+    BOOL = "bool"
+    STRING = "string"
+    ENUM = "enum"
+    INT_LIST = "int_list"
+    PROMPT_BLEND = "prompt_blend"
+    SEED_BLEND = "seed_blend"
+    ACTION = "action"
+
+
+class ParamError(ValueError):
+    """A live parameter value that was refused; the message names the value and what is allowed."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One live parameter.
+
+    Attributes:
+        name: snake_case key used in ControlState, scenes and ``StreamPipeline.apply``.
+        kind: value type.
+        default: value when neither config nor OSC set it (``None`` for actions).
+        doc: one line for humans.
+        osc_address: main OSC address (flat snake_case at the root).
+        osc_args: OSC type tags as shown to users, e.g. ``"s [f]"``.
+        aliases: extra OSC addresses that mean the same.
+        minimum, maximum: inclusive numeric bounds (for lists: bounds of each item).
+        choices: allowed values of an ENUM.
+        max_items: longest list accepted (lists and blends).
+        in_scene: saved by ``/preset/save`` and restored by ``/preset/load``.
+    """
+
+    name: str
+    kind: ParamKind
+    default: Any
+    doc: str
+    osc_address: str
+    osc_args: str
+    aliases: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    max_items: int | None = None
+    in_scene: bool = True
+    group: str = "stream"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The main address followed by its aliases."""
+        return (self.osc_address, *self.aliases)
+
+    def allowed_text(self) -> str:
+        """What this parameter accepts, in words, for error messages and docs."""
+        if self.kind is ParamKind.ENUM:
+            return " | ".join(self.choices)
+        if self.kind is ParamKind.BOOL:
+            return "true | false (or 1 | 0)"
+        if self.kind is ParamKind.STRING:
+            return f"text of at most {MAX_PROMPT_CHARS} characters"
+        if self.kind is ParamKind.INT_LIST:
+            return (
+                f"1 to {self.max_items} strictly increasing integers "
+                f"in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
+            )
+        if self.kind is ParamKind.PROMPT_BLEND:
+            return f"1 to {self.max_items} pairs (prompt, weight >= 0), weights not all 0"
+        if self.kind is ParamKind.SEED_BLEND:
+            return (
+                f"1 to {self.max_items} pairs (seed in [0, {MAX_SEED}], weight >= 0), "
+                "weights not all 0"
+            )
+        if self.kind is ParamKind.ACTION:
+            return "no value" if not self.osc_args else "a name"
+        return f"a number in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
+
+    def coerce(self, value: Any) -> Any:
+        """Validate ``value`` and return it in canonical form; raise ``ParamError`` if refused."""
+        return _COERCERS[self.kind](self, value)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "any"
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _number(spec: ParamSpec, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(spec.name, f"{value!r} is not a number; allowed: {spec.allowed_text()}")
+    if not math.isfinite(float(value)):
+        raise ParamError(spec.name, f"{value!r} is not finite; allowed: {spec.allowed_text()}")
+    return float(value)
+
+
+def _check_range(spec: ParamSpec, value: float, shown: Any) -> None:
+    if (spec.minimum is not None and value < spec.minimum) or (
+        spec.maximum is not None and value > spec.maximum
+    ):
+        raise ParamError(spec.name, f"{shown!r} is out of range; allowed: {spec.allowed_text()}")
+
+
+def _coerce_float(spec: ParamSpec, value: Any) -> float:
+    number = _number(spec, value)
+    _check_range(spec, number, value)
+    return number
+
+
+def _coerce_int(spec: ParamSpec, value: Any) -> int:
+    number = _number(spec, value)
+    if not number.is_integer():
+        raise ParamError(
+            spec.name, f"{value!r} is not a whole number; allowed: {spec.allowed_text()}"
+        )
+    _check_range(spec, number, value)
+    return int(number)
+
+
+def _coerce_bool(spec: ParamSpec, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "on", "off"):
+        return value.strip().lower() in ("true", "on")
+    raise ParamError(spec.name, f"{value!r} is not a switch; allowed: {spec.allowed_text()}")
+
+
+def _coerce_string(spec: ParamSpec, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ParamError(spec.name, f"{value!r} is not text; allowed: {spec.allowed_text()}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ParamError(
+            spec.name,
+            f"text of {len(value)} characters is too long; allowed: {spec.allowed_text()}",
+        )
+    return value
+
+
+def _coerce_enum(spec: ParamSpec, value: Any) -> str:
+    text = value.value if isinstance(value, Enum) else value
+    if not isinstance(text, str) or text not in spec.choices:
+        raise ParamError(spec.name, f"{value!r} is not allowed; allowed: {spec.allowed_text()}")
+    return text
+
+
+def _coerce_int_list(spec: ParamSpec, value: Any) -> list[int]:
+    items = _as_sequence(spec, value)
+    if not 1 <= len(items) <= (spec.max_items or MAX_T_INDEX_ITEMS):
+        raise ParamError(spec.name, f"{len(items)} items given; allowed: {spec.allowed_text()}")
+    result = []
+    for item in items:
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, (int, float))
+            or not float(item).is_integer()
+        ):
+            raise ParamError(
+                spec.name, f"item {item!r} is not an integer; allowed: {spec.allowed_text()}"
+            )
+        _check_range(spec, float(item), item)
+        result.append(int(item))
+    if any(b <= a for a, b in itertools.pairwise(result)):
+        raise ParamError(
+            spec.name, f"{result} is not strictly increasing; allowed: {spec.allowed_text()}"
+        )
+    return result
+
+
+def _pairs(spec: ParamSpec, value: Any) -> list[tuple[Any, float]]:
+    items = _as_sequence(spec, value)
+    if items and not isinstance(items[0], (list, tuple)):
+        if len(items) % 2:
+            raise ParamError(
+                spec.name, f"{len(items)} values do not form pairs; allowed: {spec.allowed_text()}"
+            )
+        items = [tuple(items[i : i + 2]) for i in range(0, len(items), 2)]
+    if not 1 <= len(items) <= (spec.max_items or MAX_BLEND_ITEMS):
+        raise ParamError(spec.name, f"{len(items)} pairs given; allowed: {spec.allowed_text()}")
+    pairs = []
+    for pair in items:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ParamError(spec.name, f"{pair!r} is not a pair; allowed: {spec.allowed_text()}")
+        weight = pair[1]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ParamError(
+                spec.name, f"weight {weight!r} is not a number; allowed: {spec.allowed_text()}"
+            )
+        if not math.isfinite(float(weight)) or weight < 0:
+            raise ParamError(
+                spec.name, f"weight {weight!r} is not >= 0; allowed: {spec.allowed_text()}"
+            )
+        pairs.append((pair[0], float(weight)))
+    if sum(w for _, w in pairs) <= 0:
+        raise ParamError(spec.name, f"weights are all 0; allowed: {spec.allowed_text()}")
+    return pairs
+
+
+def _coerce_prompt_blend(spec: ParamSpec, value: Any) -> list[tuple[str, float]]:
+    pairs = _pairs(spec, value)
+    for prompt, _ in pairs:
+        if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+            raise ParamError(
+                spec.name,
+                f"prompt {prompt!r:.60} is not valid text; allowed: {spec.allowed_text()}",
+            )
+    return [(str(p), w) for p, w in pairs]
+
+
+def _coerce_seed_blend(spec: ParamSpec, value: Any) -> list[tuple[int, float]]:
+    pairs = _pairs(spec, value)
+    result = []
+    for seed, weight in pairs:
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, float))
+            or not float(seed).is_integer()
+        ):
+            raise ParamError(
+                spec.name, f"seed {seed!r} is not an integer; allowed: {spec.allowed_text()}"
+            )
+        if not 0 <= seed <= MAX_SEED:
+            raise ParamError(
+                spec.name, f"seed {seed!r} is out of range; allowed: {spec.allowed_text()}"
+            )
+        result.append((int(seed), weight))
+    return result
+
+
+def _coerce_action(spec: ParamSpec, value: Any) -> Any:
+    if spec.osc_args and not isinstance(value, str):
+        raise ParamError(spec.name, f"{value!r} is not a name; allowed: {spec.allowed_text()}")
+    return value
+
+
+def _as_sequence(spec: ParamSpec, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ParamError(spec.name, f"{value!r} is not a list; allowed: {spec.allowed_text()}")
+    return list(value)
+
+
+_COERCERS = {
+    ParamKind.FLOAT: _coerce_float,
+    ParamKind.INT: _coerce_int,
+    ParamKind.BOOL: _coerce_bool,
+    ParamKind.STRING: _coerce_string,
+    ParamKind.ENUM: _coerce_enum,
+    ParamKind.INT_LIST: _coerce_int_list,
+    ParamKind.PROMPT_BLEND: _coerce_prompt_blend,
+    ParamKind.SEED_BLEND: _coerce_seed_blend,
+    ParamKind.ACTION: _coerce_action,
+}
+
+
+def _specs() -> tuple[ParamSpec, ...]:
+    k = ParamKind
+    return (
+        ParamSpec(
+            "prompt",
+            k.STRING,
+            "",
+            "Prompt; an optional second argument crossfades over that many seconds.",
+            "/prompt",
+            "s [f]",
+        ),
+        ParamSpec(
+            "negative_prompt",
+            k.STRING,
+            "",
+            "Negative prompt, used by cfg_type full and onetime.",
+            "/negative_prompt",
+            "s",
+        ),
+        ParamSpec(
+            "prompt_blend",
+            k.PROMPT_BLEND,
+            None,
+            "Weighted prompts mixed in embedding space; replaces /prompt while set.",
+            "/prompt_blend",
+            "(s f)+",
+            max_items=MAX_BLEND_ITEMS,
+        ),
+        ParamSpec(
+            "prompt_blend_method",
+            k.ENUM,
+            BlendMethod.SLERP.value,
+            "How /prompt_blend and /seed_blend mix: linear or slerp.",
+            "/prompt_blend_method",
+            "s",
+            choices=tuple(m.value for m in BlendMethod),
+        ),
+        ParamSpec(
+            "guidance_scale",
+            k.FLOAT,
+            1.2,
+            "Guidance scale gamma; guidance acts only above 1.",
+            "/guidance_scale",
+            "f",
+            aliases=("/guidance",),
+            minimum=0.0,
+            maximum=20.0,
+        ),
+        ParamSpec(
+            "delta",
+            k.FLOAT,
+            1.0,
+            "Residual-noise scale delta for R-CFG (self, onetime).",
+            "/delta",
+            "f",
+            minimum=0.0,
+            maximum=5.0,
+        ),
+        ParamSpec(
+            "cfg_type",
+            k.ENUM,
+            CfgType.SELF.value,
+            f"Guidance mode: {allowed(CfgType)} (changes the UNet batch).",
+            "/cfg_type",
+            "s",
+            choices=tuple(m.value for m in CfgType),
+        ),
+        ParamSpec(
+            "seed",
+            k.INT,
+            2,
+            "Seed of the cached per-slot noise.",
+            "/seed",
+            "i",
+            minimum=0,
+            maximum=MAX_SEED,
+        ),
+        ParamSpec(
+            "seed_blend",
+            k.SEED_BLEND,
+            None,
+            "Weighted seeds mixed into the cached noise.",
+            "/seed_blend",
+            "(i f)+",
+            max_items=MAX_BLEND_ITEMS,
+        ),
+        ParamSpec(
+            "t_index_list",
+            k.INT_LIST,
+            [32, 45],
+            "Denoising slots as indices into the LCM schedule; its length is n.",
+            "/t_index_list",
+            "i+",
+            minimum=0,
+            maximum=999,
+            max_items=MAX_T_INDEX_ITEMS,
+        ),
+        ParamSpec(
+            "strength",
+            k.FLOAT,
+            None,
+            "One knob 0..1 mapped onto t_index_list (keeps n; 1 = all noise, 0 = input).",
+            "/strength",
+            "f",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        ParamSpec(
+            "similarity_filter_enabled",
+            k.BOOL,
+            False,
+            "Skip near-identical input frames (stochastic similarity filter).",
+            "/similarity_filter/enabled",
+            "T|F|i",
+            group="similarity_filter",
+        ),
+        ParamSpec(
+            "similarity_filter_threshold",
+            k.FLOAT,
+            0.98,
+            "Cosine similarity eta above which frames may be skipped.",
+            "/similarity_filter/threshold",
+            "f",
+            minimum=0.0,
+            maximum=0.9999,
+            group="similarity_filter",
+        ),
+        ParamSpec(
+            "similarity_filter_max_skip_frames",
+            k.INT,
+            10,
+            "After this many skips in a row a frame is processed anyway.",
+            "/similarity_filter/max_skip_frames",
+            "i",
+            minimum=0,
+            maximum=10000,
+            group="similarity_filter",
+        ),
+        ParamSpec(
+            "bypass",
+            k.BOOL,
+            False,
+            "Pass the input through unchanged.",
+            "/bypass",
+            "i",
+            group="runtime",
+        ),
+        ParamSpec(
+            "pause",
+            k.BOOL,
+            False,
+            "Freeze the output on the last frame.",
+            "/pause",
+            "i",
+            group="runtime",
+            in_scene=False,
+        ),
+        ParamSpec(
+            "preset_load",
+            k.ACTION,
+            None,
+            "Recall a saved scene by name (prompt crossfades).",
+            "/preset/load",
+            "s",
+            group="scene",
+            in_scene=False,
+        ),
+        ParamSpec(
+            "preset_save",
+            k.ACTION,
+            None,
+            "Save every live parameter as a scene by name.",
+            "/preset/save",
+            "s",
+            group="scene",
+            in_scene=False,
+        ),
+        ParamSpec(
+            "status",
+            k.ACTION,
+            None,
+            "Reply to the sender with every current value.",
+            "/status",
+            "",
+            group="control",
+            in_scene=False,
+        ),
+    )
+
+
+REGISTRY: dict[str, ParamSpec] = {spec.name: spec for spec in _specs()}
+BY_ADDRESS: dict[str, ParamSpec] = {
+    address: spec for spec in REGISTRY.values() for address in spec.addresses
+}
+
+
+def get(name: str) -> ParamSpec:
+    """The spec of ``name``; ``ParamError`` naming the known parameters when unknown."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ParamError(name, f"unknown parameter; known: {', '.join(REGISTRY)}") from None
+
+
+def validate_changes(
+    changes: Mapping[str, Any], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Coerce every change; all-or-nothing, so a bad value leaves nothing half-applied."""
+    accepted: dict[str, Any] = {}
+    for name, value in changes.items():
+        spec = get(name)
+        if names is not None and name not in names:
+            raise ParamError(name, f"not accepted here; accepted: {', '.join(names)}")
+        accepted[name] = None if value is None and spec.default is None else spec.coerce(value)
+    return accepted
+
+
+def as_json() -> list[dict[str, Any]]:
+    """The registry as plain data (for ``latentstage params --json`` and the TD builder)."""
+    rows = []
+    for spec in REGISTRY.values():
+        rows.append(
+            {
+                "name": spec.name,
+                "type": spec.kind.value,
+                "default": spec.default,
+                "min": spec.minimum,
+                "max": spec.maximum,
+                "choices": list(spec.choices),
+                "max_items": spec.max_items,
+                "osc_address": spec.osc_address,
+                "osc_args": spec.osc_args,
+                "aliases": list(spec.aliases),
+                "group": spec.group,
+                "in_scene": spec.in_scene,
+                "doc": spec.doc,
+                "allowed": spec.allowed_text(),
+            }
+        )
+    return rows
+
+
+def as_table() -> str:
+    """The registry as an aligned text table."""
+    header = ("name", "type", "default", "range / choices", "OSC", "args", "doc")
+    rows = [header]
+    for spec in REGISTRY.values():
+        if spec.kind is ParamKind.ENUM:
+            span = "|".join(spec.choices)
+        elif spec.minimum is not None or spec.maximum is not None:
+            span = f"{_fmt(spec.minimum)}..{_fmt(spec.maximum)}"
+        else:
+            span = "-"
+        address = " ".join(spec.addresses)
+        default = "-" if spec.default is None else str(spec.default)
+        rows.append(
+            (spec.name, spec.kind.value, default, span, address, spec.osc_args or "-", spec.doc)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [cell.ljust(widths[j]) for j, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]))
+        if i == 0:
+            lines.append("  ".join(["-" * w for w in widths] + ["-" * 3]))
+    return "\n".join(lines)

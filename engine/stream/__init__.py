@@ -1,0 +1,1 @@
+"""StreamDiffusion math on torch tensors: schedule, stream batch, guidance, filter, attention."""
