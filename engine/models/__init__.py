@@ -1,1 +1,1 @@
-"""Model loading: hub ids, local folders, single files, LoRA fusing, TAESD and the builtin tiny model."""
+"""Model loading: hub ids, folders, single files, LoRA fusing, TAESD, the builtin tiny model."""

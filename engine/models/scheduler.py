@@ -44,7 +44,9 @@ def alphas_cumprod_from_config(scheduler_config: Mapping[str, Any]) -> torch.Ten
         end = float(scheduler_config.get("beta_end", SD_BETA_END))
         schedule = str(scheduler_config.get("beta_schedule", SD_BETA_SCHEDULE))
         if schedule == "scaled_linear":
-            betas = torch.linspace(math.sqrt(start), math.sqrt(end), steps, dtype=torch.float64) ** 2
+            betas = (
+                torch.linspace(math.sqrt(start), math.sqrt(end), steps, dtype=torch.float64) ** 2
+            )
         elif schedule == "linear":
             betas = torch.linspace(start, end, steps, dtype=torch.float64)
         else:

@@ -46,11 +46,18 @@ class SimilarityFilter:
         self._reference = None
         self.consecutive_skips = 0
 
+    def mark_processed(self, frame: torch.Tensor) -> None:
+        """Record ``frame`` as processed without a decision (e.g. while the stream warms up)."""
+        if self._reference is None or self._reference.shape != frame.shape:
+            self._reference = frame.detach().clone()
+        else:
+            self._reference.copy_(frame)
+        self.consecutive_skips = 0
+
     def should_skip(self, frame: torch.Tensor) -> bool:
         """True when ``frame`` (any shape, float) may be skipped; updates the reference if not."""
         if self._reference is None or self._reference.shape != frame.shape:
-            self._reference = frame.detach().clone()
-            self.consecutive_skips = 0
+            self.mark_processed(frame)
             return False
         current, reference = frame.flatten().float(), self._reference.flatten().float()
         cosine = F.cosine_similarity(current, reference, dim=0)

@@ -1,0 +1,91 @@
+"""Put loaded parts on their device and dtype and read the facts a ModelBundle records."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from engine.models.bundle import ModelBundle
+from engine.models.scheduler import (
+    alphas_cumprod_from_config,
+    num_train_timesteps_from_config,
+    original_inference_steps_from_config,
+    prediction_type_from_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def vae_scale_factor_of(vae: Any) -> int:
+    """Image pixels per latent pixel: 8 for the SD VAE and TAESD.
+
+    ``AutoencoderKL``: ``2 ** (len(block_out_channels) - 1)``; ``AutoencoderTiny``:
+    ``upsampling_scaling_factor ** (len(decoder_block_out_channels) - 1)``.
+    """
+    config = vae.config
+    blocks = getattr(config, "decoder_block_out_channels", None)
+    if blocks is not None:
+        return int(getattr(config, "upsampling_scaling_factor", 2)) ** (len(blocks) - 1)
+    return int(2 ** (len(config.block_out_channels) - 1))
+
+
+def _prepare(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``module`` on ``device`` in ``dtype``, in eval mode, without gradients."""
+    module.to(device=device, dtype=dtype)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _fit_tokenizer(tokenizer: Any, text_encoder: Any) -> None:
+    """Cap ``tokenizer.model_max_length`` at the text encoder's positions (77 for CLIP)."""
+    limit = int(text_encoder.config.max_position_embeddings)
+    if tokenizer.model_max_length > limit:
+        logger.info("tokenizer model_max_length %s capped at %d", tokenizer.model_max_length, limit)
+        tokenizer.model_max_length = limit
+
+
+def assemble_bundle(
+    *,
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    scheduler_config: Mapping[str, Any],
+    prediction_type: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    source: str,
+    identity: dict[str, Any],
+) -> ModelBundle:
+    """Move the parts to ``device``/``dtype`` (eval, no grad) and build the ModelBundle.
+
+    Args:
+        unet, vae, text_encoder, tokenizer: diffusers/transformers parts.
+        scheduler_config: the model's scheduler config (betas, prediction type, LCM steps).
+        prediction_type: ``auto`` (read the scheduler config) or an explicit override.
+        device, dtype: where the weights go.
+        source: a human-readable origin.
+        identity: facts that identify the weights (cache keys).
+    """
+    _fit_tokenizer(tokenizer, text_encoder)
+    return ModelBundle(
+        unet=_prepare(unet, device, dtype),
+        vae=_prepare(vae, device, dtype),
+        text_encoder=_prepare(text_encoder, device, dtype),
+        tokenizer=tokenizer,
+        alphas_cumprod=alphas_cumprod_from_config(scheduler_config),
+        prediction_type=prediction_type_from_config(scheduler_config, prediction_type),
+        device=device,
+        dtype=dtype,
+        vae_scale_factor=vae_scale_factor_of(vae),
+        latent_channels=int(vae.config.latent_channels),
+        vae_scaling_factor=float(vae.config.scaling_factor),
+        num_train_timesteps=num_train_timesteps_from_config(scheduler_config),
+        original_inference_steps=original_inference_steps_from_config(scheduler_config),
+        source=source,
+        identity=identity,
+    )

@@ -1,0 +1,342 @@
+"""Load a Stable Diffusion 1.x-family model into a ModelBundle from any supported source."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+from safetensors import SafetensorError, safe_open
+
+from engine.models.assemble import assemble_bundle
+from engine.models.bundle import ModelBundle
+from engine.models.device import resolve_device, resolve_dtype
+from engine.models.errors import ModelLoadError, short_reason
+from engine.models.lora import fuse_loras
+from engine.models.sources import ACCEPTED, SourceKind, classify_source, local_path
+from engine.models.tiny import build_tiny_models
+
+__all__ = ["ModelRequest", "SourceKind", "classify_source", "load_models"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+VAE_KINDS = ("taesd", "full")
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
+_LDM_UNET_PREFIX = "model.diffusion_model."
+
+
+@dataclass
+class ModelRequest:
+    """What to load; the field names match the ``model`` section of config.yaml.
+
+    Attributes:
+        id: hub id ``org/name``, a diffusers folder, a ``.safetensors``/``.ckpt`` file or
+            ``builtin:tiny``.
+        vae: ``taesd`` (AutoencoderTiny from ``taesd_id``) or ``full`` (the model's own VAE).
+        taesd_id: hub id or local folder of the TAESD weights.
+        lcm_lora: LCM-LoRA to fuse at scale 1.0 (file, folder or hub id), or None.
+        loras: ``(source, scale)`` LoRAs to fuse.
+        prediction_type: ``auto`` (from the scheduler config), ``epsilon`` or ``v_prediction``.
+        device: ``auto``, ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
+        dtype: ``auto``, ``float16``, ``bfloat16`` or ``float32``.
+        cache_dir: hub cache folder (None: the hub's default).
+        local_files_only: never reach the hub; use only cached or local files.
+        single_file_config: a local diffusers folder (or hub id) whose configs describe a
+            single-file checkpoint; lets ``.safetensors`` load offline.
+    """
+
+    id: str
+    vae: str = "taesd"
+    taesd_id: str = "madebyollin/taesd"
+    lcm_lora: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    prediction_type: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = None
+    local_files_only: bool = False
+    single_file_config: str | None = None
+
+    @classmethod
+    def from_config(cls, section: Any) -> ModelRequest:
+        """Read a config ``model`` section by attribute name (duck-typed).
+
+        ``section.loras`` items may have ``.path``/``.scale``, be mappings with those keys, or
+        be ``(path, scale)`` pairs. Missing attributes take this class's defaults.
+        """
+        defaults = cls(id="")
+        values: dict[str, Any] = {
+            name: getattr(section, name, getattr(defaults, name))
+            for name in (
+                "vae",
+                "taesd_id",
+                "lcm_lora",
+                "prediction_type",
+                "device",
+                "dtype",
+                "cache_dir",
+                "local_files_only",
+                "single_file_config",
+            )
+        }
+        for name in ("vae", "prediction_type", "device", "dtype"):
+            values[name] = str(getattr(values[name], "value", values[name]))
+        loras = [_lora_pair(item) for item in getattr(section, "loras", None) or []]
+        return cls(id=str(section.id), loras=loras, **values)
+
+
+def _lora_pair(item: Any) -> tuple[str, float]:
+    """``(path, scale)`` from an object with ``.path``/``.scale``, a mapping or a pair."""
+    if hasattr(item, "path"):
+        return str(item.path), float(getattr(item, "scale", 1.0))
+    if isinstance(item, dict):
+        return str(item["path"]), float(item.get("scale", 1.0))
+    path, scale = item
+    return str(path), float(scale)
+
+
+def _stage(progress: Progress | None, line: str, *args: Any) -> None:
+    """Log ``line`` at INFO and hand it to ``progress``."""
+    text = line % args if args else line
+    logger.info(text)
+    if progress is not None:
+        progress(text)
+
+
+def _file_facts(path_name: str) -> dict[str, Any]:
+    """Size in bytes and mtime of a local file, for cache keys."""
+    stat = local_path(path_name).stat()
+    return {"size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def _check_checkpoint(path_name: str) -> None:
+    """Fail clearly, before diffusers tries the hub, when a .safetensors is no SD checkpoint."""
+    path = local_path(path_name)
+    if path.suffix.lower() != ".safetensors":
+        return
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys: Iterable[str] = list(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(
+            f"model file {path_name!r} is not a readable safetensors file: {short_reason(err)}."
+        ) from err
+    if not any(key.startswith(_LDM_UNET_PREFIX) for key in keys):
+        raise ModelLoadError(
+            f"model file {path_name!r} is not a Stable Diffusion checkpoint (no "
+            f"{_LDM_UNET_PREFIX}* UNet weights); it may be a LoRA or a single component. {ACCEPTED}"
+        )
+
+
+def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) -> Any:
+    """A ``StableDiffusionPipeline`` from a single file, a diffusers folder or the hub."""
+    common: dict[str, Any] = {
+        "torch_dtype": dtype,
+        "safety_checker": None,
+        "requires_safety_checker": False,
+    }
+    try:
+        if kind is SourceKind.SINGLE_FILE:
+            _check_checkpoint(request.id)
+            extra = {"config": request.single_file_config} if request.single_file_config else {}
+            return StableDiffusionPipeline.from_single_file(
+                str(local_path(request.id)),
+                local_files_only=request.local_files_only,
+                cache_dir=request.cache_dir,
+                **extra,
+                **common,
+            )
+        if kind is SourceKind.LOCAL_FOLDER:
+            return StableDiffusionPipeline.from_pretrained(str(local_path(request.id)), **common)
+        return StableDiffusionPipeline.from_pretrained(
+            request.id,
+            cache_dir=request.cache_dir,
+            local_files_only=request.local_files_only,
+            **common,
+        )
+    except _LOAD_ERRORS as err:
+        raise ModelLoadError(_pipeline_failure(kind, request.id, err)) from err
+
+
+def _pipeline_failure(kind: SourceKind, model_id: str, err: BaseException) -> str:
+    """The one-or-two-line message for a pipeline that failed to load."""
+    reason = short_reason(err)
+    if kind is SourceKind.SINGLE_FILE:
+        return (
+            f"model file {model_id!r} could not be loaded as a Stable Diffusion checkpoint: "
+            f"{reason}. Offline, set single_file_config to a local diffusers folder of its family."
+        )
+    if kind is SourceKind.LOCAL_FOLDER:
+        return (
+            f"model folder {model_id!r} could not be loaded as a diffusers Stable Diffusion folder "
+            f"(unet/, vae/, text_encoder/, tokenizer/, scheduler/): {reason}."
+        )
+    return (
+        f"model {model_id!r} is not a local folder or file and could not be fetched from the hub "
+        f"(offline?): {reason}. {ACCEPTED}"
+    )
+
+
+def _load_taesd(request: ModelRequest, dtype: torch.dtype) -> AutoencoderTiny:
+    """The TAESD ``AutoencoderTiny`` named by ``request.taesd_id`` (hub id or local folder)."""
+    folder = local_path(request.taesd_id)
+    source = str(folder) if folder.is_dir() else request.taesd_id
+    try:
+        return AutoencoderTiny.from_pretrained(
+            source,
+            torch_dtype=dtype,
+            cache_dir=request.cache_dir,
+            local_files_only=request.local_files_only,
+        )
+    except _LOAD_ERRORS as err:
+        raise ModelLoadError(
+            f"TAESD {request.taesd_id!r} could not be loaded (offline?): {short_reason(err)}. "
+            "Give a cached hub id or a local AutoencoderTiny folder as taesd_id, or use vae: full."
+        ) from err
+
+
+def _identity(request: ModelRequest, kind: SourceKind) -> dict[str, Any]:
+    """Facts that identify the weights, for engine caches."""
+    identity: dict[str, Any] = {
+        "model": request.id,
+        "vae": request.vae,
+        "lcm_lora": request.lcm_lora,
+        "loras": [[path, scale] for path, scale in request.loras],
+    }
+    if request.vae == "taesd" and kind is not SourceKind.BUILTIN:
+        identity["taesd_id"] = request.taesd_id
+    if kind is SourceKind.SINGLE_FILE:
+        identity.update(_file_facts(request.id))
+    return identity
+
+
+def _load_builtin(request: ModelRequest, progress: Progress | None) -> dict[str, Any]:
+    """The tiny model's parts (LoRAs fused if asked) and its scheduler config."""
+    _stage(progress, "building builtin:tiny")
+    override = request.prediction_type
+    tiny = build_tiny_models(
+        seed=0, vae=request.vae, prediction_type="epsilon" if override == "auto" else override
+    )
+    if request.lcm_lora or request.loras:
+        pipe = StableDiffusionPipeline(
+            vae=tiny.vae,
+            text_encoder=tiny.text_encoder,
+            tokenizer=tiny.tokenizer,
+            unet=tiny.unet,
+            scheduler=LCMScheduler.from_config(tiny.scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        fuse_loras(
+            pipe,
+            request.lcm_lora,
+            request.loras,
+            cache_dir=request.cache_dir,
+            local_files_only=request.local_files_only,
+            progress=progress,
+        )
+    return {
+        "unet": tiny.unet,
+        "vae": tiny.vae,
+        "text_encoder": tiny.text_encoder,
+        "tokenizer": tiny.tokenizer,
+        "scheduler_config": tiny.scheduler_config,
+    }
+
+
+def _load_diffusers(
+    kind: SourceKind,
+    request: ModelRequest,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The parts of a single-file, folder or hub model (LoRAs fused, VAE chosen)."""
+    _stage(progress, "loading %s %s (unet, vae, text encoder)", kind.value, request.id)
+    pipe = _load_pipeline(kind, request, dtype)
+    _stage(progress, "moving model to %s", device)
+    pipe.to(device)
+    fuse_loras(
+        pipe,
+        request.lcm_lora,
+        request.loras,
+        cache_dir=request.cache_dir,
+        local_files_only=request.local_files_only,
+        progress=progress,
+    )
+    vae = pipe.vae
+    if request.vae == "taesd":
+        _stage(progress, "loading TAESD %s", request.taesd_id)
+        vae = _load_taesd(request, dtype)
+    return {
+        "unet": pipe.unet,
+        "vae": vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "scheduler_config": dict(pipe.scheduler.config),
+    }
+
+
+def load_models(
+    request: ModelRequest | Any,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: Progress | None = None,
+) -> ModelBundle:
+    """Load the model ``request`` names into a ModelBundle on its device and dtype.
+
+    Args:
+        request: a ModelRequest, or a config ``model`` section (read via ``from_config``).
+        device: overrides ``request.device`` (a torch device or a name such as ``cuda:0``).
+        dtype: overrides ``request.dtype`` (a torch dtype or a name such as ``float16``).
+        progress: called with a short line at each stage (``loading TAESD ...``).
+
+    Returns:
+        The bundle; every module in eval mode with ``requires_grad`` False, and
+        ``alphas_cumprod`` a ``(num_train_timesteps,)`` float32 CPU tensor.
+
+    Raises:
+        ModelLoadError: anything that cannot be found or loaded, with a one-or-two-line message.
+    """
+    if not isinstance(request, ModelRequest):
+        request = ModelRequest.from_config(request)
+    if request.vae not in VAE_KINDS:
+        raise ModelLoadError(f"unknown vae {request.vae!r}: use {' | '.join(VAE_KINDS)}.")
+    kind = classify_source(request.id)
+    torch_device = (
+        device if isinstance(device, torch.device) else resolve_device(device or request.device)
+    )
+    torch_dtype = (
+        dtype
+        if isinstance(dtype, torch.dtype)
+        else resolve_dtype(dtype or request.dtype, torch_device)
+    )
+    if kind is SourceKind.BUILTIN:
+        parts = _load_builtin(request, progress)
+        source = request.id
+    else:
+        parts = _load_diffusers(kind, request, torch_device, torch_dtype, progress)
+        source = f"{kind.value} {request.id}"
+    _stage(
+        progress,
+        "preparing model on %s (%s)",
+        torch_device,
+        str(torch_dtype).removeprefix("torch."),
+    )
+    identity = _identity(request, kind)
+    if kind is SourceKind.BUILTIN:
+        identity["seed"] = 0
+    return assemble_bundle(
+        prediction_type=request.prediction_type,
+        device=torch_device,
+        dtype=torch_dtype,
+        source=source,
+        identity=identity,
+        **parts,
+    )

@@ -1,0 +1,374 @@
+"""StreamPipeline: encode → stream step → decode; owns the caches; apply(changes) at frame boundaries."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine import params
+from engine.accel.base import UNetRunner, VaeRunner
+from engine.accel.torch_backend import TorchUNet, TorchVae
+from engine.models.bundle import ModelBundle
+from engine.params import ParamError
+from engine.prompting import PromptEncoder
+from engine.stream.attention import CrossFrameAttnProcessor, batch_groups
+from engine.stream.batch import StreamBatch
+from engine.stream.blend import blend_noise
+from engine.stream.guidance import layout_embeddings
+from engine.stream.modes import BlendMethod, CfgType, GenerationMode
+from engine.stream.schedule import StreamSchedule, build_schedule, strength_to_t_index_list
+from engine.stream.similarity import SimilarityFilter
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_PARAMS: tuple[str, ...] = (
+    "prompt",
+    "negative_prompt",
+    "prompt_blend",
+    "prompt_blend_method",
+    "guidance_scale",
+    "delta",
+    "cfg_type",
+    "seed",
+    "seed_blend",
+    "t_index_list",
+    "strength",
+    "similarity_filter_enabled",
+    "similarity_filter_threshold",
+    "similarity_filter_max_skip_frames",
+)
+"""Live parameters ``StreamPipeline.apply`` accepts (names from ``engine.params``)."""
+
+
+@dataclass
+class PipelineSettings:
+    """Start-up settings of a StreamPipeline (the ``stream`` and ``similarity_filter`` config)."""
+
+    width: int = 512
+    height: int = 512
+    mode: GenerationMode = GenerationMode.IMG2IMG
+    t_index_list: list[int] = field(default_factory=lambda: [32, 45])
+    num_inference_steps: int = 50
+    cfg_type: CfgType = CfgType.SELF
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    prompt: str = ""
+    negative_prompt: str = ""
+    prompt_blend_method: BlendMethod = BlendMethod.SLERP
+    seed: int = 2
+    add_noise: bool = True
+    cross_frame_attention: bool = False
+    similarity_filter_enabled: bool = False
+    similarity_filter_threshold: float = 0.98
+    similarity_filter_max_skip_frames: int = 10
+
+    @classmethod
+    def from_config(cls, config: Any) -> PipelineSettings:
+        """Read ``config.stream`` and ``config.similarity_filter`` (the validated schema)."""
+        stream, ssf = config.stream, config.similarity_filter
+        return cls(
+            width=stream.width,
+            height=stream.height,
+            mode=GenerationMode(stream.mode),
+            t_index_list=list(stream.t_index_list),
+            num_inference_steps=stream.num_inference_steps,
+            cfg_type=CfgType(stream.cfg_type),
+            guidance_scale=stream.guidance_scale,
+            delta=stream.delta,
+            prompt=stream.prompt,
+            negative_prompt=stream.negative_prompt,
+            prompt_blend_method=BlendMethod(stream.prompt_blend_method),
+            seed=stream.seed,
+            add_noise=stream.add_noise,
+            cross_frame_attention=stream.cross_frame_attention,
+            similarity_filter_enabled=ssf.enabled,
+            similarity_filter_threshold=ssf.threshold,
+            similarity_filter_max_skip_frames=ssf.max_skip_frames,
+        )
+
+
+@dataclass
+class PipelineStats:
+    """Counters since start (plain ints; read by the runtime's status thread)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    skipped: int = 0
+    unet_calls: int = 0
+    vae_encodes: int = 0
+    vae_decodes: int = 0
+
+
+class StreamPipeline:
+    """Real-time img2img / txt2img on a stream of frames (StreamDiffusion).
+
+    ``pipeline(image)`` takes one frame ``(1, 3, H, W)`` in [-1, 1] (``None`` in txt2img mode)
+    and returns the finished frame of the same shape, or ``None`` while the stream batch is
+    still filling (the first n − 1 frames). Live changes go through ``apply`` between frames.
+
+    Args:
+        models: loaded model parts (``engine.models``), on their device and dtype.
+        settings: start-up values of every live parameter and the fixed ones (size, mode).
+        unet_runner, vae_runner: backend seam (``engine.accel``); torch eager by default.
+    """
+
+    def __init__(
+        self,
+        models: ModelBundle,
+        settings: PipelineSettings | None = None,
+        unet_runner: UNetRunner | None = None,
+        vae_runner: VaeRunner | None = None,
+    ) -> None:
+        self.models = models
+        self.settings = settings = settings or PipelineSettings()
+        self._check_settings(settings)
+        self.device, self.dtype = models.device, models.dtype
+        self.height, self.width = settings.height, settings.width
+        self.latent_shape = (
+            models.latent_channels,
+            settings.height // models.vae_scale_factor,
+            settings.width // models.vae_scale_factor,
+        )
+        self.mode = settings.mode
+        self.unet_runner: UNetRunner = unet_runner or TorchUNet(models.unet)
+        self.vae_runner: VaeRunner = vae_runner or TorchVae(models.vae, models.vae_scaling_factor)
+        self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
+        self.stats = PipelineStats()
+        self.last_output: torch.Tensor | None = None
+
+        self.state: dict[str, Any] = {
+            "prompt": settings.prompt,
+            "negative_prompt": settings.negative_prompt,
+            "prompt_blend": None,
+            "prompt_blend_method": BlendMethod(settings.prompt_blend_method).value,
+            "guidance_scale": float(settings.guidance_scale),
+            "delta": float(settings.delta),
+            "cfg_type": CfgType(settings.cfg_type).value,
+            "seed": int(settings.seed),
+            "seed_blend": None,
+            "t_index_list": list(settings.t_index_list),
+            "strength": None,
+            "similarity_filter_enabled": bool(settings.similarity_filter_enabled),
+            "similarity_filter_threshold": float(settings.similarity_filter_threshold),
+            "similarity_filter_max_skip_frames": int(settings.similarity_filter_max_skip_frames),
+        }
+        self.similarity_filter = SimilarityFilter(
+            settings.similarity_filter_threshold,
+            settings.similarity_filter_max_skip_frames,
+            seed=settings.seed,
+        )
+        cfg_type = CfgType(settings.cfg_type)
+        schedule = self._schedule(self.state["t_index_list"])
+        self.batch = StreamBatch(
+            schedule,
+            self._noise(self.state, schedule.n),
+            cfg_type=cfg_type,
+            prediction_type=models.prediction_type,
+            add_noise=settings.add_noise,
+            guidance_scale=settings.guidance_scale,
+            delta=settings.delta,
+        )
+        self._positive, self._negative = self._prompt_embeddings(self.state)
+        self._embeddings = layout_embeddings(cfg_type, schedule.n, self._positive, self._negative)
+        self._cross_frame: CrossFrameAttnProcessor | None = None
+        if settings.cross_frame_attention:
+            self._install_cross_frame_attention()
+
+    # ------------------------------------------------------------------ per frame
+    @torch.inference_mode()
+    def __call__(self, image: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Process one frame; see the class docstring for shapes."""
+        self.stats.frames_in += 1
+        # 1. check the input and take the slot-0 latent
+        if self.mode is GenerationMode.TXT2IMG:
+            latent = self.batch.noise[:1]
+        else:
+            self._check_image(image)
+            assert image is not None
+            image = image.to(device=self.device, dtype=self.dtype)
+            # 2. similarity filter: a skipped frame re-emits the previous output, no VAE/UNet
+            if self.state["similarity_filter_enabled"]:
+                if self.last_output is None:
+                    self.similarity_filter.mark_processed(image)
+                elif self.similarity_filter.should_skip(image):
+                    self.stats.skipped += 1
+                    return self.last_output
+            # 3. VAE encode, then noise slot 0 with its cached noise
+            self.stats.vae_encodes += 1
+            latent = self.batch.noised_input(self.vae_runner.encode(image))
+        # 4. one UNet call on the stream batch + batched LCM step
+        self.stats.unet_calls += 1
+        x0 = self.batch.step(latent, self.unet_runner, self._embeddings)
+        if x0 is None:
+            return None
+        # 5. decode the finished (oldest) slot
+        self.stats.vae_decodes += 1
+        output = self.vae_runner.decode(x0).clamp_(-1.0, 1.0)
+        self.stats.frames_out += 1
+        self.last_output = output
+        return output
+
+    # ------------------------------------------------------------------ live changes
+    def apply(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply live parameter changes at a frame boundary; all or nothing.
+
+        Every value is validated (``engine.params``) and everything that can fail is prepared
+        before any state changes, so a refused change leaves the pipeline exactly as it was.
+        Prompt embeddings are encoded only when the prompt text changes.
+
+        Returns:
+            The accepted changes in canonical form (what a control surface should echo).
+
+        Raises:
+            ParamError: naming the parameter, the bad value and what is allowed.
+        """
+        accepted = params.validate_changes(changes, PIPELINE_PARAMS)
+        if not accepted:
+            return {}
+        new_state = dict(self.state)
+        new_state.update(accepted)
+        # /prompt and /seed go back to a single prompt / seed
+        if "prompt" in accepted and "prompt_blend" not in accepted:
+            new_state["prompt_blend"] = None
+        if "seed" in accepted and "seed_blend" not in accepted:
+            new_state["seed_blend"] = None
+        if "t_index_list" in accepted and "strength" in accepted:
+            raise ParamError("strength", "give t_index_list or strength in one change, not both")
+        if accepted.get("strength") is not None:
+            new_state["t_index_list"] = strength_to_t_index_list(
+                accepted["strength"], self.batch.n, self.settings.num_inference_steps
+            )
+        elif "t_index_list" in accepted:
+            new_state["strength"] = None
+
+        # prepare (may raise; nothing is changed yet)
+        cfg_type = CfgType(new_state["cfg_type"])
+        schedule_changed = new_state["t_index_list"] != self.state["t_index_list"]
+        schedule = (
+            self._schedule(new_state["t_index_list"]) if schedule_changed else self.batch.schedule
+        )
+        n = schedule.n
+        noise_keys = ("seed", "seed_blend", "prompt_blend_method")
+        noise_changed = schedule_changed or any(new_state[k] != self.state[k] for k in noise_keys)
+        noise = self._noise(new_state, n) if noise_changed else self.batch.noise
+        prompt_keys = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
+        prompt_changed = any(new_state[k] != self.state[k] for k in prompt_keys)
+        positive, negative = (
+            self._prompt_embeddings(new_state) if prompt_changed else (self._positive, self._negative)
+        )
+        layout_changed = prompt_changed or n != self.batch.n or cfg_type is not self.batch.cfg_type
+        embeddings = (
+            layout_embeddings(cfg_type, n, positive, negative)
+            if layout_changed
+            else self._embeddings
+        )
+
+        # commit
+        if schedule_changed:
+            self.batch.set_schedule(schedule, noise)
+        elif noise_changed:
+            self.batch.set_noise(noise)
+        self.batch.set_cfg_type(cfg_type)
+        self.batch.guidance_scale = new_state["guidance_scale"]
+        self.batch.delta = new_state["delta"]
+        self._positive, self._negative, self._embeddings = positive, negative, embeddings
+        self.similarity_filter.configure(
+            new_state["similarity_filter_threshold"],
+            new_state["similarity_filter_max_skip_frames"],
+        )
+        if not new_state["similarity_filter_enabled"]:
+            self.similarity_filter.reset()
+        self.state = new_state
+        if self._cross_frame is not None:
+            self._cross_frame.groups = self._attention_groups()
+        logger.debug("applied %s", sorted(accepted))
+        return accepted
+
+    def reset(self) -> None:
+        """Empty the stream batch and the filter reference (e.g. after an input cut)."""
+        self.batch.reset()
+        self.similarity_filter.reset()
+        self.last_output = None
+
+    @property
+    def unet_batch_size(self) -> int:
+        """UNet batch per frame for the current n and cfg mode."""
+        return self.batch.unet_batch
+
+    # ------------------------------------------------------------------ helpers
+    def _schedule(self, t_index_list: list[int]) -> StreamSchedule:
+        steps = self.settings.num_inference_steps
+        if max(t_index_list) >= steps:
+            raise ParamError(
+                "t_index_list",
+                f"{t_index_list} has an index >= num_inference_steps ({steps}); "
+                f"allowed: strictly increasing integers in [0, {steps - 1}]",
+            )
+        return build_schedule(
+            self.models.alphas_cumprod,
+            t_index_list,
+            num_inference_steps=steps,
+            original_inference_steps=max(steps, self.models.original_inference_steps),
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def _noise(self, state: Mapping[str, Any], n: int) -> torch.Tensor:
+        """Cached per-slot noise ``(n, C, h, w)`` from the seed or the seed blend (CPU RNG)."""
+        shape = (n, *self.latent_shape)
+        blend = state["seed_blend"] or [(state["seed"], 1.0)]
+        noises = [
+            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed, _ in blend
+        ]
+        mixed = (
+            noises[0]
+            if len(noises) == 1
+            else blend_noise(noises, [w for _, w in blend], BlendMethod(state["prompt_blend_method"]))
+        )
+        return mixed.to(device=self.device, dtype=self.dtype)
+
+    def _prompt_embeddings(self, state: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        method = BlendMethod(state["prompt_blend_method"])
+        blend = state["prompt_blend"]
+        positive = (
+            self.prompts.encode_blend(blend, method) if blend else self.prompts.encode(state["prompt"])
+        )
+        return positive, self.prompts.encode(state["negative_prompt"])
+
+    def _attention_groups(self) -> tuple[tuple[int, int], ...]:
+        n, cfg_type = self.batch.n, self.batch.cfg_type
+        sizes = {CfgType.FULL: (n, n), CfgType.ONETIME: (1, n)}.get(cfg_type, (n,))
+        return batch_groups(sizes)
+
+    def _install_cross_frame_attention(self) -> None:
+        """Route every self-attention (``attn1``) layer of the UNet through cross-frame attention."""
+        unet = self.models.unet
+        processor = CrossFrameAttnProcessor(self._attention_groups())
+        processors = {
+            name: (processor if name.endswith("attn1.processor") else current)
+            for name, current in unet.attn_processors.items()
+        }
+        unet.set_attn_processor(processors)
+        self._cross_frame = processor
+
+    def _check_image(self, image: torch.Tensor | None) -> None:
+        expected = (1, 3, self.height, self.width)
+        if image is None:
+            raise ValueError(f"img2img needs an image of shape {expected}; got None")
+        if tuple(image.shape) != expected or not image.is_floating_point():
+            raise ValueError(
+                f"image of shape {tuple(image.shape)} and dtype {image.dtype}; expected a float "
+                f"tensor of shape {expected} in [-1, 1] (use engine.imageops.frame_to_tensor)"
+            )
+
+    def _check_settings(self, settings: PipelineSettings) -> None:
+        factor = self.models.vae_scale_factor
+        for name in ("width", "height"):
+            value = getattr(settings, name)
+            if value % factor or value <= 0:
+                raise ValueError(f"{name} {value} is not a positive multiple of {factor}")
+        params.get("t_index_list").coerce(settings.t_index_list)
