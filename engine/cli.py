@@ -1,4 +1,4 @@
-"""The `latentstage` command line: config, params (run, bench, build, bridges, doctor follow)."""
+"""The `latentstage` command line: config, params, bench (run, build, bridges, doctor follow)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from engine import params
 
@@ -14,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
+EXIT_MODEL_ERROR = 3
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +62,61 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the JSON to FILE (e.g. td_components/params.json)",
     )
+
+    bench_cmd = sub.add_parser("bench", help="measure throughput ratios side by side in one run")
+    _add_config_arguments(bench_cmd)
+    bench_cmd.add_argument("--frames", type=int, default=30, help="timed frames per row")
+    bench_cmd.add_argument("--warmup", type=int, default=5, help="untimed frames per row")
+    bench_cmd.add_argument("--steps", default="1,2,4", help="stream sizes n to compare, e.g. 1,2,4")
     return parser
+
+
+def _load_config_or_report(args: argparse.Namespace) -> Any:
+    from engine.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, presets=args.preset, overrides=args.sets)
+    except ConfigError as error:
+        print(f"latentstage: configuration error: {error}", file=sys.stderr)
+        return None
+
+
+def _status(line: str) -> None:
+    print(f"  .. {line}", file=sys.stderr, flush=True)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import format_rows, run_bench
+    from engine.models.errors import ModelLoadError
+    from engine.models.loader import load_models
+    from engine.pipeline import PipelineSettings
+
+    config = _load_config_or_report(args)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    try:
+        steps = [int(part) for part in args.steps.split(",") if part.strip()]
+    except ValueError:
+        print(f"latentstage: --steps {args.steps!r}: allowed: integers like 1,2,4", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.frames < 1 or args.warmup < 0 or not steps or min(steps) < 1 or max(steps) > 8:
+        print("latentstage: --frames >= 1, --warmup >= 0, --steps in 1..8", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
+    try:
+        models = load_models(config.model, progress=_status)
+    except ModelLoadError as error:
+        print(f"latentstage: {error}", file=sys.stderr)
+        return EXIT_MODEL_ERROR
+    settings = PipelineSettings.from_config(config)
+    rows = run_bench(models, settings, args.frames, args.warmup, steps, progress=_status)
+    header = (
+        f"latentstage bench: {config.model.id} on {models.device} ({str(models.dtype)[6:]}), "
+        f"{settings.width}x{settings.height}, t_index_list={settings.t_index_list}, "
+        f"{args.frames} frames per row"
+    )
+    print(format_rows(rows, header))
+    return EXIT_OK
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -94,7 +150,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"config": _cmd_config, "params": _cmd_params}
+_COMMANDS = {"config": _cmd_config, "params": _cmd_params, "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,22 +38,38 @@ from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "INPUT_TYPES",
+    "OUTPUT_TYPES",
     "AccelBackend",
     "AccelFallback",
     "AccelerationSettings",
     "Config",
     "ConfigError",
     "DType",
+    "InputSettings",
     "LogLevel",
     "LoggingSettings",
     "LoraSpec",
     "ModelSettings",
+    "NdiInput",
+    "NdiOutput",
     "OnLoss",
     "OscSettings",
+    "OutputSettings",
+    "PatternInput",
     "PredictionSetting",
+    "PreviewOutput",
+    "RecordOutput",
+    "ShmInput",
+    "ShmOutput",
     "SimilarityFilterSettings",
+    "SpoutInput",
+    "SpoutOutput",
     "StreamSettings",
+    "SyphonInput",
+    "SyphonOutput",
     "VaeKind",
+    "VideoInput",
     "config_from_dict",
     "config_json_schema",
     "default_config_path",
@@ -562,6 +578,15 @@ class Config(_Section):
     osc: OscSettings = Field(default_factory=OscSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _input_defaults_to_pattern(cls, data: Any) -> Any:
+        """``input: {fps: 60}`` (no ``type``) means the default pattern input."""
+        section = data.get("input") if isinstance(data, Mapping) else None
+        if isinstance(section, Mapping) and "type" not in section:
+            data = {**data, "input": {"type": "pattern", **section}}
+        return data
+
     @model_validator(mode="after")
     def _distinct_outputs(self) -> Config:
         seen: dict[tuple[str, Any], int] = {}
@@ -609,7 +634,8 @@ def _unwrap(tp: Any) -> tuple[Any, list[Any], bool]:
         if origin is Annotated:
             args = get_args(tp)
             tp = args[0]
-            metadata.extend(args[1:])
+            for meta in args[1:]:
+                metadata.extend(meta.metadata if isinstance(meta, FieldInfo) else [meta])
             continue
         if origin in (Union, types.UnionType):
             members = [a for a in get_args(tp) if a is not type(None)]

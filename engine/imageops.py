@@ -37,11 +37,13 @@ def fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         crop_h = max(1, round(w / target_aspect))
         top = (h - crop_h) // 2
         image = image[..., top : top + crop_h, :]
-    return F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(
+        image, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def tensor_to_frame(image: torch.Tensor, alpha: bool = True) -> torch.Tensor:
-    """``(1, 3, H, W)`` in [-1, 1] → uint8 ``(H, W, 4)`` RGBA (opaque) or ``(H, W, 3)``, same device."""
+    """``(1, 3, H, W)`` in [-1, 1] → uint8 ``(H, W, 4)`` opaque RGBA or ``(H, W, 3)``."""
     rgb = ((image[0].float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     rgb = rgb.permute(1, 2, 0)
     if not alpha:

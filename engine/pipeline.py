@@ -1,4 +1,4 @@
-"""StreamPipeline: encode → stream step → decode; owns the caches; apply(changes) at frame boundaries."""
+"""StreamPipeline: encode → stream step → decode; owns the caches; applies live changes."""
 
 from __future__ import annotations
 
@@ -258,7 +258,9 @@ class StreamPipeline:
         prompt_keys = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
         prompt_changed = any(new_state[k] != self.state[k] for k in prompt_keys)
         positive, negative = (
-            self._prompt_embeddings(new_state) if prompt_changed else (self._positive, self._negative)
+            self._prompt_embeddings(new_state)
+            if prompt_changed
+            else (self._positive, self._negative)
         )
         layout_changed = prompt_changed or n != self.batch.n or cfg_type is not self.batch.cfg_type
         embeddings = (
@@ -322,12 +324,15 @@ class StreamPipeline:
         shape = (n, *self.latent_shape)
         blend = state["seed_blend"] or [(state["seed"], 1.0)]
         noises = [
-            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed, _ in blend
+            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+            for seed, _ in blend
         ]
         mixed = (
             noises[0]
             if len(noises) == 1
-            else blend_noise(noises, [w for _, w in blend], BlendMethod(state["prompt_blend_method"]))
+            else blend_noise(
+                noises, [w for _, w in blend], BlendMethod(state["prompt_blend_method"])
+            )
         )
         return mixed.to(device=self.device, dtype=self.dtype)
 
@@ -335,7 +340,9 @@ class StreamPipeline:
         method = BlendMethod(state["prompt_blend_method"])
         blend = state["prompt_blend"]
         positive = (
-            self.prompts.encode_blend(blend, method) if blend else self.prompts.encode(state["prompt"])
+            self.prompts.encode_blend(blend, method)
+            if blend
+            else self.prompts.encode(state["prompt"])
         )
         return positive, self.prompts.encode(state["negative_prompt"])
 
@@ -345,7 +352,7 @@ class StreamPipeline:
         return batch_groups(sizes)
 
     def _install_cross_frame_attention(self) -> None:
-        """Route every self-attention (``attn1``) layer of the UNet through cross-frame attention."""
+        """Route every self-attention (``attn1``) layer of the UNet through cross-frame attn."""
         unet = self.models.unet
         processor = CrossFrameAttnProcessor(self._attention_groups())
         processors = {

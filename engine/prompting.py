@@ -55,9 +55,7 @@ class PromptEncoder:
                 self._cache.popitem(last=False)
         return embedding
 
-    def encode_blend(
-        self, pairs: Sequence[tuple[str, float]], method: BlendMethod
-    ) -> torch.Tensor:
+    def encode_blend(self, pairs: Sequence[tuple[str, float]], method: BlendMethod) -> torch.Tensor:
         """Weighted mix of several prompts' embeddings (linear or slerp)."""
         embeddings = [self.encode(prompt) for prompt, _ in pairs]
         return blend_embeddings(embeddings, [w for _, w in pairs], method)

@@ -22,8 +22,10 @@ def bundle():
 def with_processor(unet, processor):
     unet = copy.deepcopy(unet)
     unet.set_attn_processor(
-        {name: (processor if name.endswith("attn1.processor") else AttnProcessor2_0())
-         for name in unet.attn_processors}
+        {
+            name: (processor if name.endswith("attn1.processor") else AttnProcessor2_0())
+            for name in unet.attn_processors
+        }
     )
     return unet
 
@@ -45,7 +47,9 @@ def test_identical_to_plain_attention_at_batch_one(bundle):
     plain = with_processor(bundle.unet, AttnProcessor2_0())
     cross = with_processor(bundle.unet, CrossFrameAttnProcessor())
     latents, timesteps, emb = inputs(1)
-    assert torch.allclose(run(plain, latents, timesteps, emb), run(cross, latents, timesteps, emb), atol=1e-6)
+    assert torch.allclose(
+        run(plain, latents, timesteps, emb), run(cross, latents, timesteps, emb), atol=1e-6
+    )
 
 
 def test_batch_elements_influence_each_other_only_when_on(bundle):
@@ -73,15 +77,29 @@ def test_groups_keep_guidance_halves_apart(bundle):
     assert (a[2] - b[2]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize(("cfg", "groups"), [
-    ("none", ((0, 3),)), ("self", ((0, 3),)), ("full", ((0, 3), (3, 6))), ("onetime", ((0, 1), (1, 4))),
-])
+@pytest.mark.parametrize(
+    ("cfg", "groups"),
+    [
+        ("none", ((0, 3),)),
+        ("self", ((0, 3),)),
+        ("full", ((0, 3), (3, 6))),
+        ("onetime", ((0, 1), (1, 4))),
+    ],
+)
 def test_pipeline_installs_and_regroups(bundle, cfg, groups):
     unet = copy.deepcopy(bundle.unet)
     local = copy.copy(bundle)
     local.unet = unet
-    pipe = StreamPipeline(local, PipelineSettings(width=64, height=64, t_index_list=[0, 16, 32],
-                                                  cross_frame_attention=True, cfg_type=CfgType.NONE))
+    pipe = StreamPipeline(
+        local,
+        PipelineSettings(
+            width=64,
+            height=64,
+            t_index_list=[0, 16, 32],
+            cross_frame_attention=True,
+            cfg_type=CfgType.NONE,
+        ),
+    )
     pipe.apply({"cfg_type": cfg, "guidance_scale": 1.5})
     processors = unet.attn_processors
     attn1 = [p for name, p in processors.items() if name.endswith("attn1.processor")]

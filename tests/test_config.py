@@ -181,7 +181,7 @@ def test_preset_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, "")
     (tmp_path / "presets").mkdir()
     _write(tmp_path / "presets", "- 1\n- 2\n", "broken.yaml")
-    with pytest.raises(ConfigError, match="broken.yaml.*not a mapping"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml.*not a mapping"):
         load_config(path, presets=["broken"])
 
 
@@ -212,7 +212,7 @@ def test_merge_config_replaces_a_mapping_whose_type_changes() -> None:
 def test_config_from_dict_validates_programmatic_overlays() -> None:
     data = merge_config(Config().model_dump(mode="json"), {"stream": {"cfg_type": "full"}})
     assert config_from_dict(data).stream.cfg_type is CfgType.FULL
-    with pytest.raises(ConfigError, match="stream.cfg_type"):
+    with pytest.raises(ConfigError, match=r"stream\.cfg_type"):
         config_from_dict(merge_config(data, {"stream": {"cfg_type": "wrong"}}))
     with pytest.raises(ConfigError, match="not a mapping"):
         config_from_dict([1, 2])  # type: ignore[arg-type]
@@ -348,6 +348,8 @@ def test_import_is_light() -> None:
     ["outputs=[{type: ndi}, {type: spout}, {type: syphon}, {type: shm}]"],
     ["input={type: ndi, source: 'HOST (TouchDesigner)'}"],
     ["input={type: syphon}"],
+    ["input.fps=60"],
+    ["input={fps: 24, on_loss: black}"],
 ])
 def test_accepted(tmp_path: Path, overrides: list[str]) -> None:
     load_config(_write(tmp_path, ""), overrides=overrides)
@@ -410,12 +412,16 @@ BAD: list[Any] = [
      ["model.loras[1].adapter_name", "already used"]),
     ("backend", "", [], ["acceleration.backend=cuda"],
      ["acceleration.backend", "torch | onnxruntime | tensorrt"]),
-    ("fallback", "", [], ["acceleration.fallback=ignore"], ["acceleration.fallback", "error | torch"]),
+    ("fallback", "", [], ["acceleration.fallback=ignore"],
+     ["acceleration.fallback", "error | torch"]),
     ("onnx-provider", "", [], ["acceleration.onnx_providers=[CUDA]"],
      ["acceleration.onnx_providers[0]", "ExecutionProvider"]),
     ("input-type", "input:\n  type: webcam\n", [], [],
      ["input.type", "'webcam'", "pattern | video | shm | ndi | spout | syphon"]),
-    ("input-type-missing", "input:\n  fps: 30\n", [], [], ["input.type", "missing"]),
+    ("input-key-of-other-type", "input:\n  path: clip.mp4\n", [], [],
+     ["input.path", "unknown key", "type"]),
+    ("output-type-missing", "outputs:\n  - port: 8081\n", [], [],
+     ["outputs[0].type", "missing", "preview | record"]),
     ("input-video-path-missing", "", [], ["input.type=video"], ["input.path", "missing"]),
     ("input-extra-key", "input:\n  type: video\n  path: a.mp4\n  fps: 30\n", [], [],
      ["input.fps", "unknown key", "path"]),
@@ -454,7 +460,8 @@ BAD: list[Any] = [
     ("set-empty-path", "", [], ["=3"], ["--set", "'=3'", "KEY=VALUE"]),
     ("set-empty-segment", "", [], ["stream..width=3"], ["--set", "stream..width"]),
     ("set-inside-list", "", [], ["outputs.port=8081"], ["outputs", "set the whole list"]),
-    ("set-bad-yaml", "", [], ["stream.t_index_list=[1, 2"], ["stream.t_index_list", "invalid YAML"]),
+    ("set-bad-yaml", "", [], ["stream.t_index_list=[1, 2"],
+     ["stream.t_index_list", "invalid YAML"]),
     ("yaml-syntax", "stream:\n  width: [256\n  height: 256\n", [], [],
      ["config.yaml", "line 3", "invalid YAML"]),
     ("yaml-tab", "stream:\n\twidth: 256\n", [], [], ["config.yaml", "line 2", "invalid YAML"]),
@@ -484,7 +491,7 @@ def test_bad_cases_are_many_and_distinct() -> None:
 
 def test_missing_explicit_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         load_config(missing)
 
 

@@ -61,8 +61,13 @@ class CountingTextEncoder(torch.nn.Module):
 
 def make_pipeline(bundle, **overrides) -> StreamPipeline:
     settings = PipelineSettings(
-        width=SIZE, height=SIZE, prompt="a neon jellyfish", negative_prompt="blurry",
-        cfg_type=CfgType.NONE, guidance_scale=1.0, **overrides,
+        width=SIZE,
+        height=SIZE,
+        prompt="a neon jellyfish",
+        negative_prompt="blurry",
+        cfg_type=CfgType.NONE,
+        guidance_scale=1.0,
+        **overrides,
     )
     pipe = StreamPipeline(bundle, settings)
     pipe.unet_runner = CountingUNet(pipe.unet_runner)
@@ -136,10 +141,17 @@ def test_one_step_equals_diffusers_lcm_scheduler_step(bundle):
     assert pipe.batch.schedule.timesteps.tolist() == [t]
     assert x0_ours is not None
     assert torch.allclose(x0_ours, reference, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(x, bundle.alphas_cumprod[t].sqrt() * z + (1 - bundle.alphas_cumprod[t]).sqrt() * pipe.batch.noise[:1], atol=1e-6)
+    assert torch.allclose(
+        x,
+        bundle.alphas_cumprod[t].sqrt() * z
+        + (1 - bundle.alphas_cumprod[t]).sqrt() * pipe.batch.noise[:1],
+        atol=1e-6,
+    )
 
 
-@pytest.mark.parametrize(("cfg", "factor"), [("none", (1, 0)), ("self", (1, 0)), ("onetime", (1, 1)), ("full", (2, 0))])
+@pytest.mark.parametrize(
+    ("cfg", "factor"), [("none", (1, 0)), ("self", (1, 0)), ("onetime", (1, 1)), ("full", (2, 0))]
+)
 def test_unet_batch_per_frame_counted(bundle, cfg, factor):
     pipe = make_pipeline(bundle, t_index_list=[0, 16, 32])
     pipe.apply({"cfg_type": cfg, "guidance_scale": 1.5})
@@ -162,7 +174,9 @@ def test_prompt_change_calls_text_encoder_once(bundle):
     counting = CountingTextEncoder(bundle.text_encoder)
     pipe = StreamPipeline(
         dataclasses.replace(bundle, text_encoder=counting),
-        PipelineSettings(width=SIZE, height=SIZE, prompt="a", negative_prompt="b", t_index_list=[32]),
+        PipelineSettings(
+            width=SIZE, height=SIZE, prompt="a", negative_prompt="b", t_index_list=[32]
+        ),
     )
     assert counting.calls == 2  # prompt + negative prompt at start
     before = pipe._embeddings.clone()
@@ -266,8 +280,13 @@ def test_prompt_and_seed_blends(bundle):
 
 class TestSimilarityFilter:
     def test_static_input_is_skipped_and_costs_no_work(self, bundle):
-        pipe = make_pipeline(bundle, t_index_list=[32], similarity_filter_enabled=True,
-                             similarity_filter_threshold=0.5, similarity_filter_max_skip_frames=1000)
+        pipe = make_pipeline(
+            bundle,
+            t_index_list=[32],
+            similarity_filter_enabled=True,
+            similarity_filter_threshold=0.5,
+            similarity_filter_max_skip_frames=1000,
+        )
         frame = image(7)
         first = pipe(frame)
         unet_calls, encodes = len(pipe.unet_runner.batches), pipe.vae_runner.encodes
@@ -278,8 +297,13 @@ class TestSimilarityFilter:
         assert pipe.stats.skipped == 20
 
     def test_max_skip_frames_forces_a_frame(self, bundle):
-        pipe = make_pipeline(bundle, t_index_list=[32], similarity_filter_enabled=True,
-                             similarity_filter_threshold=0.5, similarity_filter_max_skip_frames=3)
+        pipe = make_pipeline(
+            bundle,
+            t_index_list=[32],
+            similarity_filter_enabled=True,
+            similarity_filter_threshold=0.5,
+            similarity_filter_max_skip_frames=3,
+        )
         frame = image(8)
         for _ in range(13):
             pipe(frame)
@@ -287,15 +311,24 @@ class TestSimilarityFilter:
         assert len(pipe.unet_runner.batches) == 4 and pipe.stats.skipped == 9
 
     def test_differing_frames_are_never_skipped(self, bundle):
-        pipe = make_pipeline(bundle, t_index_list=[32], similarity_filter_enabled=True,
-                             similarity_filter_threshold=0.9, similarity_filter_max_skip_frames=100)
+        pipe = make_pipeline(
+            bundle,
+            t_index_list=[32],
+            similarity_filter_enabled=True,
+            similarity_filter_threshold=0.9,
+            similarity_filter_max_skip_frames=100,
+        )
         for k in range(10):
             pipe(image(100 + k))  # independent random frames: cosine ~0.75 < 0.9
         assert pipe.stats.skipped == 0 and len(pipe.unet_runner.batches) == 10
 
     def test_disable_live(self, bundle):
-        pipe = make_pipeline(bundle, t_index_list=[32], similarity_filter_enabled=True,
-                             similarity_filter_threshold=0.5)
+        pipe = make_pipeline(
+            bundle,
+            t_index_list=[32],
+            similarity_filter_enabled=True,
+            similarity_filter_threshold=0.5,
+        )
         frame = image(9)
         pipe(frame)
         pipe(frame)

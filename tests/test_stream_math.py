@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -41,15 +42,24 @@ class AnalyticDenoiser:
         self.weight = torch.randn(4, 4, generator=g) * 0.3
         self.calls: list[int] = []
 
-    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, emb: torch.Tensor
+    ) -> torch.Tensor:
         self.calls.append(latents.shape[0])
         mixed = torch.einsum("oc,bchw->bohw", self.weight, latents)
         scale = (timesteps.float() / 1000.0).view(-1, 1, 1, 1)
         return torch.tanh(mixed + scale) + emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
 
-def make_batch(t_index_list, cfg=CfgType.NONE, add_noise=True, prediction=PredictionType.EPSILON,
-               guidance=1.0, delta=1.0, seed=1):
+def make_batch(
+    t_index_list,
+    cfg=CfgType.NONE,
+    add_noise=True,
+    prediction=PredictionType.EPSILON,
+    guidance=1.0,
+    delta=1.0,
+    seed=1,
+):
     schedule = build_schedule(sd_alphas_cumprod(), t_index_list)
     noise = torch.randn((len(t_index_list), *SHAPE), generator=torch.Generator().manual_seed(seed))
     return StreamBatch(schedule, noise, cfg, prediction, add_noise, guidance, delta)
@@ -75,11 +85,14 @@ def sequential_reference(batch: StreamBatch, z, denoise, emb_cond, emb_uncond, g
             eps = eps_u + guidance * (eps - eps_u)
         x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
         if i < batch.n - 1:
-            x = s.alpha[i + 1] * x0 + (s.beta[i + 1] * batch.noise[i + 1 : i + 2] if batch.add_noise else 0)
+            x = s.alpha[i + 1] * x0 + (
+                s.beta[i + 1] * batch.noise[i + 1 : i + 2] if batch.add_noise else 0
+            )
     return x0
 
 
 # ---------------------------------------------------------------- schedule
+
 
 def test_timesteps_match_design_examples_and_diffusers():
     schedule = lcm_timesteps(50)
@@ -98,8 +111,12 @@ def test_coefficients_match_diffusers_scheduler():
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
         assert s.c_skip[i].item() == pytest.approx(float(c_skip), rel=1e-6)
         assert s.c_out[i].item() == pytest.approx(float(c_out), rel=1e-6)
-        assert s.alpha[i].item() == pytest.approx(scheduler.alphas_cumprod[t].sqrt().item(), rel=1e-6)
-        assert s.beta[i].item() == pytest.approx((1 - scheduler.alphas_cumprod[t]).sqrt().item(), rel=1e-6)
+        assert s.alpha[i].item() == pytest.approx(
+            scheduler.alphas_cumprod[t].sqrt().item(), rel=1e-6
+        )
+        assert s.beta[i].item() == pytest.approx(
+            (1 - scheduler.alphas_cumprod[t]).sqrt().item(), rel=1e-6
+        )
     assert boundary_scalings(0) == (1.0, 0.0)
 
 
@@ -116,7 +133,7 @@ def test_strength_maps_onto_increasing_indices():
     for strength in (0.0, 0.01, 0.3, 0.77, 1.0):
         for n in (1, 2, 4, 8):
             idx = strength_to_t_index_list(strength, n, 50)
-            assert len(idx) == n and all(b > a for a, b in zip(idx, idx[1:]))
+            assert len(idx) == n and all(b > a for a, b in itertools.pairwise(idx))
             assert idx[0] == min(math.floor(49 * (1 - strength)), 50 - n)
             assert n == 1 or idx[-1] == 49
     with pytest.raises(ValueError, match="strength"):
@@ -124,6 +141,7 @@ def test_strength_maps_onto_increasing_indices():
 
 
 # ---------------------------------------------------------------- stream batch
+
 
 @pytest.mark.parametrize("t_index_list", [[45], [32, 45], [0, 16, 32, 45]])
 @pytest.mark.parametrize("cfg", [CfgType.NONE, CfgType.FULL])
@@ -146,7 +164,8 @@ def test_stream_batch_equals_sequential_lcm_on_constant_input(t_index_list, cfg,
 
 
 @pytest.mark.parametrize(
-    ("cfg", "expected"), [(CfgType.NONE, 3), (CfgType.SELF, 3), (CfgType.ONETIME, 4), (CfgType.FULL, 6)]
+    ("cfg", "expected"),
+    [(CfgType.NONE, 3), (CfgType.SELF, 3), (CfgType.ONETIME, 4), (CfgType.FULL, 6)],
 )
 def test_unet_batch_per_frame_is_counted(cfg, expected):
     batch = make_batch([0, 16, 32], cfg, guidance=1.5)
@@ -188,12 +207,15 @@ def test_v_prediction_converts_to_epsilon():
 
 # ---------------------------------------------------------------- residual CFG
 
+
 def test_residual_noise_keeps_the_paper_invariant_self_negative():
     """S_i = (x_i − a_i z) / b_i for every slot, every frame, z = that slot's input latent."""
     batch = make_batch([0, 16, 32, 45], CfgType.SELF, guidance=1.6, delta=0.8)
     denoise = AnalyticDenoiser(seed=5)
     s = batch.schedule
-    zs = [torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(100 + k)) for k in range(8)]
+    zs = [
+        torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(100 + k)) for k in range(8)
+    ]
     for k, z in enumerate(zs):
         batch.step(batch.noised_input(z), denoise, embeddings_for(batch))
         # after step k the buffer slot j (1..n-1) holds frame k - j + 1, and stock[j] its residual
@@ -275,6 +297,7 @@ def test_guidance_off_at_or_below_one():
 
 # ---------------------------------------------------------------- live changes
 
+
 def test_seed_change_swaps_buffered_noise_exactly():
     batch = make_batch([0, 32], CfgType.NONE)
     denoise = AnalyticDenoiser()
@@ -285,7 +308,9 @@ def test_seed_change_swaps_buffered_noise_exactly():
     x0_est = (batch.latents[1] - s.beta[1] * batch.noise[1]) / s.alpha[1]
     new_noise = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(99))
     batch.set_noise(new_noise)
-    assert torch.allclose(batch.latents[1], s.alpha[1] * x0_est + s.beta[1] * new_noise[1], atol=1e-5)
+    assert torch.allclose(
+        batch.latents[1], s.alpha[1] * x0_est + s.beta[1] * new_noise[1], atol=1e-5
+    )
 
 
 def test_schedule_change_keeps_output_flowing_and_resizes():
@@ -317,6 +342,7 @@ def test_reset_warms_up_again():
 
 # ---------------------------------------------------------------- blending
 
+
 def test_slerp_endpoints_and_norm():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
@@ -344,17 +370,22 @@ def test_embedding_blend_linear_is_weighted_mean():
     with pytest.raises(ValueError, match="weights"):
         blend_embeddings([e1, e2], [0.0, 0.0], BlendMethod.LINEAR)
     assert math.isclose(
-        blend_embeddings([e2, e2 * 2], [1.0, 1.0], BlendMethod.SLERP).mean().item(), 1.5, rel_tol=1e-4
+        blend_embeddings([e2, e2 * 2], [1.0, 1.0], BlendMethod.SLERP).mean().item(),
+        1.5,
+        rel_tol=1e-4,
     )
 
 
 # ---------------------------------------------------------------- similarity filter
 
+
 def test_skip_probability_formula():
     from engine.stream.similarity import skip_probability
 
     cos = torch.tensor([0.5, 0.98, 0.99, 1.0])
-    assert torch.allclose(skip_probability(cos, 0.98), torch.tensor([0.0, 0.0, 0.5, 1.0]), atol=1e-6)
+    assert torch.allclose(
+        skip_probability(cos, 0.98), torch.tensor([0.0, 0.0, 0.5, 1.0]), atol=1e-6
+    )
     assert torch.allclose(skip_probability(cos, 0.0), cos)
 
 

@@ -19,7 +19,10 @@ class UNetRunner(Protocol):
 
 
 class VaeRunner(Protocol):
-    """Encode images ``(1, 3, H, W)`` in [-1, 1] to scaled latents ``(1, C, H/f, W/f)``; decode back."""
+    """Encode images ``(1, 3, H, W)`` in [-1, 1] to scaled latents ``(1, C, H/f, W/f)``.
+
+    ``decode`` maps latents back to images in about [-1, 1].
+    """
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 

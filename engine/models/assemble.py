@@ -34,7 +34,10 @@ def vae_scale_factor_of(vae: Any) -> int:
 
 def _prepare(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """``module`` on ``device`` in ``dtype``, in eval mode, without gradients."""
-    module.to(device=device, dtype=dtype)
+    if getattr(module, "dtype", None) == dtype:
+        module.to(device=device)
+    else:
+        module.to(device=device, dtype=dtype)
     module.eval()
     module.requires_grad_(False)
     return module

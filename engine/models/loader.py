@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from diffusers.utils import deprecation_utils
 from safetensors import SafetensorError, safe_open
 
 from engine.models.assemble import assemble_bundle
@@ -26,7 +28,19 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 VAE_KINDS = ("taesd", "full")
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
+_LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    RuntimeError,
+    TypeError,
+    SafetensorError,
+    SingleFileComponentError,
+)
+# diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
+_DTYPE_KWARG = (
+    "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+)
 _LDM_UNET_PREFIX = "model.diffusion_model."
 
 
@@ -136,7 +150,7 @@ def _check_checkpoint(path_name: str) -> None:
 def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) -> Any:
     """A ``StableDiffusionPipeline`` from a single file, a diffusers folder or the hub."""
     common: dict[str, Any] = {
-        "torch_dtype": dtype,
+        _DTYPE_KWARG: dtype,
         "safety_checker": None,
         "requires_safety_checker": False,
     }
@@ -189,9 +203,9 @@ def _load_taesd(request: ModelRequest, dtype: torch.dtype) -> AutoencoderTiny:
     try:
         return AutoencoderTiny.from_pretrained(
             source,
-            torch_dtype=dtype,
             cache_dir=request.cache_dir,
             local_files_only=request.local_files_only,
+            **{_DTYPE_KWARG: dtype},
         )
     except _LOAD_ERRORS as err:
         raise ModelLoadError(
