@@ -1,11 +1,13 @@
-"""The `latentstage` command line: config, params, bench (run, build, bridges, doctor follow)."""
+"""The `latentstage` command line: run, config, params, bench, bridges, doctor."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +18,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_MODEL_ERROR = 3
+EXIT_BRIDGE_UNAVAILABLE = 4
+STATUS_INTERVAL_S = 0.5
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +72,19 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--frames", type=int, default=30, help="timed frames per row")
     bench_cmd.add_argument("--warmup", type=int, default=5, help="untimed frames per row")
     bench_cmd.add_argument("--steps", default="1,2,4", help="stream sizes n to compare, e.g. 1,2,4")
+
+    run_cmd = sub.add_parser("run", help="run the engine: input -> StreamDiffusion -> outputs")
+    _add_config_arguments(run_cmd)
+    run_cmd.add_argument(
+        "--frames", type=int, default=None, metavar="N", help="stop cleanly after N output frames"
+    )
+    run_cmd.add_argument(
+        "--duration", type=float, default=None, metavar="S", help="stop cleanly after S seconds"
+    )
+    run_cmd.add_argument("--quiet", action="store_true", help="no live status line")
+
+    sub.add_parser("bridges", help="list every frame bridge and whether it can run here")
+    sub.add_parser("doctor", help="report torch, device, CUDA, TensorRT and each bridge SDK")
     return parser
 
 
@@ -150,7 +167,144 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"config": _cmd_config, "params": _cmd_params, "bench": _cmd_bench}
+def _configure_logging(level: str, file: str | None) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    if file:
+        handler = logging.FileHandler(file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def _unavailable_bridges(config: Any) -> list[str]:
+    from bridges.base import unavailable_reason
+
+    problems = []
+    for name in [config.input.type, *(output.type for output in config.outputs)]:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            problems.append(f"{name}: {reason}")
+    return problems
+
+
+class _StatusPrinter:
+    """The live one-line status on a terminal; a log line every 10 s otherwise."""
+
+    def __init__(self, stats: Any, enabled: bool) -> None:
+        self._stats = stats
+        self._enabled = enabled
+        self._tty = sys.stderr.isatty()
+        self._next = 0.0
+        self._interval = STATUS_INTERVAL_S if self._tty else 10.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if not self._enabled or now < self._next:
+            return
+        self._next = now + self._interval
+        line = self._stats.status_line()
+        if self._tty:
+            sys.stderr.write("\r" + line.ljust(110)[:140])
+            sys.stderr.flush()
+        else:
+            logger.info("%s", line)
+
+    def finish(self) -> None:
+        if self._enabled and self._tty:
+            sys.stderr.write("\n")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from engine.models.errors import ModelLoadError
+    from engine.models.loader import load_models
+    from engine.runtime.engine import build_engine
+
+    config = _load_config_or_report(args)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    if (args.frames is not None and args.frames < 1) or (
+        args.duration is not None and args.duration <= 0
+    ):
+        print("latentstage: --frames must be >= 1 and --duration > 0", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    _configure_logging(config.logging.level.value, config.logging.file)
+    problems = _unavailable_bridges(config)
+    if problems:
+        for problem in problems:
+            print(f"latentstage: {problem}", file=sys.stderr)
+        return EXIT_BRIDGE_UNAVAILABLE
+    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    try:
+        models = load_models(config.model, progress=_status)
+    except ModelLoadError as error:
+        print(f"latentstage: {error}", file=sys.stderr)
+        return EXIT_MODEL_ERROR
+    print(
+        f"  .. model ready in {time.monotonic() - started:.1f} s on {models.device}",
+        file=sys.stderr,
+    )
+    engine = build_engine(config, models)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        engine.stop()
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    printer = _StatusPrinter(engine.stats, enabled=not args.quiet)
+    try:
+        engine.run(max_frames=args.frames, duration=args.duration, tick=printer)
+    finally:
+        printer.finish()
+        engine.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    summary = engine.stats.snapshot()
+    print(
+        f"stopped: {engine.frames_emitted} frames out, {summary['frames_in']} in, "
+        f"latency {summary['latency_ms']} ms (p95 {summary['latency_p95_ms']}), "
+        f"skip rate {summary['skip_rate']:.1%}, dropped inputs {summary['input_dropped']}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_bridges(args: argparse.Namespace) -> int:
+    from bridges.base import BRIDGES, unavailable_reason
+
+    print(f"{'bridge':<9} {'in':<3} {'out':<4} {'available':<10} details")
+    for info in BRIDGES.values():
+        reason = unavailable_reason(info.name)
+        status = "yes" if reason is None else "no"
+        detail = (
+            info.summary
+            if reason is None
+            else f"{reason} (pip install latentstage[{info.extra}])"
+            if info.extra
+            else reason
+        )
+        directions = f"{'in' if info.source else '-':<3} {'out' if info.sink else '-':<4}"
+        print(f"{info.name:<9} {directions} {status:<10} {detail}")
+    return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from engine.doctor import report
+
+    print(report())
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "config": _cmd_config,
+    "params": _cmd_params,
+    "bench": _cmd_bench,
+    "run": _cmd_run,
+    "bridges": _cmd_bridges,
+    "doctor": _cmd_doctor,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -117,7 +117,12 @@ class _Problem(ValueError):
     """Raised by our validators: what is wrong, what is allowed, and optionally which sub-key."""
 
     def __init__(
-        self, problem: str, allowed_text: str | None = None, *, key: str = "", value: Any = None,
+        self,
+        problem: str,
+        allowed_text: str | None = None,
+        *,
+        key: str = "",
+        value: Any = None,
         has_value: bool = False,
     ) -> None:
         super().__init__(problem if allowed_text is None else f"{problem}; allowed: {allowed_text}")
@@ -201,7 +206,7 @@ def _check_model_id(value: str) -> str:
     if not value.strip():
         raise _Problem("is empty", _MODEL_ID_ALLOWED)
     if value.startswith("builtin:"):
-        name = value[len("builtin:"):]
+        name = value[len("builtin:") :]
         if name not in BUILTIN_MODELS:
             builtins = " | ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
             raise _Problem("is not a built-in model", builtins)
@@ -319,6 +324,10 @@ class ModelSettings(_Section):
     dtype: DType = Field(default=DType.AUTO, description=allowed(DType))
     cache_dir: Text | None = Field(default=None, description="model cache folder (null: HF_HOME)")
     local_files_only: StrictBool = Field(default=False, description="never download")
+    single_file_config: Text | None = Field(
+        default=None,
+        description="diffusers folder or hub id whose configs describe a single-file checkpoint",
+    )
 
     @model_validator(mode="after")
     def _unique_adapters(self) -> ModelSettings:
@@ -330,7 +339,9 @@ class ModelSettings(_Section):
                 raise _Problem(
                     f"is already used by loras[{seen[lora.adapter_name]}]",
                     "a distinct adapter_name per LoRA",
-                    key=f"loras[{index}].adapter_name", value=lora.adapter_name, has_value=True,
+                    key=f"loras[{index}].adapter_name",
+                    value=lora.adapter_name,
+                    has_value=True,
                 )
             seen[lora.adapter_name] = index
         return self
@@ -374,11 +385,21 @@ class StreamSettings(_Section):
         indices = self.t_index_list
         for index in indices:
             if not 0 <= index < steps:
-                raise _Problem(f"has {index}, outside [0, {steps - 1}]", text,
-                               key="t_index_list", value=indices, has_value=True)
+                raise _Problem(
+                    f"has {index}, outside [0, {steps - 1}]",
+                    text,
+                    key="t_index_list",
+                    value=indices,
+                    has_value=True,
+                )
         if any(b <= a for a, b in itertools.pairwise(indices)):
-            raise _Problem("is not strictly increasing", text,
-                           key="t_index_list", value=indices, has_value=True)
+            raise _Problem(
+                "is not strictly increasing",
+                text,
+                key="t_index_list",
+                value=indices,
+                has_value=True,
+            )
         return self
 
 
@@ -396,13 +417,12 @@ class AccelerationSettings(_Section):
     """How the UNet and VAE are executed."""
 
     backend: AccelBackend = Field(default=AccelBackend.TORCH, description=allowed(AccelBackend))
-    fallback: AccelFallback = Field(
-        default=AccelFallback.ERROR, description=allowed(AccelFallback)
-    )
+    fallback: AccelFallback = Field(default=AccelFallback.ERROR, description=allowed(AccelFallback))
     compile: StrictBool = Field(default=False, description="torch.compile (torch backend)")
     engine_dir: Text = Field(default="engines", description="cache folder of built engines")
     onnx_providers: list[OnnxProvider] = Field(
-        default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
         description="ONNX Runtime providers in order of preference",
     )
     cuda_graph: StrictBool = Field(default=False, description="capture the step in a CUDA graph")
@@ -550,7 +570,9 @@ class OscSettings(_Section):
                 "the show (a host other than 127.x.x.x, ::1 or localhost needs an allow list)",
                 "IP addresses or CIDR networks of the controllers, "
                 "e.g. [192.168.1.20, 10.0.0.0/24]",
-                key="allow", value=self.allow, has_value=True,
+                key="allow",
+                value=self.allow,
+                has_value=True,
             )
         return self
 
@@ -598,17 +620,24 @@ class Config(_Section):
             other = seen.get((output.type, value))
             if other is not None:
                 used_by = "input.name" if other < 0 else f"outputs[{other}]"
-                raise _Problem(f"is already used by {used_by}", f"a distinct {attr} per output",
-                               key=f"outputs[{index}].{attr}", value=value, has_value=True)
+                raise _Problem(
+                    f"is already used by {used_by}",
+                    f"a distinct {attr} per output",
+                    key=f"outputs[{index}].{attr}",
+                    value=value,
+                    has_value=True,
+                )
             seen[(output.type, value)] = index
         return self
 
 
 SECTIONS = tuple(Config.model_fields)
-INPUT_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0]
-                    for m in get_args(get_args(InputSettings)[0]))
-OUTPUT_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0]
-                     for m in get_args(get_args(OutputSettings)[0]))
+INPUT_TYPES = tuple(
+    get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(InputSettings)[0])
+)
+OUTPUT_TYPES = tuple(
+    get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(OutputSettings)[0])
+)
 
 
 # --------------------------------------------------------------------------- error translation
@@ -734,19 +763,23 @@ def _allowed_text(found: _Located) -> str | None:
             elif isinstance(meta, annotated_types.Lt):
                 high, high_open = meta.lt, True
         if low is not None and high is not None:
-            text = (f"{kind} in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}"
-                    f"{')' if high_open else ']'}")
+            text = (
+                f"{kind} in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}"
+                f"{')' if high_open else ']'}"
+            )
         elif low is not None:
             text = f"{kind} {'>' if low_open else '>='} {_fmt(low)}"
         else:
             text = kind
     elif leaf is str:
-        longest = next((m.max_length for m in found.metadata
-                        if isinstance(m, annotated_types.MaxLen)), None)
+        longest = next(
+            (m.max_length for m in found.metadata if isinstance(m, annotated_types.MaxLen)), None
+        )
         text = "text" if longest is None else f"text of at most {longest} characters"
     elif get_origin(leaf) is list:
-        longest = next((m.max_length for m in found.metadata
-                        if isinstance(m, annotated_types.MaxLen)), None)
+        longest = next(
+            (m.max_length for m in found.metadata if isinstance(m, annotated_types.MaxLen)), None
+        )
         text = "a list" if longest is None else f"a list of at most {longest} items"
     if text is not None and found.nullable:
         text += " | null"
@@ -854,8 +887,10 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
             continue
         if duplicate:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r}", key_node.start_mark,
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
             )
         seen.add(key)
     return loader.construct_mapping(node, deep=True)
@@ -872,8 +907,13 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def _type_word(value: Any) -> str:
-    return {list: "a list", str: "text", int: "an integer", float: "a number",
-            bool: "a boolean"}.get(type(value), type(value).__name__)
+    return {
+        list: "a list",
+        str: "text",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+    }.get(type(value), type(value).__name__)
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -891,10 +931,17 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([(str(path), (
-            f"the top level is {_type_word(data)}, not a mapping; "
-            f"allowed: a mapping of sections: {', '.join(SECTIONS)}"
-        ))])
+        raise ConfigError(
+            [
+                (
+                    str(path),
+                    (
+                        f"the top level is {_type_word(data)}, not a mapping; "
+                        f"allowed: a mapping of sections: {', '.join(SECTIONS)}"
+                    ),
+                )
+            ]
+        )
     return data
 
 
@@ -912,8 +959,11 @@ def merge_config(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[st
     for key, value in overlay.items():
         current = result.get(key)
         switches_type = (
-            isinstance(current, Mapping) and isinstance(value, Mapping)
-            and "type" in current and "type" in value and current["type"] != value["type"]
+            isinstance(current, Mapping)
+            and isinstance(value, Mapping)
+            and "type" in current
+            and "type" in value
+            and current["type"] != value["type"]
         )
         if isinstance(current, Mapping) and isinstance(value, Mapping) and not switches_type:
             result[key] = merge_config(current, value)
@@ -925,10 +975,17 @@ def merge_config(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[st
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Validate plain data (as read from YAML) into a ``Config``; ``ConfigError`` if refused."""
     if not isinstance(data, Mapping):
-        raise ConfigError([("config", (
-            f"{_show(data)} is {_type_word(data)}, not a mapping; "
-            f"allowed: a mapping of sections: {', '.join(SECTIONS)}"
-        ))])
+        raise ConfigError(
+            [
+                (
+                    "config",
+                    (
+                        f"{_show(data)} is {_type_word(data)}, not a mapping; "
+                        f"allowed: a mapping of sections: {', '.join(SECTIONS)}"
+                    ),
+                )
+            ]
+        )
     try:
         return Config.model_validate(dict(data))
     except ValidationError as error:
@@ -969,27 +1026,45 @@ def list_presets(config_path: str | os.PathLike[str] | None = None) -> list[str]
     names: set[str] = set()
     for folder in _preset_dirs(config_path):
         if folder.is_dir():
-            names.update(p.stem for p in folder.glob("*.yaml")
-                         if p.is_file() and PRESET_NAME_RE.match(p.stem))
+            names.update(
+                p.stem
+                for p in folder.glob("*.yaml")
+                if p.is_file() and PRESET_NAME_RE.match(p.stem)
+            )
     return sorted(names)
 
 
 def preset_path(name: str, config_path: str | os.PathLike[str] | None = None) -> Path:
     """The file of preset ``name``; ``ConfigError`` for a bad or unknown name."""
     if not isinstance(name, str) or not PRESET_NAME_RE.match(name):
-        raise ConfigError([("--preset", (
-            f"{_show(name)} is not a preset name; allowed: a name of 1 to 64 letters, digits, "
-            f"'_' or '-' (no paths); available: {', '.join(list_presets(config_path)) or 'none'}"
-        ))])
+        raise ConfigError(
+            [
+                (
+                    "--preset",
+                    (
+                        f"{_show(name)} is not a preset name; allowed: a name of 1 to 64 "
+                        "letters, digits, '_' or '-' (no paths); available: "
+                        f"{', '.join(list_presets(config_path)) or 'none'}"
+                    ),
+                )
+            ]
+        )
     for folder in _preset_dirs(config_path):
         candidate = folder / f"{name}.yaml"
         if candidate.is_file():
             return candidate
     searched = ", ".join(str(d) for d in _preset_dirs(config_path))
-    raise ConfigError([("--preset", (
-        f"{name!r} not found in {searched}; "
-        f"available: {', '.join(list_presets(config_path)) or 'none'}"
-    ))])
+    raise ConfigError(
+        [
+            (
+                "--preset",
+                (
+                    f"{name!r} not found in {searched}; "
+                    f"available: {', '.join(list_presets(config_path)) or 'none'}"
+                ),
+            )
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- overrides
@@ -1015,21 +1090,41 @@ def _parse_value(parts: Sequence[str], raw: str, text: str) -> Any:
 def _split_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep:
-        raise ConfigError([("--set", (
-            f"{_show(text)} has no '='; allowed: KEY=VALUE, e.g. stream.cfg_type=full"
-        ))])
+        raise ConfigError(
+            [
+                (
+                    "--set",
+                    (f"{_show(text)} has no '='; allowed: KEY=VALUE, e.g. stream.cfg_type=full"),
+                )
+            ]
+        )
     parts = key.strip().split(".")
     if not all(_KEY_RE.match(part) for part in parts):
-        raise ConfigError([("--set", (
-            f"{_show(text)} has an empty or malformed key path; "
-            "allowed: KEY=VALUE with a dotted key, e.g. stream.width=256"
-        ))])
+        raise ConfigError(
+            [
+                (
+                    "--set",
+                    (
+                        f"{_show(text)} has an empty or malformed key path; "
+                        "allowed: KEY=VALUE with a dotted key, e.g. stream.width=256"
+                    ),
+                )
+            ]
+        )
     for depth in range(1, len(parts)):
         if get_origin(_locate(parts[:depth]).leaf) is list:
-            raise ConfigError([(".".join(parts[:depth]), (
-                f"is a list: --set {text!r} cannot reach inside it; set the whole list, "
-                "e.g. --set 'outputs=[{type: preview}, {type: record, path: out/take1.mp4}]'"
-            ))])
+            raise ConfigError(
+                [
+                    (
+                        ".".join(parts[:depth]),
+                        (
+                            f"is a list: --set {text!r} cannot reach inside it; set the whole "
+                            "list, e.g. --set "
+                            "'outputs=[{type: preview}, {type: record, path: out/take1.mp4}]'"
+                        ),
+                    )
+                ]
+            )
     return parts, _parse_value(parts, raw, text)
 
 
@@ -1080,7 +1175,10 @@ def load_config(
 def dump_config(config: Config) -> str:
     """The validated config as YAML (enums as plain strings), loadable again by ``load_config``."""
     return yaml.dump(
-        config.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+        config.model_dump(mode="json"),
+        Dumper=_Dumper,
+        sort_keys=False,
+        allow_unicode=True,
         width=1000,
     )
 

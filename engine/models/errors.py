@@ -14,6 +14,6 @@ class ModelLoadError(RuntimeError):
 def short_reason(err: BaseException, limit: int = 200) -> str:
     """The first line of ``err``'s message (or its type name), cut to ``limit`` characters."""
     text = str(err).strip()
-    first = text.splitlines()[0].strip() if text else ""
+    first = text.splitlines()[0].strip().rstrip(".") if text else ""
     reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
-    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+    return reason if len(reason) <= limit else reason[: limit - 1].rstrip() + "…"

@@ -154,9 +154,10 @@ def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) 
         "safety_checker": None,
         "requires_safety_checker": False,
     }
+    if kind is SourceKind.SINGLE_FILE:
+        _check_checkpoint(request.id)
     try:
         if kind is SourceKind.SINGLE_FILE:
-            _check_checkpoint(request.id)
             extra = {"config": request.single_file_config} if request.single_file_config else {}
             return StableDiffusionPipeline.from_single_file(
                 str(local_path(request.id)),

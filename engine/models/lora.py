@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import huggingface_hub.constants
 from safetensors import SafetensorError
 
 from engine.models.errors import ModelLoadError, short_reason
@@ -14,6 +15,7 @@ from engine.models.sources import local_path, looks_like_hub_id
 logger = logging.getLogger(__name__)
 
 LCM_ADAPTER = "lcm"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _LORA_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
@@ -44,6 +46,9 @@ def _load_adapter(
     elif looks_like_hub_id(source):
         target = source
         kwargs.update(cache_dir=cache_dir, local_files_only=local_files_only)
+        if local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE:
+            # offline, diffusers cannot list the repo to guess the file name
+            kwargs["weight_name"] = LORA_WEIGHT_NAME
     else:
         raise ModelLoadError(
             f"LoRA {source!r} not found: it is not an existing file or folder, nor a hub id "

@@ -1,0 +1,226 @@
+"""Frame, the two-method FrameSource / FrameSink protocols, bridge errors and the registry."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class PixelFormat(str, Enum):
+    """Byte order of a packed 8-bit frame."""
+
+    RGBA = "rgba"
+    BGRA = "bgra"
+    RGB = "rgb"
+    BGR = "bgr"
+
+    @property
+    def channels(self) -> int:
+        return 4 if self in (PixelFormat.RGBA, PixelFormat.BGRA) else 3
+
+
+@dataclass
+class Frame:
+    """One video frame as it travels between bridges and the engine.
+
+    Attributes:
+        pixels: ``(height, width, 4)`` uint8 RGBA, C-contiguous, row 0 at the top.
+        timestamp: ``time.monotonic()`` when the frame was captured or received; latency is
+            measured from here to the sink's send.
+        sequence: a counter set by the source (increasing; gaps mean dropped frames).
+    """
+
+    pixels: np.ndarray
+    timestamp: float = field(default_factory=time.monotonic)
+    sequence: int = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @classmethod
+    def from_array(
+        cls,
+        array: np.ndarray,
+        pixel_format: PixelFormat = PixelFormat.RGBA,
+        timestamp: float | None = None,
+        sequence: int = 0,
+        flip_vertical: bool = False,
+    ) -> Frame:
+        """A frame from any packed 8-bit array, converted to RGBA (copies only when needed)."""
+        return cls(
+            to_rgba(array, pixel_format, flip_vertical),
+            time.monotonic() if timestamp is None else timestamp,
+            sequence,
+        )
+
+
+def to_rgba(array: np.ndarray, pixel_format: PixelFormat, flip_vertical: bool = False) -> np.ndarray:
+    """Packed 8-bit ``(h, w, 3|4)`` in ``pixel_format`` → contiguous RGBA ``(h, w, 4)``."""
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != pixel_format.channels:
+        raise ValueError(
+            f"array of shape {array.shape} and dtype {array.dtype} is not packed "
+            f"{pixel_format.value} (expected uint8 (h, w, {pixel_format.channels}))"
+        )
+    if flip_vertical:
+        array = array[::-1]
+    if pixel_format is PixelFormat.RGBA:
+        return np.ascontiguousarray(array)
+    out = np.empty((*array.shape[:2], 4), dtype=np.uint8)
+    order = {PixelFormat.BGRA: (2, 1, 0), PixelFormat.RGB: (0, 1, 2), PixelFormat.BGR: (2, 1, 0)}
+    out[..., :3] = array[..., list(order[pixel_format])]
+    out[..., 3] = array[..., 3] if pixel_format.channels == 4 else 255
+    return out
+
+
+def from_rgba(rgba: np.ndarray, pixel_format: PixelFormat, flip_vertical: bool = False) -> np.ndarray:
+    """Contiguous RGBA ``(h, w, 4)`` → packed ``pixel_format`` (contiguous)."""
+    if flip_vertical:
+        rgba = rgba[::-1]
+    if pixel_format is PixelFormat.RGBA:
+        return np.ascontiguousarray(rgba)
+    indices = {
+        PixelFormat.BGRA: [2, 1, 0, 3],
+        PixelFormat.RGB: [0, 1, 2],
+        PixelFormat.BGR: [2, 1, 0],
+    }[pixel_format]
+    return np.ascontiguousarray(rgba[..., indices])
+
+
+class BridgeError(RuntimeError):
+    """A bridge failed while running (peer gone, device lost); the runtime retries."""
+
+
+class SourceClosed(BridgeError):
+    """The source ended for good (e.g. a non-looping file reached its end)."""
+
+
+class BridgeUnavailable(RuntimeError):
+    """A bridge cannot run here: its SDK is missing or the platform is wrong.
+
+    The message names the extra to install, e.g. ``pip install latentstage[ndi]``.
+    """
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """Where frames come from: ``recv`` and ``close``."""
+
+    def recv(self, timeout: float) -> Frame | None:
+        """The next frame, or ``None`` when none arrived within ``timeout`` seconds.
+
+        Raises ``BridgeError`` when the source is gone (the runtime reopens it with backoff).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release everything; safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class FrameSink(Protocol):
+    """Where frames go: ``send`` and ``close``."""
+
+    def send(self, frame: Frame) -> None:
+        """Deliver one frame; raises ``BridgeError`` on failure (the runtime retries)."""
+        ...
+
+    def close(self) -> None:
+        """Release everything; safe to call twice."""
+        ...
+
+
+@dataclass(frozen=True)
+class BridgeInfo:
+    """A registered bridge: its module and what it offers."""
+
+    name: str
+    module: str
+    source: str | None
+    sink: str | None
+    extra: str | None
+    summary: str
+
+
+BRIDGES: dict[str, BridgeInfo] = {
+    info.name: info
+    for info in (
+        BridgeInfo("pattern", "bridges.pattern", "PatternSource", None, None,
+                   "moving colour test pattern (built in)"),
+        BridgeInfo("video", "bridges.video", "VideoSource", None, "video",
+                   "video file input, looping, paced at the file's rate (PyAV)"),
+        BridgeInfo("record", "bridges.record", None, "RecordSink", "video",
+                   "record the output to a video file (PyAV)"),
+        BridgeInfo("shm", "bridges.shm", "ShmSource", "ShmSink", None,
+                   "shared-memory frames, tear-free, for local processes"),
+        BridgeInfo("ndi", "bridges.ndi", "NdiSource", "NdiSink", "ndi",
+                   "NDI video over the network (cyndilib)"),
+        BridgeInfo("spout", "bridges.spout", "SpoutSource", "SpoutSink", "spout",
+                   "Spout GPU texture sharing, Windows (SpoutGL)"),
+        BridgeInfo("syphon", "bridges.syphon", "SyphonSource", "SyphonSink", "syphon",
+                   "Syphon GPU texture sharing, macOS (syphon-python)"),
+        BridgeInfo("preview", "bridges.preview", None, "PreviewSink", None,
+                   "HTTP page on 127.0.0.1 with the live output and stats"),
+    )
+}
+
+
+def _info(name: str) -> BridgeInfo:
+    try:
+        return BRIDGES[name]
+    except KeyError:
+        raise ValueError(f"unknown bridge {name!r}; known: {', '.join(BRIDGES)}") from None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why bridge ``name`` cannot run here (``None`` when it can). Imports its module only."""
+    module = importlib.import_module(_info(name).module)
+    check: Callable[[], str | None] | None = getattr(module, "unavailable_reason", None)
+    return check() if check is not None else None
+
+
+def open_source(name: str, **options: Any) -> FrameSource:
+    """Open the source of bridge ``name`` with its options (keyword arguments of its class)."""
+    info = _info(name)
+    if info.source is None:
+        raise ValueError(f"bridge {name!r} has no source; sources: {', '.join(source_names())}")
+    cls = getattr(importlib.import_module(info.module), info.source)
+    source: FrameSource = cls(**options)
+    return source
+
+
+def open_sink(name: str, **options: Any) -> FrameSink:
+    """Open the sink of bridge ``name`` with its options (keyword arguments of its class)."""
+    info = _info(name)
+    if info.sink is None:
+        raise ValueError(f"bridge {name!r} has no sink; sinks: {', '.join(sink_names())}")
+    cls = getattr(importlib.import_module(info.module), info.sink)
+    sink: FrameSink = cls(**options)
+    return sink
+
+
+def source_names() -> list[str]:
+    return [info.name for info in BRIDGES.values() if info.source]
+
+
+def sink_names() -> list[str]:
+    return [info.name for info in BRIDGES.values() if info.sink]
+
+
+def missing_sdk(extra: str, what: str, reason: str) -> BridgeUnavailable:
+    """The one error a bridge raises when its SDK or platform is missing."""
+    return BridgeUnavailable(
+        f"{what} is not available here: {reason}. Install it with "
+        f"`pip install latentstage[{extra}]`."
+    )

@@ -1,0 +1,423 @@
+"""Preview sink: an HTTP page with the live output as MJPEG and the engine's stats."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import io
+import ipaddress
+import json
+import logging
+import math
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from bridges.base import BridgeError, BridgeUnavailable, Frame
+
+logger = logging.getLogger(__name__)
+
+#: What a browser that goes away mid-response (tab closed, laptop asleep) makes a write raise.
+DROPPED_CLIENT_ERRORS: tuple[type[OSError], ...] = (
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    TimeoutError,  # socket.timeout is an alias of TimeoutError since Python 3.10
+)
+
+BOUNDARY = "frame"
+_CLIENT_SOCKET_TIMEOUT_S = 10.0  # a stalled browser is dropped after this long
+_CLOSE_TIMEOUT_S = 2.0
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>latentstage preview</title>
+<style>
+  html, body { margin: 0; height: 100%; background: #0b0b0d; color: #c8c8d0;
+    font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+  body { display: flex; flex-direction: column; }
+  #view { flex: 1; min-height: 0; display: flex; align-items: center; justify-content: center;
+    position: relative; }
+  #out { max-width: 100%; max-height: 100%; object-fit: contain; background: #000; }
+  #wait { position: absolute; color: #66666f; }
+  #stats { padding: 6px 10px; border-top: 1px solid #222228; background: #111115;
+    white-space: nowrap; overflow-x: auto; }
+  #stats span { margin-right: 16px; }
+  #stats b { color: #7f7f8a; font-weight: normal; }
+  #stats .bad { color: #ff6b6b; }
+</style>
+</head>
+<body>
+<div id="view">
+  <img id="out" src="/stream.mjpg" alt="live output" title="double-click: full screen">
+  <div id="wait">waiting for frames&hellip;</div>
+</div>
+<div id="stats">connecting&hellip;</div>
+<script>
+(function () {
+  "use strict";
+  var img = document.getElementById("out");
+  var wait = document.getElementById("wait");
+  var line = document.getElementById("stats");
+  img.addEventListener("dblclick", function () {
+    if (document.fullscreenElement) { document.exitFullscreen(); }
+    else if (img.requestFullscreen) { img.requestFullscreen(); }
+  });
+  img.addEventListener("error", function () {
+    // The engine restarted or the stream ended: reconnect shortly.
+    setTimeout(function () { img.src = "/stream.mjpg?t=" + Date.now(); }, 1000);
+  });
+  function fmt(v) {
+    if (typeof v === "number") {
+      if (Number.isInteger(v)) { return String(v); }
+      return Math.abs(v) < 10 ? v.toFixed(2) : v.toFixed(1);
+    }
+    if (v === null) { return "-"; }
+    if (typeof v === "object") { return JSON.stringify(v); }
+    return String(v);
+  }
+  function render(stats) {
+    line.textContent = "";
+    Object.keys(stats).forEach(function (key) {
+      var item = document.createElement("span");
+      var name = document.createElement("b");
+      name.textContent = key + ": ";
+      item.appendChild(name);
+      item.appendChild(document.createTextNode(fmt(stats[key])));
+      line.appendChild(item);
+    });
+    wait.style.display = stats.frames_sent > 0 ? "none" : "";
+  }
+  function poll() {
+    fetch("/stats.json", { cache: "no-store" })
+      .then(function (r) { return r.json(); })
+      .then(render)
+      .catch(function () {
+        line.innerHTML = '<span class="bad">engine not reachable</span>';
+      })
+      .finally(function () { setTimeout(poll, 250); });
+  }
+  poll();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+def unavailable_reason() -> str | None:
+    """Why the preview cannot run here (``None`` when it can: it needs only Pillow)."""
+    if importlib.util.find_spec("PIL") is None:
+        return "the preview needs Pillow to encode JPEG; install it with `pip install Pillow`"
+    return None
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    """RGBA (or RGB) ``(h, w, 4|3)`` uint8 → JPEG bytes (alpha is dropped)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels[..., :3])).save(
+        buffer, format="JPEG", quality=quality
+    )
+    return buffer.getvalue()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bound IP address is reachable only from this machine."""
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def _jsonable(value: Any) -> Any:
+    """Stats values as strict JSON: NaN/inf → null, numpy scalars → numbers, the rest → str."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # SO_REUSEADDR lets a restarted engine rebind at once; on Windows it would instead let two
+    # servers share the port silently, so there the port-in-use error is kept.
+    allow_reuse_address = sys.platform != "win32"
+
+    def __init__(self, address: tuple[str, int], sink: PreviewSink) -> None:
+        self.sink = sink
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, DROPPED_CLIENT_ERRORS):
+            logger.debug("preview client %s went away: %s", client_address, error)
+        else:
+            logger.exception("preview request from %s failed", client_address)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "latentstage-preview"
+    timeout = _CLIENT_SOCKET_TIMEOUT_S
+
+    def do_GET(self) -> None:
+        sink = cast(_Server, self.server).sink
+        path = urlsplit(self.path).path
+        try:
+            if path in ("/", "/index.html"):
+                self._reply(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
+            elif path == "/stream.mjpg":
+                self._stream(sink)
+            elif path == "/frame.jpg":
+                latest = sink._latest_jpeg()
+                if latest is None:
+                    self._reply(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8",
+                                b"no frame yet\n")
+                else:
+                    self._reply(HTTPStatus.OK, "image/jpeg", latest[1])
+            elif path == "/stats.json":
+                body = json.dumps(sink._stats_snapshot(), allow_nan=False).encode()
+                self._reply(HTTPStatus.OK, "application/json", body)
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+        except DROPPED_CLIENT_ERRORS as error:
+            logger.debug("preview client %s went away: %s", self.client_address, error)
+            self.close_connection = True
+
+    def _headers(self, status: HTTPStatus, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-store, no-cache, must-revalidate")
+        self.send_header("Pragma", "no-cache")
+        self.send_header("X-Content-Type-Options", "nosniff")
+
+    def _reply(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+        self._headers(status, content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, sink: PreviewSink) -> None:
+        self.close_connection = True
+        self._headers(HTTPStatus.OK, f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        sink._client_joined()
+        try:
+            seen = 0
+            next_allowed = 0.0
+            while sink._wait_for_newer(seen):
+                delay = next_allowed - time.monotonic()
+                if delay > 0 and sink._closed_event.wait(delay):
+                    break
+                latest = sink._latest_jpeg()
+                if latest is None:
+                    continue
+                seen, data = latest
+                next_allowed = time.monotonic() + sink._min_interval
+                header = (
+                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode("ascii")
+                self.wfile.write(header + data + b"\r\n")
+            self.wfile.write(f"--{BOUNDARY}--\r\n".encode("ascii"))  # the sink was closed
+        finally:
+            sink._client_left()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("preview %s: " + format, self.address_string(), *args)
+
+
+class PreviewSink:
+    """A ``FrameSink`` that serves the live output to a browser at ``http://host:port/``.
+
+    Pages: ``/`` (the output and a stats line), ``/stream.mjpg`` (MJPEG, newest frame only,
+    at most ``max_fps`` per client; a slow client misses frames instead of building a
+    backlog), ``/frame.jpg`` (the latest frame; 503 before the first), ``/stats.json``
+    (``stats()`` plus ``frames_sent`` and ``clients``).
+
+    ``send`` only stores a reference to the frame and wakes the clients, so it must not be
+    modified afterwards; JPEG encoding happens once per new frame in the HTTP threads, and
+    only when a client asks. After ``close`` (safe to call twice) ``send`` is a no-op, so a
+    runtime that is shutting down never sees an error from here.
+
+    Raises ``BridgeError`` when ``host:port`` cannot be bound (e.g. the port is in use).
+    ``port=0`` picks a free port; the one chosen is ``.port`` and the page is ``.url``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        stats: Callable[[], Mapping[str, Any]] | None = None,
+        jpeg_quality: int = 80,
+        max_fps: float = 30.0,
+    ) -> None:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise BridgeUnavailable(reason)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"preview port must be 0..65535 (0 = any free port), got {port}")
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"preview jpeg_quality must be 1..100, got {jpeg_quality}")
+        if not max_fps > 0 or not math.isfinite(max_fps):
+            raise ValueError(f"preview max_fps must be a positive number, got {max_fps}")
+        self._stats = stats
+        self._quality = int(jpeg_quality)
+        self._min_interval = 1.0 / float(max_fps)
+
+        self._cond = threading.Condition()  # guards frame, version, counters, closed
+        self._frame: Frame | None = None
+        self._version = 0  # our own counter: Frame.sequence may repeat or restart
+        self._frames_sent = 0
+        self._clients = 0
+        self._closed = False
+        self._closed_event = threading.Event()
+        self._encode_lock = threading.Lock()  # one encoder at a time; guards the cache
+        self._jpeg: tuple[int, bytes] | None = None
+
+        server_class = _Server6 if ":" in host else _Server
+        try:
+            self._server = server_class((host, port), self)
+        except OSError as error:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if error.errno == errno.EADDRINUSE:
+                other = port + 1 if 0 < port < 65535 else 8081
+                raise BridgeError(
+                    f"cannot serve the preview on {where}: the port is in use (another "
+                    f"latentstage or another program); choose another port, e.g. "
+                    f"`outputs: [{{type: preview, port: {other}}}]`"
+                ) from error
+            raise BridgeError(f"cannot serve the preview on {where}: {error}") from error
+
+        bound_host = str(self._server.server_address[0])
+        self.port = int(self._server.server_address[1])
+        self.host = host
+        self.url = f"http://{self._url_host(bound_host)}:{self.port}/"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"preview-http-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        if is_loopback(bound_host):
+            logger.info("preview at %s", self.url)
+        else:
+            logger.warning(
+                "preview bound to %s:%d is visible on the network: anyone who can reach this "
+                "machine can watch the output (use host 127.0.0.1 to keep it local)",
+                host, self.port,
+            )
+
+    @staticmethod
+    def _url_host(bound: str) -> str:
+        if bound in ("0.0.0.0", ""):
+            return "127.0.0.1"
+        if bound == "::":
+            return "[::1]"
+        return f"[{bound}]" if ":" in bound else bound
+
+    # -- FrameSink -------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        """Make ``frame`` the newest one (cheap: no copy, no encoding). No-op after close."""
+        with self._cond:
+            if self._closed:
+                return
+            self._frame = frame
+            self._version += 1
+            self._frames_sent += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop serving, end the streams and release the port; safe to call twice."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._closed_event.set()
+            self._cond.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(_CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            logger.warning("preview server thread did not stop within %.0f s", _CLOSE_TIMEOUT_S)
+        with self._cond:  # give streaming handlers a moment to leave their loops
+            self._cond.wait_for(lambda: self._clients == 0, timeout=_CLOSE_TIMEOUT_S)
+        self._jpeg = None
+        logger.debug("preview on port %d closed", self.port)
+
+    def __enter__(self) -> PreviewSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- used by the HTTP threads ----------------------------------------------------------
+
+    def _wait_for_newer(self, seen: int) -> bool:
+        """Block until a frame newer than version ``seen`` exists; ``False`` once closed."""
+        with self._cond:
+            while not self._closed and self._version <= seen:
+                self._cond.wait(1.0)
+            return not self._closed
+
+    def _latest_jpeg(self) -> tuple[int, bytes] | None:
+        """``(version, jpeg)`` of the newest frame, encoded at most once per frame."""
+        with self._encode_lock:
+            with self._cond:
+                frame, version = self._frame, self._version
+            if frame is None:
+                return None
+            if self._jpeg is None or self._jpeg[0] != version:
+                self._jpeg = (version, encode_jpeg(frame.pixels, self._quality))
+            return self._jpeg
+
+    def _stats_snapshot(self) -> dict[str, Any]:
+        extra = dict(self._stats()) if self._stats is not None else {}
+        with self._cond:
+            extra.update(frames_sent=self._frames_sent, clients=self._clients)
+        return cast(dict[str, Any], _jsonable(extra))
+
+    def _client_joined(self) -> None:
+        with self._cond:
+            self._clients += 1
+
+    def _client_left(self) -> None:
+        with self._cond:
+            self._clients -= 1
+            self._cond.notify_all()

@@ -1,0 +1,1 @@
+"""The engine process: threads, input slot, output queues, stats and lifecycle."""

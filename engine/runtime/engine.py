@@ -1,0 +1,345 @@
+"""The engine process: opens bridges, runs the frame loop, owns every thread and resource."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from bridges.base import FrameSink, FrameSource, open_sink, open_source
+from engine.models.bundle import ModelBundle
+from engine.params import ParamError, validate_changes
+from engine.pipeline import PIPELINE_PARAMS, PipelineSettings, StreamPipeline
+from engine.runtime.queues import LatestSlot
+from engine.runtime.stats import EngineState, RuntimeStats
+from engine.runtime.workers import (
+    InputItem,
+    OutputItem,
+    OutputKind,
+    PostProcessor,
+    RateLimitedLog,
+    SinkWorker,
+    SourceWorker,
+    black_frame,
+    make_preprocess,
+)
+from engine.stream.modes import GenerationMode
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_PARAMS = ("bypass", "pause")
+
+
+class OnLossMode(str, Enum):
+    """What the outputs show while the source is gone."""
+
+    HOLD = "hold"  # the last output frame
+    BLACK = "black"  # black frames
+    PASSTHROUGH = "passthrough"  # the last input frame, unprocessed
+
+
+KEEPALIVE_FPS = 30.0
+SHUTDOWN_BUDGET_S = 1.5
+
+
+def source_spec(input_config: Any) -> tuple[str, dict[str, Any]]:
+    """Bridge name and constructor options from a validated ``input`` config section."""
+    options = input_config.model_dump(mode="json", exclude={"type", "on_loss", "retry_seconds"})
+    return input_config.type, options
+
+
+def sink_spec(output_config: Any) -> tuple[str, dict[str, Any]]:
+    """Bridge name and constructor options from one validated ``outputs`` entry."""
+    return output_config.type, output_config.model_dump(mode="json", exclude={"type", "queue_size"})
+
+
+@dataclass
+class EngineOptions:
+    """How the runtime behaves around the pipeline (from ``input`` / ``outputs`` config)."""
+
+    on_loss: OnLossMode = OnLossMode.HOLD
+    retry_seconds: float = 1.0
+    keepalive_fps: float = KEEPALIVE_FPS
+    sink_queue_sizes: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Runs one StreamPipeline between one source and any number of sinks.
+
+    Threads (DESIGN.md): the source thread pre-processes into a newest-wins slot; the
+    engine loop (``run``, on the caller's thread) applies parameter changes at frame
+    boundaries and calls the pipeline; a post-processing thread converts outputs once; one
+    thread per sink sends from its own drop-oldest queue. ``close()`` stops and releases
+    everything and is safe to call twice.
+
+    Args:
+        pipeline: the StreamPipeline to run (its models already loaded).
+        open_source: opens the frame source (called again after a loss, with backoff).
+        sink_openers: one ``(label, opener)`` per output.
+        options: loss handling, retries, queue sizes.
+    """
+
+    def __init__(
+        self,
+        pipeline: StreamPipeline,
+        open_source: Callable[[], FrameSource],
+        sink_openers: list[tuple[str, Callable[[], FrameSink]]],
+        options: EngineOptions | None = None,
+        stats: RuntimeStats | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.options = options or EngineOptions()
+        self.stats = stats or RuntimeStats()
+        self._stop = threading.Event()
+        self._slot: LatestSlot[InputItem] = LatestSlot()
+        sizes = self.options.sink_queue_sizes or [2] * len(sink_openers)
+        self.sinks = [
+            SinkWorker(label, opener, size, self.stats, self._stop, self.options.retry_seconds)
+            for (label, opener), size in zip(sink_openers, sizes, strict=True)
+        ]
+        self.post = PostProcessor(self.sinks, self.stats, self._stop)
+        self.source = SourceWorker(
+            open_source,
+            self._slot,
+            make_preprocess(pipeline.height, pipeline.width, pipeline.device, pipeline.dtype),
+            self.stats,
+            self._stop,
+            self.options.retry_seconds,
+        )
+        self._pending: list[dict[str, Any]] = []
+        self._pending_lock = threading.Lock()
+        self.runtime_state: dict[str, Any] = {"bypass": False, "pause": False}
+        self._log = RateLimitedLog(logger, 1.0)
+        self._last_input: InputItem | None = None
+        self._started = False
+        self._closed = False
+        self.frames_emitted = 0
+        self.on_applied: Callable[[dict[str, Any]], None] | None = None
+        self.on_error: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------------ control
+    def submit(self, changes: Mapping[str, Any]) -> None:
+        """Queue live parameter changes; the loop applies them at the next frame boundary."""
+        with self._pending_lock:
+            self._pending.append(dict(changes))
+        self._slot.wake()
+
+    def stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler or another thread)."""
+        self._stop.set()
+        self._slot.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the source, post-processing and sink threads."""
+        if self._started:
+            return
+        self._started = True
+        self.stats.set_state(EngineState.WARMING)
+        for sink in self.sinks:
+            sink.start()
+        self.post.start()
+        self.source.start()
+
+    def run(
+        self,
+        max_frames: int | None = None,
+        duration: float | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> int:
+        """Run the frame loop until ``stop()``, ``max_frames`` outputs or ``duration`` seconds.
+
+        Returns the number of frames handed to the outputs.
+        """
+        self.start()
+        deadline = None if duration is None else time.monotonic() + duration
+        keepalive = 1.0 / self.options.keepalive_fps
+        next_keepalive = time.monotonic() + keepalive
+        while not self._stop.is_set():
+            if max_frames is not None and self.frames_emitted >= max_frames:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if tick is not None:
+                tick()
+            self._apply_pending()
+            item = self._slot.take(timeout=min(keepalive, 0.1))
+            now = time.monotonic()
+            if item is None:
+                if not self.stats.source_connected and now >= next_keepalive:
+                    self._emit_on_loss(now)
+                    next_keepalive = now + keepalive
+                continue
+            next_keepalive = now + keepalive
+            self._process(item)
+        self._drain(max_frames is not None or duration is not None)
+        return self.frames_emitted
+
+    def close(self) -> None:
+        """Stop every thread and release every source, sink and segment; safe twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        self.post.queue.close()
+        for sink in self.sinks:
+            sink.queue.close()
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
+        for thread in (self.source, self.post, *self.sinks):
+            if thread.is_alive():
+                thread.join(max(0.05, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("thread %s did not stop in time", thread.name)
+        self.stats.set_state(EngineState.STOPPED)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the frame loop
+    def _process(self, item: InputItem) -> None:
+        self._last_input = item
+        frame = item.frame
+        # 1. pause: freeze the output on the last frame (input keeps being consumed)
+        if self.runtime_state["pause"]:
+            self.stats.set_state(EngineState.PAUSED)
+            self._emit(OutputItem(OutputKind.REPEAT, frame.timestamp, measure_latency=False))
+            return
+        # 2. bypass: the input goes straight through
+        if self.runtime_state["bypass"]:
+            self._emit(OutputItem(OutputKind.FRAME, frame.timestamp, frame=frame))
+            return
+        # 3. the pipeline (txt2img ignores the input; the source only paces the output)
+        skipped_before = self.pipeline.stats.skipped
+        image = None if self.pipeline.mode is GenerationMode.TXT2IMG else item.tensor
+        try:
+            output = self.pipeline(image)
+        # the frame guard: a failing frame (e.g. out of memory) must not black the screen;
+        # the output holds, the error is reported, the next frame tries again
+        except (RuntimeError, ValueError) as err:
+            self._report_error(f"frame failed: {err}")
+            self._emit(OutputItem(OutputKind.REPEAT, frame.timestamp, measure_latency=False))
+            return
+        if output is None:
+            self.stats.set_state(EngineState.WARMING)
+            return
+        self.stats.set_state(EngineState.RUNNING)
+        skipped = self.pipeline.stats.skipped != skipped_before
+        self.stats.record_skip(skipped)
+        self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output))
+
+    def _emit_on_loss(self, now: float) -> None:
+        """Keep the outputs alive while the source is gone: hold, black or passthrough."""
+        mode = self.options.on_loss
+        if mode is OnLossMode.BLACK:
+            frame = black_frame(self.pipeline.height, self.pipeline.width, now)
+            self._emit(OutputItem(OutputKind.FRAME, now, frame=frame, measure_latency=False))
+        elif mode is OnLossMode.PASSTHROUGH and self._last_input is not None:
+            held = self._last_input.frame
+            self._emit(
+                OutputItem(
+                    OutputKind.FRAME, now, frame=type(held)(held.pixels, now), measure_latency=False
+                )
+            )
+        else:
+            self._emit(OutputItem(OutputKind.REPEAT, now, measure_latency=False))
+
+    def _emit(self, item: OutputItem) -> None:
+        if (
+            item.kind is OutputKind.REPEAT
+            and self.post.last_frame is None
+            and self.frames_emitted == 0
+        ):
+            return  # nothing to repeat yet
+        self.post.put(item)
+        self.frames_emitted += 1
+
+    def _apply_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for changes in pending:
+            try:
+                self._apply(changes)
+            except ParamError as err:
+                self._report_error(str(err))
+
+    def _apply(self, changes: dict[str, Any]) -> None:
+        runtime = {k: v for k, v in changes.items() if k in RUNTIME_PARAMS}
+        stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
+        accepted_runtime = validate_changes(runtime, RUNTIME_PARAMS)
+        accepted = self.pipeline.apply(stream) if stream else {}
+        self.runtime_state.update(accepted_runtime)
+        accepted.update(accepted_runtime)
+        if "pause" in accepted_runtime and not accepted_runtime["pause"]:
+            self.stats.set_state(EngineState.RUNNING)
+        if accepted and self.on_applied is not None:
+            self.on_applied(accepted)
+
+    def _report_error(self, message: str) -> None:
+        self._log(logging.ERROR, message.split(":")[0], "%s", message)
+        self.stats.set_state(EngineState.ERROR, message)
+        if self.on_error is not None:
+            self.on_error(message)
+
+    def _drain(self, wait: bool) -> None:
+        """After a bounded run, let queued frames reach the outputs (at most ~2 s)."""
+        if not wait:
+            return
+        self.post.drain(1.0)
+        for sink in self.sinks:
+            sink.drain(1.0)
+
+
+def build_engine(
+    config: Any,
+    models: ModelBundle,
+    settings: PipelineSettings | None = None,
+    sink_extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Engine:
+    """An Engine for a validated config: pipeline, source and sinks from their sections.
+
+    ``sink_extra`` adds options per bridge name (e.g. the preview's ``stats`` callable).
+    """
+    pipeline = StreamPipeline(models, settings or PipelineSettings.from_config(config))
+    source_name, source_options = source_spec(config.input)
+    stats = RuntimeStats()
+
+    def opener(name: str, options: dict[str, Any]) -> Callable[[], FrameSink]:
+        extra = dict((sink_extra or {}).get(name, {}))
+        if name == "preview":
+            extra.setdefault("stats", stats.snapshot)
+        return lambda: open_sink(name, **options, **extra)
+
+    labels: list[tuple[str, Callable[[], FrameSink]]] = []
+    for index, output in enumerate(config.outputs):
+        name, options = sink_spec(output)
+        labels.append(
+            (f"{name}{index}" if _count(config.outputs, name) > 1 else name, opener(name, options))
+        )
+    engine_options = EngineOptions(
+        on_loss=OnLossMode(config.input.on_loss),
+        retry_seconds=config.input.retry_seconds,
+        sink_queue_sizes=[output.queue_size for output in config.outputs],
+    )
+    return Engine(
+        pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats
+    )
+
+
+def _count(outputs: Any, name: str) -> int:
+    return sum(1 for output in outputs if output.type == name)
+
+
+def pipeline_param_names() -> tuple[str, ...]:
+    """Every live parameter the engine accepts through ``submit``."""
+    return PIPELINE_PARAMS + RUNTIME_PARAMS

@@ -1,0 +1,143 @@
+"""Live statistics of the running engine: fps, latency, skip rate, drops; thread-safe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class EngineState(str, Enum):
+    """Where the engine is in its life."""
+
+    LOADING = "loading"
+    WARMING = "warming"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+class RateMeter:
+    """Events per second over a sliding window of recent event times."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def mark(self, now: float) -> None:
+        self._times.append(now)
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        if len(self._times) < 2:
+            return 0.0
+        span = max(now - self._times[0], self._times[-1] - self._times[0])
+        return (len(self._times) - 1) / span if span > 0 else 0.0
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+
+
+@dataclass
+class SinkCounters:
+    """Per-output counters."""
+
+    sent: int = 0
+    failures: int = 0
+    dropped: int = 0
+    connected: bool = False
+
+
+class RuntimeStats:
+    """Collects what the status line, the preview page and OSC feedback show."""
+
+    def __init__(self, window_s: float = 2.0, latency_samples: int = 240) -> None:
+        self._lock = threading.Lock()
+        self._outputs = RateMeter(window_s)
+        self._inputs = RateMeter(window_s)
+        self._latency_ms: deque[float] = deque(maxlen=latency_samples)
+        self._skips: deque[bool] = deque(maxlen=latency_samples)
+        self.state = EngineState.LOADING
+        self.error: str | None = None
+        self.frames_out = 0
+        self.frames_in = 0
+        self.input_dropped = 0
+        self.source_connected = False
+        self.sinks: dict[str, SinkCounters] = {}
+        self.started = time.monotonic()
+
+    def set_state(self, state: EngineState, error: str | None = None) -> None:
+        with self._lock:
+            self.state = state
+            if error is not None or state is not EngineState.ERROR:
+                self.error = error
+
+    def input_frame(self, now: float) -> None:
+        with self._lock:
+            self.frames_in += 1
+            self._inputs.mark(now)
+
+    def output_frame(self, now: float) -> None:
+        with self._lock:
+            self.frames_out += 1
+            self._outputs.mark(now)
+
+    def record_skip(self, skipped: bool) -> None:
+        """One processed input frame: whether the similarity filter skipped it."""
+        with self._lock:
+            self._skips.append(skipped)
+
+    def latency(self, milliseconds: float) -> None:
+        with self._lock:
+            self._latency_ms.append(milliseconds)
+
+    def sink(self, name: str) -> SinkCounters:
+        with self._lock:
+            return self.sinks.setdefault(name, SinkCounters())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain values for display and feedback."""
+        now = time.monotonic()
+        with self._lock:
+            latencies = sorted(self._latency_ms)
+            mean = sum(latencies) / len(latencies) if latencies else 0.0
+            p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0.0
+            skips = list(self._skips)
+            return {
+                "state": self.state.value,
+                "error": self.error,
+                "fps": round(self._outputs.rate(now), 2),
+                "input_fps": round(self._inputs.rate(now), 2),
+                "latency_ms": round(mean, 1),
+                "latency_p95_ms": round(p95, 1),
+                "skip_rate": round(sum(skips) / len(skips), 3) if skips else 0.0,
+                "frames_in": self.frames_in,
+                "frames_out": self.frames_out,
+                "input_dropped": self.input_dropped,
+                "source_connected": self.source_connected,
+                "uptime_s": round(now - self.started, 1),
+                "outputs": {
+                    name: {"sent": c.sent, "dropped": c.dropped, "failures": c.failures}
+                    for name, c in self.sinks.items()
+                },
+            }
+
+    def status_line(self) -> str:
+        """One line for the terminal: state, fps, latency, skip rate, drops."""
+        s = self.snapshot()
+        line = (
+            f"[{s['state']:>7}] {s['fps']:6.1f} fps  latency {s['latency_ms']:6.1f} ms "
+            f"(p95 {s['latency_p95_ms']:.0f})  skip {100 * s['skip_rate']:4.1f}%  "
+            f"in {s['input_fps']:5.1f} fps  dropped in {s['input_dropped']}"
+        )
+        if not s["source_connected"] and s["state"] != EngineState.LOADING.value:
+            line += "  SOURCE LOST"
+        if s["error"]:
+            line += f"  error: {s['error'][:60]}"
+        return line

@@ -1,0 +1,357 @@
+"""The runtime's threads around the engine loop: source, post-processing and one per sink."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from bridges.base import BridgeError, BridgeUnavailable, Frame, FrameSink, FrameSource, SourceClosed
+from engine.imageops import frame_to_tensor, tensor_to_frame
+from engine.runtime.queues import DropOldestQueue, LatestSlot
+from engine.runtime.stats import RuntimeStats
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+POLL_S = 0.1
+
+
+class RateLimitedLog:
+    """Logs a message at most once per ``interval`` seconds per key (then counts repeats)."""
+
+    def __init__(self, log: logging.Logger, interval: float = 1.0) -> None:
+        self._log = log
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e9) < self._interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._last[key] = now
+            repeats = self._suppressed.pop(key, 0)
+        suffix = f" (and {repeats} more like it)" if repeats else ""
+        self._log.log(level, message + suffix, *args)
+
+
+@dataclass
+class InputItem:
+    """A received frame, pre-processed on the source thread.
+
+    ``tensor`` is ``(1, 3, H, W)`` in [-1, 1] on the pipeline's device and dtype.
+    """
+
+    tensor: torch.Tensor
+    frame: Frame
+
+
+class OutputKind(str, Enum):
+    TENSOR = "tensor"  # a pipeline output (1, 3, H, W) in [-1, 1]
+    FRAME = "frame"  # a ready frame (bypass, black, passthrough)
+    REPEAT = "repeat"  # send the last output frame again (hold, pause, error)
+
+
+@dataclass
+class OutputItem:
+    """What the engine loop hands to post-processing."""
+
+    kind: OutputKind
+    timestamp: float
+    tensor: torch.Tensor | None = None
+    frame: Frame | None = None
+    measure_latency: bool = True
+
+
+@dataclass
+class SinkItem:
+    """A frame on its way to one sink; latency is measured from ``frame.timestamp``."""
+
+    frame: Frame
+    measure_latency: bool
+
+
+class SourceWorker(threading.Thread):
+    """Receives frames, pre-processes them and puts the newest into the input slot.
+
+    A source that fails or disappears is closed and reopened with exponential backoff
+    (``retry_s`` doubling up to 10 s); the output stays alive meanwhile (the engine loop
+    applies ``on_loss``).
+    """
+
+    def __init__(
+        self,
+        open_source: Callable[[], FrameSource],
+        slot: LatestSlot[InputItem],
+        preprocess: Callable[[Frame], InputItem],
+        stats: RuntimeStats,
+        stop: threading.Event,
+        retry_s: float = 1.0,
+    ) -> None:
+        super().__init__(name="latentstage-source", daemon=True)
+        self._open = open_source
+        self._slot = slot
+        self._preprocess = preprocess
+        self._stats = stats
+        self._stop_event = stop
+        self._retry_s = retry_s
+        self._source: FrameSource | None = None
+        self._last_sequence: int | None = None
+        self._log = RateLimitedLog(logger, 5.0)
+        self.ended = threading.Event()
+        self.fatal: str | None = None
+
+    def run(self) -> None:
+        backoff = self._retry_s
+        try:
+            while not self._stop_event.is_set():
+                if self._source is None:
+                    if not self._connect():
+                        self._stop_event.wait(backoff)
+                        backoff = min(backoff * 2, MAX_BACKOFF_S)
+                        continue
+                    backoff = self._retry_s
+                self._receive_one()
+        finally:
+            self._close_source()
+
+    def _connect(self) -> bool:
+        try:
+            self._source = self._open()
+        except BridgeUnavailable as err:
+            self.fatal = str(err)
+            logger.error("input cannot run here: %s", err)
+            self._stop_event.wait(MAX_BACKOFF_S)
+            return False
+        except (BridgeError, OSError, ValueError) as err:
+            self._log(logging.WARNING, "open", "input not available (%s); retrying", err)
+            return False
+        logger.info("input connected: %s", self._source)
+        self._stats.source_connected = True
+        self._last_sequence = None
+        return True
+
+    def _receive_one(self) -> None:
+        assert self._source is not None
+        try:
+            frame = self._source.recv(POLL_S)
+        except SourceClosed as err:
+            logger.info("input ended: %s", err)
+            self._close_source()
+            self.ended.set()
+            self._stop_event.wait(MAX_BACKOFF_S)
+            return
+        except (BridgeError, OSError) as err:
+            self._log(logging.WARNING, "lost", "input lost (%s); reconnecting", err)
+            self._close_source()
+            return
+        if frame is None:
+            return
+        if self._last_sequence is not None and frame.sequence > self._last_sequence + 1:
+            self._stats.input_dropped += frame.sequence - self._last_sequence - 1
+        self._last_sequence = frame.sequence
+        self._stats.input_frame(time.monotonic())
+        self._slot.put(self._preprocess(frame))
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        self._stats.source_connected = False
+        if source is not None:
+            try:
+                source.close()
+            except (BridgeError, OSError) as err:
+                logger.warning("closing the input failed: %s", err)
+
+
+class SinkWorker(threading.Thread):
+    """Sends frames to one output from its own drop-oldest queue.
+
+    A stalled receiver only fills this queue (the oldest frame is dropped), never the
+    others'. A sink that raises is logged, closed and reopened with backoff.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        open_sink: Callable[[], FrameSink],
+        queue_size: int,
+        stats: RuntimeStats,
+        stop: threading.Event,
+        retry_s: float = 1.0,
+    ) -> None:
+        super().__init__(name=f"latentstage-sink-{label}", daemon=True)
+        self.label = label
+        self.queue: DropOldestQueue[SinkItem] = DropOldestQueue(queue_size)
+        self._open = open_sink
+        self._stats = stats
+        self._counters = stats.sink(label)
+        self._stop_event = stop
+        self._retry_s = retry_s
+        self._sink: FrameSink | None = None
+        self._log = RateLimitedLog(logger, 5.0)
+        self._idle = threading.Event()
+        self._idle.set()
+        self.sink_opened = threading.Event()
+
+    def put(self, item: SinkItem) -> None:
+        self._idle.clear()
+        self.queue.put(item)
+        self._counters.dropped = self.queue.dropped
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued frame was sent (or failed); True when drained."""
+        return self._idle.wait(timeout)
+
+    def run(self) -> None:
+        backoff = self._retry_s
+        retry_at = 0.0
+        try:
+            while not self._stop_event.is_set():
+                if self._sink is None and time.monotonic() >= retry_at:
+                    if self._connect():
+                        backoff = self._retry_s
+                    else:
+                        retry_at = time.monotonic() + backoff
+                        backoff = min(backoff * 2, MAX_BACKOFF_S)
+                item = self.queue.get(POLL_S)
+                if item is None:
+                    if not len(self.queue):
+                        self._idle.set()
+                    continue
+                if self._sink is None:
+                    continue  # not connected: the frame is dropped, the engine goes on
+                self._send(item)
+                if not len(self.queue):
+                    self._idle.set()
+        finally:
+            self._idle.set()
+            self._close_sink()
+
+    def open_now(self) -> None:
+        """Open the sink on the caller's thread (start-up check); raises what opening raises."""
+        self._sink = self._open()
+        self._counters.connected = True
+        self.sink_opened.set()
+
+    def _connect(self) -> bool:
+        try:
+            self._sink = self._open()
+        except (BridgeError, BridgeUnavailable, OSError, ValueError) as err:
+            self._log(
+                logging.WARNING, "open", "output %s not available (%s); retrying", self.label, err
+            )
+            return False
+        self._counters.connected = True
+        self.sink_opened.set()
+        return True
+
+    def _send(self, item: SinkItem) -> None:
+        assert self._sink is not None
+        try:
+            self._sink.send(item.frame)
+        # A sink is third-party I/O (SDKs, sockets, encoders): whatever it raises must not
+        # take the engine down. Log it with its traceback, reopen, keep the others running.
+        except Exception as err:
+            self._counters.failures += 1
+            self._log(logging.ERROR, "send", "output %s failed: %s; reopening", self.label, err)
+            self._close_sink()
+            return
+        self._counters.sent += 1
+        if item.measure_latency:
+            self._stats.latency(1000.0 * (time.monotonic() - item.frame.timestamp))
+
+    def _close_sink(self) -> None:
+        sink, self._sink = self._sink, None
+        self._counters.connected = False
+        if sink is not None:
+            try:
+                sink.close()
+            except (BridgeError, OSError) as err:
+                logger.warning("closing output %s failed: %s", self.label, err)
+
+
+class PostProcessor(threading.Thread):
+    """Turns engine outputs into uint8 RGBA frames once and fans them out to every sink."""
+
+    def __init__(self, sinks: list[SinkWorker], stats: RuntimeStats, stop: threading.Event) -> None:
+        super().__init__(name="latentstage-post", daemon=True)
+        self.queue: DropOldestQueue[OutputItem] = DropOldestQueue(2)
+        self._sinks = sinks
+        self._stats = stats
+        self._stop_event = stop
+        self._last: Frame | None = None
+        self._sequence = 0
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def put(self, item: OutputItem) -> None:
+        self._idle.clear()
+        self.queue.put(item)
+
+    def drain(self, timeout: float) -> bool:
+        return self._idle.wait(timeout)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            item = self.queue.get(POLL_S)
+            if item is None:
+                if not len(self.queue):
+                    self._idle.set()
+                continue
+            frame = self._convert(item)
+            if frame is not None:
+                self._stats.output_frame(time.monotonic())
+                for sink in self._sinks:
+                    sink.put(SinkItem(frame, item.measure_latency))
+            if not len(self.queue):
+                self._idle.set()
+        self._idle.set()
+
+    @property
+    def last_frame(self) -> Frame | None:
+        return self._last
+
+    def _convert(self, item: OutputItem) -> Frame | None:
+        if item.kind is OutputKind.REPEAT:
+            if self._last is None:
+                return None
+            pixels = self._last.pixels
+        elif item.kind is OutputKind.FRAME:
+            assert item.frame is not None
+            pixels = item.frame.pixels
+        else:
+            assert item.tensor is not None
+            pixels = tensor_to_frame(item.tensor).cpu().numpy()
+        self._sequence += 1
+        frame = Frame(pixels, item.timestamp, self._sequence)
+        self._last = frame
+        return frame
+
+
+def make_preprocess(
+    height: int, width: int, device: torch.device, dtype: torch.dtype
+) -> Callable[[Frame], InputItem]:
+    """Frame (uint8 RGBA, any size) → InputItem with a ``(1, 3, height, width)`` tensor."""
+
+    def preprocess(frame: Frame) -> InputItem:
+        pixels = torch.from_numpy(np.ascontiguousarray(frame.pixels)).to(device, non_blocking=True)
+        return InputItem(frame_to_tensor(pixels, height, width, dtype), frame)
+
+    return preprocess
+
+
+def black_frame(height: int, width: int, timestamp: float) -> Frame:
+    pixels = np.zeros((height, width, 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    return Frame(pixels, timestamp)
