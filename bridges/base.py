@@ -25,7 +25,7 @@ class PixelFormat(str, Enum):
         return 4 if self in (PixelFormat.RGBA, PixelFormat.BGRA) else 3
 
 
-@dataclass
+@dataclass(eq=False)
 class Frame:
     """One video frame as it travels between bridges and the engine.
 

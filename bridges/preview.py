@@ -44,6 +44,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>latentstage preview</title>
+<link rel="icon" href="data:,">
 <style>
   html, body { margin: 0; height: 100%; background: #0b0b0d; color: #c8c8d0;
     font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
@@ -52,9 +53,9 @@ PAGE = """<!doctype html>
     position: relative; }
   #out { max-width: 100%; max-height: 100%; object-fit: contain; background: #000; }
   #wait { position: absolute; color: #66666f; }
-  #stats { padding: 6px 10px; border-top: 1px solid #222228; background: #111115;
-    white-space: nowrap; overflow-x: auto; }
-  #stats span { margin-right: 16px; }
+  #stats { display: flex; flex-wrap: wrap; gap: 2px 16px; padding: 6px 10px;
+    border-top: 1px solid #222228; background: #111115; }
+  #stats span { white-space: nowrap; }
   #stats b { color: #7f7f8a; font-weight: normal; }
   #stats .bad { color: #ff6b6b; }
 </style>

@@ -1,0 +1,203 @@
+"""Record output frames to a video file via PyAV (H.264 by default, MPEG-4 fallback)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from fractions import Fraction
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bridges.base import BridgeError, BridgeUnavailable, Frame
+from bridges.video import load_av
+
+if TYPE_CHECKING:
+    from av.container import OutputContainer
+    from av.video.stream import VideoStream
+
+log = logging.getLogger(__name__)
+
+FALLBACK_CODEC = "mpeg4"
+_MAX_FPS = 1000.0
+# Pixel formats whose chroma planes are subsampled by two in both directions (even sizes only).
+_EVEN_FORMATS = {"yuv420p", "yuvj420p", "nv12", "nv21"}
+
+
+def unavailable_reason() -> str | None:
+    """``None`` when PyAV can be imported, else why not."""
+    try:
+        load_av("the record bridge")
+    except BridgeUnavailable:
+        return "PyAV is not installed (pip install latentstage[video])"
+    return None
+
+
+def _encoder_available(av: ModuleType, name: str) -> bool:
+    try:
+        codec = av.codec.Codec(name, "w")
+    except (av.codec.codec.UnknownCodecError, av.error.FFmpegError):
+        return False
+    return bool(codec.type == "video")
+
+
+def choose_codec(av: ModuleType, requested: str) -> str:
+    """``requested`` when this PyAV build can encode video with it, else ``"mpeg4"`` (warned)."""
+    if _encoder_available(av, requested):
+        return requested
+    if not _encoder_available(av, FALLBACK_CODEC):
+        raise BridgeError(
+            f"neither the video encoder {requested!r} nor {FALLBACK_CODEC!r} is available "
+            "in this PyAV build"
+        )
+    log.warning("video encoder %r is not available in this PyAV build; recording with %r instead",
+                requested, FALLBACK_CODEC)
+    return FALLBACK_CODEC
+
+
+class RecordSink:
+    """Writes every frame it is sent to a video file at a constant ``fps``.
+
+    The first frame fixes the size (a later frame of another size raises ``BridgeError``).
+    H.264 / MPEG-4 need even sizes in yuv420p: an odd width or height is cropped by one
+    pixel (logged once). Timestamps come from a frame counter, so the file plays at ``fps``
+    whatever the rate frames arrived at. ``close()`` flushes the encoder and finalises the
+    file (an MP4 is only playable after it); nothing is written when no frame arrived.
+    """
+
+    def __init__(self, path: str = "out/demo.mp4", fps: float = 30.0, codec: str = "libx264"
+                 ) -> None:
+        self._av = load_av("the record bridge")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (
+            math.isfinite(fps) and 0.0 < fps <= _MAX_FPS
+        ):
+            raise ValueError(f"fps must be a number > 0 and <= {_MAX_FPS:g}, got {fps!r}")
+        self.path = os.fspath(path)
+        self.fps = float(fps)
+        self.requested_codec = codec
+        self.codec = choose_codec(self._av, codec)
+        parent = Path(self.path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BridgeError(f"cannot create the folder {str(parent)!r} for {self.path!r}: {exc}"
+                              ) from exc
+        self.frames_written = 0
+        self._container: OutputContainer | None = None
+        self._stream: VideoStream | None = None
+        self._input_size: tuple[int, int] | None = None  # (width, height) of incoming frames
+        self._encoded_size: tuple[int, int] = (0, 0)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RecordSink({self.path!r}, fps={self.fps:g}, codec={self.codec!r})"
+
+    def _open(self, width: int, height: int) -> None:
+        av = self._av
+        codec = av.codec.Codec(self.codec, "w")
+        formats = [f.name for f in (codec.video_formats or ())]
+        pix_fmt = "yuv420p" if not formats or "yuv420p" in formats else formats[0]
+        enc_w, enc_h = width, height
+        if pix_fmt in _EVEN_FORMATS:
+            enc_w, enc_h = width - width % 2, height - height % 2
+        if enc_w < 2 or enc_h < 2:
+            raise BridgeError(f"frame size {width}x{height} is too small to record")
+        if (enc_w, enc_h) != (width, height):
+            log.info("frame size %dx%d is odd; %s needs even sizes, so %s is cropped to %dx%d",
+                     width, height, pix_fmt, self.path, enc_w, enc_h)
+        rate = Fraction(self.fps).limit_denominator(1001)
+        try:
+            container = av.open(self.path, mode="w")
+        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            raise BridgeError(f"cannot create video file {self.path!r}: {exc}") from exc
+        try:
+            options = {"preset": "veryfast", "crf": "18"} if self.codec == "libx264" else {}
+            stream = container.add_stream(self.codec, rate=rate, options=options)
+            stream.width = enc_w
+            stream.height = enc_h
+            stream.pix_fmt = pix_fmt
+            stream.codec_context.time_base = Fraction(1) / rate
+            if self.codec != "libx264":
+                stream.bit_rate = max(1_000_000, int(enc_w * enc_h * self.fps * 0.3))
+        except (av.error.FFmpegError, ValueError) as exc:
+            container.close()
+            raise BridgeError(f"cannot set up {self.codec!r} encoding for {self.path!r}: {exc}"
+                              ) from exc
+        self._container = container
+        self._stream = stream
+        self._input_size = (width, height)
+        self._encoded_size = (enc_w, enc_h)
+        log.info("recording %s: %dx%d @ %g fps, %s %s", self.path, enc_w, enc_h, self.fps,
+                 self.codec, pix_fmt)
+
+    def send(self, frame: Frame) -> None:
+        """Encode one frame; ``BridgeError`` on a size change or an encoder failure."""
+        av = self._av
+        pixels = frame.pixels
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 4:
+            raise ValueError(f"expected uint8 RGBA (h, w, 4) pixels, got {pixels.dtype} "
+                             f"{pixels.shape}")
+        height, width = int(pixels.shape[0]), int(pixels.shape[1])
+        with self._lock:
+            if self._closed:
+                raise BridgeError(f"recording to {self.path!r} is closed")
+            if self._input_size is None:
+                self._open(width, height)
+            elif (width, height) != self._input_size:
+                w0, h0 = self._input_size
+                raise BridgeError(
+                    f"frame size {width}x{height} differs from the recording's size {w0}x{h0} "
+                    f"({self.path!r}); the size is fixed by the first frame"
+                )
+            container, stream = self._container, self._stream
+            assert container is not None and stream is not None
+            enc_w, enc_h = self._encoded_size
+            if (enc_w, enc_h) != (width, height):
+                pixels = pixels[:enc_h, :enc_w]
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgba")
+            video_frame.pts = self.frames_written
+            try:
+                for packet in stream.encode(video_frame):
+                    container.mux(packet)
+            except (av.error.FFmpegError, OSError) as exc:
+                raise BridgeError(f"encoding frame {self.frames_written} to {self.path!r} "
+                                  f"failed: {exc}") from exc
+            self.frames_written += 1
+
+    def close(self) -> None:
+        """Flush the encoder and finalise the file; safe to call twice."""
+        av = self._av
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            container, stream = self._container, self._stream
+            self._container = self._stream = None
+            if container is None or stream is None:
+                log.info("no frames were sent, so %s was not written", self.path)
+                return
+            try:
+                try:
+                    for packet in stream.encode(None):
+                        container.mux(packet)
+                finally:
+                    container.close()
+            except (av.error.FFmpegError, OSError) as exc:
+                raise BridgeError(f"finishing {self.path!r} failed: {exc}") from exc
+            log.info("wrote %d frames to %s", self.frames_written, self.path)
+
+    def __enter__(self) -> RecordSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

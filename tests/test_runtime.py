@@ -1,0 +1,241 @@
+"""The runtime with in-process fake bridges: loss handling, failing sinks, pause, bypass, drain."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bridges.base import BridgeError, Frame
+from engine.models.loader import ModelRequest, load_models
+from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.runtime.engine import Engine, EngineOptions, OnLossMode
+from engine.runtime.queues import DropOldestQueue, LatestSlot
+from engine.runtime.stats import EngineState, RateMeter
+from engine.stream.modes import CfgType
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
+
+
+def pipeline(bundle, **overrides) -> StreamPipeline:
+    settings = PipelineSettings(width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE,
+                                prompt="test", **overrides)
+    return StreamPipeline(bundle, settings)
+
+
+class FakeSource:
+    """Frames at ``fps`` with a value per frame; ``fail_after`` frames then raises BridgeError."""
+
+    def __init__(self, fps: float = 60.0, fail_after: int | None = None, value: int = 0,
+                 on_fail=None) -> None:
+        self.on_fail = on_fail
+        self.interval = 1.0 / fps
+        self.fail_after = fail_after
+        self.sequence = 0
+        self.value = value
+        self.next_at = time.monotonic()
+        self.closed = 0
+
+    def recv(self, timeout: float) -> Frame | None:
+        if self.fail_after is not None and self.sequence >= self.fail_after:
+            if self.on_fail is not None:
+                self.on_fail()
+            raise BridgeError("fake source unplugged")
+        wait = self.next_at - time.monotonic()
+        if wait > timeout:
+            time.sleep(timeout)
+            return None
+        time.sleep(max(0.0, wait))
+        self.next_at = max(self.next_at + self.interval, time.monotonic())
+        self.sequence += 1
+        pixels = np.full((SIZE, SIZE, 4), (self.value + 7 * self.sequence) % 256, dtype=np.uint8)
+        return Frame(pixels, time.monotonic(), self.sequence)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class SourcePlug:
+    """Opens FakeSources; the first one fails after ``fail_after`` frames and unplugs the
+    cable, so reopening fails until ``plugged`` is set again."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.plugged = threading.Event()
+        self.plugged.set()
+        self.fail_after = fail_after
+        self.opened = 0
+
+    def __call__(self) -> FakeSource:
+        if not self.plugged.is_set():
+            raise BridgeError("no such source")
+        self.opened += 1
+        fail = self.fail_after if self.opened == 1 else None
+        return FakeSource(fail_after=fail, value=100 * self.opened, on_fail=self.plugged.clear)
+
+
+class RecordingSink:
+    def __init__(self, delay: float = 0.0, fail_every: int | None = None) -> None:
+        self.frames: list[Frame] = []
+        self.times: list[float] = []
+        self.delay = delay
+        self.fail_every = fail_every
+        self.calls = 0
+        self.closed = 0
+
+    def send(self, frame: Frame) -> None:
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError("sink exploded")
+        time.sleep(self.delay)
+        self.frames.append(frame)
+        self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def run_engine(engine: Engine, seconds: float) -> None:
+    thread = threading.Thread(target=engine.run, kwargs={"duration": seconds})
+    thread.start()
+    thread.join(seconds + 10)
+    assert not thread.is_alive()
+
+
+def fps_between(sink: RecordingSink, start: float, stop: float) -> float:
+    count = sum(1 for t in sink.times if start <= t < stop)
+    return count / (stop - start)
+
+
+def test_queues_newest_wins_and_drop_oldest():
+    slot: LatestSlot[int] = LatestSlot()
+    for i in range(5):
+        slot.put(i)
+    assert slot.take(0.01) == 4 and slot.overwritten == 4 and slot.take(0.01) is None
+    queue: DropOldestQueue[int] = DropOldestQueue(2)
+    for i in range(5):
+        queue.put(i)
+    assert [queue.get(0.01), queue.get(0.01), queue.get(0.01)] == [3, 4, None]
+    assert queue.dropped == 3
+    meter = RateMeter(window_s=1.0)
+    for i in range(11):
+        meter.mark(10.0 + i * 0.1)
+    assert meter.rate(11.0) == pytest.approx(10.0)
+
+
+def test_frames_flow_and_stats_are_sane(bundle):
+    sink = RecordingSink()
+    engine = Engine(pipeline(bundle), lambda: FakeSource(fps=30), [("rec", lambda: sink)])
+    with engine:
+        frames = engine.run(max_frames=20)
+    assert frames == 20 and len(sink.frames) == 20
+    assert [f.sequence for f in sink.frames] == list(range(1, 21))
+    assert all(f.pixels.shape == (SIZE, SIZE, 4) and f.pixels.dtype == np.uint8 for f in sink.frames)
+    stats = engine.stats.snapshot()
+    assert stats["frames_out"] == 20 and stats["frames_in"] >= 20
+    assert 0 < stats["latency_ms"] < 5000 and stats["latency_p95_ms"] >= stats["latency_ms"] * 0.5
+    assert stats["state"] == EngineState.STOPPED.value
+    assert stats["outputs"]["rec"]["sent"] == 20
+    assert sink.closed == 1
+
+
+def test_source_loss_keeps_output_alive_and_resumes(bundle):
+    plug = SourcePlug(fail_after=10)
+    sink = RecordingSink()
+    engine = Engine(pipeline(bundle), plug, [("rec", lambda: sink)],
+                    EngineOptions(on_loss=OnLossMode.BLACK, retry_seconds=0.2, keepalive_fps=20))
+
+    def replug() -> None:
+        while plug.plugged.is_set():  # wait for the unplug
+            time.sleep(0.05)
+        time.sleep(1.5)
+        plug.plugged.set()
+
+    threading.Thread(target=replug, daemon=True).start()
+    with engine:
+        run_engine(engine, 5.0)
+    assert plug.opened == 2  # reconnected by itself
+    is_black = [not f.pixels[..., :3].any() for f in sink.frames]
+    assert sum(is_black) >= 10, "black keep-alive frames while the source was gone"
+    first_black = is_black.index(True)
+    assert not all(is_black[first_black:]), "resumed after the loss"
+    gaps = np.diff(sink.times)
+    assert gaps.max() < 1.0, f"output stalled for {gaps.max():.2f} s"
+
+
+def test_hold_repeats_the_last_output(bundle):
+    sink = RecordingSink()
+    plug = SourcePlug(fail_after=6)
+    engine = Engine(pipeline(bundle), plug, [("rec", lambda: sink)],
+                    EngineOptions(on_loss=OnLossMode.HOLD, retry_seconds=5.0, keepalive_fps=20))
+    with engine:
+        run_engine(engine, 2.0)
+    distinct = []
+    for frame in sink.frames:
+        if not distinct or not np.array_equal(frame.pixels, distinct[-1]):
+            distinct.append(frame.pixels)
+    assert 1 <= len(distinct) <= 6  # only processed frames, then the held one
+    assert len(sink.frames) - 6 >= 10
+    assert np.array_equal(sink.frames[-1].pixels, distinct[-1])
+
+
+def test_one_failing_and_one_stalled_sink_do_not_slow_the_others(bundle):
+    good = RecordingSink()
+    failing = RecordingSink(fail_every=3)
+    stalled = RecordingSink(delay=1.0)
+    engine = Engine(pipeline(bundle), lambda: FakeSource(fps=20),
+                    [("good", lambda: good), ("failing", lambda: failing), ("stalled", lambda: stalled)],
+                    EngineOptions(retry_seconds=0.05))
+    start = time.monotonic()
+    with engine:
+        run_engine(engine, 3.0)
+    alone_sink = RecordingSink()
+    reference = Engine(pipeline(bundle), lambda: FakeSource(fps=20), [("alone", lambda: alone_sink)])
+    ref_start = time.monotonic()
+    with reference:
+        run_engine(reference, 3.0)
+    good_fps = fps_between(good, start + 1.0, start + 3.0)
+    alone_fps = fps_between(alone_sink, ref_start + 1.0, ref_start + 3.0)
+    assert good_fps >= 0.8 * alone_fps, (good_fps, alone_fps)
+    assert engine.stats.snapshot()["outputs"]["failing"]["failures"] >= 3
+    assert len(failing.frames) > 5  # reopened and kept sending
+    assert len(stalled.frames) <= 6  # 1 s per frame over ~3-5 s
+    assert engine.stats.snapshot()["outputs"]["stalled"]["dropped"] > 5
+
+
+def test_pause_freezes_and_bypass_passes_through(bundle):
+    sink = RecordingSink()
+    engine = Engine(pipeline(bundle), lambda: FakeSource(fps=30), [("rec", lambda: sink)])
+    with engine:
+        engine.run(max_frames=5)
+        engine.submit({"pause": 1})
+        engine.run(max_frames=15)
+        frozen = sink.frames[5:15]
+        assert all(np.array_equal(f.pixels, sink.frames[4].pixels) for f in frozen)
+        engine.submit({"pause": 0, "bypass": True})
+        engine.run(max_frames=20)
+        raw = sink.frames[-1].pixels
+        assert (raw == raw[0, 0]).all()  # the fake source's flat frame, unprocessed
+        assert engine.runtime_state == {"pause": False, "bypass": True}
+
+
+def test_bad_change_is_reported_and_state_kept(bundle):
+    sink = RecordingSink()
+    errors: list[str] = []
+    pipe = pipeline(bundle)
+    engine = Engine(pipe, lambda: FakeSource(fps=30), [("rec", lambda: sink)])
+    engine.on_error = errors.append
+    with engine:
+        engine.run(max_frames=3)
+        state = dict(pipe.state)
+        engine.submit({"guidance_scale": float("nan")})
+        engine.submit({"pause": "maybe"})
+        engine.run(max_frames=8)
+    assert len(errors) == 2 and "guidance_scale" in errors[0] and "pause" in errors[1]
+    assert pipe.state == state and len(sink.frames) == 8
