@@ -17,7 +17,7 @@ from engine.params import ParamError
 from engine.prompting import PromptEncoder
 from engine.stream.attention import CrossFrameAttnProcessor, batch_groups
 from engine.stream.batch import StreamBatch
-from engine.stream.blend import blend_noise
+from engine.stream.blend import blend_noise, slerp
 from engine.stream.guidance import layout_embeddings
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode
 from engine.stream.schedule import StreamSchedule, build_schedule, strength_to_t_index_list
@@ -174,6 +174,7 @@ class StreamPipeline:
         )
         self._positive, self._negative = self._prompt_embeddings(self.state)
         self._embeddings = layout_embeddings(cfg_type, schedule.n, self._positive, self._negative)
+        self._transition: tuple[torch.Tensor, float] | None = None
         self._cross_frame: CrossFrameAttnProcessor | None = None
         if settings.cross_frame_attention:
             self._install_cross_frame_attention()
@@ -248,9 +249,7 @@ class StreamPipeline:
         # prepare (may raise; nothing is changed yet)
         cfg_type = CfgType(new_state["cfg_type"])
         schedule_changed = new_state["t_index_list"] != self.state["t_index_list"]
-        schedule = (
-            self._schedule(new_state["t_index_list"]) if schedule_changed else self.batch.schedule
-        )
+        schedule = self._schedule(new_state["t_index_list"]) if schedule_changed else self.batch.schedule
         n = schedule.n
         noise_keys = ("seed", "seed_blend", "prompt_blend_method")
         noise_changed = schedule_changed or any(new_state[k] != self.state[k] for k in noise_keys)
@@ -258,15 +257,11 @@ class StreamPipeline:
         prompt_keys = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
         prompt_changed = any(new_state[k] != self.state[k] for k in prompt_keys)
         positive, negative = (
-            self._prompt_embeddings(new_state)
-            if prompt_changed
-            else (self._positive, self._negative)
+            self._prompt_embeddings(new_state) if prompt_changed else (self._positive, self._negative)
         )
         layout_changed = prompt_changed or n != self.batch.n or cfg_type is not self.batch.cfg_type
         embeddings = (
-            layout_embeddings(cfg_type, n, positive, negative)
-            if layout_changed
-            else self._embeddings
+            layout_embeddings(cfg_type, n, positive, negative) if layout_changed else self._embeddings
         )
 
         # commit
@@ -277,6 +272,8 @@ class StreamPipeline:
         self.batch.set_cfg_type(cfg_type)
         self.batch.guidance_scale = new_state["guidance_scale"]
         self.batch.delta = new_state["delta"]
+        if layout_changed:
+            self._transition = None
         self._positive, self._negative, self._embeddings = positive, negative, embeddings
         self.similarity_filter.configure(
             new_state["similarity_filter_threshold"],
@@ -289,6 +286,28 @@ class StreamPipeline:
             self._cross_frame.groups = self._attention_groups()
         logger.debug("applied %s", sorted(accepted))
         return accepted
+
+    @property
+    def current_positive(self) -> torch.Tensor:
+        """The positive embedding ``(1, 77, D)`` in use now (mid-crossfade: the mix)."""
+        if self._transition is None:
+            return self._positive
+        previous, progress = self._transition
+        return slerp(previous, self._positive, progress)
+
+    def set_prompt_transition(self, previous: torch.Tensor | None, progress: float) -> None:
+        """Crossfade from ``previous`` to the current prompt: ``slerp(previous, target, progress)``.
+
+        Called by the runtime once per frame while a ``/prompt s f`` crossfade runs (tiny
+        tensors; no text encoding). ``previous=None`` or ``progress >= 1`` ends it.
+        """
+        if previous is None or progress >= 1.0:
+            self._transition = None
+            mixed = self._positive
+        else:
+            self._transition = (previous, max(0.0, float(progress)))
+            mixed = self.current_positive
+        self._embeddings = layout_embeddings(self.batch.cfg_type, self.batch.n, mixed, self._negative)
 
     def reset(self) -> None:
         """Empty the stream batch and the filter reference (e.g. after an input cut)."""
@@ -323,27 +342,18 @@ class StreamPipeline:
         """Cached per-slot noise ``(n, C, h, w)`` from the seed or the seed blend (CPU RNG)."""
         shape = (n, *self.latent_shape)
         blend = state["seed_blend"] or [(state["seed"], 1.0)]
-        noises = [
-            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
-            for seed, _ in blend
-        ]
+        noises = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed, _ in blend]
         mixed = (
             noises[0]
             if len(noises) == 1
-            else blend_noise(
-                noises, [w for _, w in blend], BlendMethod(state["prompt_blend_method"])
-            )
+            else blend_noise(noises, [w for _, w in blend], BlendMethod(state["prompt_blend_method"]))
         )
         return mixed.to(device=self.device, dtype=self.dtype)
 
     def _prompt_embeddings(self, state: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         method = BlendMethod(state["prompt_blend_method"])
         blend = state["prompt_blend"]
-        positive = (
-            self.prompts.encode_blend(blend, method)
-            if blend
-            else self.prompts.encode(state["prompt"])
-        )
+        positive = self.prompts.encode_blend(blend, method) if blend else self.prompts.encode(state["prompt"])
         return positive, self.prompts.encode(state["negative_prompt"])
 
     def _attention_groups(self) -> tuple[tuple[int, int], ...]:

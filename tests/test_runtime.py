@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bridges.base import BridgeError, Frame
+from engine.params import ParamError
 from engine.models.loader import ModelRequest, load_models
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.engine import Engine, EngineOptions, OnLossMode
@@ -234,8 +235,11 @@ def test_bad_change_is_reported_and_state_kept(bundle):
     with engine:
         engine.run(max_frames=3)
         state = dict(pipe.state)
-        engine.submit({"guidance_scale": float("nan")})
-        engine.submit({"pause": "maybe"})
+        with pytest.raises(ParamError, match="guidance_scale"):
+            engine.submit({"guidance_scale": float("nan")})
+        with pytest.raises(ParamError, match="pause"):
+            engine.submit({"pause": "maybe", "delta": 0.5})
+        engine.submit({"t_index_list": [10, 60]})  # the registry allows it; the pipeline (50 steps) not
         engine.run(max_frames=8)
-    assert len(errors) == 2 and "guidance_scale" in errors[0] and "pause" in errors[1]
+    assert len(errors) == 1 and "t_index_list" in errors[0]
     assert pipe.state == state and len(sink.frames) == 8

@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
+
 from bridges.base import FrameSink, FrameSource, open_sink, open_source
+from engine.control.state import PROMPT_KEYS, ControlState
 from engine.models.bundle import ModelBundle
 from engine.params import ParamError, validate_changes
 from engine.pipeline import PIPELINE_PARAMS, PipelineSettings, StreamPipeline
+from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import EngineState, RuntimeStats
 from engine.runtime.workers import (
@@ -21,7 +25,7 @@ from engine.runtime.workers import (
     OutputItem,
     OutputKind,
     PostProcessor,
-    RateLimitedLog,
+    PromptWorker,
     SinkWorker,
     SourceWorker,
     black_frame,
@@ -90,6 +94,7 @@ class Engine:
         sink_openers: list[tuple[str, Callable[[], FrameSink]]],
         options: EngineOptions | None = None,
         stats: RuntimeStats | None = None,
+        control: ControlState | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.options = options or EngineOptions()
@@ -110,9 +115,11 @@ class Engine:
             self._stop,
             self.options.retry_seconds,
         )
-        self._pending: list[dict[str, Any]] = []
-        self._pending_lock = threading.Lock()
         self.runtime_state: dict[str, Any] = {"bypass": False, "pause": False}
+        self.control = control or ControlState()
+        self.control.mark_applied({**pipeline.state, **self.runtime_state})
+        self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
+        self._transition: tuple[torch.Tensor, float, float] | None = None
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._started = False
@@ -122,11 +129,19 @@ class Engine:
         self.on_error: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ control
-    def submit(self, changes: Mapping[str, Any]) -> None:
-        """Queue live parameter changes; the loop applies them at the next frame boundary."""
-        with self._pending_lock:
-            self._pending.append(dict(changes))
+    def submit(self, changes: Mapping[str, Any], crossfade_s: float = 0.0) -> dict[str, Any]:
+        """Validate and queue live parameter changes for the next frame boundary.
+
+        Prompt changes are encoded first on the prompt worker (the frame loop never waits
+        on the text encoder); ``crossfade_s`` > 0 crossfades to a new prompt.
+
+        Raises:
+            ParamError: a value the registry refuses; nothing is queued then.
+        """
+        accepted = validate_changes(changes, pipeline_param_names())
+        self.control.write(accepted, crossfade_s)
         self._slot.wake()
+        return accepted
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
@@ -147,6 +162,7 @@ class Engine:
         for sink in self.sinks:
             sink.start()
         self.post.start()
+        self.prompt_worker.start()
         self.source.start()
 
     def run(
@@ -193,7 +209,8 @@ class Engine:
         for sink in self.sinks:
             sink.queue.close()
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
-        for thread in (self.source, self.post, *self.sinks):
+        self.control.wake()
+        for thread in (self.source, self.prompt_worker, self.post, *self.sinks):
             if thread.is_alive():
                 thread.join(max(0.05, deadline - time.monotonic()))
             if thread.is_alive():
@@ -219,7 +236,10 @@ class Engine:
         if self.runtime_state["bypass"]:
             self._emit(OutputItem(OutputKind.FRAME, frame.timestamp, frame=frame))
             return
-        # 3. the pipeline (txt2img ignores the input; the source only paces the output)
+        # 3. a running prompt crossfade moves one step
+        if self._transition is not None:
+            self._step_transition()
+        # 4. the pipeline (txt2img ignores the input; the source only paces the output)
         skipped_before = self.pipeline.stats.skipped
         image = None if self.pipeline.mode is GenerationMode.TXT2IMG else item.tensor
         try:
@@ -247,43 +267,52 @@ class Engine:
         elif mode is OnLossMode.PASSTHROUGH and self._last_input is not None:
             held = self._last_input.frame
             self._emit(
-                OutputItem(
-                    OutputKind.FRAME, now, frame=type(held)(held.pixels, now), measure_latency=False
-                )
+                OutputItem(OutputKind.FRAME, now, frame=type(held)(held.pixels, now), measure_latency=False)
             )
         else:
             self._emit(OutputItem(OutputKind.REPEAT, now, measure_latency=False))
 
     def _emit(self, item: OutputItem) -> None:
-        if (
-            item.kind is OutputKind.REPEAT
-            and self.post.last_frame is None
-            and self.frames_emitted == 0
-        ):
+        if item.kind is OutputKind.REPEAT and self.post.last_frame is None and self.frames_emitted == 0:
             return  # nothing to repeat yet
         self.post.put(item)
         self.frames_emitted += 1
 
     def _apply_pending(self) -> None:
-        with self._pending_lock:
-            pending, self._pending = self._pending, []
-        for changes in pending:
-            try:
-                self._apply(changes)
-            except ParamError as err:
-                self._report_error(str(err))
+        pending = self.control.take_pending()
+        if pending is None:
+            return
+        try:
+            self._apply(pending.changes, pending.crossfade_s)
+        except ParamError as err:
+            self._report_error(str(err))
 
-    def _apply(self, changes: dict[str, Any]) -> None:
+    def _apply(self, changes: dict[str, Any], crossfade_s: float) -> None:
         runtime = {k: v for k, v in changes.items() if k in RUNTIME_PARAMS}
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
         accepted_runtime = validate_changes(runtime, RUNTIME_PARAMS)
+        previous = self.pipeline.current_positive
         accepted = self.pipeline.apply(stream) if stream else {}
         self.runtime_state.update(accepted_runtime)
         accepted.update(accepted_runtime)
+        if crossfade_s > 0 and any(k in accepted for k in PROMPT_KEYS):
+            self._transition = (previous, time.monotonic(), crossfade_s)
+            self.pipeline.set_prompt_transition(previous, 0.0)
+        elif any(k in accepted for k in PROMPT_KEYS):
+            self._transition = None
         if "pause" in accepted_runtime and not accepted_runtime["pause"]:
             self.stats.set_state(EngineState.RUNNING)
+        self.control.mark_applied(accepted)
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
+
+    def _step_transition(self) -> None:
+        assert self._transition is not None
+        previous, start, duration = self._transition
+        progress = (time.monotonic() - start) / duration
+        self.pipeline.set_prompt_transition(previous, progress)
+        if progress >= 1.0:
+            self._transition = None
 
     def _report_error(self, message: str) -> None:
         self._log(logging.ERROR, message.split(":")[0], "%s", message)
@@ -323,17 +352,13 @@ def build_engine(
     labels: list[tuple[str, Callable[[], FrameSink]]] = []
     for index, output in enumerate(config.outputs):
         name, options = sink_spec(output)
-        labels.append(
-            (f"{name}{index}" if _count(config.outputs, name) > 1 else name, opener(name, options))
-        )
+        labels.append((f"{name}{index}" if _count(config.outputs, name) > 1 else name, opener(name, options)))
     engine_options = EngineOptions(
         on_loss=OnLossMode(config.input.on_loss),
         retry_seconds=config.input.retry_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
     )
-    return Engine(
-        pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats
-    )
+    return Engine(pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats)
 
 
 def _count(outputs: Any, name: str) -> int:

@@ -8,13 +8,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import numpy as np
 import torch
 
 from bridges.base import BridgeError, BridgeUnavailable, Frame, FrameSink, FrameSource, SourceClosed
+from engine.control.state import ControlState
 from engine.imageops import frame_to_tensor, tensor_to_frame
+from engine.prompting import PromptEncoder
+from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import DropOldestQueue, LatestSlot
 from engine.runtime.stats import RuntimeStats
 
@@ -22,28 +24,6 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
 POLL_S = 0.1
-
-
-class RateLimitedLog:
-    """Logs a message at most once per ``interval`` seconds per key (then counts repeats)."""
-
-    def __init__(self, log: logging.Logger, interval: float = 1.0) -> None:
-        self._log = log
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -1e9) < self._interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            repeats = self._suppressed.pop(key, 0)
-        suffix = f" (and {repeats} more like it)" if repeats else ""
-        self._log.log(level, message + suffix, *args)
 
 
 @dataclass
@@ -248,9 +228,7 @@ class SinkWorker(threading.Thread):
         try:
             self._sink = self._open()
         except (BridgeError, BridgeUnavailable, OSError, ValueError) as err:
-            self._log(
-                logging.WARNING, "open", "output %s not available (%s); retrying", self.label, err
-            )
+            self._log(logging.WARNING, "open", "output %s not available (%s); retrying", self.label, err)
             return False
         self._counters.connected = True
         self.sink_opened.set()
@@ -337,6 +315,46 @@ class PostProcessor(threading.Thread):
         frame = Frame(pixels, item.timestamp, self._sequence)
         self._last = frame
         return frame
+
+
+class PromptWorker(threading.Thread):
+    """Encodes prompt changes off the frame loop, then releases them to the engine.
+
+    The embeddings land in the pipeline's prompt cache, so applying the change at the next
+    frame boundary costs no text-encoder call on the frame loop.
+    """
+
+    def __init__(
+        self,
+        control: ControlState,
+        prompts: PromptEncoder,
+        stop: threading.Event,
+        report_error: Callable[[str], None],
+    ) -> None:
+        super().__init__(name="latentstage-prompts", daemon=True)
+        self._control = control
+        self._prompts = prompts
+        self._stop_event = stop
+        self._report_error = report_error
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            taken = self._control.take_for_encoding(POLL_S)
+            if taken is None:
+                continue
+            changes, crossfade_s = taken
+            texts = [changes.get("prompt"), changes.get("negative_prompt")]
+            texts += [prompt for prompt, _ in changes.get("prompt_blend") or []]
+            try:
+                for text in texts:
+                    if text is not None:
+                        self._prompts.encode(text)
+            # the text encoder is a model call: out of memory or a device error must be
+            # reported and must not kill the worker; the change is dropped, the state kept
+            except RuntimeError as err:
+                self._report_error(f"prompt: encoding failed: {err}")
+                continue
+            self._control.release_encoded(changes, crossfade_s)
 
 
 def make_preprocess(

@@ -1,0 +1,1 @@
+"""OSC control: state written by handlers, the UDP server, feedback, scenes and OSCQuery."""

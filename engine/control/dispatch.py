@@ -1,0 +1,229 @@
+"""OSC dispatch: a datagram becomes validated changes in ControlState, or a named error."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pythonosc import osc_packet
+
+from engine import params
+from engine.control.state import ControlState
+from engine.params import ParamError, ParamKind, ParamSpec
+from engine.ratelimit import RateLimitedLog
+
+logger = logging.getLogger(__name__)
+
+MAX_BUNDLE_DEPTH = 8
+MAX_CROSSFADE_S = 60.0
+SCENE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_PARSE_ERRORS = (
+    osc_packet.ParseError,
+    ValueError,  # includes UnicodeDecodeError on bad strings
+    struct.error,
+    IndexError,
+    OverflowError,
+    RecursionError,
+    TypeError,
+)
+
+
+@dataclass
+class Reply:
+    """Something the transport must send back: to the sender and/or the feedback targets."""
+
+    address: str
+    args: list[Any]
+    to_sender: bool = False
+    to_feedback: bool = True
+
+
+@dataclass
+class DispatchCounters:
+    """What the dispatcher saw (for tests, the status line and /engine/*)."""
+
+    messages: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    malformed: int = 0
+    disallowed: int = 0
+    by_error: dict[str, int] = field(default_factory=dict)
+
+
+class OscDispatcher:
+    """Turns OSC datagrams into ControlState writes; tiny handlers, no I/O of its own.
+
+    ``handle_datagram`` returns the replies the transport must send (errors, ``/status``),
+    so handlers are tested by feeding datagrams. Scene actions call ``scene_handler``.
+    """
+
+    def __init__(
+        self,
+        state: ControlState,
+        status_values: Callable[[], dict[str, Any]],
+        scene_handler: Callable[[str, str], str | None] | None = None,
+        max_string: int = params.MAX_PROMPT_CHARS,
+    ) -> None:
+        self.state = state
+        self.status_values = status_values
+        self.scene_handler = scene_handler
+        self.max_string = max_string
+        self.counters = DispatchCounters()
+        self._log = RateLimitedLog(logger, 1.0)
+
+    # ------------------------------------------------------------------ entry point
+    def handle_datagram(self, data: bytes, sender: tuple[str, int]) -> list[Reply]:
+        """Parse one UDP datagram (message or bundle) and handle every message in it."""
+        if data.count(b"#bundle\x00") > MAX_BUNDLE_DEPTH:
+            return [self._malformed(sender, f"bundle nested deeper than {MAX_BUNDLE_DEPTH}")]
+        try:
+            packet = osc_packet.OscPacket(data)
+            messages = [
+                (timed.message.address, list(timed.message.params)) for timed in packet.messages
+            ]
+        except _PARSE_ERRORS as err:
+            return [self._malformed(sender, f"not an OSC packet ({type(err).__name__})")]
+        replies: list[Reply] = []
+        for address, args in messages:
+            replies.extend(self.handle_message(address, args, sender))
+        return replies
+
+    def handle_message(
+        self, address: str, args: Sequence[Any], sender: tuple[str, int]
+    ) -> list[Reply]:
+        """Handle one message; a refused one changes nothing and answers ``/engine/error``."""
+        self.counters.messages += 1
+        spec = params.BY_ADDRESS.get(address)
+        try:
+            if spec is None:
+                raise ParamError(
+                    address,
+                    f"unknown address; see {len(params.BY_ADDRESS)} addresses in docs/osc.md",
+                )
+            replies = self._handle(spec, list(args), sender)
+        except ParamError as err:
+            return [self._reject(address, str(err))]
+        self.counters.accepted += 1
+        return replies
+
+    # ------------------------------------------------------------------ handlers
+    def _handle(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> list[Reply]:
+        for arg in args:
+            if isinstance(arg, str) and len(arg) > self.max_string:
+                raise ParamError(
+                    spec.name,
+                    f"string of {len(arg)} characters; allowed: at most {self.max_string}",
+                )
+            if isinstance(arg, float) and not math.isfinite(arg):
+                raise ParamError(
+                    spec.name, f"{arg!r} is not finite; allowed: {spec.allowed_text()}"
+                )
+        if spec.kind is ParamKind.ACTION:
+            return self._action(spec, args, sender)
+        if spec.name == "prompt":
+            return self._prompt(spec, args)
+        if spec.kind in (ParamKind.INT_LIST, ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND):
+            value = spec.coerce(args)
+        else:
+            if len(args) != 1:
+                raise ParamError(
+                    spec.name, f"{len(args)} arguments; allowed: one ({spec.osc_args})"
+                )
+            value = spec.coerce(args[0])
+        self.state.write({spec.name: value})
+        return []
+
+    def _prompt(self, spec: ParamSpec, args: list[Any]) -> list[Reply]:
+        if not 1 <= len(args) <= 2:
+            raise ParamError(
+                spec.name, f"{len(args)} arguments; allowed: s [f] (prompt, crossfade seconds)"
+            )
+        text = spec.coerce(args[0])
+        crossfade = 0.0
+        if len(args) == 2:
+            seconds = args[1]
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise ParamError(
+                    spec.name,
+                    f"crossfade {seconds!r} is not a number; allowed: 0..{MAX_CROSSFADE_S:g} s",
+                )
+            if not 0.0 <= float(seconds) <= MAX_CROSSFADE_S:
+                raise ParamError(
+                    spec.name,
+                    f"crossfade {seconds!r} is out of range; allowed: 0..{MAX_CROSSFADE_S:g} s",
+                )
+            crossfade = float(seconds)
+        self.state.write({spec.name: text}, crossfade_s=crossfade)
+        return []
+
+    def _action(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> list[Reply]:
+        if spec.name == "status":
+            if args:
+                raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
+            return [
+                Reply(
+                    params.REGISTRY[name].osc_address,
+                    osc_args(params.REGISTRY[name], value),
+                    to_sender=True,
+                    to_feedback=False,
+                )
+                for name, value in self.status_values().items()
+                if name in params.REGISTRY and value is not None
+            ]
+        if len(args) != 1 or not isinstance(args[0], str) or not SCENE_NAME.match(args[0]):
+            shown = args[0] if len(args) == 1 else args
+            raise ParamError(
+                spec.name,
+                f"{shown!r} is not a scene name; allowed: 1 to 64 letters, digits, '_' or '-' "
+                "(no paths)",
+            )
+        if self.scene_handler is None:
+            raise ParamError(spec.name, "scenes are not available in this engine")
+        problem = self.scene_handler(spec.name, args[0])
+        if problem is not None:
+            raise ParamError(spec.name, problem)
+        return [Reply(spec.osc_address, [args[0]])]
+
+    # ------------------------------------------------------------------ errors
+    def _reject(self, address: str, message: str) -> Reply:
+        self.counters.rejected += 1
+        key = message.split(":")[0]
+        self.counters.by_error[key] = self.counters.by_error.get(key, 0) + 1
+        self._log(logging.WARNING, address, "OSC %s refused: %s", address, message)
+        return Reply("/engine/error", [message[:500]], to_sender=True, to_feedback=True)
+
+    def _malformed(self, sender: tuple[str, int], why: str) -> Reply:
+        self.counters.malformed += 1
+        self._log(
+            logging.WARNING,
+            f"malformed {sender[0]}",
+            "datagram from %s refused: %s",
+            sender[0],
+            why,
+        )
+        return Reply(
+            "/engine/error",
+            [f"datagram from {sender[0]}: {why}"],
+            to_sender=False,
+            to_feedback=True,
+        )
+
+
+def osc_args(spec: ParamSpec, value: Any) -> list[Any]:
+    """A parameter value as the OSC arguments of its address (for echoes and /status)."""
+    if spec.kind in (ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND):
+        return [item for pair in value for item in pair]
+    if spec.kind is ParamKind.INT_LIST:
+        return [int(v) for v in value]
+    if spec.kind is ParamKind.BOOL:
+        return [1 if value else 0]
+    if spec.kind is ParamKind.INT:
+        return [int(value)]
+    if spec.kind is ParamKind.FLOAT:
+        return [float(value)]
+    return [value]

@@ -1,0 +1,329 @@
+"""Tests for the pattern source, the video file source and the record sink."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridges.base import (
+    BridgeError,
+    BridgeUnavailable,
+    Frame,
+    FrameSink,
+    FrameSource,
+    SourceClosed,
+    open_source,
+)
+from bridges.pattern import PatternSource
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mean_abs_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a[..., :3].astype(np.int16) - b[..., :3].astype(np.int16)).mean())
+
+
+# -- pattern ---------------------------------------------------------------------------------
+
+
+def test_pattern_frames_are_rgba_and_move() -> None:
+    with PatternSource(fps=1000, width=96, height=64) as source:
+        assert isinstance(source, FrameSource)
+        frames = [source.recv(1.0) for _ in range(5)]
+    assert all(f is not None for f in frames)
+    pixels = [f.pixels for f in frames if f is not None]
+    for p in pixels:
+        assert p.shape == (64, 96, 4)
+        assert p.dtype == np.uint8
+        assert p.flags["C_CONTIGUOUS"]
+        assert (p[..., 3] == 255).all()
+        assert len(np.unique(p.reshape(-1, 4), axis=0)) > 16  # never a flat image
+    for a, b in zip(pixels, pixels[1:]):
+        assert (a != b).any(axis=2).mean() > 0.01
+    sequences = [f.sequence for f in frames if f is not None]
+    assert sequences == sorted(set(sequences))
+
+
+def test_pattern_render_is_fast_enough_and_deterministic() -> None:
+    source = PatternSource()
+    assert np.array_equal(source.render(7), source.render(7))
+    start = time.perf_counter()
+    for i in range(10):
+        source.render(i)
+    # A behaviour check (vectorised, not per pixel), far from a benchmark bound.
+    assert (time.perf_counter() - start) / 10 < 0.05
+
+
+def test_pattern_is_paced() -> None:
+    source = PatternSource(fps=60, width=32, height=32)
+    start = time.monotonic()
+    got = [source.recv(1.0) for _ in range(30)]
+    elapsed = time.monotonic() - start
+    assert all(f is not None for f in got)
+    assert 0.35 <= elapsed <= 1.5, f"30 frames at 60 fps took {elapsed:.3f} s"
+
+
+def test_pattern_recv_returns_none_when_not_due() -> None:
+    source = PatternSource(fps=2, width=16, height=16)
+    assert source.recv(0) is not None  # the first frame is due at once
+    start = time.monotonic()
+    assert source.recv(0) is None
+    assert source.recv(0.02) is None  # waits at most the timeout
+    assert time.monotonic() - start < 0.4
+
+
+def test_pattern_late_caller_skips_ahead_without_burst() -> None:
+    period = 1 / 20
+    source = PatternSource(fps=20, width=16, height=16)
+    first = source.recv(1.0)
+    assert first is not None and first.sequence == 0
+    time.sleep(0.13)  # miss two frames
+    late = source.recv(1.0)
+    assert late is not None and late.sequence >= 2
+    following = source.recv(1.0)
+    assert following is not None and following.sequence == late.sequence + 1
+    # The next frame still waits for its own slot on the original schedule (no burst).
+    assert following.timestamp - first.timestamp >= following.sequence * period - 0.01
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"fps": 0}, "fps"),
+        ({"fps": -5}, "-5"),
+        ({"fps": math.nan}, "nan"),
+        ({"fps": "30"}, "'30'"),
+        ({"fps": 5000}, "5000"),
+        ({"width": 0}, "width"),
+        ({"width": 4}, "4"),
+        ({"height": 100_000}, "100000"),
+        ({"width": 12.5}, "12.5"),
+        ({"height": True}, "True"),
+    ],
+)
+def test_pattern_rejects_bad_arguments(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(ValueError, match="must be") as info:
+        PatternSource(**kwargs)  # type: ignore[arg-type]
+    assert needle in str(info.value)
+
+
+def test_pattern_repr_close_and_registry() -> None:
+    source = open_source("pattern", fps=10, width=32, height=24)
+    assert isinstance(source, PatternSource)
+    assert "test pattern" in repr(source) and "test pattern" in str(source)
+    assert "32x24" in str(source)
+    source.close()
+    source.close()
+    with pytest.raises(SourceClosed):
+        source.recv(0)
+    from bridges import pattern
+
+    assert pattern.unavailable_reason() is None
+
+
+def test_bridges_import_no_engine_torch_or_av() -> None:
+    code = (
+        "import sys, bridges.base, bridges.pattern, bridges.video, bridges.record, bridges.shm\n"
+        "bad = [m for m in ('torch', 'engine', 'av') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# -- video / record --------------------------------------------------------------------------
+
+av = pytest.importorskip("av")
+
+from bridges import record, video  # noqa: E402
+from bridges.record import RecordSink  # noqa: E402
+from bridges.video import VideoSource  # noqa: E402
+
+
+def _write_clip(path: Path, frames: list[np.ndarray], fps: float, codec: str = "libx264"
+                ) -> RecordSink:
+    with RecordSink(str(path), fps=fps, codec=codec) as sink:
+        assert isinstance(sink, FrameSink)
+        for i, pixels in enumerate(frames):
+            sink.send(Frame(pixels, sequence=i))
+    return sink
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
+    """Two seconds of the pattern, 64x48 at 20 fps."""
+    pattern = PatternSource(fps=20, width=64, height=48)
+    frames = [pattern.render(i) for i in range(40)]
+    path = tmp_path_factory.mktemp("video") / "nested" / "clip.mp4"
+    sink = _write_clip(path, frames, fps=20)
+    assert sink.frames_written == 40
+    return path, frames
+
+
+def _read_all(source: VideoSource, limit: int = 1000) -> list[Frame]:
+    frames: list[Frame] = []
+    with pytest.raises(SourceClosed):
+        for _ in range(limit):
+            frame = source.recv(1.0)
+            if frame is not None:
+                frames.append(frame)
+    return frames
+
+
+def test_record_then_read_back(clip: tuple[Path, list[np.ndarray]]) -> None:
+    path, written = clip
+    assert path.is_file()  # the parent folder was created
+    with VideoSource(str(path), loop=False) as source:
+        assert isinstance(source, FrameSource)
+        assert source.fps == pytest.approx(20.0)
+        assert (source.width, source.height) == (64, 48)
+        start = time.monotonic()
+        frames = _read_all(source)
+        elapsed = time.monotonic() - start
+        with pytest.raises(SourceClosed):  # and it stays closed
+            source.recv(0)
+    assert len(frames) == len(written)
+    assert [f.sequence for f in frames] == list(range(len(written)))
+    for frame in frames:
+        assert frame.pixels.shape == (48, 64, 4) and frame.pixels.dtype == np.uint8
+        assert frame.pixels.flags["C_CONTIGUOUS"]
+    errors = [_mean_abs_error(f.pixels, w) for f, w in zip(frames, written)]
+    # 64x48 with hard colour edges: most of the error is 4:2:0 chroma subsampling.
+    assert max(errors) < 20, errors
+    assert float(np.mean(errors)) < 14, errors
+    # ... and each frame matches its own original better than its neighbours (order kept).
+    shifted = [_mean_abs_error(f.pixels, w) for f, w in zip(frames[1:], written)]
+    assert float(np.mean(errors)) < float(np.mean(shifted))
+    # 40 frames at 20 fps: 39 periods = 1.95 s.
+    assert 1.4 <= elapsed <= 4.0, f"40 frames at 20 fps took {elapsed:.2f} s"
+    gaps = np.diff([f.timestamp for f in frames])
+    assert float(np.median(gaps)) == pytest.approx(0.05, abs=0.015)
+
+
+def test_video_recv_does_not_block_past_timeout(clip: tuple[Path, list[np.ndarray]]) -> None:
+    with VideoSource(str(clip[0]), loop=True) as source:
+        assert source.recv(2.0) is not None
+        start = time.monotonic()
+        assert source.recv(0) is None  # next frame due in 50 ms
+        assert source.recv(0.01) is None
+        assert time.monotonic() - start < 0.04
+        assert source.recv(1.0) is not None
+
+
+def test_video_loops(tmp_path: Path) -> None:
+    pattern = PatternSource(fps=50, width=32, height=32)
+    written = [pattern.render(i * 7) for i in range(10)]
+    path = tmp_path / "short.mp4"
+    _write_clip(path, written, fps=50)
+    with VideoSource(str(path), loop=True) as source:
+        assert source.fps == pytest.approx(50.0)
+        frames = []
+        for _ in range(200):
+            frame = source.recv(1.0)
+            if frame is not None:
+                frames.append(frame)
+            if len(frames) == 25:
+                break
+    assert len(frames) == 25
+    assert [f.sequence for f in frames] == list(range(25))
+    for i, frame in enumerate(frames):
+        assert _mean_abs_error(frame.pixels, written[i % 10]) < 25
+    assert _mean_abs_error(frames[10].pixels, frames[0].pixels) < 3  # the same decoded frame
+
+
+def test_video_missing_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "missing.mp4"
+    with pytest.raises(BridgeError, match="missing.mp4") as info:
+        VideoSource(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_video_unreadable_file_names_the_path(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(BridgeError) as info:
+        VideoSource(str(junk))
+    assert str(junk) in str(info.value)
+
+
+def test_record_codec_fallback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "fallback.mp4"
+    pattern = PatternSource(fps=50, width=32, height=32)
+    written = [pattern.render(i) for i in range(10)]
+    with caplog.at_level(logging.WARNING, logger="bridges.record"):
+        sink = _write_clip(path, written, fps=50, codec="no_such_codec_xyz")
+    assert sink.codec == "mpeg4"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "no_such_codec_xyz" in warnings[0].getMessage()
+    assert "mpeg4" in warnings[0].getMessage()
+    with VideoSource(str(path), loop=False) as source:
+        frames = _read_all(source)
+    assert len(frames) == 10
+    assert max(_mean_abs_error(f.pixels, w) for f, w in zip(frames, written)) < 25
+
+
+def test_record_close_twice_and_send_after_close(tmp_path: Path) -> None:
+    sink = RecordSink(str(tmp_path / "twice.mp4"), fps=10)
+    sink.send(Frame(PatternSource(width=16, height=16).render(0)))
+    sink.close()
+    sink.close()
+    assert sink.frames_written == 1
+    with pytest.raises(BridgeError, match="closed"):
+        sink.send(Frame(np.zeros((16, 16, 4), np.uint8)))
+    empty = RecordSink(str(tmp_path / "empty.mp4"))
+    empty.close()
+    empty.close()
+    assert empty.frames_written == 0
+
+
+def test_record_rejects_a_size_change(tmp_path: Path) -> None:
+    with RecordSink(str(tmp_path / "size.mp4"), fps=10) as sink:
+        sink.send(Frame(np.zeros((48, 64, 4), np.uint8)))
+        with pytest.raises(BridgeError) as info:
+            sink.send(Frame(np.zeros((50, 64, 4), np.uint8)))
+        assert "64x50" in str(info.value) and "64x48" in str(info.value)
+        sink.send(Frame(np.zeros((48, 64, 4), np.uint8)))
+    assert sink.frames_written == 2
+
+
+def test_record_odd_size_is_cropped_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "odd.mp4"
+    pattern = PatternSource(width=33, height=25)
+    with caplog.at_level(logging.INFO, logger="bridges.record"):
+        _write_clip(path, [pattern.render(i) for i in range(3)], fps=10)
+    assert len([r for r in caplog.records if "is odd" in r.getMessage()]) == 1
+    with VideoSource(str(path), loop=False) as source:
+        assert (source.width, source.height) == (32, 24)
+
+
+def test_record_rejects_bad_fps(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fps"):
+        RecordSink(str(tmp_path / "x.mp4"), fps=0)
+
+
+def test_missing_pyav_raises_bridge_unavailable(
+    clip: tuple[Path, list[np.ndarray]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(BridgeUnavailable, match=r"latentstage\[video\]"):
+        VideoSource(str(clip[0]))
+    with pytest.raises(BridgeUnavailable, match=r"latentstage\[video\]"):
+        RecordSink("unused.mp4")
+    with pytest.raises(BridgeUnavailable, match="PyAV"):
+        video.load_av()
+    assert video.unavailable_reason() is not None
+    assert record.unavailable_reason() is not None
+    monkeypatch.undo()
+    assert video.unavailable_reason() is None
+    assert record.unavailable_reason() is None
