@@ -190,7 +190,7 @@ def unavailable_reason(name: str) -> str | None:
     return check() if check is not None else None
 
 
-def open_source(name: str, **options: Any) -> FrameSource:
+def open_source(name: str, /, **options: Any) -> FrameSource:
     """Open the source of bridge ``name`` with its options (keyword arguments of its class)."""
     info = _info(name)
     if info.source is None:
@@ -200,7 +200,7 @@ def open_source(name: str, **options: Any) -> FrameSource:
     return source
 
 
-def open_sink(name: str, **options: Any) -> FrameSink:
+def open_sink(name: str, /, **options: Any) -> FrameSink:
     """Open the sink of bridge ``name`` with its options (keyword arguments of its class)."""
     info = _info(name)
     if info.sink is None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Frame, PixelFormat, missing_sdk, to_rgba
+from bridges.base import BridgeError, Frame, PixelFormat, missing_sdk
 
 log = logging.getLogger(__name__)
 
@@ -99,29 +99,39 @@ def fourcc_layout(fourcc: str) -> tuple[PixelFormat, bool]:
 
 
 def packed_rows(data: np.ndarray, width: int, height: int, stride: int) -> np.ndarray:
-    """View a flat 4-byte-per-pixel buffer with ``stride`` bytes per row as ``(height, width, 4)``."""
+    """View a flat 4-byte-per-pixel buffer with ``stride`` bytes per row as ``(height, width, 4)``.
+
+    ``stride`` 0 means packed rows (``width * 4``); a longer stride skips each row's padding.
+    """
     if width <= 0 or height <= 0:
         raise ValueError(f"frame size {width}x{height} is empty")
     stride = stride or width * 4
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise ValueError(f"expected a flat uint8 buffer, got {data.dtype} {data.shape}")
     if stride < width * 4 or data.size < stride * (height - 1) + width * 4:
         raise ValueError(
             f"buffer of {data.size} bytes cannot hold {width}x{height} pixels at stride {stride}"
         )
-    if data.size < stride * height:  # last row unpadded
-        data = np.concatenate([data, np.zeros(stride * height - data.size, np.uint8)])
-    return data[: stride * height].reshape(height, stride)[:, : width * 4].reshape(height, width, 4)
+    return np.lib.stride_tricks.as_strided(
+        data, shape=(height, width, 4), strides=(stride, 4, 1), writeable=False
+    )
 
 
 def received_to_rgba(
     data: np.ndarray, width: int, height: int, stride: int, fourcc: str
 ) -> np.ndarray:
-    """A received buffer → contiguous RGBA ``(height, width, 4)``.
+    """A received flat buffer → a new contiguous RGBA ``(height, width, 4)`` array.
 
-    May return a view of ``data`` (when it already is packed RGBA), so ``data`` must be the
-    caller's own copy (``VideoFrameSync.get_array()`` is).
+    BGR(A/X) is reordered; the padding byte of RGBX/BGRX reads as opaque (255).
     """
     pixel_format, opaque = fourcc_layout(fourcc)
-    rgba = to_rgba(packed_rows(data, width, height, stride), pixel_format)
+    rows = packed_rows(data, width, height, stride)
+    rgba = np.empty((height, width, 4), np.uint8)
+    if pixel_format is PixelFormat.RGBA:
+        rgba[...] = rows
+    else:
+        rgba[..., :3] = rows[..., 2::-1]
+        rgba[..., 3] = rows[..., 3]
     if opaque:
         rgba[..., 3] = 255
     return rgba
@@ -141,10 +151,13 @@ def send_size(width: int, height: int) -> tuple[int, int]:
 
 
 def frame_rate(fps: float) -> Fraction:
-    """The frame rate advertised to receivers (NTSC rates come out as n/1001)."""
+    """The frame rate advertised to receivers; NTSC rates (29.97, 59.94, 23.976) as n/1001."""
     if not 0 < fps <= MAX_FPS:
         raise ValueError(f"fps must be in (0, {MAX_FPS:g}], got {fps}")
-    return Fraction(fps).limit_denominator(1001)
+    ntsc = round(fps * 1.001)
+    if fps != round(fps) and abs(fps * 1.001 - ntsc) < 1e-3:
+        return Fraction(ntsc * 1000, 1001)
+    return Fraction(fps).limit_denominator(1000)
 
 
 def check_sender_name(name: str) -> str:
@@ -203,16 +216,18 @@ class ConnectionWatch:
 # --- the SDK layer ---------------------------------------------------------------------------
 
 
+def _import_failure(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "cyndilib":
+        return "cyndilib is not installed"
+    return f"cyndilib failed to load ({exc})"
+
+
 def load_cyndilib(what: str = "the NDI bridge") -> ModuleType:
     """Import cyndilib on first use; ``BridgeUnavailable`` naming the ``ndi`` extra if missing."""
     try:
         import cyndilib
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] != "cyndilib":
-            raise missing_sdk(EXTRA, what, f"cyndilib failed to load ({exc})") from exc
-        raise missing_sdk(EXTRA, what, "cyndilib is not installed") from exc
     except (ImportError, OSError) as exc:
-        raise missing_sdk(EXTRA, what, f"cyndilib failed to load ({exc})") from exc
+        raise missing_sdk(EXTRA, what, _import_failure(exc)) from exc
     return cyndilib
 
 
@@ -220,12 +235,8 @@ def unavailable_reason() -> str | None:
     """``None`` when cyndilib (which bundles the NDI runtime) imports, else why not."""
     try:
         import cyndilib  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] != "cyndilib":
-            return f"cyndilib failed to load ({exc})"
-        return "cyndilib is not installed"
     except (ImportError, OSError) as exc:
-        return f"cyndilib failed to load ({exc})"
+        return _import_failure(exc)
     return None
 
 
@@ -280,6 +291,10 @@ class NdiSource:
                                           lost_after)
             log.info("NDI source %r connecting", self.name)
             ok = True
+        except BridgeError:
+            raise
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise BridgeError(f"could not open NDI source {query!r}: {exc}") from exc
         finally:
             if not ok:
                 self.close()

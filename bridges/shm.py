@@ -341,12 +341,14 @@ class ShmWriter:
 
     def _create_segment(self, size: int) -> SharedMemory:
         deadline = time.monotonic() + 2.0
+        first = True
         while True:
             try:
                 return SharedMemory(name=self.name, create=True, size=size)
             except FileExistsError:
                 pass
-            self._retire_stale()
+            self._retire_stale(first)
+            first = False
             if time.monotonic() > deadline:
                 raise BridgeError(
                     f"shared-memory segment {self.name!r} exists and is still held by another "
@@ -355,7 +357,7 @@ class ShmWriter:
             if os.name != "posix":
                 time.sleep(0.02)  # Windows: the name lives until every reader lets go
 
-    def _retire_stale(self) -> None:
+    def _retire_stale(self, warn: bool) -> None:
         """Mark an existing segment of our name RETIRED and (POSIX) unlink its name."""
         try:
             stale = SharedMemory(name=self.name)  # tracked: unlink() below unregisters it
@@ -366,8 +368,9 @@ class ShmWriter:
                 log.warning("unlinking unusable shared-memory segment %r (%s)", self.name, exc)
                 _unlink_name(self.name)
             return
-        log.warning("shared-memory segment %r already exists (stale, or another writer); "
-                    "replacing it", self.name)
+        if warn:
+            log.warning("shared-memory segment %r already exists (stale, or another writer); "
+                        "replacing it", self.name)
         _retire(stale)
         stale.close()
         if os.name == "posix":
@@ -387,13 +390,15 @@ class ShmWriter:
         if self._taken_over(mapped):
             raise BridgeError(f"shared-memory segment {self.name!r} was taken over by another "
                               "writer")
+        ours = self._name_is_ours()
         self._map = None
         _disown(self.name)
         if os.name == "posix":
             # Unlink the old name and create the new segment before marking the old one
             # RETIRED, so a reader that notices the flag always finds the new segment.
-            with contextlib.suppress(FileNotFoundError):
-                mapped.shm.unlink()
+            if ours:
+                with contextlib.suppress(FileNotFoundError):
+                    mapped.shm.unlink()
             try:
                 self._create(width, height)
             finally:
@@ -425,6 +430,17 @@ class ShmWriter:
         self.frames_written += 1
         return (seq + 2) >> 1
 
+    def _name_is_ours(self) -> bool:
+        """Whether the name still refers to our segment (nobody replaced or removed it)."""
+        try:
+            probe = _attach(self.name)
+        except (ValueError, OSError):  # FileNotFoundError included
+            return False
+        try:
+            return _segment_id(probe) == self.segment_id
+        finally:
+            probe.close()
+
     def close(self) -> None:
         """Retire and unlink the segment (the writer owns it); safe to call twice."""
         if self._closed:
@@ -433,20 +449,19 @@ class ShmWriter:
         mapped, self._map = self._map, None
         if mapped is None:
             return
-        taken_over = self._taken_over(mapped)
-        if not taken_over:
-            _retire(mapped.shm)
+        ours = not self._taken_over(mapped) and self._name_is_ours()
+        _retire(mapped.shm)
         mapped.close()
         _disown(self.name)
-        if taken_over:
-            # Another writer owns the name now: keep it, only drop our tracker registration
-            # (unless a writer in this very process took over and relies on it).
-            if os.name == "posix" and not _OWNED.get(self.name):
-                resource_tracker.unregister(_tracker_name(mapped.shm, self.name),
-                                            "shared_memory")
-        else:
+        if ours:
             with contextlib.suppress(FileNotFoundError):
                 mapped.shm.unlink()
+        elif os.name == "posix" and not _OWNED.get(self.name):
+            # The name is someone else's now (or gone): leave it alone and only drop our
+            # resource-tracker registration, unless another writer in this process uses it.
+            with contextlib.suppress(KeyError, OSError):
+                resource_tracker.unregister(_tracker_name(mapped.shm, self.name),
+                                            "shared_memory")
         log.info("shared-memory segment %r closed after %d frames", self.name,
                  self.frames_written)
 

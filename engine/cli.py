@@ -222,9 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _load_config_or_report(args)
     if config is None:
         return EXIT_CONFIG_ERROR
-    if (args.frames is not None and args.frames < 1) or (
-        args.duration is not None and args.duration <= 0
-    ):
+    if (args.frames is not None and args.frames < 1) or (args.duration is not None and args.duration <= 0):
         print("latentstage: --frames must be >= 1 and --duration > 0", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     _configure_logging(config.logging.level.value, config.logging.file)
@@ -245,6 +243,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     engine = build_engine(config, models)
+    try:
+        control = _start_control(config, args.config, engine)
+    except OSError as error:
+        engine.close()
+        print(f"latentstage: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def request_stop(signum: int, _frame: Any) -> None:
@@ -259,6 +263,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         printer.finish()
         engine.close()
+        if control is not None:
+            control.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     summary = engine.stats.snapshot()
@@ -269,6 +275,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _start_control(config: Any, config_path: str | None, engine: Any) -> Any:
+    """The OSC control service for a running engine (None when ``osc.enabled`` is false)."""
+    from engine.config import presets_dir
+    from engine.control.service import ControlService, ControlSettings
+
+    if not config.osc.enabled:
+        return None
+    settings = ControlSettings.from_config(config.osc, presets_dir(config_path) / "scenes")
+    service = ControlService(settings, engine.control, engine.submit, engine.stats.snapshot)
+    engine.on_applied = service.echo
+    engine.on_error = service.error
+    service.start()
+    print(
+        f"  .. OSC on {settings.host}:{service.port}, feedback to {', '.join(settings.feedback) or 'nobody'}"
+        + (
+            f", OSCQuery on http://{settings.host}:{settings.oscquery_port}/"
+            if settings.oscquery_port
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    return service
 
 
 def _cmd_bridges(args: argparse.Namespace) -> int:

@@ -385,6 +385,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "f",
             minimum=0.0,
             maximum=1.0,
+            in_scene=False,  # t_index_list holds the result
         ),
         ParamSpec(
             "similarity_filter_enabled",

@@ -237,7 +237,7 @@ class StreamPipeline:
             new_state["prompt_blend"] = None
         if "seed" in accepted and "seed_blend" not in accepted:
             new_state["seed_blend"] = None
-        if "t_index_list" in accepted and "strength" in accepted:
+        if "t_index_list" in accepted and accepted.get("strength") is not None:
             raise ParamError("strength", "give t_index_list or strength in one change, not both")
         if accepted.get("strength") is not None:
             new_state["t_index_list"] = strength_to_t_index_list(

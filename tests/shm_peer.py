@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridges.shm import ShmReader, ShmWriter  # noqa: E402
+from bridges.shm import ShmReader, ShmWriter
 
 
 def fill(frame: np.ndarray, counter: int) -> None:

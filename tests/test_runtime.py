@@ -8,16 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from bridges.base import BridgeError, Frame
-from engine.params import ParamError
 from engine.models.loader import ModelRequest, load_models
+from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.engine import Engine, EngineOptions, OnLossMode
 from engine.runtime.queues import DropOldestQueue, LatestSlot
 from engine.runtime.stats import EngineState, RateMeter
 from engine.stream.modes import CfgType
-
-SIZE = 64
+from tests.fakes import SIZE, FakeSource, RecordingSink, SourcePlug
 
 
 @pytest.fixture(scope="module")
@@ -29,77 +27,6 @@ def pipeline(bundle, **overrides) -> StreamPipeline:
     settings = PipelineSettings(width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE,
                                 prompt="test", **overrides)
     return StreamPipeline(bundle, settings)
-
-
-class FakeSource:
-    """Frames at ``fps`` with a value per frame; ``fail_after`` frames then raises BridgeError."""
-
-    def __init__(self, fps: float = 60.0, fail_after: int | None = None, value: int = 0,
-                 on_fail=None) -> None:
-        self.on_fail = on_fail
-        self.interval = 1.0 / fps
-        self.fail_after = fail_after
-        self.sequence = 0
-        self.value = value
-        self.next_at = time.monotonic()
-        self.closed = 0
-
-    def recv(self, timeout: float) -> Frame | None:
-        if self.fail_after is not None and self.sequence >= self.fail_after:
-            if self.on_fail is not None:
-                self.on_fail()
-            raise BridgeError("fake source unplugged")
-        wait = self.next_at - time.monotonic()
-        if wait > timeout:
-            time.sleep(timeout)
-            return None
-        time.sleep(max(0.0, wait))
-        self.next_at = max(self.next_at + self.interval, time.monotonic())
-        self.sequence += 1
-        pixels = np.full((SIZE, SIZE, 4), (self.value + 7 * self.sequence) % 256, dtype=np.uint8)
-        return Frame(pixels, time.monotonic(), self.sequence)
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-class SourcePlug:
-    """Opens FakeSources; the first one fails after ``fail_after`` frames and unplugs the
-    cable, so reopening fails until ``plugged`` is set again."""
-
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.plugged = threading.Event()
-        self.plugged.set()
-        self.fail_after = fail_after
-        self.opened = 0
-
-    def __call__(self) -> FakeSource:
-        if not self.plugged.is_set():
-            raise BridgeError("no such source")
-        self.opened += 1
-        fail = self.fail_after if self.opened == 1 else None
-        return FakeSource(fail_after=fail, value=100 * self.opened, on_fail=self.plugged.clear)
-
-
-class RecordingSink:
-    def __init__(self, delay: float = 0.0, fail_every: int | None = None) -> None:
-        self.frames: list[Frame] = []
-        self.times: list[float] = []
-        self.delay = delay
-        self.fail_every = fail_every
-        self.calls = 0
-        self.closed = 0
-
-    def send(self, frame: Frame) -> None:
-        self.calls += 1
-        if self.fail_every and self.calls % self.fail_every == 0:
-            raise RuntimeError("sink exploded")
-        time.sleep(self.delay)
-        self.frames.append(frame)
-        self.times.append(time.monotonic())
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 def run_engine(engine: Engine, seconds: float) -> None:

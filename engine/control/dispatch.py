@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from engine.ratelimit import RateLimitedLog
 logger = logging.getLogger(__name__)
 
 MAX_BUNDLE_DEPTH = 8
+MAX_ERRORS_PER_S = 10
 MAX_CROSSFADE_S = 60.0
 SCENE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _PARSE_ERRORS = (
@@ -55,6 +57,16 @@ class DispatchCounters:
     by_error: dict[str, int] = field(default_factory=dict)
 
 
+class _QuietPythonOsc(logging.Filter):
+    """python-osc logs every unparseable datagram on the root logger; we count them instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pythonosc" not in record.pathname
+
+
+_QUIET = _QuietPythonOsc()
+
+
 class OscDispatcher:
     """Turns OSC datagrams into ControlState writes; tiny handlers, no I/O of its own.
 
@@ -75,27 +87,30 @@ class OscDispatcher:
         self.max_string = max_string
         self.counters = DispatchCounters()
         self._log = RateLimitedLog(logger, 1.0)
+        self._answers: dict[str, tuple[float, int]] = {}
+        root = logging.getLogger()
+        if _QUIET not in root.filters:
+            root.addFilter(_QUIET)
 
     # ------------------------------------------------------------------ entry point
     def handle_datagram(self, data: bytes, sender: tuple[str, int]) -> list[Reply]:
         """Parse one UDP datagram (message or bundle) and handle every message in it."""
         if data.count(b"#bundle\x00") > MAX_BUNDLE_DEPTH:
-            return [self._malformed(sender, f"bundle nested deeper than {MAX_BUNDLE_DEPTH}")]
+            return self._malformed(sender, f"bundle nested deeper than {MAX_BUNDLE_DEPTH}")
+        # a string longer than any allowed value is refused before the (slow) parser sees it
+        if max(map(len, data.split(b"\x00"))) > 4 * self.max_string:
+            return self._malformed(sender, f"a string longer than {self.max_string} characters")
         try:
             packet = osc_packet.OscPacket(data)
-            messages = [
-                (timed.message.address, list(timed.message.params)) for timed in packet.messages
-            ]
+            messages = [(timed.message.address, list(timed.message.params)) for timed in packet.messages]
         except _PARSE_ERRORS as err:
-            return [self._malformed(sender, f"not an OSC packet ({type(err).__name__})")]
+            return self._malformed(sender, f"not an OSC packet ({type(err).__name__})")
         replies: list[Reply] = []
         for address, args in messages:
             replies.extend(self.handle_message(address, args, sender))
         return replies
 
-    def handle_message(
-        self, address: str, args: Sequence[Any], sender: tuple[str, int]
-    ) -> list[Reply]:
+    def handle_message(self, address: str, args: Sequence[Any], sender: tuple[str, int]) -> list[Reply]:
         """Handle one message; a refused one changes nothing and answers ``/engine/error``."""
         self.counters.messages += 1
         spec = params.BY_ADDRESS.get(address)
@@ -107,7 +122,7 @@ class OscDispatcher:
                 )
             replies = self._handle(spec, list(args), sender)
         except ParamError as err:
-            return [self._reject(address, str(err))]
+            return self._reject(address, str(err))
         self.counters.accepted += 1
         return replies
 
@@ -120,9 +135,7 @@ class OscDispatcher:
                     f"string of {len(arg)} characters; allowed: at most {self.max_string}",
                 )
             if isinstance(arg, float) and not math.isfinite(arg):
-                raise ParamError(
-                    spec.name, f"{arg!r} is not finite; allowed: {spec.allowed_text()}"
-                )
+                raise ParamError(spec.name, f"{arg!r} is not finite; allowed: {spec.allowed_text()}")
         if spec.kind is ParamKind.ACTION:
             return self._action(spec, args, sender)
         if spec.name == "prompt":
@@ -131,18 +144,14 @@ class OscDispatcher:
             value = spec.coerce(args)
         else:
             if len(args) != 1:
-                raise ParamError(
-                    spec.name, f"{len(args)} arguments; allowed: one ({spec.osc_args})"
-                )
+                raise ParamError(spec.name, f"{len(args)} arguments; allowed: one ({spec.osc_args})")
             value = spec.coerce(args[0])
         self.state.write({spec.name: value})
         return []
 
     def _prompt(self, spec: ParamSpec, args: list[Any]) -> list[Reply]:
         if not 1 <= len(args) <= 2:
-            raise ParamError(
-                spec.name, f"{len(args)} arguments; allowed: s [f] (prompt, crossfade seconds)"
-            )
+            raise ParamError(spec.name, f"{len(args)} arguments; allowed: s [f] (prompt, crossfade seconds)")
         text = spec.coerce(args[0])
         crossfade = 0.0
         if len(args) == 2:
@@ -179,8 +188,7 @@ class OscDispatcher:
             shown = args[0] if len(args) == 1 else args
             raise ParamError(
                 spec.name,
-                f"{shown!r} is not a scene name; allowed: 1 to 64 letters, digits, '_' or '-' "
-                "(no paths)",
+                f"{shown!r} is not a scene name; allowed: 1 to 64 letters, digits, '_' or '-' (no paths)",
             )
         if self.scene_handler is None:
             raise ParamError(spec.name, "scenes are not available in this engine")
@@ -190,28 +198,34 @@ class OscDispatcher:
         return [Reply(spec.osc_address, [args[0]])]
 
     # ------------------------------------------------------------------ errors
-    def _reject(self, address: str, message: str) -> Reply:
+    def _reject(self, address: str, message: str) -> list[Reply]:
         self.counters.rejected += 1
-        key = message.split(":")[0]
+        known = address in params.BY_ADDRESS
+        key = address if known else "<unknown address>"
         self.counters.by_error[key] = self.counters.by_error.get(key, 0) + 1
-        self._log(logging.WARNING, address, "OSC %s refused: %s", address, message)
-        return Reply("/engine/error", [message[:500]], to_sender=True, to_feedback=True)
+        self._log(logging.WARNING, key, "OSC %s refused: %s", address[:80], message)
+        if not self._may_answer(key):
+            return []
+        return [Reply("/engine/error", [message[:500]], to_sender=True, to_feedback=True)]
 
-    def _malformed(self, sender: tuple[str, int], why: str) -> Reply:
+    def _malformed(self, sender: tuple[str, int], why: str) -> list[Reply]:
         self.counters.malformed += 1
-        self._log(
-            logging.WARNING,
-            f"malformed {sender[0]}",
-            "datagram from %s refused: %s",
-            sender[0],
-            why,
-        )
-        return Reply(
-            "/engine/error",
-            [f"datagram from {sender[0]}: {why}"],
-            to_sender=False,
-            to_feedback=True,
-        )
+        key = f"malformed {sender[0]}"
+        self._log(logging.WARNING, key, "datagram from %s refused: %s", sender[0], why)
+        if not self._may_answer(key):
+            return []
+        # never to the sender: a forged source address must not turn us into a reflector
+        reply = Reply("/engine/error", [f"datagram from {sender[0]}: {why}"], to_sender=False)
+        return [reply]
+
+    def _may_answer(self, key: str) -> bool:
+        """At most ``MAX_ERRORS_PER_S`` error answers per key and second (a flood stays cheap)."""
+        now = time.monotonic()
+        start, count = self._answers.get(key, (now, 0))
+        if now - start >= 1.0:
+            start, count = now, 0
+        self._answers[key] = (start, count + 1)
+        return count < MAX_ERRORS_PER_S
 
 
 def osc_args(spec: ParamSpec, value: Any) -> list[Any]:

@@ -1,0 +1,101 @@
+"""Scenes: every live parameter saved as YAML in presets/scenes/ and recalled by name."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine import params
+from engine.params import ParamError
+
+logger = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DEFAULT_CROSSFADE_S = 1.0
+MAX_SCENE_BYTES = 256 * 1024
+
+
+class SceneError(ValueError):
+    """A scene that cannot be saved or loaded; the message says why."""
+
+
+def scene_params() -> list[str]:
+    """Parameters a scene stores (every live value except actions and pause)."""
+    return [spec.name for spec in params.REGISTRY.values() if spec.in_scene]
+
+
+class SceneStore:
+    """Reads and writes ``<folder>/<name>.yaml``; names are plain words, never paths."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise SceneError(f"{name!r} is not a scene name; allowed: 1 to 64 letters, digits, '_' or '-'")
+        return self.folder / f"{name}.yaml"
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.folder.glob("*.yaml") if NAME.match(p.stem))
+
+    def save(self, name: str, values: Mapping[str, Any], crossfade_s: float = DEFAULT_CROSSFADE_S) -> Path:
+        """Write the scene atomically (a crash mid-write never leaves half a file)."""
+        target = self.path(name)
+        data = {
+            "latentstage_scene": 1,
+            "crossfade_seconds": crossfade_s,
+            "values": {k: _plain(values[k]) for k in scene_params() if k in values},
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                yaml.safe_dump(data, stream, sort_keys=False, allow_unicode=True)
+            os.replace(temporary, target)
+        except OSError as err:
+            Path(temporary).unlink(missing_ok=True)
+            raise SceneError(f"scene {name!r} could not be saved: {err.strerror}") from err
+        logger.info("scene %s saved to %s", name, target)
+        return target
+
+    def load(self, name: str) -> tuple[dict[str, Any], float]:
+        """Validated values and the crossfade seconds of scene ``name``."""
+        path = self.path(name)
+        if not path.is_file():
+            available = ", ".join(self.names()) or "none"
+            raise SceneError(f"scene {name!r} does not exist; available: {available}")
+        if path.stat().st_size > MAX_SCENE_BYTES:
+            raise SceneError(f"scene {name!r} is larger than {MAX_SCENE_BYTES} bytes")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as err:
+            raise SceneError(f"scene {name!r} cannot be read: {err}") from err
+        if not isinstance(data, dict) or not isinstance(data.get("values"), dict):
+            raise SceneError(f"scene {name!r} has no 'values' mapping")
+        allowed = set(scene_params())
+        unknown = sorted(set(data["values"]) - allowed)
+        if unknown:
+            raise SceneError(f"scene {name!r} has unknown parameters {unknown}; allowed: {sorted(allowed)}")
+        try:
+            values = params.validate_changes(data["values"])
+        except ParamError as err:
+            raise SceneError(f"scene {name!r}: {err}") from err
+        crossfade = data.get("crossfade_seconds", DEFAULT_CROSSFADE_S)
+        if isinstance(crossfade, bool) or not isinstance(crossfade, (int, float)) or not 0 <= crossfade <= 60:
+            raise SceneError(f"scene {name!r}: crossfade_seconds {crossfade!r}; allowed: 0..60")
+        return values, float(crossfade)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

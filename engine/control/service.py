@@ -1,0 +1,155 @@
+"""The control service: OSC server, feedback echoes, status messages, scenes and OSCQuery."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import params
+from engine.control.dispatch import OscDispatcher, osc_args
+from engine.control.oscquery import OscQueryServer
+from engine.control.scenes import SceneError, SceneStore
+from engine.control.state import ControlState
+from engine.control.transport import FeedbackSender, OscUdpServer, parse_target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ControlSettings:
+    """Where to listen and whom to tell (the ``osc`` config section)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    feedback: list[str] = field(default_factory=lambda: ["127.0.0.1:9001"])
+    allow: list[str] = field(default_factory=list)
+    status_hz: float = 4.0
+    oscquery_port: int | None = None
+    max_datagram_bytes: int = 65507
+    scenes_dir: str = "presets/scenes"
+
+    @classmethod
+    def from_config(cls, osc: Any, scenes_dir: str | Path) -> ControlSettings:
+        return cls(
+            host=osc.host,
+            port=osc.port,
+            feedback=list(osc.feedback),
+            allow=list(osc.allow),
+            status_hz=osc.status_hz,
+            oscquery_port=osc.oscquery_port,
+            max_datagram_bytes=osc.max_datagram_bytes,
+            scenes_dir=str(scenes_dir),
+        )
+
+
+class ControlService:
+    """Owns every control resource; ``start()`` opens them, ``close()`` releases them (twice ok).
+
+    Args:
+        control: the ControlState the engine reads at frame boundaries.
+        submit: queues validated changes into the engine (``Engine.submit``).
+        engine_status: a snapshot of the runtime stats (state, fps, latency_ms, skip_rate, error).
+    """
+
+    def __init__(
+        self,
+        settings: ControlSettings,
+        control: ControlState,
+        submit: Callable[[Mapping[str, Any], float], Any],
+        engine_status: Callable[[], Mapping[str, Any]],
+    ) -> None:
+        self.settings = settings
+        self.control = control
+        self._submit = submit
+        self._engine_status = engine_status
+        self.scenes = SceneStore(settings.scenes_dir)
+        self.feedback = FeedbackSender([parse_target(t) for t in settings.feedback])
+        self.dispatcher = OscDispatcher(control, control.applied, self._scene)
+        self.server = OscUdpServer(
+            self.dispatcher,
+            self.feedback,
+            settings.host,
+            settings.port,
+            settings.allow,
+            settings.max_datagram_bytes,
+        )
+        self.oscquery: OscQueryServer | None = None
+        if settings.oscquery_port is not None:
+            self.oscquery = OscQueryServer(
+                control.applied,
+                engine_status,
+                self.server.host,
+                self.server.port,
+                host=settings.host,
+                port=settings.oscquery_port,
+            )
+        self._stop = threading.Event()
+        self._status_thread = threading.Thread(
+            target=self._status_loop, name="latentstage-status", daemon=True
+        )
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
+    def start(self) -> None:
+        self.server.start()
+        if self.oscquery is not None:
+            self.oscquery.start()
+        self._status_thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self.server.close()
+        if self.oscquery is not None:
+            self.oscquery.close()
+        if self._status_thread.is_alive():
+            self._status_thread.join(1.0)
+        self.feedback.close()
+
+    def __enter__(self) -> ControlService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ engine callbacks
+    def echo(self, accepted: Mapping[str, Any]) -> None:
+        """Every accepted change goes out on its own address (two-way surfaces follow)."""
+        for name, value in accepted.items():
+            spec = params.REGISTRY.get(name)
+            if spec is None or value is None:
+                continue
+            self.feedback.send(spec.osc_address, osc_args(spec, value))
+
+    def error(self, message: str) -> None:
+        self.feedback.send("/engine/error", [message[:500]])
+
+    # ------------------------------------------------------------------ internals
+    def _scene(self, action: str, name: str) -> str | None:
+        try:
+            if action == "preset_save":
+                self.scenes.save(name, self.control.applied())
+                return None
+            values, crossfade = self.scenes.load(name)
+        except SceneError as err:
+            return str(err)
+        self._submit(values, crossfade)
+        return None
+
+    def _status_loop(self) -> None:
+        interval = 1.0 / self.settings.status_hz
+        while not self._stop.wait(interval):
+            status = self._engine_status()
+            self.feedback.send("/engine/state", [str(status.get("state", "unknown"))])
+            for key in ("fps", "latency_ms", "skip_rate"):
+                self.feedback.send(f"/engine/{key}", [float(status.get(key) or 0.0)])

@@ -1,0 +1,270 @@
+"""OSC control: dispatcher fed with datagrams, scenes, OSCQuery, and the control state."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import urllib.request
+
+import pytest
+from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+from pythonosc.osc_message_builder import OscMessageBuilder
+
+from engine import params
+from engine.control.dispatch import MAX_BUNDLE_DEPTH, OscDispatcher, osc_args
+from engine.control.oscquery import OscQueryServer, build_namespace, find_node
+from engine.control.scenes import SceneError, SceneStore, scene_params
+from engine.control.state import ControlState
+from engine.control.transport import build_message
+
+SENDER = ("127.0.0.1", 50000)
+DEFAULTS = {name: spec.default for name, spec in params.REGISTRY.items() if spec.kind is not params.ParamKind.ACTION}
+
+
+def msg(address: str, *args, types: str | None = None) -> bytes:
+    builder = OscMessageBuilder(address)
+    for i, arg in enumerate(args):
+        tag = types[i] if types else None
+        builder.add_arg(arg, tag) if tag else builder.add_arg(arg)
+    return bytes(builder.build().dgram)
+
+
+@pytest.fixture
+def state():
+    return ControlState(applied=dict(DEFAULTS))
+
+
+@pytest.fixture
+def dispatcher(state):
+    scenes: list[tuple[str, str]] = []
+
+    def scene(action: str, name: str) -> str | None:
+        scenes.append((action, name))
+        return None if name != "missing" else "scene 'missing' does not exist"
+
+    d = OscDispatcher(state, state.applied, scene)
+    d.scenes = scenes  # type: ignore[attr-defined]
+    return d
+
+
+def pending(state: ControlState) -> dict:
+    taken = state.take_for_encoding(0.0)
+    if taken is not None:
+        state.release_encoded(*taken)
+    result = state.take_pending()
+    return {} if result is None else result.changes
+
+
+GOOD = [
+    (msg("/prompt", "neon jellyfish"), {"prompt": "neon jellyfish"}),
+    (msg("/negative_prompt", "blurry"), {"negative_prompt": "blurry"}),
+    (msg("/prompt_blend", "a cat", 1.0, "a dog", 0.5), {"prompt_blend": [("a cat", 1.0), ("a dog", 0.5)]}),
+    (msg("/prompt_blend_method", "linear"), {"prompt_blend_method": "linear"}),
+    (msg("/guidance_scale", 1.7), {"guidance_scale": pytest.approx(1.7)}),
+    (msg("/guidance", 2), {"guidance_scale": 2.0}),  # alias, int where a float is meant
+    (msg("/delta", 0.5), {"delta": 0.5}),
+    (msg("/cfg_type", "full"), {"cfg_type": "full"}),
+    (msg("/seed", 42), {"seed": 42}),
+    (msg("/seed_blend", 1, 0.5, 2, 0.5), {"seed_blend": [(1, 0.5), (2, 0.5)]}),
+    (msg("/t_index_list", 0, 16, 32, 45), {"t_index_list": [0, 16, 32, 45]}),
+    (msg("/strength", 0.6), {"strength": pytest.approx(0.6)}),
+    (msg("/similarity_filter/enabled", True), {"similarity_filter_enabled": True}),
+    (msg("/similarity_filter/enabled", 0), {"similarity_filter_enabled": False}),
+    (msg("/similarity_filter/threshold", 0.95), {"similarity_filter_threshold": pytest.approx(0.95)}),
+    (msg("/similarity_filter/max_skip_frames", 5), {"similarity_filter_max_skip_frames": 5}),
+    (msg("/bypass", 1), {"bypass": True}),
+    (msg("/pause", 1.0), {"pause": True}),  # TouchOSC toggles send floats
+]
+
+
+@pytest.mark.parametrize(("datagram", "expected"), GOOD)
+def test_every_address_writes_state(dispatcher, state, datagram, expected):
+    replies = dispatcher.handle_datagram(datagram, SENDER)
+    assert replies == []
+    assert pending(state) == expected
+
+
+def test_every_registry_address_is_covered_by_a_test():
+    covered = {OscPacketAddress(d) for d, _ in GOOD} | {"/status", "/preset/load", "/preset/save"}
+    assert {a for spec in params.REGISTRY.values() for a in spec.addresses} <= covered
+
+
+def OscPacketAddress(datagram: bytes) -> str:  # noqa: N802
+    return datagram.split(b"\x00", 1)[0].decode()
+
+
+def test_prompt_with_crossfade_and_bundles(dispatcher, state):
+    bundle = OscBundleBuilder(IMMEDIATELY)
+    bundle.add_content(OscMessageBuilder("/prompt").build())  # no args: refused
+    for address, value in (("/seed", 7), ("/delta", 0.25)):
+        b = OscMessageBuilder(address)
+        b.add_arg(value)
+        bundle.add_content(b.build())
+    replies = dispatcher.handle_datagram(bundle.build().dgram, SENDER)
+    assert len(replies) == 1 and replies[0].address == "/engine/error"
+    assert pending(state) == {"seed": 7, "delta": 0.25}
+    dispatcher.handle_datagram(msg("/prompt", "forest", 2.5), SENDER)
+    taken = state.take_for_encoding(0.0)
+    assert taken == ({"prompt": "forest"}, 2.5)
+
+
+BAD = [
+    (msg("/guidance_scale", "high"), "guidance_scale"),
+    (msg("/guidance_scale", float("nan")), "not finite"),
+    (msg("/guidance_scale", float("inf")), "not finite"),
+    (msg("/guidance_scale", 99.0), "out of range"),
+    (msg("/guidance_scale", 1.0, 2.0), "arguments"),
+    (msg("/seed", -5), "seed"),
+    (msg("/seed", 1.5), "whole number"),
+    (msg("/cfg_type", "bogus"), "none | full | self | onetime"),
+    (msg("/t_index_list", 45, 32), "strictly increasing"),
+    (msg("/t_index_list", *range(0, 45, 5)), "items"),
+    (msg("/prompt", "x" * 5000), "at most"),
+    (msg("/prompt", 42), "not text"),
+    (msg("/prompt", "ok", 500.0), "crossfade"),
+    (msg("/prompt_blend", "a", 1.0, "b"), "pairs"),
+    (msg("/prompt_blend", *(["p", 1.0] * 20)), "pairs"),
+    (msg("/prompt_blend", "a", 0.0), "all 0"),
+    (msg("/seed_blend", 1, -1.0), "weight"),
+    (msg("/similarity_filter/threshold", 1.0), "out of range"),
+    (msg("/bypass", "yes please"), "switch"),
+    (msg("/no/such/address", 1), "unknown address"),
+    (msg("/preset/load", "../../etc/passwd"), "not a scene name"),
+    (msg("/preset/save", "C:\\scenes\\x"), "not a scene name"),
+    (msg("/preset/load", "missing"), "does not exist"),
+    (msg("/status", 1), "arguments"),
+]
+
+
+@pytest.mark.parametrize(("datagram", "needle"), BAD)
+def test_bad_messages_change_nothing_and_answer_an_error(dispatcher, state, datagram, needle):
+    replies = dispatcher.handle_datagram(datagram, SENDER)
+    assert len(replies) == 1 and replies[0].address == "/engine/error"
+    assert needle in replies[0].args[0]
+    assert replies[0].to_sender and replies[0].to_feedback
+    assert pending(state) == {}
+    assert state.applied() == DEFAULTS
+    assert dispatcher.counters.rejected == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00" * 3, b"garbage!", b"/prompt\x00,s\x00\x00\xff\xfe\x00\x00", b"#bundle\x00\x00\x00"],
+)
+def test_malformed_datagrams_are_refused(dispatcher, state, data):
+    replies = dispatcher.handle_datagram(data, SENDER)
+    assert all(r.address == "/engine/error" for r in replies)
+    assert pending(state) == {}
+
+
+def test_deep_bundles_are_refused_without_recursion(dispatcher, state):
+    data = msg("/seed", 3)
+    for _ in range(2000):
+        data = b"#bundle\x00" + struct.pack(">Q", 1) + struct.pack(">i", len(data)) + data
+    replies = dispatcher.handle_datagram(data, SENDER)
+    assert "deeper" in replies[0].args[0] and pending(state) == {}
+    shallow = msg("/seed", 3)
+    for _ in range(MAX_BUNDLE_DEPTH - 1):
+        shallow = b"#bundle\x00" + struct.pack(">Q", 1) + struct.pack(">i", len(shallow)) + shallow
+    assert dispatcher.handle_datagram(shallow, SENDER) == [] and pending(state) == {"seed": 3}
+
+
+def test_status_replies_every_value_to_the_sender(dispatcher, state):
+    state.mark_applied({"prompt": "now", "t_index_list": [1, 2]})
+    replies = dispatcher.handle_datagram(msg("/status"), SENDER)
+    by_address = {r.address: r.args for r in replies}
+    assert all(r.to_sender and not r.to_feedback for r in replies)
+    assert by_address["/prompt"] == ["now"] and by_address["/t_index_list"] == [1, 2]
+    expected = {spec.osc_address for name, spec in params.REGISTRY.items() if DEFAULTS.get(name) is not None}
+    assert expected | {"/prompt", "/t_index_list"} <= set(by_address)
+
+
+def test_scene_actions_reach_the_handler(dispatcher):
+    assert dispatcher.handle_datagram(msg("/preset/save", "intro"), SENDER)[0].args == ["intro"]
+    dispatcher.handle_datagram(msg("/preset/load", "intro"), SENDER)
+    assert dispatcher.scenes == [("preset_save", "intro"), ("preset_load", "intro")]
+
+
+def test_changes_coalesce_between_frames(state):
+    for value in (1.1, 1.2, 1.3):
+        state.write({"guidance_scale": value})
+    assert state.take_pending().changes == {"guidance_scale": 1.3}
+    assert state.take_pending() is None
+
+
+def test_scene_round_trip_and_refusals(tmp_path):
+    store = SceneStore(tmp_path / "scenes")
+    values = dict(DEFAULTS, prompt="a forest", t_index_list=[10, 40], seed_blend=[(1, 0.5), (9, 0.5)])
+    path = store.save("intro_1", values, crossfade_s=2.5)
+    assert path == tmp_path / "scenes" / "intro_1.yaml"
+    loaded, crossfade = store.load("intro_1")
+    assert crossfade == 2.5
+    assert loaded["prompt"] == "a forest" and loaded["t_index_list"] == [10, 40]
+    assert loaded["seed_blend"] == [(1, 0.5), (9, 0.5)]
+    assert set(loaded) <= set(scene_params()) and "pause" not in loaded
+    for bad in ("../x", "a/b", "..", "", "x" * 65, "C:\\evil", ".hidden"):
+        with pytest.raises(SceneError, match="not a scene name"):
+            store.path(bad)
+    with pytest.raises(SceneError, match="does not exist; available: intro_1"):
+        store.load("nope")
+    (tmp_path / "scenes" / "broken.yaml").write_text("values: {guidance_scale: 500}\n")
+    with pytest.raises(SceneError, match="guidance_scale"):
+        store.load("broken")
+    (tmp_path / "scenes" / "odd.yaml").write_text("values: {rm_rf: 1}\n")
+    with pytest.raises(SceneError, match="unknown parameters"):
+        store.load("odd")
+
+
+def test_oscquery_namespace_follows_the_proposal():
+    values = dict(DEFAULTS, prompt="hello", t_index_list=[32, 45])
+    root = build_namespace(values, {"state": "running", "fps": 12.5}, "127.0.0.1", 9000)
+    assert root["FULL_PATH"] == "/" and "CONTENTS" in root
+    for spec in params.REGISTRY.values():
+        for address in spec.addresses:
+            node = find_node(root, address)
+            assert node is not None, address
+            assert node["FULL_PATH"] == address
+            assert isinstance(node["TYPE"], str) and node["ACCESS"] in (1, 2, 3)
+            assert node["DESCRIPTION"]
+            if spec.kind is not params.ParamKind.ACTION and values.get(spec.name) is not None:
+                assert node["VALUE"] == osc_args(spec, values[spec.name])
+                assert len(node["TYPE"]) == len(node["VALUE"])
+            if "RANGE" in node:
+                assert all(set(r) <= {"MIN", "MAX", "VALS"} for r in node["RANGE"])
+    assert find_node(root, "/guidance_scale")["RANGE"] == [{"MIN": 0.0, "MAX": 20.0}]
+    assert find_node(root, "/cfg_type")["RANGE"] == [{"VALS": ["none", "full", "self", "onetime"]}]
+    assert find_node(root, "/similarity_filter")["CONTENTS"]["threshold"]["TYPE"] == "f"
+    assert find_node(root, "/engine/fps")["VALUE"] == [12.5] and find_node(root, "/engine/fps")["ACCESS"] == 1
+
+
+def test_oscquery_http_endpoint():
+    server = OscQueryServer(lambda: dict(DEFAULTS, prompt="hi"), lambda: {"state": "running"}, "127.0.0.1", 9000,
+                            port=0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        def get(path: str):
+            with urllib.request.urlopen(base + path, timeout=5) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+
+        status, ctype, body = get("/")
+        assert status == 200 and ctype == "application/json"
+        assert "prompt" in json.loads(body)["CONTENTS"]
+        assert json.loads(get("/prompt?VALUE")[2]) == {"VALUE": ["hi"]}
+        info = json.loads(get("/?HOST_INFO")[2])
+        assert info["OSC_PORT"] == 9000 and info["OSC_TRANSPORT"] == "UDP" and info["EXTENSIONS"]["VALUE"]
+        assert get("/status?VALUE")[0] == 204
+        for path, code in (("/nope", 404), ("/prompt?BOGUS", 400)):
+            with pytest.raises(urllib.error.HTTPError) as info_error:
+                get(path)
+            assert info_error.value.code == code
+    finally:
+        server.close()
+        server.close()
+
+
+def test_feedback_messages_encode_types():
+    data = build_message("/x", [1, 2.5, "s", True])
+    assert data.startswith(b"/x\x00\x00,ifsi")
+    assert math.isclose(struct.unpack(">f", data[16:20])[0], 2.5)
