@@ -177,13 +177,15 @@ def _configure_logging(level: str, file: str | None) -> None:
 
 
 def _unavailable_bridges(config: Any) -> list[str]:
-    from bridges.base import unavailable_reason
+    from bridges.base import BRIDGES, unavailable_reason
 
     problems = []
-    for name in [config.input.type, *(output.type for output in config.outputs)]:
+    for name in dict.fromkeys([config.input.type, *(output.type for output in config.outputs)]):
         reason = unavailable_reason(name)
         if reason is not None:
-            problems.append(f"{name}: {reason}")
+            extra = BRIDGES[name].extra
+            hint = f"; it needs `pip install latentstage[{extra}]` on a supported platform" if extra else ""
+            problems.append(f"the {name} bridge cannot run here: {reason}{hint}")
     return problems
 
 

@@ -139,6 +139,70 @@ def _seeded(seed: int, factory: Callable[[], _M]) -> _M:
     return module
 
 
+def _calibration_images(size: int = 64) -> torch.Tensor:
+    """Four fixed colourful images ``(4, 3, size, size)`` in [-1, 1] (no RNG involved)."""
+    axis = torch.linspace(0.0, 1.0, size)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    images = []
+    for k in range(4):
+        phase = 1.7 * k
+        images.append(
+            torch.stack(
+                [
+                    torch.sin(6.0 * x + phase),
+                    torch.cos(5.0 * y - phase),
+                    torch.sin(4.0 * (x + y) + 2 * phase),
+                ]
+            )
+        )
+    return torch.stack(images)
+
+
+def _rescale_output(
+    conv: torch.nn.Conv2d, output: torch.Tensor, mean: float, std: float, channels: int
+) -> None:
+    """Scale and shift ``conv``'s first ``channels`` outputs to the given mean and std."""
+    observed_mean = output[:, :channels].mean(dim=(0, 2, 3))
+    observed_std = output[:, :channels].std(dim=(0, 2, 3)).clamp_min(1e-6)
+    scale = std / observed_std
+    conv.weight[:channels] *= scale.view(-1, 1, 1, 1)
+    assert conv.bias is not None
+    conv.bias[:channels] = (conv.bias[:channels] - observed_mean) * scale + mean
+
+
+@torch.no_grad()
+def _calibrate_vae(vae: Any) -> None:
+    """Give the random VAE a usable range: latents ~ N(0, 1) after scaling, images mid-grey ± colour.
+
+    With plain random weights the tiny TAESD decodes everything to black (about -1.1), so
+    the offline demo would show a black screen. Rescaling the last layer of the encoder and
+    of the decoder on fixed images keeps the weights deterministic and the output visible
+    and input-dependent; it stays a random-weight model, not a trained one.
+    """
+    images = _calibration_images()
+    if isinstance(vae, AutoencoderTiny):
+        encoder_out = vae.encoder.layers[-1]
+        _rescale_output(encoder_out, vae.encoder(images), 0.0, 1.0, encoder_out.out_channels)
+        decoder_out = vae.decoder.layers[-1]
+        latents = vae.encoder(images)
+        hidden = vae.decoder.layers[:-1](torch.tanh(latents / 3) * 3)
+        _rescale_output(decoder_out, decoder_out(hidden), 0.5, 0.2, decoder_out.out_channels)
+        return
+    channels = vae.config.latent_channels
+    scale = float(vae.config.scaling_factor)
+    quant = vae.quant_conv
+    moments = quant(vae.encoder(images)) if quant is not None else vae.encoder(images)
+    target = quant if quant is not None else vae.encoder.conv_out
+    _rescale_output(target, moments, 0.0, 1.0 / scale, channels)
+    latents = vae.encode(images).latent_dist.mode()
+    decoder_out = vae.decoder.conv_out
+    captured: dict[str, torch.Tensor] = {}
+    hook = decoder_out.register_forward_hook(lambda _m, _i, out: captured.setdefault("out", out))
+    vae.decode(latents)
+    hook.remove()
+    _rescale_output(decoder_out, captured["out"], 0.0, 0.4, decoder_out.out_channels)
+
+
 def build_tiny_models(
     seed: int = 0, vae: str = "taesd", prediction_type: str = "epsilon"
 ) -> TinyModels:
@@ -170,6 +234,7 @@ def build_tiny_models(
         image_vae = _seeded(seed + _SEED_OFFSETS["taesd"], lambda: AutoencoderTiny(**TAESD_CONFIG))
     else:
         image_vae = _seeded(seed + _SEED_OFFSETS["vae"], lambda: AutoencoderKL(**VAE_CONFIG))
+    _calibrate_vae(image_vae)
     text_encoder = _seeded(
         seed + _SEED_OFFSETS["text_encoder"], lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     )

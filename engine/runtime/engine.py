@@ -247,7 +247,7 @@ class Engine:
         # the frame guard: a failing frame (e.g. out of memory) must not black the screen;
         # the output holds, the error is reported, the next frame tries again
         except (RuntimeError, ValueError) as err:
-            self._report_error(f"frame failed: {err}")
+            self._report_error(f"frame failed: {err}", frame_failed=True)
             self._emit(OutputItem(OutputKind.REPEAT, frame.timestamp, measure_latency=False))
             return
         if output is None:
@@ -314,9 +314,17 @@ class Engine:
         if progress >= 1.0:
             self._transition = None
 
-    def _report_error(self, message: str) -> None:
-        self._log(logging.ERROR, message.split(":")[0], "%s", message)
-        self.stats.set_state(EngineState.ERROR, message)
+    def _report_error(self, message: str, frame_failed: bool = False) -> None:
+        """Log (rate-limited), remember and announce an error.
+
+        A refused parameter change is reported but leaves the state alone; only a failing
+        frame puts the engine into ERROR (until the next good frame).
+        """
+        level = logging.ERROR if frame_failed else logging.WARNING
+        self._log(level, message.split(":")[0], "%s", message)
+        self.stats.last_error = message
+        if frame_failed:
+            self.stats.set_state(EngineState.ERROR, message)
         if self.on_error is not None:
             self.on_error(message)
 

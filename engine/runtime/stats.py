@@ -65,6 +65,7 @@ class RuntimeStats:
         self._skips: deque[bool] = deque(maxlen=latency_samples)
         self.state = EngineState.LOADING
         self.error: str | None = None
+        self.last_error: str | None = None
         self.frames_out = 0
         self.frames_in = 0
         self.input_dropped = 0
@@ -112,6 +113,7 @@ class RuntimeStats:
             return {
                 "state": self.state.value,
                 "error": self.error,
+                "last_error": self.last_error,
                 "fps": round(self._outputs.rate(now), 2),
                 "input_fps": round(self._inputs.rate(now), 2),
                 "latency_ms": round(mean, 1),

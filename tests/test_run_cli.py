@@ -1,0 +1,139 @@
+"""`latentstage run` end to end: the demo preset into record + shm sinks, SIGINT, bridges, doctor."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import av
+import pytest
+
+from bridges.base import BridgeError
+from bridges.shm import ShmReader, segment_exists
+from engine.cli import main
+
+
+def demo_args(tmp_path, shm_name: str, frames: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    args = [
+        "run", "--preset", "demo", "--quiet",
+        "--set", "stream.width=64", "--set", "stream.height=64",
+        "--set", "input.width=64", "--set", "input.height=64",
+        "--set", f"outputs=[{{type: record, path: '{tmp_path / 'demo.mp4'}', fps: 30}}, {{type: shm, name: {shm_name}}}]",
+        "--set", "osc.enabled=false",
+        *extra,
+    ]
+    if frames is not None:
+        args += ["--frames", str(frames)]
+    return args
+
+
+class ShmWatcher(threading.Thread):
+    """Reads every frame it can from a shm segment while the engine runs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True)
+        self.name = name
+        self.sequences: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        reader = None
+        last = None
+        while not self.stop.is_set():
+            if reader is None:
+                if segment_exists(self.name):
+                    reader = ShmReader(self.name)
+                else:
+                    time.sleep(0.005)
+                    continue
+            try:
+                got = reader.read(last)
+            except BridgeError:  # the writer closing at the end
+                break
+            if got is None:
+                time.sleep(0.001)
+                continue
+            _, last, _ = got
+            self.sequences.append(last)
+        if reader is not None:
+            reader.close()
+
+
+def test_demo_run_60_frames_into_record_and_shm(tmp_path, capsys):
+    shm_name = f"ls_e2e_{uuid.uuid4().hex[:8]}"
+    watcher = ShmWatcher(shm_name)
+    watcher.start()
+    status = main(demo_args(tmp_path, shm_name, frames=60))
+    watcher.stop.set()
+    watcher.join(5)
+    assert status == 0
+    err = capsys.readouterr().err
+    summary = re.search(r"stopped: (\d+) frames out, (\d+) in, latency ([\d.]+) ms", err)
+    assert summary, err
+    frames_out, frames_in, latency = int(summary[1]), int(summary[2]), float(summary[3])
+    assert frames_out == 60 and frames_in >= 60 and 0 < latency < 10_000
+    with av.open(str(tmp_path / "demo.mp4")) as container:
+        decoded = list(container.decode(video=0))
+    assert len(decoded) == 60
+    assert (decoded[0].width, decoded[0].height) == (64, 64)
+    assert watcher.sequences == sorted(set(watcher.sequences)), "shm frames arrive in order"
+    assert len(watcher.sequences) >= 30, f"reader saw {len(watcher.sequences)} of 60"
+    assert not segment_exists(shm_name), "the writer's segment is released at exit"
+
+
+def test_sigint_stops_within_two_seconds_and_releases_segments(tmp_path):
+    shm_name = f"ls_sig_{uuid.uuid4().hex[:8]}"
+    args = [sys.executable, "-m", "engine.cli", *demo_args(tmp_path, shm_name)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not segment_exists(shm_name):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "engine never produced a frame"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to stop"
+    assert "stopped:" in err
+    assert not segment_exists(shm_name)
+    with av.open(str(tmp_path / "demo.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) > 0  # the recording was finalised
+
+
+def test_missing_sdk_is_one_clear_error(tmp_path, capsys):
+    if sys.platform == "win32":
+        pytest.skip("Spout exists on Windows")
+    status = main(["run", "--preset", "demo", "--set", "outputs=[{type: spout}]", "--frames", "1"])
+    assert status == 4
+    err = capsys.readouterr().err
+    assert "spout" in err.lower() and "latentstage[spout]" in err
+
+
+def test_bridges_and_doctor_commands(capsys):
+    assert main(["bridges"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pattern", "video", "record", "shm", "ndi", "spout", "syphon", "preview"):
+        assert re.search(rf"^{name}\s", out, re.M), name
+    assert re.search(r"^pattern\s+in\s+-\s+yes", out, re.M)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "device auto" in out and "tensorrt" in out and "bridge ndi" in out
+
+
+def test_bad_run_arguments(capsys):
+    assert main(["run", "--preset", "demo", "--frames", "0"]) == 2
+    assert main(["run", "--set", "stream.cfg_type=bogus"]) == 2
+    assert "cfg_type" in capsys.readouterr().err
+
