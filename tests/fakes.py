@@ -15,8 +15,9 @@ SIZE = 64
 class FakeSource:
     """Frames at ``fps`` with a value per frame; ``fail_after`` frames then raises BridgeError."""
 
-    def __init__(self, fps: float = 60.0, fail_after: int | None = None, value: int = 0,
-                 on_fail=None) -> None:
+    def __init__(
+        self, fps: float = 60.0, fail_after: int | None = None, value: int = 0, on_fail=None
+    ) -> None:
         self.on_fail = on_fail
         self.interval = 1.0 / fps
         self.fail_after = fail_after

@@ -47,9 +47,7 @@ def test_identical_to_plain_attention_at_batch_one(bundle):
     plain = with_processor(bundle.unet, AttnProcessor2_0())
     cross = with_processor(bundle.unet, CrossFrameAttnProcessor())
     latents, timesteps, emb = inputs(1)
-    assert torch.allclose(
-        run(plain, latents, timesteps, emb), run(cross, latents, timesteps, emb), atol=1e-6
-    )
+    assert torch.allclose(run(plain, latents, timesteps, emb), run(cross, latents, timesteps, emb), atol=1e-6)
 
 
 def test_batch_elements_influence_each_other_only_when_on(bundle):

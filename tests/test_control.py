@@ -19,7 +19,9 @@ from engine.control.state import ControlState
 from engine.control.transport import build_message
 
 SENDER = ("127.0.0.1", 50000)
-DEFAULTS = {name: spec.default for name, spec in params.REGISTRY.items() if spec.kind is not params.ParamKind.ACTION}
+DEFAULTS = {
+    name: spec.default for name, spec in params.REGISTRY.items() if spec.kind is not params.ParamKind.ACTION
+}
 
 
 def msg(address: str, *args, types: str | None = None) -> bytes:
@@ -90,7 +92,7 @@ def test_every_registry_address_is_covered_by_a_test():
     assert {a for spec in params.REGISTRY.values() for a in spec.addresses} <= covered
 
 
-def OscPacketAddress(datagram: bytes) -> str:  # noqa: N802
+def OscPacketAddress(datagram: bytes) -> str:
     return datagram.split(b"\x00", 1)[0].decode()
 
 
@@ -239,11 +241,13 @@ def test_oscquery_namespace_follows_the_proposal():
 
 
 def test_oscquery_http_endpoint():
-    server = OscQueryServer(lambda: dict(DEFAULTS, prompt="hi"), lambda: {"state": "running"}, "127.0.0.1", 9000,
-                            port=0)
+    server = OscQueryServer(
+        lambda: dict(DEFAULTS, prompt="hi"), lambda: {"state": "running"}, "127.0.0.1", 9000, port=0
+    )
     server.start()
     base = f"http://127.0.0.1:{server.port}"
     try:
+
         def get(path: str):
             with urllib.request.urlopen(base + path, timeout=5) as response:
                 return response.status, response.headers["Content-Type"], response.read()

@@ -72,16 +72,33 @@ class Running:
         if text_delay:
             import dataclasses
 
-            models = dataclasses.replace(bundle, text_encoder=SlowTextEncoder(bundle.text_encoder, text_delay))
-        settings = PipelineSettings(width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE,
-                                    prompt="start", negative_prompt="")
+            models = dataclasses.replace(
+                bundle, text_encoder=SlowTextEncoder(bundle.text_encoder, text_delay)
+            )
+        settings = PipelineSettings(
+            width=SIZE,
+            height=SIZE,
+            t_index_list=[32],
+            cfg_type=CfgType.NONE,
+            prompt="start",
+            negative_prompt="",
+        )
         self.pipeline = StreamPipeline(models, settings)
         self.sink = RecordingSink()
-        self.engine = Engine(self.pipeline, source or (lambda: FakeSource(fps=30)), [("rec", lambda: self.sink)])
+        self.engine = Engine(
+            self.pipeline, source or (lambda: FakeSource(fps=30)), [("rec", lambda: self.sink)]
+        )
         self.feedback_port = free_udp_port()
-        control = ControlSettings(port=0, feedback=[f"127.0.0.1:{self.feedback_port}"], status_hz=10,
-                                  scenes_dir=str(tmp_path / "scenes"), allow=list(allow))
-        self.service = ControlService(control, self.engine.control, self.engine.submit, self.engine.stats.snapshot)
+        control = ControlSettings(
+            port=0,
+            feedback=[f"127.0.0.1:{self.feedback_port}"],
+            status_hz=10,
+            scenes_dir=str(tmp_path / "scenes"),
+            allow=list(allow),
+        )
+        self.service = ControlService(
+            control, self.engine.control, self.engine.submit, self.engine.stats.snapshot
+        )
         self.engine.on_applied = self.service.echo
         self.engine.on_error = self.service.error
         self.thread = threading.Thread(target=self.engine.run, daemon=True)
@@ -133,7 +150,9 @@ class Dump:
 
 
 def oscsend(port: int, address: str, types: str = "", *values) -> None:
-    subprocess.run(["oscsend", "127.0.0.1", str(port), address, types, *map(str, values)], check=True, timeout=10)
+    subprocess.run(
+        ["oscsend", "127.0.0.1", str(port), address, types, *map(str, values)], check=True, timeout=10
+    )
 
 
 @needs_liblo
@@ -154,19 +173,51 @@ def test_oscsend_changes_engine_and_oscdump_sees_feedback(bundle, tmp_path):
                 ("/cfg_type", "s", ("self",), "cfg_type", "self", '/cfg_type s "self"'),
                 ("/t_index_list", "ii", (20, 40), "t_index_list", [20, 40], "/t_index_list ii 20 40"),
                 ("/negative_prompt", "s", ("ugly",), "negative_prompt", "ugly", '/negative_prompt s "ugly"'),
-                ("/prompt_blend_method", "s", ("linear",), "prompt_blend_method", "linear", "prompt_blend_method"),
-                ("/similarity_filter/threshold", "f", (0.9,), "similarity_filter_threshold", 0.9, "threshold f 0.9"),
-                ("/similarity_filter/max_skip_frames", "i", (4,), "similarity_filter_max_skip_frames", 4, "frames i 4"),
-                ("/similarity_filter/enabled", "T", (), "similarity_filter_enabled", True, "/similarity_filter/enabled i 1"),
+                (
+                    "/prompt_blend_method",
+                    "s",
+                    ("linear",),
+                    "prompt_blend_method",
+                    "linear",
+                    "prompt_blend_method",
+                ),
+                (
+                    "/similarity_filter/threshold",
+                    "f",
+                    (0.9,),
+                    "similarity_filter_threshold",
+                    0.9,
+                    "threshold f 0.9",
+                ),
+                (
+                    "/similarity_filter/max_skip_frames",
+                    "i",
+                    (4,),
+                    "similarity_filter_max_skip_frames",
+                    4,
+                    "frames i 4",
+                ),
+                (
+                    "/similarity_filter/enabled",
+                    "T",
+                    (),
+                    "similarity_filter_enabled",
+                    True,
+                    "/similarity_filter/enabled i 1",
+                ),
             ]
             for address, types, values, name, expected, echo in cases:
                 oscsend(port, address, types, *values)
-                assert run.wait_for(lambda n=name, e=expected: run.pipeline.state[n] == pytest.approx(e)), address
+                assert run.wait_for(lambda n=name, e=expected: run.pipeline.state[n] == pytest.approx(e)), (
+                    address
+                )
                 assert run.wait_for(lambda e=echo: dump.seen(e)), f"no echo {echo!r} in {dump.lines[-5:]}"
             oscsend(port, "/strength", "f", 0.5)
             assert run.wait_for(lambda: run.pipeline.state["strength"] == 0.5)
             oscsend(port, "/prompt_blend", "sfsf", "a cat", 1.0, "a dog", 1.0)
-            assert run.wait_for(lambda: run.pipeline.state["prompt_blend"] == [("a cat", 1.0), ("a dog", 1.0)])
+            assert run.wait_for(
+                lambda: run.pipeline.state["prompt_blend"] == [("a cat", 1.0), ("a dog", 1.0)]
+            )
             oscsend(port, "/seed_blend", "ifif", 1, 0.5, 2, 0.5)
             assert run.wait_for(lambda: run.pipeline.state["seed_blend"] == [(1, 0.5), (2, 0.5)])
             oscsend(port, "/bypass", "i", 1)
@@ -177,7 +228,7 @@ def test_oscsend_changes_engine_and_oscdump_sees_feedback(bundle, tmp_path):
             assert run.wait_for(lambda: run.engine.runtime_state["pause"] is True)
             oscsend(port, "/pause", "i", 0)
             oscsend(port, "/guidance_scale", "s", "loud")
-            assert run.wait_for(lambda: dump.seen("/engine/error s \"guidance_scale"))
+            assert run.wait_for(lambda: dump.seen('/engine/error s "guidance_scale'))
             assert run.pipeline.state["guidance_scale"] == pytest.approx(1.6)
             for address in ("/engine/state", "/engine/fps", "/engine/latency_ms", "/engine/skip_rate"):
                 assert run.wait_for(lambda a=address: dump.seen(a)), address
@@ -191,14 +242,18 @@ def test_status_returns_all_values_and_scenes_round_trip(bundle, tmp_path):
         port = run.service.port
         oscsend(port, "/prompt", "s", "scene one")
         oscsend(port, "/seed", "i", 11)
-        assert run.wait_for(lambda: run.pipeline.state["seed"] == 11 and run.pipeline.state["prompt"] == "scene one")
+        assert run.wait_for(
+            lambda: run.pipeline.state["seed"] == 11 and run.pipeline.state["prompt"] == "scene one"
+        )
         oscsend(port, "/preset/save", "s", "one")
         assert run.wait_for(lambda: (tmp_path / "scenes" / "one.yaml").exists())
         oscsend(port, "/prompt", "s", "something else")
         oscsend(port, "/seed", "i", 99)
         assert run.wait_for(lambda: run.pipeline.state["seed"] == 99)
         oscsend(port, "/preset/load", "s", "one")
-        assert run.wait_for(lambda: run.pipeline.state["seed"] == 11 and run.pipeline.state["prompt"] == "scene one")
+        assert run.wait_for(
+            lambda: run.pipeline.state["seed"] == 11 and run.pipeline.state["prompt"] == "scene one"
+        )
         oscsend(port, "/preset/load", "s", "../../config")  # refused, nothing changes
         time.sleep(0.3)
         assert run.pipeline.state["prompt"] == "scene one"
@@ -213,9 +268,21 @@ def test_status_returns_all_values_and_scenes_round_trip(bundle, tmp_path):
                     replies[data.split(b"\x00", 1)[0].decode()] = data
             except TimeoutError:
                 pass
-        for address in ("/prompt", "/negative_prompt", "/guidance_scale", "/delta", "/cfg_type", "/seed",
-                        "/t_index_list", "/prompt_blend_method", "/similarity_filter/enabled",
-                        "/similarity_filter/threshold", "/similarity_filter/max_skip_frames", "/bypass", "/pause"):
+        for address in (
+            "/prompt",
+            "/negative_prompt",
+            "/guidance_scale",
+            "/delta",
+            "/cfg_type",
+            "/seed",
+            "/t_index_list",
+            "/prompt_blend_method",
+            "/similarity_filter/enabled",
+            "/similarity_filter/threshold",
+            "/similarity_filter/max_skip_frames",
+            "/bypass",
+            "/pause",
+        ):
             assert address in replies, address
         assert b"scene one" in replies["/prompt"]
 
@@ -260,13 +327,20 @@ def test_hostile_datagrams_do_not_change_state_or_frame_rate(bundle, tmp_path):
                 if i % 100 == 0:
                     time.sleep(0.04)  # about 2,500 datagrams a second
         t2 = time.monotonic()
-        run.wait_for(lambda: sum(vars(run.service.dispatcher.counters)[k] for k in
-                                 ("accepted", "rejected", "malformed")) >= 9_900, timeout=10)
+        run.wait_for(
+            lambda: (
+                sum(vars(run.service.dispatcher.counters)[k] for k in ("accepted", "rejected", "malformed"))
+                >= 9_900
+            ),
+            timeout=10,
+        )
         during = sum(1 for t in run.sink.times if t1 <= t < t2) / max(t2 - t1, 1e-3)
         counters = run.service.dispatcher.counters
         assert counters.accepted + counters.rejected + counters.malformed >= 9_000
         # random bytes can form a valid message once in a blue moon; the state must not move
-        changed = {k for k in state_before if run.pipeline.state[k] != state_before[k] and k != "t_index_list"}
+        changed = {
+            k for k in state_before if run.pipeline.state[k] != state_before[k] and k != "t_index_list"
+        }
         assert not changed, changed
         print(f"frame rate: {baseline:.1f} fps before, {during:.1f} fps during the flood")
         assert during >= 0.6 * baseline, (during, baseline)

@@ -143,8 +143,7 @@ def test_one_step_equals_diffusers_lcm_scheduler_step(bundle):
     assert torch.allclose(x0_ours, reference, rtol=1e-5, atol=1e-6)
     assert torch.allclose(
         x,
-        bundle.alphas_cumprod[t].sqrt() * z
-        + (1 - bundle.alphas_cumprod[t]).sqrt() * pipe.batch.noise[:1],
+        bundle.alphas_cumprod[t].sqrt() * z + (1 - bundle.alphas_cumprod[t]).sqrt() * pipe.batch.noise[:1],
         atol=1e-6,
     )
 
@@ -174,9 +173,7 @@ def test_prompt_change_calls_text_encoder_once(bundle):
     counting = CountingTextEncoder(bundle.text_encoder)
     pipe = StreamPipeline(
         dataclasses.replace(bundle, text_encoder=counting),
-        PipelineSettings(
-            width=SIZE, height=SIZE, prompt="a", negative_prompt="b", t_index_list=[32]
-        ),
+        PipelineSettings(width=SIZE, height=SIZE, prompt="a", negative_prompt="b", t_index_list=[32]),
     )
     assert counting.calls == 2  # prompt + negative prompt at start
     before = pipe._embeddings.clone()

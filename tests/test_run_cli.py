@@ -20,11 +20,23 @@ from engine.cli import main
 
 def demo_args(tmp_path, shm_name: str, frames: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     args = [
-        "run", "--preset", "demo", "--quiet",
-        "--set", "stream.width=64", "--set", "stream.height=64",
-        "--set", "input.width=64", "--set", "input.height=64",
-        "--set", f"outputs=[{{type: record, path: '{tmp_path / 'demo.mp4'}', fps: 30}}, {{type: shm, name: {shm_name}}}]",
-        "--set", "osc.enabled=false",
+        "run",
+        "--preset",
+        "demo",
+        "--quiet",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+        "--set",
+        "input.width=64",
+        "--set",
+        "input.height=64",
+        "--set",
+        f"outputs=[{{type: record, path: '{tmp_path / 'demo.mp4'}', fps: 30}}, "
+        f"{{type: shm, name: {shm_name}}}]",
+        "--set",
+        "osc.enabled=false",
         *extra,
     ]
     if frames is not None:
@@ -136,4 +148,3 @@ def test_bad_run_arguments(capsys):
     assert main(["run", "--preset", "demo", "--frames", "0"]) == 2
     assert main(["run", "--set", "stream.cfg_type=bogus"]) == 2
     assert "cfg_type" in capsys.readouterr().err
-

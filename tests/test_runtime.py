@@ -24,8 +24,9 @@ def bundle():
 
 
 def pipeline(bundle, **overrides) -> StreamPipeline:
-    settings = PipelineSettings(width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE,
-                                prompt="test", **overrides)
+    settings = PipelineSettings(
+        width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE, prompt="test", **overrides
+    )
     return StreamPipeline(bundle, settings)
 
 
@@ -76,8 +77,12 @@ def test_frames_flow_and_stats_are_sane(bundle):
 def test_source_loss_keeps_output_alive_and_resumes(bundle):
     plug = SourcePlug(fail_after=10)
     sink = RecordingSink()
-    engine = Engine(pipeline(bundle), plug, [("rec", lambda: sink)],
-                    EngineOptions(on_loss=OnLossMode.BLACK, retry_seconds=0.2, keepalive_fps=20))
+    engine = Engine(
+        pipeline(bundle),
+        plug,
+        [("rec", lambda: sink)],
+        EngineOptions(on_loss=OnLossMode.BLACK, retry_seconds=0.2, keepalive_fps=20),
+    )
 
     def replug() -> None:
         while plug.plugged.is_set():  # wait for the unplug
@@ -100,8 +105,12 @@ def test_source_loss_keeps_output_alive_and_resumes(bundle):
 def test_hold_repeats_the_last_output(bundle):
     sink = RecordingSink()
     plug = SourcePlug(fail_after=6)
-    engine = Engine(pipeline(bundle), plug, [("rec", lambda: sink)],
-                    EngineOptions(on_loss=OnLossMode.HOLD, retry_seconds=5.0, keepalive_fps=20))
+    engine = Engine(
+        pipeline(bundle),
+        plug,
+        [("rec", lambda: sink)],
+        EngineOptions(on_loss=OnLossMode.HOLD, retry_seconds=5.0, keepalive_fps=20),
+    )
     with engine:
         run_engine(engine, 2.0)
     distinct = []
@@ -117,9 +126,12 @@ def test_one_failing_and_one_stalled_sink_do_not_slow_the_others(bundle):
     good = RecordingSink()
     failing = RecordingSink(fail_every=3)
     stalled = RecordingSink(delay=1.0)
-    engine = Engine(pipeline(bundle), lambda: FakeSource(fps=20),
-                    [("good", lambda: good), ("failing", lambda: failing), ("stalled", lambda: stalled)],
-                    EngineOptions(retry_seconds=0.05))
+    engine = Engine(
+        pipeline(bundle),
+        lambda: FakeSource(fps=20),
+        [("good", lambda: good), ("failing", lambda: failing), ("stalled", lambda: stalled)],
+        EngineOptions(retry_seconds=0.05),
+    )
     start = time.monotonic()
     with engine:
         run_engine(engine, 3.0)

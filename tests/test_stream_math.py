@@ -42,9 +42,7 @@ class AnalyticDenoiser:
         self.weight = torch.randn(4, 4, generator=g) * 0.3
         self.calls: list[int] = []
 
-    def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, emb: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         self.calls.append(latents.shape[0])
         mixed = torch.einsum("oc,bchw->bohw", self.weight, latents)
         scale = (timesteps.float() / 1000.0).view(-1, 1, 1, 1)
@@ -85,9 +83,7 @@ def sequential_reference(batch: StreamBatch, z, denoise, emb_cond, emb_uncond, g
             eps = eps_u + guidance * (eps - eps_u)
         x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
         if i < batch.n - 1:
-            x = s.alpha[i + 1] * x0 + (
-                s.beta[i + 1] * batch.noise[i + 1 : i + 2] if batch.add_noise else 0
-            )
+            x = s.alpha[i + 1] * x0 + (s.beta[i + 1] * batch.noise[i + 1 : i + 2] if batch.add_noise else 0)
     return x0
 
 
@@ -111,12 +107,8 @@ def test_coefficients_match_diffusers_scheduler():
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
         assert s.c_skip[i].item() == pytest.approx(float(c_skip), rel=1e-6)
         assert s.c_out[i].item() == pytest.approx(float(c_out), rel=1e-6)
-        assert s.alpha[i].item() == pytest.approx(
-            scheduler.alphas_cumprod[t].sqrt().item(), rel=1e-6
-        )
-        assert s.beta[i].item() == pytest.approx(
-            (1 - scheduler.alphas_cumprod[t]).sqrt().item(), rel=1e-6
-        )
+        assert s.alpha[i].item() == pytest.approx(scheduler.alphas_cumprod[t].sqrt().item(), rel=1e-6)
+        assert s.beta[i].item() == pytest.approx((1 - scheduler.alphas_cumprod[t]).sqrt().item(), rel=1e-6)
     assert boundary_scalings(0) == (1.0, 0.0)
 
 
@@ -213,9 +205,7 @@ def test_residual_noise_keeps_the_paper_invariant_self_negative():
     batch = make_batch([0, 16, 32, 45], CfgType.SELF, guidance=1.6, delta=0.8)
     denoise = AnalyticDenoiser(seed=5)
     s = batch.schedule
-    zs = [
-        torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(100 + k)) for k in range(8)
-    ]
+    zs = [torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(100 + k)) for k in range(8)]
     for k, z in enumerate(zs):
         batch.step(batch.noised_input(z), denoise, embeddings_for(batch))
         # after step k the buffer slot j (1..n-1) holds frame k - j + 1, and stock[j] its residual
@@ -308,9 +298,7 @@ def test_seed_change_swaps_buffered_noise_exactly():
     x0_est = (batch.latents[1] - s.beta[1] * batch.noise[1]) / s.alpha[1]
     new_noise = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(99))
     batch.set_noise(new_noise)
-    assert torch.allclose(
-        batch.latents[1], s.alpha[1] * x0_est + s.beta[1] * new_noise[1], atol=1e-5
-    )
+    assert torch.allclose(batch.latents[1], s.alpha[1] * x0_est + s.beta[1] * new_noise[1], atol=1e-5)
 
 
 def test_schedule_change_keeps_output_flowing_and_resizes():
@@ -383,9 +371,7 @@ def test_skip_probability_formula():
     from engine.stream.similarity import skip_probability
 
     cos = torch.tensor([0.5, 0.98, 0.99, 1.0])
-    assert torch.allclose(
-        skip_probability(cos, 0.98), torch.tensor([0.0, 0.0, 0.5, 1.0]), atol=1e-6
-    )
+    assert torch.allclose(skip_probability(cos, 0.98), torch.tensor([0.0, 0.0, 0.5, 1.0]), atol=1e-6)
     assert torch.allclose(skip_probability(cos, 0.0), cos)
 
 

@@ -181,11 +181,12 @@ def _calibrate_vae(vae: Any) -> None:
     """
     images = _calibration_images()
     if isinstance(vae, AutoencoderTiny):
-        encoder_out = vae.encoder.layers[-1]
-        _rescale_output(encoder_out, vae.encoder(images), 0.0, 1.0, encoder_out.out_channels)
-        decoder_out = vae.decoder.layers[-1]
-        latents = vae.encoder(images)
-        hidden = vae.decoder.layers[:-1](torch.tanh(latents / 3) * 3)
+        taesd: Any = vae  # diffusers' modules are untyped for mypy
+        encoder_out = taesd.encoder.layers[-1]
+        _rescale_output(encoder_out, taesd.encoder(images), 0.0, 1.0, encoder_out.out_channels)
+        decoder_out = taesd.decoder.layers[-1]
+        latents = taesd.encoder(images)
+        hidden = taesd.decoder.layers[:-1](torch.tanh(latents / 3) * 3)
         _rescale_output(decoder_out, decoder_out(hidden), 0.5, 0.2, decoder_out.out_channels)
         return
     channels = vae.config.latent_channels
