@@ -60,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     params_cmd = sub.add_parser("params", help="print the registry of live parameters")
     params_cmd.add_argument("--json", action="store_true", help="print JSON only")
+    params_cmd.add_argument("--markdown", action="store_true", help="print docs/osc.md")
     params_cmd.add_argument(
         "--output",
         metavar="FILE",
@@ -160,6 +161,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.json:
         print(data)
+        return EXIT_OK
+    if args.markdown:
+        print(params.as_markdown(), end="")
         return EXIT_OK
     print(params.as_table())
     print()

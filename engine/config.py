@@ -557,7 +557,7 @@ class OscSettings(_Section):
         default_factory=list, description="IP addresses/CIDR networks obeyed ([] = loopback)"
     )
     status_hz: StrictFloat = Field(default=4.0, gt=0, le=60, description="status messages per s")
-    oscquery_port: Port | None = Field(default=None, description="OSCQuery HTTP port (null: off)")
+    oscquery_port: Port | None = Field(default=9002, description="OSCQuery HTTP port (null: off)")
     max_datagram_bytes: StrictInt = Field(
         default=65507, ge=512, le=65507, description="larger datagrams are dropped"
     )

@@ -546,3 +546,82 @@ def as_table() -> str:
         if i == 0:
             lines.append("  ".join(["-" * w for w in widths] + ["-" * 3]))
     return "\n".join(lines)
+
+
+FEEDBACK_ADDRESSES: tuple[tuple[str, str, str], ...] = (
+    ("/engine/state", "s", "loading | warming | running | paused | error | stopped"),
+    ("/engine/fps", "f", "output frames per second"),
+    ("/engine/latency_ms", "f", "source frame to output, milliseconds (mean over the last frames)"),
+    ("/engine/skip_rate", "f", "share of input frames the similarity filter skipped"),
+    ("/engine/error", "s", "why a message or a frame was refused; nothing changed"),
+)
+
+
+def as_markdown() -> str:
+    """docs/osc.md: the OSC address space, generated from this registry (CI checks it)."""
+    lines = [
+        "# OSC address space",
+        "",
+        "Generated from `engine/params.py` by `latentstage params --markdown > docs/osc.md`;",
+        "a test fails when this file and the registry drift apart.",
+        "",
+        "The engine listens on `127.0.0.1:9000` (config `osc.host`, `osc.port`) and sends feedback to",
+        "`127.0.0.1:9001` (`osc.feedback`). Binding to another address needs `osc.allow` (addresses or",
+        "networks); messages from anywhere else are dropped and counted. Ints are accepted where floats are",
+        "meant, bundles are unpacked, and changes apply at the next frame boundary.",
+        "",
+        "## Parameters and actions",
+        "",
+        "| address | args | range / choices | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in REGISTRY.values():
+        address = " ".join(f"`{a}`" for a in spec.addresses)
+        if spec.kind is ParamKind.ENUM:
+            span = " | ".join(spec.choices)
+        elif spec.minimum is not None or spec.maximum is not None:
+            span = f"{_fmt(spec.minimum)} .. {_fmt(spec.maximum)}"
+        else:
+            span = "-"
+        if spec.max_items:
+            span += f" (at most {spec.max_items})"
+        default = "-" if spec.default is None else f"`{spec.default!r}`"
+        args = f"`{spec.osc_args}`" if spec.osc_args else "-"
+        cells = (address, args, span, default, spec.doc)
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += [
+        "",
+        "## Feedback",
+        "",
+        "Every accepted change is echoed on its own address to the feedback targets, so two-way",
+        "surfaces (TouchOSC, Open Stage Control, the TouchDesigner component) follow. `/status` answers",
+        "the sender with every current value. A few times a second (`osc.status_hz`) the engine sends:",
+        "",
+        "| address | args | meaning |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{a}` | `{t}` | {doc} |" for a, t, doc in FEEDBACK_ADDRESSES]
+    lines += [
+        "",
+        "## Refused messages",
+        "",
+        "A wrong type, a value out of range, NaN or infinity, an unknown address, a string",
+        f"longer than {MAX_PROMPT_CHARS} characters, a blend of more than {MAX_BLEND_ITEMS} pairs",
+        "or a bundle nested deeper than 8 changes nothing. The engine answers `/engine/error`",
+        "with the parameter, the bad value and what is allowed (at most 10 answers per address",
+        "and second) and logs it once per address per second.",
+        "",
+        "## Examples (liblo's `oscsend`)",
+        "",
+        "```bash",
+        'oscsend 127.0.0.1 9000 /prompt s "neon jellyfish"',
+        'oscsend 127.0.0.1 9000 /prompt sf "a glowing forest" 4.0     # crossfade over 4 s',
+        'oscsend 127.0.0.1 9000 /prompt_blend sfsf "a cat" 1.0 "a dog" 0.5',
+        "oscsend 127.0.0.1 9000 /t_index_list ii 20 40",
+        "oscsend 127.0.0.1 9000 /similarity_filter/enabled T",
+        "oscsend 127.0.0.1 9000 /preset/save s intro",
+        "oscdump 9001                                                 # watch the feedback",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -272,3 +272,14 @@ def test_feedback_messages_encode_types():
     data = build_message("/x", [1, 2.5, "s", True])
     assert data.startswith(b"/x\x00\x00,ifsi")
     assert math.isclose(struct.unpack(">f", data[16:20])[0], 2.5)
+
+
+def test_docs_osc_md_matches_the_registry():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "osc.md"
+    assert path.read_text(encoding="utf-8") == params.as_markdown(), (
+        "docs/osc.md drifted from engine/params.py: run `latentstage params --markdown > docs/osc.md`"
+    )
+    for spec in params.REGISTRY.values():
+        assert f"`{spec.osc_address}`" in params.as_markdown()

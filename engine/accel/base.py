@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -27,3 +28,58 @@ class VaeRunner(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class UNetShape:
+    """Everything that fixes the shapes of one exported / built UNet.
+
+    Attributes:
+        batch: UNet batch per frame (n, n + 1 or 2n by cfg mode).
+        latent_channels, latent_height, latent_width: latent ``(C, h, w)``.
+        text_length, text_dim: prompt embeddings ``(L, D)`` (77 and the text encoder width).
+        cross_frame_groups: ``(start, stop)`` batch ranges attending to each other (cross-frame
+            attention), or ``None`` for plain self-attention.
+    """
+
+    batch: int
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    text_length: int = 77
+    text_dim: int = 768
+    cross_frame_groups: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def latents(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.latent_channels, self.latent_height, self.latent_width)
+
+    @property
+    def embeddings(self) -> tuple[int, int, int]:
+        return (self.batch, self.text_length, self.text_dim)
+
+
+@dataclass(frozen=True)
+class VaeShape:
+    """Image ``(1, 3, H, W)`` ↔ latent ``(1, C, H/f, W/f)`` of one exported VAE."""
+
+    height: int
+    width: int
+    latent_channels: int = 4
+    scale_factor: int = 8
+
+    @property
+    def image(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.height, self.width)
+
+    @property
+    def latent(self) -> tuple[int, int, int, int]:
+        f = self.scale_factor
+        return (1, self.latent_channels, self.height // f, self.width // f)
+
+
+UNET_INPUTS = ("latents", "timesteps", "embeddings")
+UNET_OUTPUTS = ("prediction",)
+VAE_ENCODER_IO = (("images",), ("latents",))
+VAE_DECODER_IO = (("latents",), ("images",))
+"""IO names of every exported graph; the runners bind by these names."""

@@ -79,14 +79,17 @@ class ControlService:
         )
         self.oscquery: OscQueryServer | None = None
         if settings.oscquery_port is not None:
-            self.oscquery = OscQueryServer(
-                control.applied,
-                engine_status,
-                self.server.host,
-                self.server.port,
-                host=settings.host,
-                port=settings.oscquery_port,
-            )
+            try:
+                self.oscquery = OscQueryServer(
+                    control.applied,
+                    engine_status,
+                    self.server.host,
+                    self.server.port,
+                    host=settings.host,
+                    port=settings.oscquery_port,
+                )
+            except OSError as err:  # discovery is a convenience: the show goes on without it
+                logger.warning("%s; running without OSCQuery", err)
         self._stop = threading.Event()
         self._status_thread = threading.Thread(
             target=self._status_loop, name="latentstage-status", daemon=True
