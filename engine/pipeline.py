@@ -10,15 +10,15 @@ from typing import Any
 import torch
 
 from engine import params
-from engine.accel.base import UNetRunner, VaeRunner
+from engine.accel.base import UNetRunner, UNetShape, VaeRunner
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
 from engine.params import ParamError
 from engine.prompting import PromptEncoder
-from engine.stream.attention import CrossFrameAttnProcessor, batch_groups
+from engine.stream.attention import CrossFrameAttnProcessor
 from engine.stream.batch import StreamBatch
 from engine.stream.blend import blend_noise, slerp
-from engine.stream.guidance import layout_embeddings
+from engine.stream.guidance import batch_groups_for, layout_embeddings, unet_batch_size
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode
 from engine.stream.schedule import StreamSchedule, build_schedule, strength_to_t_index_list
 from engine.stream.similarity import SimilarityFilter
@@ -357,9 +357,24 @@ class StreamPipeline:
         return positive, self.prompts.encode(state["negative_prompt"])
 
     def _attention_groups(self) -> tuple[tuple[int, int], ...]:
-        n, cfg_type = self.batch.n, self.batch.cfg_type
-        sizes = {CfgType.FULL: (n, n), CfgType.ONETIME: (1, n)}.get(cfg_type, (n,))
-        return batch_groups(sizes)
+        return batch_groups_for(self.batch.cfg_type, self.batch.n)
+
+    def unet_shape(self, n: int | None = None, cfg_type: CfgType | None = None) -> UNetShape:
+        """The fixed UNet shapes of the current (or a proposed) n and cfg mode."""
+        n = self.batch.n if n is None else n
+        cfg_type = self.batch.cfg_type if cfg_type is None else cfg_type
+        channels, height, width = self.latent_shape
+        return UNetShape(
+            batch=unet_batch_size(cfg_type, n),
+            latent_channels=channels,
+            latent_height=height,
+            latent_width=width,
+            text_length=int(self._positive.shape[1]),
+            text_dim=int(self._positive.shape[2]),
+            cross_frame_groups=(
+                batch_groups_for(cfg_type, n) if self.settings.cross_frame_attention else None
+            ),
+        )
 
     def _install_cross_frame_attention(self) -> None:
         """Route every self-attention (``attn1``) layer of the UNet through cross-frame attn."""

@@ -283,3 +283,39 @@ def test_docs_osc_md_matches_the_registry():
     )
     for spec in params.REGISTRY.values():
         assert f"`{spec.osc_address}`" in params.as_markdown()
+
+
+def test_status_reaches_a_sender_that_is_also_a_feedback_target():
+    """Regression: a controller sending from its own feedback address got no /status reply."""
+    import socket as socketlib
+
+    from engine.control.transport import FeedbackSender, OscUdpServer
+
+    with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as client:
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(2.0)
+        me = client.getsockname()
+        state = ControlState(applied=dict(DEFAULTS, prompt="hello"))
+        feedback = FeedbackSender([me])
+        server = OscUdpServer(OscDispatcher(state, state.applied), feedback, port=0)
+        server.start()
+        try:
+            client.sendto(build_message("/status", []), ("127.0.0.1", server.port))
+            addresses = set()
+            try:
+                while True:
+                    addresses.add(client.recvfrom(65536)[0].split(b"\x00", 1)[0])
+            except TimeoutError:
+                pass
+            assert b"/prompt" in addresses and b"/seed" in addresses
+            client.sendto(build_message("/seed", ["bad"]), ("127.0.0.1", server.port))
+            errors = []
+            try:
+                while True:
+                    errors.append(client.recvfrom(65536)[0])
+            except TimeoutError:
+                pass
+            assert len(errors) == 1 and errors[0].startswith(b"/engine/error")  # once, not twice
+        finally:
+            server.close()
+            feedback.close()

@@ -171,5 +171,6 @@ class OscUdpServer:
     def _send_reply(self, reply: Reply, sender: tuple[str, int]) -> None:
         if reply.to_feedback:
             self.feedback.send(reply.address, reply.args)
-        if reply.to_sender and sender not in self.feedback.targets:
+        # to the sender too, unless the feedback just went there already
+        if reply.to_sender and not (reply.to_feedback and sender in self.feedback.targets):
             self.feedback.send(reply.address, reply.args, to=[sender])

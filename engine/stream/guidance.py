@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from engine.stream.attention import batch_groups
 from engine.stream.modes import CfgType
 
 
 def unet_batch_size(cfg_type: CfgType, n: int) -> int:
     """UNet batch per frame: n (none, self), n + 1 (onetime), 2n (full)."""
     return {CfgType.NONE: n, CfgType.SELF: n, CfgType.ONETIME: n + 1, CfgType.FULL: 2 * n}[cfg_type]
+
+
+def batch_groups_for(cfg_type: CfgType, n: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` ranges of the UNet batch that belong together (for cross-frame attention).
+
+    full: the unconditional and the conditional halves; onetime: the negative element alone,
+    then the stream batch; none/self: the whole stream batch.
+    """
+    sizes = {CfgType.FULL: (n, n), CfgType.ONETIME: (1, n)}.get(cfg_type, (n,))
+    return batch_groups(sizes)
 
 
 def expand_for_unet(cfg_type: CfgType, x: torch.Tensor) -> torch.Tensor:
