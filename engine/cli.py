@@ -19,6 +19,7 @@ EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
 EXIT_MODEL_ERROR = 3
 EXIT_BRIDGE_UNAVAILABLE = 4
+EXIT_BACKEND_UNAVAILABLE = 5
 STATUS_INTERVAL_S = 0.5
 
 
@@ -83,6 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=None, metavar="S", help="stop cleanly after S seconds"
     )
     run_cmd.add_argument("--quiet", action="store_true", help="no live status line")
+
+    build_cmd = sub.add_parser("build", help="export / build the engines a configuration needs")
+    _add_config_arguments(build_cmd)
 
     sub.add_parser("bridges", help="list every frame bridge and whether it can run here")
     sub.add_parser("doctor", help="report torch, device, CUDA, TensorRT and each bridge SDK")
@@ -220,7 +224,50 @@ class _StatusPrinter:
             sys.stderr.write("\n")
 
 
+def _make_backend(config: Any, models: Any) -> Any:
+    """The configured acceleration backend for ``models`` (engines prepared lazily)."""
+    from engine.accel.backends import AccelSettings, create_backend
+    from engine.accel.base import VaeShape
+
+    vae_shape = VaeShape(
+        config.stream.height, config.stream.width, models.latent_channels, models.vae_scale_factor
+    )
+    return create_backend(models, vae_shape, AccelSettings.from_config(config.acceleration))
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from engine.accel.backends import BackendKind, unavailable_reason
+    from engine.models.errors import ModelLoadError
+    from engine.models.loader import load_models
+    from engine.pipeline import PipelineSettings, StreamPipeline
+
+    config = _load_config_or_report(args)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    requested = BackendKind(config.acceleration.backend.value)
+    if requested is BackendKind.TORCH:
+        print("acceleration.backend is torch: nothing to build (set it to onnxruntime or tensorrt).")
+        return EXIT_OK
+    reason = unavailable_reason(requested)
+    if reason is not None:
+        print(f"latentstage: the {requested.value} backend cannot run here: {reason}", file=sys.stderr)
+        return EXIT_BACKEND_UNAVAILABLE
+    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
+    try:
+        models = load_models(config.model, progress=_status)
+    except ModelLoadError as error:
+        print(f"latentstage: {error}", file=sys.stderr)
+        return EXIT_MODEL_ERROR
+    backend = _make_backend(config, models)
+    started = time.monotonic()
+    pipeline = StreamPipeline(models, PipelineSettings.from_config(config), backend=backend)
+    print(f"  .. ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    print(backend.cache.describe([*backend.unet_keys([pipeline.unet_shape()]), *backend.vae_keys()]))
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from engine.accel.backends import BackendUnavailableError
     from engine.models.errors import ModelLoadError
     from engine.models.loader import load_models
     from engine.runtime.engine import build_engine
@@ -248,7 +295,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"  .. model ready in {time.monotonic() - started:.1f} s on {models.device}",
         file=sys.stderr,
     )
-    engine = build_engine(config, models)
+    try:
+        backend = _make_backend(config, models)
+        engine = build_engine(config, models, backend=backend)
+    except BackendUnavailableError as error:
+        print(f"latentstage: {error}", file=sys.stderr)
+        return EXIT_BACKEND_UNAVAILABLE
+    print(f"  .. running on {backend.describe()}", file=sys.stderr)
     try:
         control = _start_control(config, args.config, engine)
     except OSError as error:
@@ -338,6 +391,7 @@ _COMMANDS = {
     "params": _cmd_params,
     "bench": _cmd_bench,
     "run": _cmd_run,
+    "build": _cmd_build,
     "bridges": _cmd_bridges,
     "doctor": _cmd_doctor,
 }

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from engine import params
+from engine.accel.backends import Backend
 from engine.accel.base import UNetRunner, UNetShape, VaeRunner
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
@@ -42,6 +43,18 @@ PIPELINE_PARAMS: tuple[str, ...] = (
     "similarity_filter_max_skip_frames",
 )
 """Live parameters ``StreamPipeline.apply`` accepts (names from ``engine.params``)."""
+
+
+class NeedsEngine(Exception):
+    """A change needs a UNet of another shape that the backend has not built yet.
+
+    Raised by ``apply`` before anything changed; the runtime builds ``shape`` off the frame
+    loop (the current configuration keeps running) and applies the change when it is ready.
+    """
+
+    def __init__(self, shape: UNetShape) -> None:
+        super().__init__(f"no engine yet for UNet batch {shape.batch} ({shape})")
+        self.shape = shape
 
 
 @dataclass
@@ -122,6 +135,7 @@ class StreamPipeline:
         settings: PipelineSettings | None = None,
         unet_runner: UNetRunner | None = None,
         vae_runner: VaeRunner | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.models = models
         self.settings = settings = settings or PipelineSettings()
@@ -178,6 +192,10 @@ class StreamPipeline:
         self._cross_frame: CrossFrameAttnProcessor | None = None
         if settings.cross_frame_attention:
             self._install_cross_frame_attention()
+        self.backend = backend
+        if backend is not None:
+            self.vae_runner = backend.vae()
+            self.unet_runner = backend.prepare_unet(self.unet_shape())
 
     # ------------------------------------------------------------------ per frame
     @torch.inference_mode()
@@ -259,12 +277,21 @@ class StreamPipeline:
         positive, negative = (
             self._prompt_embeddings(new_state) if prompt_changed else (self._positive, self._negative)
         )
-        layout_changed = prompt_changed or n != self.batch.n or cfg_type is not self.batch.cfg_type
+        shape_changed = n != self.batch.n or cfg_type is not self.batch.cfg_type
+        runner = self.unet_runner
+        if shape_changed and self.backend is not None:
+            shape = self.unet_shape(n, cfg_type)
+            ready = self.backend.unet_for(shape)
+            if ready is None:
+                raise NeedsEngine(shape)
+            runner = ready
+        layout_changed = prompt_changed or shape_changed
         embeddings = (
             layout_embeddings(cfg_type, n, positive, negative) if layout_changed else self._embeddings
         )
 
         # commit
+        self.unet_runner = runner
         if schedule_changed:
             self.batch.set_schedule(schedule, noise)
         elif noise_changed:

@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
-from diffusers.loaders.single_file_utils import SingleFileComponentError
-from diffusers.utils import deprecation_utils
+from diffusers import AutoencoderTiny, LCMScheduler
 from safetensors import SafetensorError, safe_open
 
 from engine.models.assemble import assemble_bundle
@@ -28,19 +26,28 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 VAE_KINDS = ("taesd", "full")
-_LOAD_ERRORS = (
-    OSError,
-    ValueError,
-    KeyError,
-    RuntimeError,
-    TypeError,
-    SafetensorError,
-    SingleFileComponentError,
-)
-# diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
-_DTYPE_KWARG = (
-    "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-)
+_BASIC_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
+
+
+def _sd_pipeline_class() -> Any:
+    """diffusers' ``StableDiffusionPipeline``, imported on first use (it pulls in transformers'
+    image processors: seconds of start-up that builtin:tiny does not need)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    return (*_BASIC_LOAD_ERRORS, SingleFileComponentError)
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 _LDM_UNET_PREFIX = "model.diffusion_model."
 
 
@@ -150,7 +157,7 @@ def _check_checkpoint(path_name: str) -> None:
 def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) -> Any:
     """A ``StableDiffusionPipeline`` from a single file, a diffusers folder or the hub."""
     common: dict[str, Any] = {
-        _DTYPE_KWARG: dtype,
+        _dtype_kwarg(): dtype,
         "safety_checker": None,
         "requires_safety_checker": False,
     }
@@ -159,7 +166,7 @@ def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) 
     try:
         if kind is SourceKind.SINGLE_FILE:
             extra = {"config": request.single_file_config} if request.single_file_config else {}
-            return StableDiffusionPipeline.from_single_file(
+            return _sd_pipeline_class().from_single_file(
                 str(local_path(request.id)),
                 local_files_only=request.local_files_only,
                 cache_dir=request.cache_dir,
@@ -167,14 +174,14 @@ def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) 
                 **common,
             )
         if kind is SourceKind.LOCAL_FOLDER:
-            return StableDiffusionPipeline.from_pretrained(str(local_path(request.id)), **common)
-        return StableDiffusionPipeline.from_pretrained(
+            return _sd_pipeline_class().from_pretrained(str(local_path(request.id)), **common)
+        return _sd_pipeline_class().from_pretrained(
             request.id,
             cache_dir=request.cache_dir,
             local_files_only=request.local_files_only,
             **common,
         )
-    except _LOAD_ERRORS as err:
+    except _load_errors() as err:
         raise ModelLoadError(_pipeline_failure(kind, request.id, err)) from err
 
 
@@ -206,9 +213,9 @@ def _load_taesd(request: ModelRequest, dtype: torch.dtype) -> AutoencoderTiny:
             source,
             cache_dir=request.cache_dir,
             local_files_only=request.local_files_only,
-            **{_DTYPE_KWARG: dtype},
+            **{_dtype_kwarg(): dtype},
         )
-    except _LOAD_ERRORS as err:
+    except _load_errors() as err:
         raise ModelLoadError(
             f"TAESD {request.taesd_id!r} could not be loaded (offline?): {short_reason(err)}. "
             "Give a cached hub id or a local AutoencoderTiny folder as taesd_id, or use vae: full."
@@ -238,7 +245,7 @@ def _load_builtin(request: ModelRequest, progress: Progress | None) -> dict[str,
         seed=0, vae=request.vae, prediction_type="epsilon" if override == "auto" else override
     )
     if request.lcm_lora or request.loras:
-        pipe = StableDiffusionPipeline(
+        pipe = _sd_pipeline_class()(
             vae=tiny.vae,
             text_encoder=tiny.text_encoder,
             tokenizer=tiny.tokenizer,

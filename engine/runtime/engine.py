@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from bridges.base import FrameSink, FrameSource, open_sink, open_source
+from engine.accel.backends import Backend
+from engine.accel.base import UNetShape
 from engine.control.state import PROMPT_KEYS, ControlState
 from engine.models.bundle import ModelBundle
 from engine.params import ParamError, validate_changes
-from engine.pipeline import PIPELINE_PARAMS, PipelineSettings, StreamPipeline
+from engine.pipeline import PIPELINE_PARAMS, NeedsEngine, PipelineSettings, StreamPipeline
 from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import EngineState, RuntimeStats
@@ -36,6 +38,8 @@ from engine.stream.modes import GenerationMode
 logger = logging.getLogger(__name__)
 
 RUNTIME_PARAMS = ("bypass", "pause")
+SHAPE_KEYS = ("t_index_list", "strength", "cfg_type")
+"""Changes that may need a UNet of another batch (n or the cfg mode)."""
 
 
 class OnLossMode(str, Enum):
@@ -120,6 +124,9 @@ class Engine:
         self.control.mark_applied({**pipeline.state, **self.runtime_state})
         self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
         self._transition: tuple[torch.Tensor, float, float] | None = None
+        self._build_lock = threading.Lock()
+        self._building: set[UNetShape] = set()
+        self._deferred: dict[UNetShape, dict[str, Any]] = {}
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._started = False
@@ -292,7 +299,14 @@ class Engine:
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
         accepted_runtime = validate_changes(runtime, RUNTIME_PARAMS)
         previous = self.pipeline.current_positive
-        accepted = self.pipeline.apply(stream) if stream else {}
+        try:
+            accepted = self.pipeline.apply(stream) if stream else {}
+        except NeedsEngine as need:
+            # 1. the new shape is built off the loop; the current configuration keeps running
+            deferred = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
+            self._build_in_background(need.shape, deferred)
+            rest = {k: v for k, v in stream.items() if k not in SHAPE_KEYS}
+            accepted = self.pipeline.apply(rest) if rest else {}
         self.runtime_state.update(accepted_runtime)
         accepted.update(accepted_runtime)
         if crossfade_s > 0 and any(k in accepted for k in PROMPT_KEYS):
@@ -305,6 +319,37 @@ class Engine:
         self.control.mark_applied(accepted)
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
+
+    def _build_in_background(self, shape: UNetShape, deferred: dict[str, Any]) -> None:
+        """Prepare the UNet for ``shape`` on a worker; re-submit ``deferred`` when it is ready."""
+        backend = self.pipeline.backend
+        assert backend is not None
+        with self._build_lock:
+            self._deferred[shape] = deferred
+            if shape in self._building:
+                return
+            self._building.add(shape)
+        logger.info("preparing a UNet for batch %d; the current configuration keeps running", shape.batch)
+
+        def build() -> None:
+            try:
+                backend.prepare_unet(shape)
+            # a build is third-party work (exporters, TensorRT): whatever fails is reported and
+            # the engine keeps running the configuration it has
+            except Exception as err:
+                self._report_error(f"engine build for batch {shape.batch} failed: {err}")
+                with self._build_lock:
+                    self._building.discard(shape)
+                    self._deferred.pop(shape, None)
+                return
+            with self._build_lock:
+                self._building.discard(shape)
+                changes = self._deferred.pop(shape, {})
+            if changes and not self._stop.is_set():
+                self.control.write(changes)
+                self._slot.wake()
+
+        threading.Thread(target=build, name="latentstage-build", daemon=True).start()
 
     def _step_transition(self) -> None:
         assert self._transition is not None
@@ -342,12 +387,14 @@ def build_engine(
     models: ModelBundle,
     settings: PipelineSettings | None = None,
     sink_extra: Mapping[str, Mapping[str, Any]] | None = None,
+    backend: Backend | None = None,
 ) -> Engine:
     """An Engine for a validated config: pipeline, source and sinks from their sections.
 
-    ``sink_extra`` adds options per bridge name (e.g. the preview's ``stats`` callable).
+    ``sink_extra`` adds options per bridge name (e.g. the preview's ``stats`` callable);
+    ``backend`` runs the UNet and VAE (torch eager when ``None``).
     """
-    pipeline = StreamPipeline(models, settings or PipelineSettings.from_config(config))
+    pipeline = StreamPipeline(models, settings or PipelineSettings.from_config(config), backend=backend)
     source_name, source_options = source_spec(config.input)
     stats = RuntimeStats()
 

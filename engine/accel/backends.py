@@ -1,0 +1,376 @@
+"""Backend selection: torch, ONNX Runtime or TensorRT runners for the pipeline, with fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
+from engine.accel.cache import EngineCache, EngineKey, weights_fingerprint
+from engine.accel.torch_backend import TorchUNet, TorchVae
+from engine.models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+class BackendKind(str, Enum):
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The configured backend cannot run here and ``acceleration.fallback`` is ``error``."""
+
+
+class Backend(Protocol):
+    """Gives the pipeline its UNet and VAE runners.
+
+    ``unet_for`` answers at once (a ready runner or ``None``); ``prepare_unet`` may export or
+    build for minutes and is called off the frame loop when a live change needs a new shape.
+    """
+
+    name: str
+
+    def unet_for(self, shape: UNetShape) -> UNetRunner | None: ...
+
+    def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner: ...
+
+    def vae(self, progress: Progress | None = None) -> VaeRunner: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class AccelSettings:
+    """The ``acceleration`` config section (plain values)."""
+
+    backend: BackendKind = BackendKind.TORCH
+    fallback: str = "error"
+    compile: bool = False
+    engine_dir: str = "engines"
+    onnx_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    cuda_graph: bool = False
+    refittable: bool = False
+
+    @classmethod
+    def from_config(cls, section: Any) -> AccelSettings:
+        return cls(
+            backend=BackendKind(getattr(section.backend, "value", section.backend)),
+            fallback=str(getattr(section.fallback, "value", section.fallback)),
+            compile=bool(section.compile),
+            engine_dir=str(section.engine_dir),
+            onnx_providers=list(section.onnx_providers),
+            cuda_graph=bool(section.cuda_graph),
+            refittable=bool(section.refittable),
+        )
+
+
+class TorchBackend:
+    """Eager PyTorch (optionally ``torch.compile``): one runner serves every shape."""
+
+    name = "torch"
+
+    def __init__(self, models: ModelBundle, compile_unet: bool = False) -> None:
+        unet = models.unet
+        if compile_unet:
+            logger.info("compiling the UNet with torch.compile (first frames are slow)")
+            unet = torch.compile(unet)
+        self._unet = TorchUNet(unet)
+        self._vae = TorchVae(models.vae, models.vae_scaling_factor)
+
+    def unet_for(self, shape: UNetShape) -> UNetRunner:
+        return self._unet
+
+    def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner:
+        return self._unet
+
+    def vae(self, progress: Progress | None = None) -> VaeRunner:
+        return self._vae
+
+    def describe(self) -> str:
+        return "torch (eager)"
+
+
+class _ExportedBackend:
+    """Shared by ONNX Runtime and TensorRT: exported graphs in the engine cache, by key."""
+
+    name = "exported"
+
+    def __init__(self, models: ModelBundle, vae_shape: VaeShape, settings: AccelSettings) -> None:
+        self.models = models
+        self.vae_shape = vae_shape
+        self.settings = settings
+        self.cache = EngineCache(Path(settings.engine_dir))
+        self._runners: dict[UNetShape, UNetRunner] = {}
+        self._vae: VaeRunner | None = None
+        self._lock = threading.Lock()
+        self._fingerprints: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ protocol
+    def unet_for(self, shape: UNetShape) -> UNetRunner | None:
+        with self._lock:
+            return self._runners.get(shape)
+
+    def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner:
+        runner = self.unet_for(shape)
+        if runner is not None:
+            return runner
+        runner = self._load_unet(shape, progress)
+        with self._lock:
+            self._runners[shape] = runner
+        return runner
+
+    def vae(self, progress: Progress | None = None) -> VaeRunner:
+        if self._vae is None:
+            self._vae = self._load_vae(progress)
+        return self._vae
+
+    def unet_keys(self, shapes: Sequence[UNetShape]) -> list[EngineKey]:
+        return [self._key("unet", shape) for shape in shapes]
+
+    def vae_keys(self) -> list[EngineKey]:
+        return [self._key(component, self.vae_shape) for component in ("vae_encoder", "vae_decoder")]
+
+    # ------------------------------------------------------------------ to implement
+    def _load_unet(self, shape: UNetShape, progress: Progress | None) -> UNetRunner:
+        raise NotImplementedError
+
+    def _load_vae(self, progress: Progress | None) -> VaeRunner:
+        raise NotImplementedError
+
+    def _runtime_fields(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def export_dtype(self) -> torch.dtype:
+        """fp16 graphs where the device is CUDA (TensorRT builds strongly typed from them)."""
+        return torch.float16 if self.models.device.type == "cuda" else torch.float32
+
+    def _fingerprint(self, component: str) -> str:
+        if component not in self._fingerprints:
+            module = self.models.unet if component == "unet" else self.models.vae
+            started = time.monotonic()
+            self._fingerprints[component] = weights_fingerprint(module)
+            logger.debug("hashed %s weights in %.1f s", component, time.monotonic() - started)
+        return self._fingerprints[component]
+
+    def _key(self, component: str, shape: UNetShape | VaeShape) -> EngineKey:
+        if isinstance(shape, UNetShape):
+            batch = shape.batch
+            height = shape.latent_height * self.models.vae_scale_factor
+            width = shape.latent_width * self.models.vae_scale_factor
+            cfg_mode = f"b{shape.batch}"
+            cross_frame = shape.cross_frame_groups is not None
+            groups = repr(shape.cross_frame_groups)
+        else:
+            batch, height, width, cfg_mode, cross_frame, groups = (
+                1,
+                shape.height,
+                shape.width,
+                "none",
+                False,
+                "",
+            )
+        dtype = self.export_dtype
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+        return EngineKey.create(
+            component=component,
+            identity={**self.models.identity, "cross_frame_groups": groups},
+            weights_hash=self._fingerprint("unet" if component == "unet" else "vae"),
+            height=height,
+            width=width,
+            batch=batch,
+            precision=precision,
+            io_dtypes={"float": str(dtype).removeprefix("torch."), "timesteps": "int64"},
+            opset=18,
+            exporter=f"torch {torch.__version__}",
+            cfg_mode=cfg_mode,
+            cross_frame=cross_frame,
+            refittable=self.settings.refittable,
+            **self._runtime_fields(),
+        )
+
+    def _onnx(self, key: EngineKey, shape: UNetShape | VaeShape, progress: Progress | None) -> Path:
+        """The exported graph of ``key`` (exported now when the cache has none)."""
+        from engine.accel import onnx_export
+
+        folder = self.cache.lookup(key)
+        name = f"{key.component}.onnx"
+        if folder is not None:
+            return folder / name
+        path = self.cache.file_path(key, name)
+        started = time.monotonic()
+        _say(progress, f"exporting {key.component} to ONNX ({key.folder_name()})")
+        if isinstance(shape, UNetShape):
+            onnx_export.export_unet(self.models.unet, shape, path, self.export_dtype)
+        elif key.component == "vae_encoder":
+            onnx_export.export_vae_encoder(
+                self.models.vae, shape, path, self.export_dtype, self.models.vae_scaling_factor
+            )
+        else:
+            onnx_export.export_vae_decoder(
+                self.models.vae, shape, path, self.export_dtype, self.models.vae_scaling_factor
+            )
+        files = {name: name}
+        data = path.with_name(name + ".data")
+        if data.exists():
+            files[data.name] = data.name
+        self.cache.write_manifest(key, files, build_seconds=time.monotonic() - started)
+        return path
+
+
+class OnnxRuntimeBackend(_ExportedBackend):
+    """ONNX Runtime sessions over exported graphs; providers in the configured order."""
+
+    name = "onnxruntime"
+
+    def __init__(self, models: ModelBundle, vae_shape: VaeShape, settings: AccelSettings) -> None:
+        super().__init__(models, vae_shape, settings)
+        from engine.accel.onnxruntime_backend import choose_providers
+
+        self.providers = choose_providers(settings.onnx_providers)
+
+    def _runtime_fields(self) -> dict[str, str]:
+        return {"tensorrt_version": "-", "gpu_name": "any", "compute_capability": "-"}
+
+    def _load_unet(self, shape: UNetShape, progress: Progress | None) -> UNetRunner:
+        from engine.accel.onnxruntime_backend import OrtUNet
+
+        path = self._onnx(self._key("unet", shape), shape, progress)
+        return OrtUNet(path, shape, self.providers)
+
+    def _load_vae(self, progress: Progress | None) -> VaeRunner:
+        from engine.accel.onnxruntime_backend import OrtVae
+
+        encoder_key, decoder_key = self.vae_keys()
+        encoder = self._onnx(encoder_key, self.vae_shape, progress)
+        decoder = self._onnx(decoder_key, self.vae_shape, progress)
+        return OrtVae(encoder, decoder, self.vae_shape, self.providers)
+
+    def describe(self) -> str:
+        return f"onnxruntime ({', '.join(self.providers)})"
+
+
+class TensorRTBackend(_ExportedBackend):
+    """Native TensorRT engines built from fp16 ONNX exports, cached by ``EngineKey``."""
+
+    name = "tensorrt"
+
+    def _runtime_fields(self) -> dict[str, str]:
+        from engine.accel.tensorrt_backend import gpu_facts, tensorrt_version
+
+        gpu_name, capability = gpu_facts(self.models.device)
+        return {
+            "tensorrt_version": tensorrt_version() or "-",
+            "gpu_name": gpu_name,
+            "compute_capability": capability,
+        }
+
+    def _plan(self, key: EngineKey, shape: UNetShape | VaeShape, progress: Progress | None) -> Path:
+        from engine.accel.tensorrt_backend import TqdmProgress, build_engine
+
+        folder = self.cache.lookup(key)
+        plan_name = f"{key.component}.plan"
+        if folder is not None and (folder / plan_name).exists():
+            return folder / plan_name
+        onnx_key = dataclasses.replace(key, tensorrt_version="-", refittable=False)
+        onnx_path = self._onnx(onnx_key, shape, progress)
+        plan = self.cache.file_path(key, plan_name)
+        _say(progress, f"building TensorRT engine {key.folder_name()} (minutes; cached afterwards)")
+        started = time.monotonic()
+        report = TqdmProgress()
+        try:
+            build_engine(
+                onnx_path,
+                shape,
+                key.component,
+                plan,
+                self.cache.timing_cache_path(key),
+                refittable=self.settings.refittable,
+                progress=report,
+            )
+        finally:
+            report.close()
+        self.cache.write_manifest(key, {plan_name: plan_name}, build_seconds=time.monotonic() - started)
+        return plan
+
+    def _load_unet(self, shape: UNetShape, progress: Progress | None) -> UNetRunner:
+        from engine.accel.tensorrt_backend import TrtUNet
+
+        plan = self._plan(self._key("unet", shape), shape, progress)
+        return TrtUNet(plan, use_cuda_graph=self.settings.cuda_graph)
+
+    def _load_vae(self, progress: Progress | None) -> VaeRunner:
+        from engine.accel.tensorrt_backend import TrtVae
+
+        encoder_key, decoder_key = self.vae_keys()
+        encoder = self._plan(encoder_key, self.vae_shape, progress)
+        decoder = self._plan(decoder_key, self.vae_shape, progress)
+        return TrtVae.from_plans(encoder, decoder)
+
+    def describe(self) -> str:
+        return "tensorrt (static engines)"
+
+
+def unavailable_reason(kind: BackendKind) -> str | None:
+    """Why a backend cannot run here (None: it can)."""
+    if kind is BackendKind.TORCH:
+        return None
+    if kind is BackendKind.ONNXRUNTIME:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            return f"{err.name} is not installed (pip install latentstage[onnx])."
+        return None
+    from engine.accel.tensorrt_backend import unavailable_reason as trt_reason
+
+    return trt_reason()
+
+
+_warned: set[str] = set()
+
+
+def create_backend(models: ModelBundle, vae_shape: VaeShape, settings: AccelSettings) -> Backend:
+    """The configured backend, or torch with one WARNING when it cannot run and fallback allows.
+
+    Raises:
+        BackendUnavailableError: the backend cannot run and ``acceleration.fallback`` is ``error``;
+            the message names the missing piece.
+    """
+    from engine.accel.tensorrt_backend import fallback_decision
+
+    decision, message = fallback_decision(
+        settings.backend, settings.fallback, unavailable_reason(settings.backend)
+    )
+    if decision == "error":
+        raise BackendUnavailableError(message)
+    if decision == "fallback":
+        if message not in _warned:
+            _warned.add(message)
+            logger.warning("%s", message)
+        return TorchBackend(models, settings.compile)
+    if settings.backend is BackendKind.TORCH:
+        return TorchBackend(models, settings.compile)
+    if settings.backend is BackendKind.ONNXRUNTIME:
+        return OnnxRuntimeBackend(models, vae_shape, settings)
+    return TensorRTBackend(models, vae_shape, settings)
+
+
+def _say(progress: Progress | None, text: str) -> None:
+    logger.info("%s", text)
+    if progress is not None:
+        progress(text)
