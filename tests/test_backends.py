@@ -1,0 +1,163 @@
+"""Backend selection, fallback, the ONNX Runtime backend's cache, and builds off the frame loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.accel import backends
+from engine.accel.backends import (
+    AccelSettings,
+    BackendKind,
+    BackendUnavailableError,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    create_backend,
+)
+from engine.accel.base import UNetShape, VaeShape
+from engine.accel.torch_backend import TorchUNet, TorchVae
+from engine.cli import main
+from engine.models.loader import ModelRequest, load_models
+from engine.pipeline import NeedsEngine, PipelineSettings, StreamPipeline
+from engine.runtime.engine import Engine
+from engine.stream.modes import CfgType
+from tests.fakes import SIZE, FakeSource, RecordingSink
+
+VAE_SHAPE = VaeShape(SIZE, SIZE)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
+
+
+def settings(**overrides) -> PipelineSettings:
+    return PipelineSettings(
+        width=SIZE,
+        height=SIZE,
+        t_index_list=[32, 45],
+        cfg_type=CfgType.SELF,
+        guidance_scale=1.4,
+        prompt="a test",
+        **overrides,
+    )
+
+
+def test_tensorrt_here_stops_with_error_fallback(bundle):
+    with pytest.raises(BackendUnavailableError, match="tensorrt") as info:
+        create_backend(bundle, VAE_SHAPE, AccelSettings(backend=BackendKind.TENSORRT, fallback="error"))
+    assert "pip install latentstage[tensorrt]" in str(info.value)
+
+
+def test_tensorrt_here_falls_back_to_torch_and_warns_once(bundle, caplog):
+    backends._warned.clear()
+    accel = AccelSettings(backend=BackendKind.TENSORRT, fallback="torch")
+    with caplog.at_level(logging.WARNING, logger="engine.accel.backends"):
+        first = create_backend(bundle, VAE_SHAPE, accel)
+        second = create_backend(bundle, VAE_SHAPE, accel)
+    assert isinstance(first, TorchBackend) and isinstance(second, TorchBackend)
+    warnings = [r for r in caplog.records if "tensorrt" in r.getMessage()]
+    assert len(warnings) == 1 and "torch" in warnings[0].getMessage()
+
+
+def test_build_command_without_tensorrt_explains(capsys):
+    assert main(["build", "--preset", "demo", "--set", "acceleration.backend=tensorrt"]) == 5
+    err = capsys.readouterr().err
+    assert "TensorRT" in err and "pip install latentstage[tensorrt]" in err
+    assert main(["build", "--preset", "demo"]) == 0
+    assert "nothing to build" in capsys.readouterr().out
+
+
+def moving_frames(count: int) -> list[torch.Tensor]:
+    base = torch.rand((1, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return [torch.roll(base, shifts=3 * k, dims=3) for k in range(count)]
+
+
+def test_onnxruntime_backend_matches_torch_and_reuses_its_cache(bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path / "engines"))
+    backend = create_backend(bundle, VAE_SHAPE, accel)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    ort_pipe = StreamPipeline(bundle, settings(), backend=backend)
+    torch_pipe = StreamPipeline(bundle, settings())
+    for frame in moving_frames(20):
+        a, b = ort_pipe(frame), torch_pipe(frame)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max() < 1e-3
+    folders = sorted(p.name for p in (tmp_path / "engines").iterdir())
+    assert len(folders) == 3 and any(f.startswith("unet_") for f in folders)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "engines").rglob("*.onnx")}
+    again = create_backend(bundle, VAE_SHAPE, accel)
+    StreamPipeline(bundle, settings(), backend=again)  # loads from the cache, exports nothing
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "engines").rglob("*.onnx")} == stamps
+
+
+class SlowBackend:
+    """A backend that needs ``delay`` seconds to prepare each new UNet shape."""
+
+    name = "slow"
+
+    def __init__(self, models, delay: float) -> None:
+        self._unet = TorchUNet(models.unet)
+        self._vae = TorchVae(models.vae, models.vae_scaling_factor)
+        self.ready: set[UNetShape] = set()
+        self.delay = delay
+        self.prepared: list[tuple[int, float, float]] = []
+
+    def unet_for(self, shape):
+        return self._unet if shape in self.ready else None
+
+    def prepare_unet(self, shape, progress=None):
+        start = time.monotonic()
+        if shape not in self.ready:
+            time.sleep(self.delay)
+            self.ready.add(shape)
+        self.prepared.append((shape.batch, start, time.monotonic()))
+        return self._unet
+
+    def vae(self, progress=None):
+        return self._vae
+
+    def describe(self) -> str:
+        return "slow test backend"
+
+
+def test_pipeline_refuses_a_shape_the_backend_lacks_and_changes_nothing(bundle):
+    backend = SlowBackend(bundle, delay=0.0)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    state = dict(pipe.state)
+    with pytest.raises(NeedsEngine) as need:
+        pipe.apply({"t_index_list": [10, 20, 30], "seed": 5})
+    assert need.value.shape.batch == 3 and pipe.state == state
+    pipe.apply({"guidance_scale": 1.1})  # same shape: fine
+    assert pipe.state["guidance_scale"] == 1.1
+
+
+def test_shape_change_builds_off_the_loop_while_output_continues(bundle):
+    backend = SlowBackend(bundle, delay=1.5)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    sink = RecordingSink()
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    thread = threading.Thread(target=engine.run, kwargs={"duration": 6.0}, daemon=True)
+    with engine:
+        thread.start()
+        while len(sink.frames) < 5:
+            time.sleep(0.05)
+        engine.submit({"t_index_list": [10, 25, 40], "seed": 9})
+        deadline = time.monotonic() + 10
+        while pipe.state["t_index_list"] != [10, 25, 40] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipe.state["t_index_list"] == [10, 25, 40], "applied once the engine was ready"
+        assert pipe.state["seed"] == 9
+        thread.join(10)
+    build = next(p for p in backend.prepared if p[0] == 3)
+    _, start, end = build
+    during = [t for t in sink.times if start <= t <= end]
+    assert end - start >= 1.4 and len(during) >= 10, "the old configuration kept running"
+    assert np.diff(during).max() < 0.5
