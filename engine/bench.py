@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine.accel.backends import Backend
 from engine.models.bundle import ModelBundle
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.modes import CfgType, GenerationMode
@@ -42,9 +43,7 @@ def _frames(settings: PipelineSettings, count: int, moving: bool) -> list[torch.
     return [torch.roll(base, shifts=4 * k, dims=3) for k in range(count)]
 
 
-def _measure(
-    step: Callable[[torch.Tensor], object], frames: Sequence[torch.Tensor], warmup: int
-) -> float:
+def _measure(step: Callable[[torch.Tensor], object], frames: Sequence[torch.Tensor], warmup: int) -> float:
     for frame in frames[:warmup]:
         step(frame)
     _sync(frames[0].device)
@@ -88,8 +87,12 @@ def run_bench(
     warmup: int = 5,
     steps: Sequence[int] = (1, 2, 4),
     progress: Callable[[str], None] | None = None,
+    backends: Sequence[Backend] = (),
 ) -> list[BenchRow]:
-    """Measure stream batch vs sequential, the four cfg modes and the similarity filter."""
+    """Measure stream batch vs sequential, the cfg modes, the similarity filter and backends.
+
+    ``backends`` (e.g. ONNX Runtime) are compared with torch eager on the configured settings.
+    """
     settings = replace(settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False)
     moving = _frames(settings, frames + warmup, moving=True)
     static = _frames(settings, frames + warmup, moving=False)
@@ -103,9 +106,7 @@ def run_bench(
     # 1. stream batch (one UNet call of batch n) vs n sequential calls of batch 1
     for n in steps:
         t_index_list = [round(i * 45 / max(n - 1, 1)) for i in range(n)] if n > 1 else [45]
-        pipe = StreamPipeline(
-            models, replace(settings, t_index_list=t_index_list, cfg_type=CfgType.NONE)
-        )
+        pipe = StreamPipeline(models, replace(settings, t_index_list=t_index_list, cfg_type=CfgType.NONE))
         say(f"stream batch vs sequential, n={n}")
         sequential = _measure(_sequential_step(pipe), moving, warmup)
         batched = _measure(pipe, moving, warmup)
@@ -119,9 +120,7 @@ def run_bench(
         say(f"cfg {cfg.value}")
         fps = _measure(pipe, moving, warmup)
         base = base or fps
-        rows.append(
-            BenchRow("guidance", f"cfg {cfg.value} (batch {pipe.unet_batch_size})", fps, base)
-        )
+        rows.append(BenchRow("guidance", f"cfg {cfg.value} (batch {pipe.unet_batch_size})", fps, base))
 
     # 3. similarity filter on a static input
     for enabled in (False, True):
@@ -140,6 +139,16 @@ def run_bench(
                 baseline,
             )
         )
+
+    # 4. backends side by side on the configured settings
+    if backends:
+        say("backend torch")
+        torch_fps = _measure(StreamPipeline(models, settings), moving, warmup)
+        rows.append(BenchRow("backend", "torch eager", torch_fps, torch_fps))
+        for backend in backends:
+            say(f"backend {backend.describe()}")
+            fps = _measure(StreamPipeline(models, settings, backend=backend), moving, warmup)
+            rows.append(BenchRow("backend", backend.describe()[:28], fps, torch_fps))
     return rows
 
 
@@ -148,7 +157,5 @@ def format_rows(rows: Sequence[BenchRow], header: str) -> str:
     lines = [header, f"{'group':<18} {'configuration':<28} {'fps':>8} {'ms/frame':>9} {'ratio':>7}"]
     lines.append("-" * len(lines[1]))
     for row in rows:
-        lines.append(
-            f"{row.group:<18} {row.name:<28} {row.fps:>8.2f} {row.ms:>9.2f} {row.ratio:>6.2f}x"
-        )
+        lines.append(f"{row.group:<18} {row.name:<28} {row.fps:>8.2f} {row.ms:>9.2f} {row.ratio:>6.2f}x")
     return "\n".join(lines)

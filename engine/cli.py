@@ -108,6 +108,8 @@ def _status(line: str) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from engine.accel.backends import AccelSettings, BackendKind, create_backend, unavailable_reason
+    from engine.accel.base import VaeShape
     from engine.bench import format_rows, run_bench
     from engine.models.errors import ModelLoadError
     from engine.models.loader import load_models
@@ -131,7 +133,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"latentstage: {error}", file=sys.stderr)
         return EXIT_MODEL_ERROR
     settings = PipelineSettings.from_config(config)
-    rows = run_bench(models, settings, args.frames, args.warmup, steps, progress=_status)
+    extra = []
+    if unavailable_reason(BackendKind.ONNXRUNTIME) is None:
+        vae_shape = VaeShape(settings.height, settings.width, models.latent_channels, models.vae_scale_factor)
+        accel = AccelSettings.from_config(config.acceleration)
+        accel.backend = BackendKind.ONNXRUNTIME
+        extra.append(create_backend(models, vae_shape, accel))
+    rows = run_bench(models, settings, args.frames, args.warmup, steps, progress=_status, backends=extra)
     header = (
         f"latentstage bench: {config.model.id} on {models.device} ({str(models.dtype)[6:]}), "
         f"{settings.width}x{settings.height}, t_index_list={settings.t_index_list}, "
