@@ -8,7 +8,7 @@ from engine.cli import main
 
 
 def test_bench_prints_all_groups(capsys, tmp_path):
-    args = ["bench", "--preset", "demo", "--frames", "2", "--warmup", "1", "--steps", "1,2"]
+    args = ["bench", "--preset", "demo", "--frames", "2", "--warmup", "1", "--steps", "1"]
     args += ["--set", "stream.width=64", "--set", "stream.height=64"]
     args += ["--set", f"acceleration.engine_dir={tmp_path}"]
     assert main(args) == 0
@@ -23,7 +23,7 @@ def test_bench_prints_all_groups(capsys, tmp_path):
     ):
         assert name in out, name
     rows = [line for line in out.splitlines() if re.search(r"\d+\.\d\dx$", line)]
-    assert len(rows) >= 10
+    assert len(rows) >= 8
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in rows)
 
 

@@ -1,0 +1,283 @@
+"""ONNX Runtime backend: ``UNetRunner`` / ``VaeRunner`` over graphs written by ``onnx_export``.
+
+Sessions run with every graph optimization and ONNX Runtime's default thread count, on the
+requested execution providers that exist here (``choose_providers``), CPU always last.
+Tensors on the CPU go through ``session.run`` as numpy views (no copies where dtypes match);
+CUDA tensors are bound in place with IOBinding when the session runs on CUDA or TensorRT (on
+torch's current stream, into a fresh output from torch's caching allocator: callers may keep
+or modify what they get). ONNX Runtime is imported only here and only when a runner or
+provider query needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.accel.base import (
+    UNET_INPUTS,
+    UNET_OUTPUTS,
+    VAE_DECODER_IO,
+    VAE_ENCODER_IO,
+    UNetShape,
+    VaeShape,
+)
+from engine.accel.onnx_export import INSTALL_HINT, OnnxUnavailableError, require
+
+__all__ = [
+    "INSTALL_HINT",
+    "OnnxModelMismatchError",
+    "OnnxUnavailableError",
+    "OrtUNet",
+    "OrtVae",
+    "choose_providers",
+    "providers_available",
+]
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+DEVICE_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+"""Providers whose sessions take CUDA tensors in place (IOBinding)."""
+_TORCH_DTYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+}
+_NUMPY_DTYPES: dict[torch.dtype, Any] = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+}
+
+ProviderOptions = Mapping[str, Mapping[str, Any]]
+
+
+class OnnxModelMismatchError(ValueError):
+    """The ONNX graph's IO names or shapes are not the ones the runner was built for."""
+
+
+def _onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module, or ``OnnxUnavailableError`` naming the extra to install."""
+    return require("onnxruntime")
+
+
+def providers_available() -> list[str]:
+    """Execution providers this ONNX Runtime build offers, in its priority order."""
+    return list(_onnxruntime().get_available_providers())
+
+
+def choose_providers(requested: Sequence[str]) -> list[str]:
+    """The requested providers that exist here, in the requested order, CPU always last.
+
+    Missing providers are dropped with one WARNING naming them. ``CPUExecutionProvider`` is
+    moved (or added) to the end so it only takes what the others cannot run.
+
+    Raises:
+        OnnxUnavailableError: onnxruntime is not installed.
+        RuntimeError: nothing usable is left (not even the CPU provider).
+    """
+    available = providers_available()
+    wanted = list(dict.fromkeys(requested))
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        logger.warning(
+            "ONNX Runtime providers not available here, skipped: %s (available: %s)",
+            ", ".join(missing),
+            ", ".join(available) or "none",
+        )
+    chosen = [name for name in wanted if name in available and name != CPU]
+    if CPU in available:
+        chosen.append(CPU)
+    if not chosen:
+        raise RuntimeError(
+            f"no usable ONNX Runtime provider: requested {list(requested)}, available {available}"
+        )
+    return chosen
+
+
+class _OrtGraph:
+    """One InferenceSession with fixed IO names and static shapes, one output, torch in and out."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        inputs: Mapping[str, tuple[int, ...]],
+        output: tuple[str, tuple[int, ...]],
+        built_for: str,
+        providers: Sequence[str],
+        provider_options: ProviderOptions | None,
+        threads: int,
+    ) -> None:
+        ort = _onnxruntime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model {self.path} does not exist (export it first)")
+        chosen = choose_providers(providers)
+        options = {name: dict((provider_options or {}).get(name, {})) for name in chosen}
+        for name in DEVICE_PROVIDERS:
+            # run on torch's device and current stream: torch's writes are ordered before the run
+            if name in options and torch.cuda.is_available():
+                options[name].setdefault("device_id", str(torch.cuda.current_device()))
+                options[name].setdefault("user_compute_stream", str(torch.cuda.current_stream().cuda_stream))
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.intra_op_num_threads = threads
+        # idle ORT threads must not spin: torch runs the stream math between calls on the same cores
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(self.path),
+            sess_options=session_options,
+            providers=[(name, options[name]) for name in chosen],
+        )
+        self.input_names = tuple(inputs)
+        self.output_name, self.output_shape = output[0], tuple(output[1])
+        self._check_io({**inputs, output[0]: output[1]}, built_for)
+        self.input_dtypes = {i.name: _TORCH_DTYPES[i.type] for i in self.session.get_inputs()}
+        self.output_dtype = _TORCH_DTYPES[self.session.get_outputs()[0].type]
+        self.on_device = self.session.get_providers()[0] in DEVICE_PROVIDERS
+        self._binding = self.session.io_binding() if self.on_device else None
+        logger.info("loaded %s on %s", self.path.name, ", ".join(self.session.get_providers()))
+
+    def _check_io(self, expected: Mapping[str, tuple[int, ...]], built_for: str) -> None:
+        nodes = [*self.session.get_inputs(), *self.session.get_outputs()]
+        actual = {node.name: tuple(node.shape) for node in nodes}
+        wanted = {name: tuple(shape) for name, shape in expected.items()}
+        unknown = sorted({node.type for node in nodes} - set(_TORCH_DTYPES))
+        if actual != wanted or unknown or len(self.session.get_outputs()) != 1:
+            raise OnnxModelMismatchError(
+                f"ONNX model {self.path} has IO shapes {actual}"
+                + (f" with unsupported types {unknown}" if unknown else "")
+                + f", but this runner was built for {built_for} and expects {wanted}; "
+                "export the model again for this shape"
+            )
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Run on ``tensors`` (in ``input_names`` order); the result has the first one's device/dtype."""
+        first = tensors[0]
+        if first.is_cuda and self._binding is not None:
+            result = self._run_bound(tensors)
+        else:
+            feeds = {
+                name: tensor.detach().to(device="cpu", dtype=self.input_dtypes[name]).contiguous().numpy()
+                for name, tensor in zip(self.input_names, tensors)
+            }
+            (output,) = self.session.run([self.output_name], feeds)
+            result = torch.from_numpy(output)
+        return result.to(device=first.device, dtype=first.dtype)
+
+    def _run_bound(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """IOBinding on CUDA: inputs and a new output bound at their data pointers, no copies."""
+        binding = self._binding
+        assert binding is not None
+        device = tensors[0].device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # keep converted inputs alive until the run has finished
+        bound = [
+            tensor.detach().to(dtype=self.input_dtypes[name]).contiguous()
+            for name, tensor in zip(self.input_names, tensors)
+        ]
+        for name, tensor in zip(self.input_names, bound):
+            binding.bind_input(
+                name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+            )
+        output = torch.empty(self.output_shape, device=device, dtype=self.output_dtype)
+        binding.bind_output(
+            self.output_name,
+            "cuda",
+            index,
+            _NUMPY_DTYPES[output.dtype],
+            tuple(output.shape),
+            output.data_ptr(),
+        )
+        self.session.run_with_iobinding(binding)
+        return output
+
+
+class OrtUNet:
+    """``UNetRunner`` over an exported UNet graph (``onnx_export.export_unet``).
+
+    Args:
+        path: the ``.onnx`` file.
+        shape: the ``UNetShape`` it was exported for; checked against the graph.
+        providers: execution providers in priority order (see ``choose_providers``).
+        provider_options: per-provider options, e.g. ``{"CUDAExecutionProvider": {"device_id": 0}}``.
+        threads: intra-op threads (0: ONNX Runtime's default).
+
+    Raises:
+        OnnxUnavailableError: onnxruntime is not installed.
+        OnnxModelMismatchError: the graph's IO is not the one of ``shape``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        shape: UNetShape,
+        providers: Sequence[str] = (CPU,),
+        provider_options: ProviderOptions | None = None,
+        threads: int = 0,
+    ) -> None:
+        self.shape = shape
+        inputs = dict(zip(UNET_INPUTS, (shape.latents, (shape.batch,), shape.embeddings)))
+        self.graph = _OrtGraph(
+            path, inputs, (UNET_OUTPUTS[0], shape.latents), repr(shape), providers, provider_options, threads
+        )
+
+    def __call__(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        return self.graph(latents, timesteps, embeddings)
+
+
+class OrtVae:
+    """``VaeRunner`` over exported encoder and decoder graphs (``onnx_export.export_vae_*``).
+
+    The scaling factor is inside the graphs, so ``encode``/``decode`` equal ``TorchVae``'s.
+    Arguments as ``OrtUNet``, with the two files and the ``VaeShape`` they were exported for.
+    """
+
+    def __init__(
+        self,
+        encoder_path: str | os.PathLike[str],
+        decoder_path: str | os.PathLike[str],
+        shape: VaeShape,
+        providers: Sequence[str] = (CPU,),
+        provider_options: ProviderOptions | None = None,
+        threads: int = 0,
+    ) -> None:
+        self.shape = shape
+        (enc_in,), (enc_out,) = VAE_ENCODER_IO
+        (dec_in,), (dec_out,) = VAE_DECODER_IO
+        self.encoder = _OrtGraph(
+            encoder_path,
+            {enc_in: shape.image},
+            (enc_out, shape.latent),
+            repr(shape),
+            providers,
+            provider_options,
+            threads,
+        )
+        self.decoder = _OrtGraph(
+            decoder_path,
+            {dec_in: shape.latent},
+            (dec_out, shape.image),
+            repr(shape),
+            providers,
+            provider_options,
+            threads,
+        )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
