@@ -15,7 +15,7 @@ def test_bench_prints_all_groups(capsys, tmp_path):
     out = capsys.readouterr().out
     for name in (
         "sequential n=1",
-        "stream batch n=2",
+        "stream batch n=1",
         "cfg full (batch 4)",
         "cfg self (batch 2)",
         "filter on",
