@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,16 +44,32 @@ def _frames(settings: PipelineSettings, count: int, moving: bool) -> list[torch.
     return [torch.roll(base, shifts=4 * k, dims=3) for k in range(count)]
 
 
-def _measure(step: Callable[[torch.Tensor], object], frames: Sequence[torch.Tensor], warmup: int) -> float:
-    for frame in frames[:warmup]:
-        step(frame)
-    _sync(frames[0].device)
-    start = time.perf_counter()
-    for frame in frames[warmup:]:
-        step(frame)
-    _sync(frames[0].device)
-    elapsed = time.perf_counter() - start
-    return (len(frames) - warmup) / elapsed if elapsed > 0 else float("inf")
+def _side_by_side(
+    steps: Sequence[Callable[[torch.Tensor], object]],
+    frames: Sequence[torch.Tensor],
+    warmup: int,
+    rounds: int = 3,
+) -> list[float]:
+    """Frames per second of each step, measured in alternating rounds (median of ``rounds``).
+
+    Alternating A, B, A, B ... keeps slow drifts of the machine (clocks, other processes) from
+    favouring whichever configuration happened to run first.
+    """
+    for step in steps:
+        for frame in frames[:warmup]:
+            step(frame)
+    timed = frames[warmup:]
+    results: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for index, step in enumerate(steps):
+            _sync(frames[0].device)
+            start = time.perf_counter()
+            for frame in timed:
+                step(frame)
+            _sync(frames[0].device)
+            elapsed = time.perf_counter() - start
+            results[index].append(len(timed) / elapsed if elapsed > 0 else float("inf"))
+    return [statistics.median(values) for values in results]
 
 
 def _sync(device: torch.device) -> None:
@@ -108,47 +125,38 @@ def run_bench(
         t_index_list = [round(i * 45 / max(n - 1, 1)) for i in range(n)] if n > 1 else [45]
         pipe = StreamPipeline(models, replace(settings, t_index_list=t_index_list, cfg_type=CfgType.NONE))
         say(f"stream batch vs sequential, n={n}")
-        sequential = _measure(_sequential_step(pipe), moving, warmup)
-        batched = _measure(pipe, moving, warmup)
+        sequential, batched = _side_by_side([_sequential_step(pipe), pipe], moving, warmup)
         rows.append(BenchRow("denoising", f"sequential n={n}", sequential, sequential))
         rows.append(BenchRow("denoising", f"stream batch n={n}", batched, sequential))
 
     # 2. guidance modes at the configured t_index_list, gamma > 1
-    base = None
-    for cfg in (CfgType.FULL, CfgType.ONETIME, CfgType.SELF, CfgType.NONE):
-        pipe = StreamPipeline(models, replace(settings, cfg_type=cfg, guidance_scale=1.4))
-        say(f"cfg {cfg.value}")
-        fps = _measure(pipe, moving, warmup)
-        base = base or fps
-        rows.append(BenchRow("guidance", f"cfg {cfg.value} (batch {pipe.unet_batch_size})", fps, base))
+    modes = (CfgType.FULL, CfgType.ONETIME, CfgType.SELF, CfgType.NONE)
+    pipes = [StreamPipeline(models, replace(settings, cfg_type=cfg, guidance_scale=1.4)) for cfg in modes]
+    say("cfg full, onetime, self, none")
+    rates = _side_by_side(pipes, moving, warmup)
+    for cfg, pipe, fps in zip(modes, pipes, rates):
+        rows.append(BenchRow("guidance", f"cfg {cfg.value} (batch {pipe.unet_batch_size})", fps, rates[0]))
 
     # 3. similarity filter on a static input
-    for enabled in (False, True):
-        pipe = StreamPipeline(
-            models,
-            replace(settings, similarity_filter_enabled=enabled, similarity_filter_threshold=0.98),
+    filtered = [
+        StreamPipeline(
+            models, replace(settings, similarity_filter_enabled=on, similarity_filter_threshold=0.98)
         )
-        say(f"similarity filter {'on' if enabled else 'off'}, static input")
-        fps = _measure(pipe, static, warmup)
-        baseline = rows[-1].fps if enabled else fps
-        rows.append(
-            BenchRow(
-                "similarity filter",
-                f"static input, filter {'on' if enabled else 'off'}",
-                fps,
-                baseline,
-            )
-        )
+        for on in (False, True)
+    ]
+    say("similarity filter off / on, static input")
+    off, on = _side_by_side(filtered, static, warmup)
+    rows.append(BenchRow("similarity filter", "static input, filter off", off, off))
+    rows.append(BenchRow("similarity filter", "static input, filter on", on, off))
 
     # 4. backends side by side on the configured settings
     if backends:
-        say("backend torch")
-        torch_fps = _measure(StreamPipeline(models, settings), moving, warmup)
-        rows.append(BenchRow("backend", "torch eager", torch_fps, torch_fps))
-        for backend in backends:
-            say(f"backend {backend.describe()}")
-            fps = _measure(StreamPipeline(models, settings, backend=backend), moving, warmup)
-            rows.append(BenchRow("backend", backend.describe()[:28], fps, torch_fps))
+        say("backends: torch eager, " + ", ".join(b.describe() for b in backends))
+        pipes = [StreamPipeline(models, settings)]
+        pipes += [StreamPipeline(models, settings, backend=backend) for backend in backends]
+        rates = _side_by_side(pipes, moving, warmup)
+        names = ["torch eager", *(backend.describe()[:28] for backend in backends)]
+        rows += [BenchRow("backend", name, fps, rates[0]) for name, fps in zip(names, rates)]
     return rows
 
 
