@@ -338,7 +338,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"stopped: {engine.frames_emitted} frames out, {summary['frames_in']} in, "
         f"latency {summary['latency_ms']} ms (p95 {summary['latency_p95_ms']}), "
-        f"skip rate {summary['skip_rate']:.1%}, dropped inputs {summary['input_dropped']}",
+        f"skip rate {summary['skip_rate']:.1%}, dropped inputs {summary['input_dropped']}, "
+        f"superseded inputs {summary['input_superseded']} (newest frame wins)",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -182,3 +182,14 @@ def test_bad_change_is_reported_and_state_kept(bundle):
         engine.run(max_frames=8)
     assert len(errors) == 1 and "t_index_list" in errors[0]
     assert pipe.state == state and len(sink.frames) == 8
+
+
+def test_slow_engine_supersedes_inputs_and_says_so(bundle):
+    sink = RecordingSink()
+    engine = Engine(pipeline(bundle), lambda: FakeSource(fps=200), [("rec", lambda: sink)])
+    with engine:
+        engine.run(max_frames=10)
+        stats = engine.stats.snapshot()
+    assert stats["frames_in"] > stats["frames_out"]
+    assert stats["input_superseded"] > 0, "a source faster than the engine is not backlogged"
+    assert stats["input_superseded"] <= stats["frames_in"]

@@ -233,6 +233,7 @@ class Engine:
     # ------------------------------------------------------------------ the frame loop
     def _process(self, item: InputItem) -> None:
         self._last_input = item
+        self.stats.input_superseded = self._slot.overwritten
         frame = item.frame
         # 1. pause: freeze the output on the last frame (input keeps being consumed)
         if self.runtime_state["pause"]:

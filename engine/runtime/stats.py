@@ -68,7 +68,8 @@ class RuntimeStats:
         self.last_error: str | None = None
         self.frames_out = 0
         self.frames_in = 0
-        self.input_dropped = 0
+        self.input_dropped = 0  # gaps in the source's sequence numbers (lost before us)
+        self.input_superseded = 0  # received, then replaced by a newer frame before processing
         self.source_connected = False
         self.sinks: dict[str, SinkCounters] = {}
         self.started = time.monotonic()
@@ -122,6 +123,7 @@ class RuntimeStats:
                 "frames_in": self.frames_in,
                 "frames_out": self.frames_out,
                 "input_dropped": self.input_dropped,
+                "input_superseded": self.input_superseded,
                 "source_connected": self.source_connected,
                 "uptime_s": round(now - self.started, 1),
                 "outputs": {
@@ -136,7 +138,8 @@ class RuntimeStats:
         line = (
             f"[{s['state']:>7}] {s['fps']:6.1f} fps  latency {s['latency_ms']:6.1f} ms "
             f"(p95 {s['latency_p95_ms']:.0f})  skip {100 * s['skip_rate']:4.1f}%  "
-            f"in {s['input_fps']:5.1f} fps  dropped in {s['input_dropped']}"
+            f"in {s['input_fps']:5.1f} fps  dropped in {s['input_dropped']}  "
+            f"superseded {s['input_superseded']}"
         )
         if not s["source_connected"] and s["state"] != EngineState.LOADING.value:
             line += "  SOURCE LOST"
