@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -95,6 +95,22 @@ def from_rgba(rgba: np.ndarray, pixel_format: PixelFormat, flip_vertical: bool =
         PixelFormat.BGR: [2, 1, 0],
     }[pixel_format]
     return np.ascontiguousarray(rgba[..., indices])
+
+
+_C = TypeVar("_C", bound="Closing")
+
+
+class Closing:
+    """Context-manager support for anything with ``close()``: ``with Bridge(...) as b:``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class BridgeError(RuntimeError):

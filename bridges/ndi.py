@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from fractions import Fraction
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Frame, PixelFormat, missing_sdk
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, missing_sdk
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-class NdiSource:
+class NdiSource(Closing):
     """Frames from the NDI sender named ``source`` (full ``"HOST (Stream)"`` or a unique part).
 
     Opening waits up to ``find_timeout`` seconds for the sender to be discovered and raises
@@ -388,19 +388,9 @@ class NdiSource:
             except (RuntimeError, ValueError) as exc:
                 log.warning("NDI finder did not close cleanly: %s", exc)
 
-    def __enter__(self) -> NdiSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
-class NdiSink:
+class NdiSink(Closing):
     """An NDI sender named ``name`` (shown as ``"HOST (name)"``) sending the frames it is given.
 
     Sends are asynchronous and unclocked (the engine paces itself): ``send`` copies the frame
@@ -475,13 +465,3 @@ class NdiSink:
         self._closed = True
         self._close_sender()
 
-    def __enter__(self) -> NdiSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

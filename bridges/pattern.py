@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from types import TracebackType
 
 import numpy as np
 
-from bridges.base import Frame, SourceClosed
+from bridges.base import Closing, Frame, SourceClosed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def _check_fps(value: object) -> float:
     return fps
 
 
-class PatternSource:
+class PatternSource(Closing):
     """A moving, colourful test pattern (no input needed), one frame every ``1/fps`` seconds.
 
     The picture: scrolling colour bars with a sweeping white line on top, a drifting
@@ -162,13 +161,3 @@ class PatternSource:
         """Stop the source; safe to call twice."""
         self._closed = True
 
-    def __enter__(self) -> PatternSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -16,13 +16,12 @@ import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from bridges.base import BridgeError, BridgeUnavailable, Frame
+from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("preview %s: " + format, self.address_string(), *args)
 
 
-class PreviewSink:
+class PreviewSink(Closing):
     """A ``FrameSink`` that serves the live output to a browser at ``http://host:port/``.
 
     Pages: ``/`` (the output and a stats line), ``/stream.mjpg`` (MJPEG, newest frame only,
@@ -373,16 +372,6 @@ class PreviewSink:
         self._jpeg = None
         logger.debug("preview on port %d closed", self.port)
 
-    def __enter__(self) -> PreviewSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def closed(self) -> bool:

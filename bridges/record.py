@@ -8,12 +8,12 @@ import os
 import threading
 from fractions import Fraction
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bridges.base import BridgeError, BridgeUnavailable, Frame
+from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 from bridges.video import load_av
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def choose_codec(av: ModuleType, requested: str) -> str:
     return FALLBACK_CODEC
 
 
-class RecordSink:
+class RecordSink(Closing):
     """Writes every frame it is sent to a video file at a constant ``fps``.
 
     The first frame fixes the size (a later frame of another size raises ``BridgeError``).
@@ -191,13 +191,3 @@ class RecordSink:
                 raise BridgeError(f"finishing {self.path!r} failed: {exc}") from exc
             log.info("wrote %d frames to %s", self.frames_written, self.path)
 
-    def __enter__(self) -> RecordSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -65,11 +65,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
-from types import TracebackType
 
 import numpy as np
 
-from bridges.base import BridgeError, Frame, PixelFormat, SourceClosed, to_rgba
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, SourceClosed, to_rgba
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +293,7 @@ def _disown(name: str) -> None:
 # -- writer ------------------------------------------------------------------------------------
 
 
-class ShmWriter:
+class ShmWriter(Closing):
     """Owns the segment ``name`` and writes frames into it (see the module docstring).
 
     ``write`` takes ``(height, width, 4)`` uint8 pixels already in ``pixel_format`` order.
@@ -465,22 +464,12 @@ class ShmWriter:
         log.info("shared-memory segment %r closed after %d frames", self.name,
                  self.frames_written)
 
-    def __enter__(self) -> ShmWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- reader ------------------------------------------------------------------------------------
 
 
-class ShmReader:
+class ShmReader(Closing):
     """Attaches to the segment ``name`` and copies frames out; never unlinks it.
 
     ``read`` returns ``(pixels, sequence, timestamp_ns)`` for a frame newer than
@@ -635,22 +624,12 @@ class ShmReader:
         self._closed = True
         self._drop()
 
-    def __enter__(self) -> ShmReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- bridges -----------------------------------------------------------------------------------
 
 
-class ShmSink:
+class ShmSink(Closing):
     """Engine output into the shared-memory segment ``name`` (RGBA8).
 
     The segment is created with the first frame's size and re-created when the size changes.
@@ -691,19 +670,9 @@ class ShmSink:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> ShmSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
-class ShmSource:
+class ShmSource(Closing):
     """Engine input from another process's shared-memory segment ``name``.
 
     Raises ``BridgeError`` when the segment does not exist (constructor) or disappears
@@ -753,13 +722,3 @@ class ShmSource:
         self._closed = True
         self._reader.close()
 
-    def __enter__(self) -> ShmSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

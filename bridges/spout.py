@@ -6,12 +6,12 @@ import logging
 import sys
 import threading
 import time
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Frame, PixelFormat, missing_sdk
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, missing_sdk
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class _ThreadBound:
         CONTEXTS.release(self._thread)
 
 
-class SpoutSource(_ThreadBound):
+class SpoutSource(_ThreadBound, Closing):
     """Frames from the Spout sender named ``sender`` (empty: the active sender), as RGBA.
 
     The receiver and its hidden OpenGL context are created on the first ``recv`` in the thread
@@ -331,19 +331,9 @@ class SpoutSource(_ThreadBound):
     def _label(self) -> str:
         return repr(self.sender) if self.sender else "(active sender)"
 
-    def __enter__(self) -> SpoutSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
-class SpoutSink(_ThreadBound):
+class SpoutSink(_ThreadBound, Closing):
     """A Spout sender named ``name`` sharing each frame it is given (any size; Spout resizes).
 
     The sender and its hidden OpenGL context are created on the first ``send`` in the thread
@@ -383,13 +373,3 @@ class SpoutSink(_ThreadBound):
             raise BridgeError(f"Spout could not share the frame as {self.name!r} "
                               "(DirectX 11 or GL/DX interop unavailable?)")
 
-    def __enter__(self) -> SpoutSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -9,12 +9,11 @@ import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Frame, PixelFormat, from_rgba, missing_sdk, to_rgba
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, from_rgba, missing_sdk, to_rgba
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-class SyphonSource:
+class SyphonSource(Closing):
     """Frames from a Syphon server, as RGBA.
 
     ``server`` is the server's name, its app's name or ``"App - Name"`` (exact first, then
@@ -262,19 +261,9 @@ class SyphonSource:
             except self._sdk.errors as exc:
                 log.warning("Syphon client did not stop cleanly: %s", exc)
 
-    def __enter__(self) -> SyphonSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
-class SyphonSink:
+class SyphonSink(Closing):
     """A Syphon server named ``name`` publishing each frame it is given (Metal, BGRA8).
 
     The texture is re-created when the frame size changes. ``flip=True`` publishes the
@@ -331,13 +320,3 @@ class SyphonSink:
         except self._sdk.errors as exc:
             log.warning("Syphon server did not stop cleanly: %s", exc)
 
-    def __enter__(self) -> SyphonSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

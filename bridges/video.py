@@ -8,12 +8,12 @@ import os
 import queue
 import threading
 import time
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from bridges.base import BridgeError, BridgeUnavailable, Frame, SourceClosed, missing_sdk
+from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame, SourceClosed, missing_sdk
 
 if TYPE_CHECKING:
     from av.container import InputContainer
@@ -56,7 +56,7 @@ class _Failed:
 _Item: TypeAlias = np.ndarray | _End | _Failed
 
 
-class VideoSource:
+class VideoSource(Closing):
     """Frames of a video file (RGBA), paced at the file's average frame rate.
 
     A daemon thread decodes a few frames ahead into a small queue; ``recv`` never waits longer
@@ -239,13 +239,3 @@ class VideoSource:
             log.warning("decoder thread for %s did not stop within 2 s", self.path)
         self._pending = None
 
-    def __enter__(self) -> VideoSource:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -103,6 +103,19 @@ def _load_config_or_report(args: argparse.Namespace) -> Any:
         return None
 
 
+def _load_models_or_report(config: Any) -> Any:
+    """The configured model with progress lines, or None after printing why it failed."""
+    from engine.models.errors import ModelLoadError
+    from engine.models.loader import load_models
+
+    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
+    try:
+        return load_models(config.model, progress=_status)
+    except ModelLoadError as error:
+        print(f"latentstage: {error}", file=sys.stderr)
+        return None
+
+
 def _status(line: str) -> None:
     print(f"  .. {line}", file=sys.stderr, flush=True)
 
@@ -111,8 +124,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from engine.accel.backends import AccelSettings, BackendKind, create_backend, unavailable_reason
     from engine.accel.base import VaeShape
     from engine.bench import format_rows, run_bench
-    from engine.models.errors import ModelLoadError
-    from engine.models.loader import load_models
     from engine.pipeline import PipelineSettings
 
     config = _load_config_or_report(args)
@@ -126,11 +137,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.frames < 1 or args.warmup < 0 or not steps or min(steps) < 1 or max(steps) > 8:
         print("latentstage: --frames >= 1, --warmup >= 0, --steps in 1..8", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
-    try:
-        models = load_models(config.model, progress=_status)
-    except ModelLoadError as error:
-        print(f"latentstage: {error}", file=sys.stderr)
+    models = _load_models_or_report(config)
+    if models is None:
         return EXIT_MODEL_ERROR
     settings = PipelineSettings.from_config(config)
     extra = []
@@ -245,8 +253,6 @@ def _make_backend(config: Any, models: Any) -> Any:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from engine.accel.backends import BackendKind, unavailable_reason
-    from engine.models.errors import ModelLoadError
-    from engine.models.loader import load_models
     from engine.pipeline import PipelineSettings, StreamPipeline
 
     config = _load_config_or_report(args)
@@ -260,11 +266,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"latentstage: the {requested.value} backend cannot run here: {reason}", file=sys.stderr)
         return EXIT_BACKEND_UNAVAILABLE
-    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
-    try:
-        models = load_models(config.model, progress=_status)
-    except ModelLoadError as error:
-        print(f"latentstage: {error}", file=sys.stderr)
+    models = _load_models_or_report(config)
+    if models is None:
         return EXIT_MODEL_ERROR
     backend = _make_backend(config, models)
     started = time.monotonic()
@@ -276,8 +279,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from engine.accel.backends import BackendUnavailableError
-    from engine.models.errors import ModelLoadError
-    from engine.models.loader import load_models
     from engine.runtime.engine import build_engine
 
     config = _load_config_or_report(args)
@@ -292,12 +293,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"latentstage: {problem}", file=sys.stderr)
         return EXIT_BRIDGE_UNAVAILABLE
-    print(f"loading {config.model.id} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
-    try:
-        models = load_models(config.model, progress=_status)
-    except ModelLoadError as error:
-        print(f"latentstage: {error}", file=sys.stderr)
+    models = _load_models_or_report(config)
+    if models is None:
         return EXIT_MODEL_ERROR
     print(
         f"  .. model ready in {time.monotonic() - started:.1f} s on {models.device}",
