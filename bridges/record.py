@@ -59,6 +59,14 @@ def choose_codec(av: ModuleType, requested: str) -> str:
     return FALLBACK_CODEC
 
 
+def container_options(path: str) -> dict[str, str]:
+    """Muxer options: MP4/MOV are written fragmented, so a crash or power cut mid-show still
+    leaves a playable file up to the last fragment (a plain MP4 is unreadable until closed)."""
+    if path.lower().endswith((".mp4", ".mov", ".m4v")):
+        return {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+    return {}
+
+
 class RecordSink(Closing):
     """Writes every frame it is sent to a video file at a constant ``fps``.
 
@@ -112,11 +120,13 @@ class RecordSink(Closing):
                      width, height, pix_fmt, self.path, enc_w, enc_h)
         rate = Fraction(self.fps).limit_denominator(1001)
         try:
-            container = av.open(self.path, mode="w")
+            container = av.open(self.path, mode="w", options=container_options(self.path))
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise BridgeError(f"cannot create video file {self.path!r}: {exc}") from exc
         try:
             options = {"preset": "veryfast", "crf": "18"} if self.codec == "libx264" else {}
+            # a keyframe (and so a fragment) every second bounds what a crash can lose
+            options["g"] = str(max(1, round(self.fps)))
             stream = container.add_stream(self.codec, rate=rate, options=options)
             stream.width = enc_w
             stream.height = enc_h

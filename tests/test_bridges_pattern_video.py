@@ -329,3 +329,32 @@ def test_missing_pyav_raises_bridge_unavailable(
     monkeypatch.undo()
     assert video.unavailable_reason() is None
     assert record.unavailable_reason() is None
+
+
+def test_recording_survives_a_crash_before_close(tmp_path):
+    """A killed engine never calls close(): the fragmented MP4 still plays up to the crash."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "crash.mp4"
+    script = (
+        "import os, numpy as np\n"
+        "from bridges.base import Frame\n"
+        "from bridges.record import RecordSink\n"
+        f"sink = RecordSink(path={str(path)!r}, fps=30)\n"
+        "rng = np.random.default_rng(0)\n"
+        "for i in range(90):\n"
+        "    pixels = rng.integers(0, 256, (128, 128, 4), dtype=np.uint8)\n"
+        "    sink.send(Frame(pixels, sequence=i))\n"
+        "os._exit(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    av = pytest.importorskip("av")
+    frames = 0
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            try:
+                frames += len(packet.decode())
+            except av.error.InvalidDataError:  # the fragment cut off by the crash
+                break
+    assert frames >= 30, f"only {frames} frames readable after a crash"
