@@ -15,6 +15,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_BLEND_ITEMS = 8
 MAX_T_INDEX_ITEMS = 8
 MAX_SEED = 2**31 - 1
+MAX_LORAS = 16
 
 
 class ParamKind(str, Enum):
@@ -26,6 +27,7 @@ class ParamKind(str, Enum):
     STRING = "string"
     ENUM = "enum"
     INT_LIST = "int_list"
+    FLOAT_LIST = "float_list"
     PROMPT_BLEND = "prompt_blend"
     SEED_BLEND = "seed_blend"
     ACTION = "action"
@@ -90,6 +92,8 @@ class ParamSpec:
                 f"1 to {self.max_items} strictly increasing integers "
                 f"in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
             )
+        if self.kind is ParamKind.FLOAT_LIST:
+            return f"1 to {self.max_items} numbers in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
         if self.kind is ParamKind.PROMPT_BLEND:
             return f"1 to {self.max_items} pairs (prompt, weight >= 0), weights not all 0"
         if self.kind is ParamKind.SEED_BLEND:
@@ -194,6 +198,13 @@ def _coerce_int_list(spec: ParamSpec, value: Any) -> list[int]:
     return result
 
 
+def _coerce_float_list(spec: ParamSpec, value: Any) -> list[float]:
+    items = _as_sequence(spec, value)
+    if not 1 <= len(items) <= (spec.max_items or MAX_LORAS):
+        raise ParamError(spec.name, f"{len(items)} items given; allowed: {spec.allowed_text()}")
+    return [_coerce_float(spec, item) for item in items]
+
+
 def _pairs(spec: ParamSpec, value: Any) -> list[tuple[Any, float]]:
     items = _as_sequence(spec, value)
     if items and not isinstance(items[0], (list, tuple)):
@@ -273,6 +284,7 @@ _COERCERS = {
     ParamKind.STRING: _coerce_string,
     ParamKind.ENUM: _coerce_enum,
     ParamKind.INT_LIST: _coerce_int_list,
+    ParamKind.FLOAT_LIST: _coerce_float_list,
     ParamKind.PROMPT_BLEND: _coerce_prompt_blend,
     ParamKind.SEED_BLEND: _coerce_seed_blend,
     ParamKind.ACTION: _coerce_action,
@@ -386,6 +398,18 @@ def _specs() -> tuple[ParamSpec, ...]:
             minimum=0.0,
             maximum=1.0,
             in_scene=False,  # t_index_list holds the result
+        ),
+        ParamSpec(
+            "lora_scales",
+            k.FLOAT_LIST,
+            None,
+            "Scales of the configured model.loras, in config order (the LCM-LoRA stays at 1).",
+            "/lora_scales",
+            "f+",
+            minimum=-4.0,
+            maximum=4.0,
+            max_items=MAX_LORAS,
+            group="model",
         ),
         ParamSpec(
             "similarity_filter_enabled",

@@ -14,6 +14,7 @@ from engine.accel.backends import Backend
 from engine.accel.base import UNetRunner, UNetShape, VaeRunner
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
+from engine.models.lora import LoraFactors, rescale_loras, touched_parameters
 from engine.params import ParamError
 from engine.prompting import PromptEncoder
 from engine.stream.attention import CrossFrameAttnProcessor
@@ -38,6 +39,7 @@ PIPELINE_PARAMS: tuple[str, ...] = (
     "seed_blend",
     "t_index_list",
     "strength",
+    "lora_scales",
     "similarity_filter_enabled",
     "similarity_filter_threshold",
     "similarity_filter_max_skip_frames",
@@ -154,6 +156,7 @@ class StreamPipeline:
         self.stats = PipelineStats()
         self.last_output: torch.Tensor | None = None
 
+        self._configured_lora_scales = list(models.lora_scales)
         self.state: dict[str, Any] = {
             "prompt": settings.prompt,
             "negative_prompt": settings.negative_prompt,
@@ -166,6 +169,7 @@ class StreamPipeline:
             "seed_blend": None,
             "t_index_list": list(settings.t_index_list),
             "strength": None,
+            "lora_scales": list(models.lora_scales) if models.lora_factors else None,
             "similarity_filter_enabled": bool(settings.similarity_filter_enabled),
             "similarity_filter_threshold": float(settings.similarity_filter_threshold),
             "similarity_filter_max_skip_frames": int(settings.similarity_filter_max_skip_frames),
@@ -263,6 +267,12 @@ class StreamPipeline:
             )
         elif "t_index_list" in accepted:
             new_state["strength"] = None
+        lora_plan = "none"
+        if "lora_scales" in accepted:
+            new_state["lora_scales"] = accepted["lora_scales"] = self._check_lora_scales(
+                accepted["lora_scales"]
+            )
+            lora_plan = self._lora_plan(self.state["lora_scales"], new_state["lora_scales"])
 
         # prepare (may raise; nothing is changed yet)
         cfg_type = CfgType(new_state["cfg_type"])
@@ -290,7 +300,14 @@ class StreamPipeline:
             layout_embeddings(cfg_type, n, positive, negative) if layout_changed else self._embeddings
         )
 
+        if lora_plan == "refit":  # last prepare step: the engines change, the torch UNet not yet
+            self._refit_engines(self.state["lora_scales"], new_state["lora_scales"])
+
         # commit
+        if lora_plan in ("torch", "refit"):
+            positive, negative, embeddings = self._rescale_loras(
+                new_state, cfg_type, n, (positive, negative, embeddings)
+            )
         self.unet_runner = runner
         if schedule_changed:
             self.batch.set_schedule(schedule, noise)
@@ -313,6 +330,94 @@ class StreamPipeline:
             self._cross_frame.groups = self._attention_groups()
         logger.debug("applied %s", sorted(accepted))
         return accepted
+
+    # ------------------------------------------------------------------ LoRA scales
+    def _check_lora_scales(self, scales: list[float] | None) -> list[float] | None:
+        factors = self.models.lora_factors
+        if scales is None and not factors:
+            return None  # "the configured scales" of no LoRAs (e.g. a scene): nothing to do
+        if not factors:
+            raise ParamError(
+                "lora_scales", "no model.loras are configured: there is nothing to scale"
+            )
+        if scales is None:
+            return list(self._configured_lora_scales)
+        if len(scales) != len(factors):
+            raise ParamError(
+                "lora_scales",
+                f"{len(scales)} scales given; allowed: exactly {len(factors)} "
+                f"(one per model.loras entry, in config order)",
+            )
+        unsupported = [name for f in factors for name in f.unsupported]
+        if unsupported:
+            raise ParamError(
+                "lora_scales",
+                f"these LoRA layers cannot be rescaled live (DoRA or embeddings): {unsupported[:4]}; "
+                "set the scales in model.loras and restart",
+            )
+        return list(scales)
+
+    def _lora_plan(self, old: list[float] | None, new: list[float] | None) -> str:
+        if old is None or new is None or old == new:
+            return "none"
+        plan = "torch" if self.backend is None else self.backend.lora_update_plan(old, new)
+        if plan == "rebuild":
+            raise ParamError(
+                "lora_scales",
+                "this TensorRT engine was not built refittable (acceleration.refittable: false): "
+                "a rebuild is needed — run `latentstage build` with the new scales in model.loras, "
+                "or set acceleration.refittable: true",
+            )
+        if plan == "reexport":
+            raise ParamError(
+                "lora_scales",
+                f"the {self.backend.name if self.backend else ''} backend has the LoRA weights baked "
+                "into its exported graphs: a re-export is needed — set the scales in model.loras "
+                "and restart",
+            )
+        return plan
+
+    def _refit_engines(self, old: list[float], new: list[float]) -> None:
+        """Refit the backend's engines with the UNet weights at the new scales (torch unchanged)."""
+        factors: list[LoraFactors] = self.models.lora_factors
+        current = dict(self.models.unet.named_parameters())
+        weights = {}
+        with torch.no_grad():
+            for name in touched_parameters(factors):
+                module_name = name.removesuffix(".weight")
+                value = current[name].float()
+                for lora, a, b in zip(factors, old, new, strict=True):
+                    low = lora.unet.get(module_name)
+                    if low is not None and b != a:
+                        value = value + (float(b) - float(a)) * low.delta().to(value.device)
+                weights[name] = value.to(current[name].dtype)
+        assert self.backend is not None
+        try:
+            self.backend.refit_unet(weights)
+        except (RuntimeError, KeyError, NotImplementedError) as err:
+            raise ParamError("lora_scales", f"the engine refit failed: {err}") from err
+
+    def _rescale_loras(
+        self,
+        new_state: dict[str, Any],
+        cfg_type: CfgType,
+        n: int,
+        current: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Change the fused scales of the torch modules; re-encode prompts if the text encoder changed."""
+        factors = self.models.lora_factors
+        old, new = self.state["lora_scales"], new_state["lora_scales"]
+        rescale_loras(self.models.unet, factors, old, new)
+        changed_text = rescale_loras(self.models.text_encoder, factors, old, new, "text_encoder")
+        self.models.lora_scales = list(new)
+        loras = self.models.identity.get("loras")
+        if isinstance(loras, list) and len(loras) == len(new):
+            self.models.identity["loras"] = [[entry[0], s] for entry, s in zip(loras, new, strict=True)]
+        if not changed_text:
+            return current
+        self._transition = None
+        positive, negative = self._prompt_embeddings(new_state)
+        return positive, negative, layout_embeddings(cfg_type, n, positive, negative)
 
     @property
     def current_positive(self) -> torch.Tensor:

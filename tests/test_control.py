@@ -70,6 +70,7 @@ GOOD = [
     (msg("/seed", 42), {"seed": 42}),
     (msg("/seed_blend", 1, 0.5, 2, 0.5), {"seed_blend": [(1, 0.5), (2, 0.5)]}),
     (msg("/t_index_list", 0, 16, 32, 45), {"t_index_list": [0, 16, 32, 45]}),
+    (msg("/lora_scales", 0.5, -1.0), {"lora_scales": [0.5, -1.0]}),
     (msg("/strength", 0.6), {"strength": pytest.approx(0.6)}),
     (msg("/similarity_filter/enabled", True), {"similarity_filter_enabled": True}),
     (msg("/similarity_filter/enabled", 0), {"similarity_filter_enabled": False}),

@@ -6,11 +6,11 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -22,6 +22,9 @@ from engine.models.bundle import ModelBundle
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+LoraPlan = Literal["none", "torch", "refit", "rebuild", "reexport"]
+"""How a backend takes new LoRA scales: nothing to do, the torch UNet's weights are used as they
+are, refit the engines with the changed weights, or it cannot (rebuild / re-export needed)."""
 
 
 class BackendKind(str, Enum):
@@ -50,6 +53,10 @@ class Backend(Protocol):
     def vae(self, progress: Progress | None = None) -> VaeRunner: ...
 
     def describe(self) -> str: ...
+
+    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan: ...
+
+    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -102,6 +109,12 @@ class TorchBackend:
     def describe(self) -> str:
         return "torch (eager)"
 
+    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
+        return "torch"  # the runner calls the UNet module, whose weights change in place
+
+    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError("the torch backend has no engine to refit")
+
 
 class _ExportedBackend:
     """Shared by ONNX Runtime and TensorRT: exported graphs in the engine cache, by key."""
@@ -117,6 +130,7 @@ class _ExportedBackend:
         self._vae: VaeRunner | None = None
         self._lock = threading.Lock()
         self._fingerprints: dict[str, str] = {}
+        self._refit_names: dict[UNetShape, dict[str, tuple[str, bool]]] = {}
 
     # ------------------------------------------------------------------ protocol
     def unet_for(self, shape: UNetShape) -> UNetRunner | None:
@@ -263,6 +277,12 @@ class OnnxRuntimeBackend(_ExportedBackend):
     def describe(self) -> str:
         return f"onnxruntime ({', '.join(self.providers)})"
 
+    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
+        return "none" if list(old) == list(new) else "reexport"  # weights are baked into the graphs
+
+    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError("ONNX Runtime sessions cannot be refitted")
+
 
 class TensorRTBackend(_ExportedBackend):
     """Native TensorRT engines built from fp16 ONNX exports, cached by ``EngineKey``."""
@@ -323,6 +343,52 @@ class TensorRTBackend(_ExportedBackend):
 
     def describe(self) -> str:
         return "tensorrt (static engines)"
+
+    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
+        from engine.accel.tensorrt_backend import lora_change_plan
+
+        sources = [str(path) for path, _ in self.models.identity.get("loras", [])]
+        if len(sources) != len(old) or len(sources) != len(new):
+            sources = [f"lora_{i}" for i in range(len(new))]
+        return lora_change_plan(
+            self.settings.refittable,
+            list(zip(sources, old, strict=True)),
+            list(zip(sources, new, strict=True)),
+        )
+
+    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Refit every loaded UNet engine with these torch-named UNet weights (new values).
+
+        Call before the torch UNet itself changes, always with the same names (every weight the
+        LoRAs touch): names map to ONNX initializers by ``onnx_export.initializer_map``, matched
+        once per engine against the weights it was exported from. The weights fingerprint is
+        forgotten afterwards, so engines built later are keyed by the new weights.
+        """
+        from engine.accel import onnx_export
+
+        with self._lock:
+            runners = dict(self._runners)
+        for shape in runners:
+            known = self._refit_names.get(shape)
+            if known is not None and set(weights) <= set(known):
+                continue
+            key = self._key("unet", shape)
+            onnx_key = dataclasses.replace(key, tensorrt_version="-", refittable=False)
+            folder = self.cache.lookup(onnx_key)
+            if folder is None:
+                raise RuntimeError(f"the ONNX export of {key.folder_name()} is gone: cannot map names")
+            self._refit_names[shape] = onnx_export.initializer_map(
+                folder / "unet.onnx", self.models.unet, weights
+            )
+        for shape, runner in runners.items():
+            names = self._refit_names[shape]
+            payload = {}
+            for name, value in weights.items():
+                init_name, transposed = names[name]
+                tensor = value.T if transposed else value
+                payload[init_name] = tensor.detach().to(self.export_dtype).contiguous()
+            runner.refit(payload)  # type: ignore[attr-defined]
+        self._fingerprints.pop("unet", None)
 
 
 def unavailable_reason(kind: BackendKind) -> str | None:

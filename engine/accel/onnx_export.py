@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -590,3 +590,47 @@ def _scaling(vae: Any, scaling_factor: float | None) -> float:
     if scaling_factor is not None:
         return float(scaling_factor)
     return float(getattr(vae.config, "scaling_factor", 1.0))
+
+
+def initializer_map(
+    path: str | os.PathLike[str], module: nn.Module, names: Iterable[str], prefix: str = "unet."
+) -> dict[str, tuple[str, bool]]:
+    """Where each torch parameter of ``names`` lives in an exported graph (for TensorRT refits).
+
+    The dynamo exporter keeps ``prefix + name`` for most initializers, but folds the transpose of
+    a ``Linear`` weight into an anonymous constant (``val_115`` = ``W.T``); those are found by
+    value: the one initializer equal to ``W.T`` (in the graph's dtype).
+
+    Returns:
+        ``{torch name: (initializer name, transposed)}``.
+
+    Raises:
+        KeyError: a name is not found, or found more than once (ambiguous by value).
+    """
+    onnx = require("onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    arrays = {init.name: init for init in model.graph.initializer}
+    params = dict(module.named_parameters())
+    result: dict[str, tuple[str, bool]] = {}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for init_name, init in arrays.items():
+        by_shape.setdefault(tuple(init.dims), []).append(init_name)
+    for name in names:
+        if prefix + name in arrays:
+            result[name] = (prefix + name, False)
+            continue
+        weight = params[name].detach().cpu()
+        if weight.dim() != 2:
+            raise KeyError(f"{name}: no initializer {prefix + name!r} in {path}")
+        wanted = weight.T.contiguous()
+        hits = []
+        for candidate in by_shape.get(tuple(wanted.shape), []):
+            value = torch.from_numpy(numpy_helper.to_array(arrays[candidate]).copy())
+            if torch.equal(value, wanted.to(value.dtype)):
+                hits.append(candidate)
+        if len(hits) != 1:
+            raise KeyError(f"{name}: {len(hits)} initializers of {path} equal its transpose")
+        result[name] = (hits[0], True)
+    return result

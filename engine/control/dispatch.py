@@ -140,7 +140,12 @@ class OscDispatcher:
             return self._action(spec, args, sender)
         if spec.name == "prompt":
             return self._prompt(spec, args)
-        if spec.kind in (ParamKind.INT_LIST, ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND):
+        if spec.kind in (
+            ParamKind.INT_LIST,
+            ParamKind.FLOAT_LIST,
+            ParamKind.PROMPT_BLEND,
+            ParamKind.SEED_BLEND,
+        ):
             value = spec.coerce(args)
         else:
             if len(args) != 1:
@@ -234,6 +239,8 @@ def osc_args(spec: ParamSpec, value: Any) -> list[Any]:
         return [item for pair in value for item in pair]
     if spec.kind is ParamKind.INT_LIST:
         return [int(v) for v in value]
+    if spec.kind is ParamKind.FLOAT_LIST:
+        return [float(v) for v in value]
     if spec.kind is ParamKind.BOOL:
         return [1 if value else 0]
     if spec.kind is ParamKind.INT:

@@ -41,6 +41,8 @@ def type_tags(spec: ParamSpec, value: Any) -> str:
         return "s"
     if kind is ParamKind.INT_LIST:
         return "i" * max(1, len(value or [0]))
+    if kind is ParamKind.FLOAT_LIST:
+        return "f" * max(1, len(value or [0]))
     if kind is ParamKind.PROMPT_BLEND:
         return "sf" * max(1, len(value or [None]))
     if kind is ParamKind.SEED_BLEND:
@@ -56,7 +58,7 @@ def _range(spec: ParamSpec) -> list[dict[str, Any]] | None:
     if spec.minimum is None and spec.maximum is None:
         return None
     entry = {"MIN": spec.minimum, "MAX": spec.maximum}
-    if spec.kind is ParamKind.INT_LIST:
+    if spec.kind in (ParamKind.INT_LIST, ParamKind.FLOAT_LIST):
         return [entry] * len(type_tags(spec, params.REGISTRY[spec.name].default))
     return [entry]
 

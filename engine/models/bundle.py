@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.stream.modes import PredictionType
+
+if TYPE_CHECKING:
+    from engine.models.lora import LoraFactors
 
 
 @dataclass
@@ -26,6 +29,9 @@ class ModelBundle:
         vae_scaling_factor: multiply encoder latents by this (1.0 for TAESD, 0.18215 for SD VAE).
         source: a human-readable name of where the weights came from.
         identity: facts that identify the weights (for cache keys), e.g. model id, LoRAs.
+        lora_factors: low-rank factors of each fused ``model.loras`` entry, in config order
+            (not the LCM-LoRA), for live rescaling (``engine.models.lora.rescale_loras``).
+        lora_scales: the scale each of those is fused at now.
     """
 
     unet: Any
@@ -43,3 +49,5 @@ class ModelBundle:
     original_inference_steps: int = 50
     source: str = ""
     identity: dict[str, Any] = field(default_factory=dict)
+    lora_factors: list[LoraFactors] = field(default_factory=list)
+    lora_scales: list[float] = field(default_factory=list)

@@ -15,7 +15,7 @@ from engine.models.assemble import assemble_bundle
 from engine.models.bundle import ModelBundle
 from engine.models.device import resolve_device, resolve_dtype
 from engine.models.errors import ModelLoadError, short_reason
-from engine.models.lora import fuse_loras
+from engine.models.lora import LoraFactors, fuse_loras
 from engine.models.sources import ACCEPTED, SourceKind, classify_source, local_path
 from engine.models.tiny import build_tiny_models
 
@@ -237,7 +237,9 @@ def _identity(request: ModelRequest, kind: SourceKind) -> dict[str, Any]:
     return identity
 
 
-def _load_builtin(request: ModelRequest, progress: Progress | None) -> dict[str, Any]:
+def _load_builtin(
+    request: ModelRequest, progress: Progress | None, factors: list[LoraFactors]
+) -> dict[str, Any]:
     """The tiny model's parts (LoRAs fused if asked) and its scheduler config."""
     _stage(progress, "building builtin:tiny")
     override = request.prediction_type
@@ -262,6 +264,7 @@ def _load_builtin(request: ModelRequest, progress: Progress | None) -> dict[str,
             cache_dir=request.cache_dir,
             local_files_only=request.local_files_only,
             progress=progress,
+            factors=factors,
         )
     return {
         "unet": tiny.unet,
@@ -278,6 +281,7 @@ def _load_diffusers(
     device: torch.device,
     dtype: torch.dtype,
     progress: Progress | None,
+    factors: list[LoraFactors],
 ) -> dict[str, Any]:
     """The parts of a single-file, folder or hub model (LoRAs fused, VAE chosen)."""
     _stage(progress, "loading %s %s (unet, vae, text encoder)", kind.value, request.id)
@@ -291,6 +295,7 @@ def _load_diffusers(
         cache_dir=request.cache_dir,
         local_files_only=request.local_files_only,
         progress=progress,
+        factors=factors,
     )
     vae = pipe.vae
     if request.vae == "taesd":
@@ -339,11 +344,12 @@ def load_models(
         if isinstance(dtype, torch.dtype)
         else resolve_dtype(dtype or request.dtype, torch_device)
     )
+    factors: list[LoraFactors] = []
     if kind is SourceKind.BUILTIN:
-        parts = _load_builtin(request, progress)
+        parts = _load_builtin(request, progress, factors)
         source = request.id
     else:
-        parts = _load_diffusers(kind, request, torch_device, torch_dtype, progress)
+        parts = _load_diffusers(kind, request, torch_device, torch_dtype, progress, factors)
         source = f"{kind.value} {request.id}"
     _stage(
         progress,
@@ -354,7 +360,7 @@ def load_models(
     identity = _identity(request, kind)
     if kind is SourceKind.BUILTIN:
         identity["seed"] = 0
-    return assemble_bundle(
+    bundle = assemble_bundle(
         prediction_type=request.prediction_type,
         device=torch_device,
         dtype=torch_dtype,
@@ -362,3 +368,6 @@ def load_models(
         identity=identity,
         **parts,
     )
+    bundle.lora_factors = factors
+    bundle.lora_scales = [float(scale) for _, scale in request.loras]
+    return bundle

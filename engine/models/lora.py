@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import huggingface_hub.constants
+import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from engine.models.errors import ModelLoadError, short_reason
@@ -63,6 +66,116 @@ def _load_adapter(
         ) from err
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """One LoRA layer: its fused delta is ``scale · scaling · up @ down`` (conv: as peft)."""
+
+    down: torch.Tensor  # lora_A weight: (r, in) or (r, in, kh, kw)
+    up: torch.Tensor  # lora_B weight: (out, r) or (out, r, 1, 1)
+    scaling: float  # alpha / r (peft's ``scaling``)
+    fan_in_fan_out: bool = False
+
+    def delta(self) -> torch.Tensor:
+        """``scaling · up @ down`` in the weight's layout, float32."""
+        down, up = self.down.float(), self.up.float()
+        if down.dim() == 2:
+            delta = up @ down
+            delta = delta.T if self.fan_in_fan_out else delta
+        elif down.shape[2:] == (1, 1):
+            delta = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+        else:
+            delta = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        return delta * self.scaling
+
+
+@dataclass
+class LoraFactors:
+    """The low-rank factors of one user LoRA, by module name, per component.
+
+    ``unet`` / ``text_encoder`` map a module name (as in ``named_modules``) to its factors; the
+    fused parameter is ``f"{name}.weight"``. ``unsupported`` names layers that cannot be
+    rescaled exactly (DoRA, embeddings): a live rescale is refused when it is not empty.
+    """
+
+    source: str
+    unet: dict[str, LowRank] = field(default_factory=dict)
+    text_encoder: dict[str, LowRank] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+
+
+def _collect_factors(module: Any, adapter: str, into: dict[str, LowRank], bad: list[str]) -> None:
+    if module is None:
+        return
+    for name, layer in module.named_modules():
+        lora_a = getattr(layer, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
+            continue
+        down: torch.Tensor = getattr(lora_a[adapter], "weight")  # noqa: B009
+        up: torch.Tensor = getattr(layer.lora_B[adapter], "weight")  # noqa: B009
+        use_dora = bool(getattr(layer, "use_dora", {}).get(adapter, False))
+        if use_dora or down.dim() not in (2, 4):
+            bad.append(name)
+            continue
+        into[name] = LowRank(
+            down=down.detach().clone(),
+            up=up.detach().clone(),
+            scaling=float(layer.scaling[adapter]),
+            fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+        )
+
+
+def capture_factors(pipe: Any, adapter: str, source: str) -> LoraFactors:
+    """The factors of a loaded (not yet fused) peft adapter of ``pipe``'s UNet and text encoder."""
+    factors = LoraFactors(source=source)
+    _collect_factors(getattr(pipe, "unet", None), adapter, factors.unet, factors.unsupported)
+    _collect_factors(
+        getattr(pipe, "text_encoder", None), adapter, factors.text_encoder, factors.unsupported
+    )
+    return factors
+
+
+def touched_parameters(factors: Sequence[LoraFactors], component: str = "unet") -> list[str]:
+    """Names of the parameters (``named_parameters``) any of ``factors`` changes, sorted."""
+    names = {f"{name}.weight" for f in factors for name in getattr(f, component)}
+    return sorted(names)
+
+
+@torch.no_grad()
+def rescale_loras(
+    module: Any,
+    factors: Sequence[LoraFactors],
+    old_scales: Sequence[float],
+    new_scales: Sequence[float],
+    component: str = "unet",
+) -> list[str]:
+    """Change fused LoRA scales in place: ``W += (new − old) · scaling · B@A`` per LoRA.
+
+    Args:
+        module: the UNet (or text encoder with ``component="text_encoder"``) the LoRAs are fused in.
+        factors: one per user LoRA, in config order (``ModelBundle.lora_factors``).
+        old_scales, new_scales: the fused scales now and the wanted ones (same length as factors).
+
+    Returns:
+        The parameter names that changed (sorted).
+    """
+    if not len(factors) == len(old_scales) == len(new_scales):
+        raise ValueError(
+            f"{len(factors)} LoRAs, {len(old_scales)} old and {len(new_scales)} new scales"
+        )
+    params = dict(module.named_parameters())
+    touched: set[str] = set()
+    for lora, old, new in zip(factors, old_scales, new_scales, strict=True):
+        step = float(new) - float(old)
+        if step == 0.0:
+            continue
+        for name, low in getattr(lora, component).items():
+            weight = params[f"{name}.weight"]
+            delta = low.delta().to(weight.device) * step
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+            touched.add(f"{name}.weight")
+    return sorted(touched)
+
+
 def fuse_loras(
     pipe: Any,
     lcm_lora: str | None,
@@ -71,6 +184,7 @@ def fuse_loras(
     cache_dir: str | None = None,
     local_files_only: bool = False,
     progress: Callable[[str], None] | None = None,
+    factors: list[LoraFactors] | None = None,
 ) -> list[str]:
     """Fuse the LCM-LoRA (at scale 1.0) and each ``(source, scale)`` LoRA into plain weights.
 
@@ -84,6 +198,8 @@ def fuse_loras(
         loras: ``(source, scale)`` pairs.
         cache_dir, local_files_only: passed to the hub for hub ids.
         progress: called with a short line per LoRA.
+        factors: when given, the low-rank factors of each user LoRA (not the LCM-LoRA) are
+            appended, in order, before fusing (for ``rescale_loras``).
 
     Returns:
         The adapter names fused (empty when there was nothing to fuse).
@@ -101,6 +217,10 @@ def fuse_loras(
             progress(line)
         _load_adapter(pipe, source, adapter_name, cache_dir, local_files_only)
     names = [name for name, _, _ in plan]
+    if factors is not None:
+        factors.extend(
+            capture_factors(pipe, name, source) for name, source, _ in plan if name != LCM_ADAPTER
+        )
     pipe.set_adapters(names, adapter_weights=[scale for _, _, scale in plan])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()

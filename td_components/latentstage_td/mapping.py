@@ -55,6 +55,7 @@ STYLE_BY_TYPE = {
     "string": "Str",
     "enum": "Menu",
     "int_list": "Str",
+    "float_list": "Str",
     "prompt_blend": "Str",
     "seed_blend": "Str",
     "action": "Pulse",
@@ -292,7 +293,7 @@ def default_value(entry: dict[str, Any]) -> Any:
             low, high = entry.get("min"), entry.get("max")
             return (low + high) / 2.0 if low is not None and high is not None else 0.0
         return {"int": 0, "bool": False}.get(kind, "")
-    if kind == "int_list":
+    if kind in ("int_list", "float_list"):
         return " ".join(str(v) for v in value)
     return value
 
@@ -350,6 +351,33 @@ def _text(entry: dict[str, Any], value: Any) -> str:
     if len(text) > MAX_TEXT:
         raise _refuse(entry, f"text of {len(text)} characters is too long")
     return text
+
+
+def parse_float_list(entry: dict[str, Any], value: Any) -> list[float]:
+    """``"1 0.5"``, ``"1, 0.5"`` or a list -> checked floats (count and range)."""
+    if isinstance(value, str):
+        tokens = re.sub(r"[\[\]\(\),;]", " ", value).split()
+    elif isinstance(value, (list, tuple)):
+        tokens = [str(v) for v in value]
+    else:
+        tokens = [str(value)]
+    items = []
+    for token in tokens:
+        try:
+            number = float(token)
+        except ValueError:
+            raise _refuse(entry, f"{token!r} is not a number") from None
+        if not math.isfinite(number):
+            raise _refuse(entry, f"{token!r} is not finite")
+        items.append(number)
+    most = entry.get("max_items") or 16
+    if not 1 <= len(items) <= most:
+        raise _refuse(entry, f"{len(items)} numbers given")
+    low, high = entry.get("min"), entry.get("max")
+    for item in items:
+        if (low is not None and item < low) or (high is not None and item > high):
+            raise _refuse(entry, f"{item} is out of range")
+    return items
 
 
 def parse_int_list(entry: dict[str, Any], value: Any) -> list[int]:
@@ -457,6 +485,10 @@ def osc_args(entry: dict[str, Any], value: Any, crossfade: Any = None) -> list[A
         return args
     if kind == "int_list":
         return list(parse_int_list(entry, value))
+    if kind == "float_list":
+        if isinstance(value, str) and not value.strip():
+            return None
+        return list(parse_float_list(entry, value))
     if kind in ("prompt_blend", "seed_blend"):
         text = str(value or "").strip()
         if not text:
@@ -482,9 +514,11 @@ def _fmt(number: float) -> str:
 def td_value(entry: dict[str, Any], args: list[Any]) -> Any:
     """The TD par value of an echo's OSC arguments (``ValueError`` when they do not fit)."""
     kind = entry["type"]
-    if kind in ("int_list", "prompt_blend", "seed_blend"):
+    if kind in ("int_list", "float_list", "prompt_blend", "seed_blend"):
         if kind == "int_list":
             return " ".join(str(int(a)) for a in args)
+        if kind == "float_list":
+            return " ".join(_fmt(a) for a in args)
         pairs = list(zip(args[0::2], args[1::2]))
         if kind == "prompt_blend":
             return " | ".join(f"{p}:{_fmt(w)}" for p, w in pairs)
