@@ -353,14 +353,18 @@ def _text(entry: dict[str, Any], value: Any) -> str:
     return text
 
 
+def _tokens(value: Any) -> list[str]:
+    """A list par as written in TD (``"1 0.5"``, ``"1, 0.5"``, ``"[1, 0.5]"``) or a list -> strings."""
+    if isinstance(value, str):
+        return re.sub(r"[\[\]\(\),;]", " ", value).split()
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
 def parse_float_list(entry: dict[str, Any], value: Any) -> list[float]:
     """``"1 0.5"``, ``"1, 0.5"`` or a list -> checked floats (count and range)."""
-    if isinstance(value, str):
-        tokens = re.sub(r"[\[\]\(\),;]", " ", value).split()
-    elif isinstance(value, (list, tuple)):
-        tokens = [str(v) for v in value]
-    else:
-        tokens = [str(value)]
+    tokens = _tokens(value)
     items = []
     for token in tokens:
         try:
@@ -382,12 +386,7 @@ def parse_float_list(entry: dict[str, Any], value: Any) -> list[float]:
 
 def parse_int_list(entry: dict[str, Any], value: Any) -> list[int]:
     """``"32 45"``, ``"32,45"``, ``"[32, 45]"`` or a list -> checked, strictly increasing ints."""
-    if isinstance(value, str):
-        tokens = re.sub(r"[\[\]\(\),;]", " ", value).split()
-    elif isinstance(value, (list, tuple)):
-        tokens = [str(v) for v in value]
-    else:
-        tokens = [str(value)]
+    tokens = _tokens(value)
     items = [_whole(entry, token) for token in tokens]
     most = entry.get("max_items") or 8
     if not 1 <= len(items) <= most:
