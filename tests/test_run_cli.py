@@ -148,3 +148,46 @@ def test_bad_run_arguments(capsys):
     assert main(["run", "--preset", "demo", "--frames", "0"]) == 2
     assert main(["run", "--set", "stream.cfg_type=bogus"]) == 2
     assert "cfg_type" in capsys.readouterr().err
+
+
+def test_a_failing_recording_is_never_overwritten(tmp_path, monkeypatch):
+    """Regression: the runtime reopened a failed record sink on the same path, truncating it."""
+    from bridges.base import BridgeError
+    from bridges.record import RecordSink
+    from engine.runtime.engine import numbered_path
+
+    assert numbered_path("out/take.mp4", 2) == "out/take-2.mp4"
+    assert numbered_path("take", 3) == "take-3"
+    original_send = RecordSink.send
+    calls = {"n": 0}
+
+    def flaky_send(self, frame):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise BridgeError("disk hiccup")
+        original_send(self, frame)
+
+    monkeypatch.setattr(RecordSink, "send", flaky_send)
+    args = [
+        "run",
+        "--preset",
+        "demo",
+        "--quiet",
+        "--frames",
+        "40",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+        "--set",
+        f"outputs=[{{type: record, path: '{tmp_path / 'take.mp4'}'}}]",
+        "--set",
+        "osc.enabled=false",
+        "--set",
+        "input.retry_seconds=0.1",
+    ]
+    assert main(args) == 0
+    first, second = tmp_path / "take.mp4", tmp_path / "take-2.mp4"
+    assert first.exists() and second.exists()
+    with av.open(str(first)) as container:
+        assert sum(1 for _ in container.decode(video=0)) >= 15  # kept, not truncated

@@ -403,6 +403,8 @@ def build_engine(
         extra = dict((sink_extra or {}).get(name, {}))
         if name == "preview":
             extra.setdefault("stats", stats.snapshot)
+        if name == "record":
+            return RecordingOpener(options, extra)
         return lambda: open_sink(name, **options, **extra)
 
     labels: list[tuple[str, Callable[[], FrameSink]]] = []
@@ -415,6 +417,35 @@ def build_engine(
         sink_queue_sizes=[output.queue_size for output in config.outputs],
     )
     return Engine(pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats)
+
+
+class RecordingOpener:
+    """Opens the record sink; a reopen after a failure writes ``take-2.mp4``, ``take-3.mp4`` ...
+
+    Reopening the same path would truncate everything recorded so far, which for an
+    installation running for weeks is the one thing a recorder must never do.
+    """
+
+    def __init__(self, options: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        self.extra = dict(extra)
+        self.opened = 0
+
+    def __call__(self) -> FrameSink:
+        self.opened += 1
+        options = dict(self.options)
+        if self.opened > 1:
+            options["path"] = numbered_path(str(options["path"]), self.opened)
+            logger.warning("recording continues in %s (the previous file is kept)", options["path"])
+        return open_sink("record", **options, **self.extra)
+
+
+def numbered_path(path: str, number: int) -> str:
+    """``out/take.mp4`` → ``out/take-2.mp4`` (the number before the extension)."""
+    stem, dot, extension = path.rpartition(".")
+    if not dot or "/" in extension or "\\" in extension:
+        return f"{path}-{number}"
+    return f"{stem}-{number}.{extension}"
 
 
 def _count(outputs: Any, name: str) -> int:
