@@ -237,6 +237,21 @@ def _identity(request: ModelRequest, kind: SourceKind) -> dict[str, Any]:
     return identity
 
 
+def _fuse_requested(
+    pipe: Any, request: ModelRequest, progress: Progress | None, factors: list[LoraFactors]
+) -> None:
+    """Fuse the request's LCM-LoRA and LoRAs into ``pipe`` (recording their factors)."""
+    fuse_loras(
+        pipe,
+        request.lcm_lora,
+        request.loras,
+        cache_dir=request.cache_dir,
+        local_files_only=request.local_files_only,
+        progress=progress,
+        factors=factors,
+    )
+
+
 def _load_builtin(
     request: ModelRequest, progress: Progress | None, factors: list[LoraFactors]
 ) -> dict[str, Any]:
@@ -257,15 +272,7 @@ def _load_builtin(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        fuse_loras(
-            pipe,
-            request.lcm_lora,
-            request.loras,
-            cache_dir=request.cache_dir,
-            local_files_only=request.local_files_only,
-            progress=progress,
-            factors=factors,
-        )
+        _fuse_requested(pipe, request, progress, factors)
     return {
         "unet": tiny.unet,
         "vae": tiny.vae,
@@ -288,15 +295,7 @@ def _load_diffusers(
     pipe = _load_pipeline(kind, request, dtype)
     _stage(progress, "moving model to %s", device)
     pipe.to(device)
-    fuse_loras(
-        pipe,
-        request.lcm_lora,
-        request.loras,
-        cache_dir=request.cache_dir,
-        local_files_only=request.local_files_only,
-        progress=progress,
-        factors=factors,
-    )
+    _fuse_requested(pipe, request, progress, factors)
     vae = pipe.vae
     if request.vae == "taesd":
         _stage(progress, "loading TAESD %s", request.taesd_id)

@@ -317,10 +317,14 @@ def _number(entry: dict[str, Any], value: Any) -> float:
     number = float(value)
     if not math.isfinite(number):
         raise _refuse(entry, f"{value!r} is not finite")
+    _check_range(entry, number, repr(value))
+    return number
+
+
+def _check_range(entry: dict[str, Any], number: float, shown: str) -> None:
     low, high = entry.get("min"), entry.get("max")
     if (low is not None and number < low) or (high is not None and number > high):
-        raise _refuse(entry, f"{value!r} is out of range")
-    return number
+        raise _refuse(entry, f"{shown} is out of range")
 
 
 def _whole(entry: dict[str, Any], text: str) -> int:
@@ -377,10 +381,8 @@ def parse_float_list(entry: dict[str, Any], value: Any) -> list[float]:
     most = entry.get("max_items") or 16
     if not 1 <= len(items) <= most:
         raise _refuse(entry, f"{len(items)} numbers given")
-    low, high = entry.get("min"), entry.get("max")
     for item in items:
-        if (low is not None and item < low) or (high is not None and item > high):
-            raise _refuse(entry, f"{item} is out of range")
+        _check_range(entry, item, str(item))
     return items
 
 
@@ -391,10 +393,8 @@ def parse_int_list(entry: dict[str, Any], value: Any) -> list[int]:
     most = entry.get("max_items") or 8
     if not 1 <= len(items) <= most:
         raise _refuse(entry, f"{len(items)} numbers given")
-    low, high = entry.get("min"), entry.get("max")
     for item in items:
-        if (low is not None and item < low) or (high is not None and item > high):
-            raise _refuse(entry, f"{item} is out of range")
+        _check_range(entry, item, str(item))
     if any(items[i + 1] <= items[i] for i in range(len(items) - 1)):
         raise _refuse(entry, f"{items} is not strictly increasing")
     return items
