@@ -270,8 +270,10 @@ class NdiSource(Closing):
         self._next_check = 0.0
         ok = False
         try:
+            # Discovery is polled on this thread (update_sources) instead of cyndilib's own
+            # finder thread: with that thread running, a process that also sends NDI crashed
+            # (SIGSEGV) about one start in six here.
             self._finder = self._ndi.Finder()
-            self._finder.open()
             self.name = self._find(query, find_timeout)
             found = self._finder.get_source(self.name)
             if found is None:
@@ -285,8 +287,6 @@ class NdiSource(Closing):
             self._video = self._ndi.VideoFrameSync()
             self._receiver.frame_sync.set_video_frame(self._video)
             self._receiver.set_source(found)
-            # The receiver holds its own copy of the source; discovery can stop.
-            self._finder.close()
             self._watch = ConnectionWatch(self.name, time.monotonic(), CONNECT_TIMEOUT,
                                           lost_after)
             log.info("NDI source %r connecting", self.name)
@@ -306,7 +306,7 @@ class NdiSource(Closing):
         settle_until = 0.0
         names: list[str] = []
         while True:
-            names = list(self._finder.get_source_names())
+            names = list(self._finder.update_sources())
             name, exact = match_source(query, names)
             now = time.monotonic()
             if exact and name is not None:
@@ -320,7 +320,7 @@ class NdiSource(Closing):
                 candidate = None
             if now >= deadline:
                 break
-            self._finder.wait(min(0.1, max(0.0, deadline - now)))
+            time.sleep(min(0.1, max(0.0, deadline - now)))
         raise BridgeError(
             f"NDI source {query!r} not found within {time.monotonic() - start:.1f} s; "
             f"sources seen: {', '.join(repr(n) for n in names) or 'none'}"
