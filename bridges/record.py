@@ -67,10 +67,23 @@ def container_options(path: str) -> dict[str, str]:
     return {}
 
 
+def fit_inside(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int, int, int]:
+    """The largest ``(w, h)`` of aspect ``width:height`` inside the box, and its offset ``(x, y)``.
+
+    Sizes are at least 1 pixel; the picture is centred (black bars left/right or top/bottom).
+    """
+    scale = min(box_w / width, box_h / height)
+    fit_w = max(1, min(box_w, round(width * scale)))
+    fit_h = max(1, min(box_h, round(height * scale)))
+    return fit_w, fit_h, (box_w - fit_w) // 2, (box_h - fit_h) // 2
+
+
 class RecordSink(Closing):
     """Writes every frame it is sent to a video file at a constant ``fps``.
 
-    The first frame fixes the size (a later frame of another size raises ``BridgeError``).
+    The first frame fixes the size of the file. A later frame of another size (a live
+    resolution change, or bypass with an input of another size) is scaled to fit inside it,
+    keeping its aspect ratio, with black bars — the recording goes on in one file.
     H.264 / MPEG-4 need even sizes in yuv420p: an odd width or height is cropped by one
     pixel (logged once). Timestamps come from a frame counter, so the file plays at ``fps``
     whatever the rate frames arrived at. ``close()`` flushes the encoder and finalises the
@@ -99,6 +112,7 @@ class RecordSink(Closing):
         self._stream: VideoStream | None = None
         self._input_size: tuple[int, int] | None = None  # (width, height) of incoming frames
         self._encoded_size: tuple[int, int] = (0, 0)
+        self._logged_sizes: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -158,16 +172,12 @@ class RecordSink(Closing):
                 raise BridgeError(f"recording to {self.path!r} is closed")
             if self._input_size is None:
                 self._open(width, height)
-            elif (width, height) != self._input_size:
-                w0, h0 = self._input_size
-                raise BridgeError(
-                    f"frame size {width}x{height} differs from the recording's size {w0}x{h0} "
-                    f"({self.path!r}); the size is fixed by the first frame"
-                )
             container, stream = self._container, self._stream
             assert container is not None and stream is not None
             enc_w, enc_h = self._encoded_size
-            if (enc_w, enc_h) != (width, height):
+            if (width, height) != self._input_size:
+                pixels = self._letterbox(pixels)
+            elif (enc_w, enc_h) != (width, height):
                 pixels = pixels[:enc_h, :enc_w]
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgba")
             video_frame.pts = self.frames_written
@@ -178,6 +188,22 @@ class RecordSink(Closing):
                 raise BridgeError(f"encoding frame {self.frames_written} to {self.path!r} "
                                   f"failed: {exc}") from exc
             self.frames_written += 1
+
+    def _letterbox(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels`` of another size scaled to fit the recording, centred on black."""
+        height, width = int(pixels.shape[0]), int(pixels.shape[1])
+        enc_w, enc_h = self._encoded_size
+        fit_w, fit_h, x, y = fit_inside(width, height, enc_w, enc_h)
+        if (width, height) not in self._logged_sizes:
+            self._logged_sizes.add((width, height))
+            log.info("recording %s: frames of %dx%d are scaled to %dx%d inside %dx%d",
+                     self.path, width, height, fit_w, fit_h, enc_w, enc_h)
+        source = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgba")
+        scaled = source.reformat(width=fit_w, height=fit_h, format="rgba").to_ndarray()
+        canvas = np.zeros((enc_h, enc_w, 4), dtype=np.uint8)
+        canvas[..., 3] = 255
+        canvas[y:y + fit_h, x:x + fit_w] = scaled[:fit_h, :fit_w]
+        return canvas
 
     def close(self) -> None:
         """Flush the encoder and finalise the file; safe to call twice."""

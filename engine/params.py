@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,6 +17,8 @@ MAX_BLEND_ITEMS = 8
 MAX_T_INDEX_ITEMS = 8
 MAX_SEED = 2**31 - 1
 MAX_LORAS = 16
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
+"""Output size limits (the same as ``stream.width`` / ``stream.height`` in the config)."""
 
 
 class ParamKind(str, Enum):
@@ -30,6 +33,7 @@ class ParamKind(str, Enum):
     FLOAT_LIST = "float_list"
     PROMPT_BLEND = "prompt_blend"
     SEED_BLEND = "seed_blend"
+    SIZE = "size"
     ACTION = "action"
 
 
@@ -100,6 +104,11 @@ class ParamSpec:
             return (
                 f"1 to {self.max_items} pairs (seed in [0, {MAX_SEED}], weight >= 0), "
                 "weights not all 0"
+            )
+        if self.kind is ParamKind.SIZE:
+            return (
+                f"width and height (two integers or 'WxH'), each a multiple of {SIDE_MULTIPLE} "
+                f"in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
             )
         if self.kind is ParamKind.ACTION:
             return "no value" if not self.osc_args else "a name"
@@ -265,6 +274,33 @@ def _coerce_seed_blend(spec: ParamSpec, value: Any) -> list[tuple[int, float]]:
     return result
 
 
+_SIZE_TEXT = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
+
+
+def _coerce_size(spec: ParamSpec, value: Any) -> list[int]:
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]  # one OSC string argument: "1280x720"
+    if isinstance(value, str):
+        match = _SIZE_TEXT.fullmatch(value)
+        if match is None:
+            raise ParamError(spec.name, f"{value!r:.40} is not WIDTHxHEIGHT; allowed: {spec.allowed_text()}")
+        value = [int(match.group(1)), int(match.group(2))]
+    items = _as_sequence(spec, value)
+    if len(items) != 2:
+        raise ParamError(spec.name, f"{len(items)} numbers given; allowed: {spec.allowed_text()}")
+    result = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not float(item).is_integer():
+            raise ParamError(spec.name, f"{item!r} is not an integer; allowed: {spec.allowed_text()}")
+        _check_range(spec, float(item), item)
+        if int(item) % SIDE_MULTIPLE:
+            raise ParamError(
+                spec.name, f"{int(item)} is not a multiple of {SIDE_MULTIPLE}; allowed: {spec.allowed_text()}"
+            )
+        result.append(int(item))
+    return result
+
+
 def _coerce_action(spec: ParamSpec, value: Any) -> Any:
     if spec.osc_args and not isinstance(value, str):
         raise ParamError(spec.name, f"{value!r} is not a name; allowed: {spec.allowed_text()}")
@@ -287,6 +323,7 @@ _COERCERS = {
     ParamKind.FLOAT_LIST: _coerce_float_list,
     ParamKind.PROMPT_BLEND: _coerce_prompt_blend,
     ParamKind.SEED_BLEND: _coerce_seed_blend,
+    ParamKind.SIZE: _coerce_size,
     ParamKind.ACTION: _coerce_action,
 }
 
@@ -410,6 +447,17 @@ def _specs() -> tuple[ParamSpec, ...]:
             maximum=4.0,
             max_items=MAX_LORAS,
             group="model",
+        ),
+        ParamSpec(
+            "resolution",
+            k.SIZE,
+            [512, 512],
+            "Output width and height; a new size builds its engines first, the old size runs on.",
+            "/resolution",
+            "i i | s",
+            minimum=MIN_SIDE,
+            maximum=MAX_SIDE,
+            in_scene=False,  # a show-level setting: recalling a look must not start engine builds
         ),
         ParamSpec(
             "similarity_filter_enabled",
@@ -577,6 +625,7 @@ FEEDBACK_ADDRESSES: tuple[tuple[str, str, str], ...] = (
     ("/engine/fps", "f", "output frames per second"),
     ("/engine/latency_ms", "f", "source frame to output, milliseconds (mean over the last frames)"),
     ("/engine/skip_rate", "f", "share of input frames the similarity filter skipped"),
+    ("/engine/building", "s", "engines prepared for a shape change, e.g. `batch 2 at 768x512`; empty: none"),
     ("/engine/error", "s", "why a message or a frame was refused; nothing changed"),
 )
 
@@ -635,6 +684,23 @@ def as_markdown() -> str:
         "with the parameter, the bad value and what is allowed (at most 10 answers per address",
         "and second) and logs it once per address per second.",
         "",
+        "## Changes that change shapes",
+        "",
+        "Three changes alter the shapes the UNet and VAE run at: `/t_index_list` of another length,",
+        "`/cfg_type` and `/resolution` (`/strength` keeps n). On the `torch` backend they apply at the",
+        "next frame. On `onnxruntime` and `tensorrt` the engine first exports or builds the",
+        "engines of the new shapes in the background (`/engine/building` names them; a TensorRT build",
+        "takes minutes, a cached engine loads in seconds) while the current configuration keeps",
+        "playing; the change then applies at a frame boundary and is echoed. A failed build answers",
+        "`/engine/error` and changes nothing. The previous shapes stay loaded for a quick way back;",
+        "older ones are released (they stay cached on disk: `latentstage build` prebuilds them).",
+        "",
+        "`/resolution` resamples the frames already in the stream batch, so the picture continues",
+        "without a new warm-up. The input is centre-cropped to the new aspect and scaled; Spout,",
+        "Syphon, NDI, shared memory and the preview send the new size; a recording keeps the size it",
+        "started with and letterboxes frames of another size. It is not saved in scenes: recalling a",
+        "look never starts a build.",
+        "",
         "## Examples (liblo's `oscsend`)",
         "",
         "```bash",
@@ -642,6 +708,7 @@ def as_markdown() -> str:
         'oscsend 127.0.0.1 9000 /prompt sf "a glowing forest" 4.0     # crossfade over 4 s',
         'oscsend 127.0.0.1 9000 /prompt_blend sfsf "a cat" 1.0 "a dog" 0.5',
         "oscsend 127.0.0.1 9000 /t_index_list ii 20 40",
+        "oscsend 127.0.0.1 9000 /resolution ii 768 512                # or: /resolution s 768x512",
         "oscsend 127.0.0.1 9000 /similarity_filter/enabled T",
         "oscsend 127.0.0.1 9000 /preset/save s intro",
         "oscdump 9001                                                 # watch the feedback",

@@ -11,7 +11,7 @@ import torch
 
 from engine import params
 from engine.accel.backends import Backend
-from engine.accel.base import UNetRunner, UNetShape, VaeRunner
+from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
 from engine.models.lora import LoraFactors, rescale_loras, touched_parameters
@@ -40,6 +40,7 @@ PIPELINE_PARAMS: tuple[str, ...] = (
     "t_index_list",
     "strength",
     "lora_scales",
+    "resolution",
     "similarity_filter_enabled",
     "similarity_filter_threshold",
     "similarity_filter_max_skip_frames",
@@ -48,15 +49,25 @@ PIPELINE_PARAMS: tuple[str, ...] = (
 
 
 class NeedsEngine(Exception):
-    """A change needs a UNet of another shape that the backend has not built yet.
+    """A change needs runners of another shape that the backend has not built yet.
 
-    Raised by ``apply`` before anything changed; the runtime builds ``shape`` off the frame
-    loop (the current configuration keeps running) and applies the change when it is ready.
+    Raised by ``apply`` before anything changed; the runtime prepares ``shape`` (and
+    ``vae_shape`` when the resolution changes) off the frame loop — the current configuration
+    keeps running — and applies the change when they are ready.
     """
 
-    def __init__(self, shape: UNetShape) -> None:
-        super().__init__(f"no engine yet for UNet batch {shape.batch} ({shape})")
+    def __init__(self, shape: UNetShape, vae_shape: VaeShape | None = None) -> None:
+        size = f" at {vae_shape.width}x{vae_shape.height}" if vae_shape is not None else ""
+        super().__init__(f"no engine yet for UNet batch {shape.batch}{size} ({shape})")
         self.shape = shape
+        self.vae_shape = vae_shape
+
+    @property
+    def label(self) -> str:
+        """A short name for logs: ``batch 3`` or ``batch 2 at 768x512``."""
+        if self.vae_shape is None:
+            return f"batch {self.shape.batch}"
+        return f"batch {self.shape.batch} at {self.vae_shape.width}x{self.vae_shape.height}"
 
 
 @dataclass
@@ -170,6 +181,7 @@ class StreamPipeline:
             "t_index_list": list(settings.t_index_list),
             "strength": None,
             "lora_scales": list(models.lora_scales) if models.lora_factors else None,
+            "resolution": [int(settings.width), int(settings.height)],
             "similarity_filter_enabled": bool(settings.similarity_filter_enabled),
             "similarity_filter_threshold": float(settings.similarity_filter_threshold),
             "similarity_filter_max_skip_frames": int(settings.similarity_filter_max_skip_frames),
@@ -198,7 +210,7 @@ class StreamPipeline:
             self._install_cross_frame_attention()
         self.backend = backend
         if backend is not None:
-            self.vae_runner = backend.vae()
+            self.vae_runner = backend.prepare_vae(self.vae_shape())
             self.unet_runner = backend.prepare_unet(self.unet_shape())
 
     # ------------------------------------------------------------------ per frame
@@ -276,25 +288,38 @@ class StreamPipeline:
 
         # prepare (may raise; nothing is changed yet)
         cfg_type = CfgType(new_state["cfg_type"])
+        width, height = new_state["resolution"]
+        size_changed = (width, height) != (self.width, self.height)
+        latent_shape = self._latent_shape(width, height) if size_changed else self.latent_shape
         schedule_changed = new_state["t_index_list"] != self.state["t_index_list"]
         schedule = self._schedule(new_state["t_index_list"]) if schedule_changed else self.batch.schedule
         n = schedule.n
         noise_keys = ("seed", "seed_blend", "prompt_blend_method")
-        noise_changed = schedule_changed or any(new_state[k] != self.state[k] for k in noise_keys)
-        noise = self._noise(new_state, n) if noise_changed else self.batch.noise
+        noise_changed = (
+            schedule_changed or size_changed or any(new_state[k] != self.state[k] for k in noise_keys)
+        )
+        noise = self._noise(new_state, n, latent_shape) if noise_changed else self.batch.noise
         prompt_keys = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
         prompt_changed = any(new_state[k] != self.state[k] for k in prompt_keys)
         positive, negative = (
             self._prompt_embeddings(new_state) if prompt_changed else (self._positive, self._negative)
         )
-        shape_changed = n != self.batch.n or cfg_type is not self.batch.cfg_type
-        runner = self.unet_runner
+        shape_changed = n != self.batch.n or cfg_type is not self.batch.cfg_type or size_changed
+        runner, vae_runner = self.unet_runner, self.vae_runner
+        old_shapes = (self.unet_shape(), self.vae_shape())
+        new_shapes = (self.unet_shape(n, cfg_type, latent_shape), self.vae_shape(width, height))
         if shape_changed and self.backend is not None:
-            shape = self.unet_shape(n, cfg_type)
-            ready = self.backend.unet_for(shape)
-            if ready is None:
-                raise NeedsEngine(shape)
-            runner = ready
+            ready = self.backend.unet_for(new_shapes[0])
+            ready_vae = self.backend.vae_for(new_shapes[1]) if size_changed else vae_runner
+            if ready is None or ready_vae is None:
+                raise NeedsEngine(new_shapes[0], new_shapes[1] if size_changed else None)
+            runner, vae_runner = ready, ready_vae
+        elif size_changed and not (isinstance(runner, TorchUNet) and isinstance(vae_runner, TorchVae)):
+            raise ParamError(
+                "resolution",
+                f"this pipeline's runners are fixed to {self.width}x{self.height} and it has no "
+                "backend to build others; allowed: the current size",
+            )
         layout_changed = prompt_changed or shape_changed
         embeddings = (
             layout_embeddings(cfg_type, n, positive, negative) if layout_changed else self._embeddings
@@ -308,8 +333,12 @@ class StreamPipeline:
             positive, negative, embeddings = self._rescale_loras(
                 new_state, cfg_type, n, (positive, negative, embeddings)
             )
-        self.unet_runner = runner
-        if schedule_changed:
+        self.unet_runner, self.vae_runner = runner, vae_runner
+        if size_changed:
+            self.width, self.height, self.latent_shape = width, height, latent_shape
+            self.similarity_filter.reset()
+            self.last_output = None
+        if schedule_changed or size_changed:
             self.batch.set_schedule(schedule, noise)
         elif noise_changed:
             self.batch.set_noise(noise)
@@ -328,6 +357,9 @@ class StreamPipeline:
         self.state = new_state
         if self._cross_frame is not None:
             self._cross_frame.groups = self._attention_groups()
+        if shape_changed and self.backend is not None:
+            # keep the previous shapes loaded for a quick way back; release everything older
+            self.backend.retain({old_shapes[0], new_shapes[0]}, {old_shapes[1], new_shapes[1]})
         logger.debug("applied %s", sorted(accepted))
         return accepted
 
@@ -470,9 +502,22 @@ class StreamPipeline:
             dtype=self.dtype,
         )
 
-    def _noise(self, state: Mapping[str, Any], n: int) -> torch.Tensor:
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """Latent ``(C, h, w)`` of a ``width`` x ``height`` frame; ``ParamError`` if it does not divide."""
+        factor = self.models.vae_scale_factor
+        if width % factor or height % factor:
+            raise ParamError(
+                "resolution",
+                f"{width}x{height} does not divide into this model's {factor}x{factor} latent pixels; "
+                f"allowed: multiples of {factor}",
+            )
+        return (self.models.latent_channels, height // factor, width // factor)
+
+    def _noise(
+        self, state: Mapping[str, Any], n: int, latent_shape: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
         """Cached per-slot noise ``(n, C, h, w)`` from the seed or the seed blend (CPU RNG)."""
-        shape = (n, *self.latent_shape)
+        shape = (n, *(latent_shape or self.latent_shape))
         blend = state["seed_blend"] or [(state["seed"], 1.0)]
         noises = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed, _ in blend]
         mixed = (
@@ -491,11 +536,16 @@ class StreamPipeline:
     def _attention_groups(self) -> tuple[tuple[int, int], ...]:
         return batch_groups_for(self.batch.cfg_type, self.batch.n)
 
-    def unet_shape(self, n: int | None = None, cfg_type: CfgType | None = None) -> UNetShape:
-        """The fixed UNet shapes of the current (or a proposed) n and cfg mode."""
+    def unet_shape(
+        self,
+        n: int | None = None,
+        cfg_type: CfgType | None = None,
+        latent_shape: tuple[int, int, int] | None = None,
+    ) -> UNetShape:
+        """The fixed UNet shapes of the current (or a proposed) n, cfg mode and latent size."""
         n = self.batch.n if n is None else n
         cfg_type = self.batch.cfg_type if cfg_type is None else cfg_type
-        channels, height, width = self.latent_shape
+        channels, height, width = latent_shape or self.latent_shape
         return UNetShape(
             batch=unet_batch_size(cfg_type, n),
             latent_channels=channels,
@@ -506,6 +556,15 @@ class StreamPipeline:
             cross_frame_groups=(
                 batch_groups_for(cfg_type, n) if self.settings.cross_frame_attention else None
             ),
+        )
+
+    def vae_shape(self, width: int | None = None, height: int | None = None) -> VaeShape:
+        """The fixed VAE shapes of the current (or a proposed) output size."""
+        return VaeShape(
+            height=self.height if height is None else height,
+            width=self.width if width is None else width,
+            latent_channels=self.models.latent_channels,
+            scale_factor=self.models.vae_scale_factor,
         )
 
     def _install_cross_frame_attention(self) -> None:

@@ -107,6 +107,8 @@ class SlowBackend:
         self._unet = TorchUNet(models.unet)
         self._vae = TorchVae(models.vae, models.vae_scaling_factor)
         self.ready: set[UNetShape] = set()
+        self.ready_vaes: set[VaeShape] = set()
+        self.retained: list[tuple[set[UNetShape], set[VaeShape]]] = []
         self.delay = delay
         self.prepared: list[tuple[int, float, float]] = []
 
@@ -121,8 +123,19 @@ class SlowBackend:
         self.prepared.append((shape.batch, start, time.monotonic()))
         return self._unet
 
-    def vae(self, progress=None):
+    def vae_for(self, shape):
+        return self._vae if shape in self.ready_vaes else None
+
+    def prepare_vae(self, shape, progress=None):
+        if shape not in self.ready_vaes:
+            time.sleep(self.delay)
+            self.ready_vaes.add(shape)
         return self._vae
+
+    def retain(self, unet_shapes, vae_shapes):
+        self.retained.append((set(unet_shapes), set(vae_shapes)))
+        self.ready &= set(unet_shapes)
+        self.ready_vaes &= set(vae_shapes)
 
     def describe(self) -> str:
         return "slow test backend"

@@ -287,14 +287,40 @@ def test_record_close_twice_and_send_after_close(tmp_path: Path) -> None:
     assert empty.frames_written == 0
 
 
-def test_record_rejects_a_size_change(tmp_path: Path) -> None:
-    with RecordSink(str(tmp_path / "size.mp4"), fps=10) as sink:
-        sink.send(Frame(np.zeros((48, 64, 4), np.uint8)))
-        with pytest.raises(BridgeError) as info:
-            sink.send(Frame(np.zeros((50, 64, 4), np.uint8)))
-        assert "64x50" in str(info.value) and "64x48" in str(info.value)
-        sink.send(Frame(np.zeros((48, 64, 4), np.uint8)))
-    assert sink.frames_written == 2
+def test_record_letterboxes_a_size_change_into_the_same_file(tmp_path: Path) -> None:
+    """A live resolution change (or bypass of a larger input) must not end the recording."""
+    path = tmp_path / "size.mp4"
+    red = np.zeros((48, 64, 4), np.uint8)
+    red[..., 0] = red[..., 3] = 255
+    wide = np.zeros((32, 128, 4), np.uint8)  # 4:1, twice as wide as the file's 4:3
+    wide[..., 2] = wide[..., 3] = 255
+    with RecordSink(str(path), fps=10) as sink:
+        for pixels in (red, wide, wide, red):
+            sink.send(Frame(pixels))
+    assert sink.frames_written == 4
+    with VideoSource(str(path), loop=False) as source:
+        assert (source.width, source.height) == (64, 48)
+        frames = _read_all(source)
+    assert len(frames) == 4
+    scaled = frames[1].pixels.astype(int)
+    # 128x32 fits as 64x16 at y = 16: blue band in the middle, black bars above and below
+    assert scaled[20:28, 8:56, 2].mean() > 200 and scaled[20:28, 8:56, 0].mean() < 40
+    assert scaled[:12, :, :3].max() < 40 and scaled[36:, :, :3].max() < 40
+    assert frames[3].pixels[..., 0].mean() > 200  # back to the recording's own size
+
+
+@pytest.mark.parametrize(
+    ("size", "box", "expected"),
+    [
+        ((64, 48), (64, 48), (64, 48, 0, 0)),
+        ((128, 32), (64, 48), (64, 16, 0, 16)),
+        ((48, 96), (64, 48), (24, 48, 20, 0)),
+        ((32, 24), (640, 480), (640, 480, 0, 0)),
+        ((1000, 1), (64, 48), (64, 1, 0, 23)),
+    ],
+)
+def test_fit_inside(size: tuple[int, int], box: tuple[int, int], expected: tuple[int, ...]) -> None:
+    assert record.fit_inside(*size, *box) == expected
 
 
 def test_record_odd_size_is_cropped_and_logged_once(

@@ -72,6 +72,9 @@ GOOD = [
     (msg("/t_index_list", 0, 16, 32, 45), {"t_index_list": [0, 16, 32, 45]}),
     (msg("/lora_scales", 0.5, -1.0), {"lora_scales": [0.5, -1.0]}),
     (msg("/strength", 0.6), {"strength": pytest.approx(0.6)}),
+    (msg("/resolution", 768, 512), {"resolution": [768, 512]}),
+    (msg("/resolution", 512.0, 512.0), {"resolution": [512, 512]}),  # floats from a fader
+    (msg("/resolution", "1280x720"), {"resolution": [1280, 720]}),
     (msg("/similarity_filter/enabled", True), {"similarity_filter_enabled": True}),
     (msg("/similarity_filter/enabled", 0), {"similarity_filter_enabled": False}),
     (msg("/similarity_filter/threshold", 0.95), {"similarity_filter_threshold": pytest.approx(0.95)}),
@@ -131,6 +134,12 @@ BAD = [
     (msg("/prompt_blend", "a", 0.0), "all 0"),
     (msg("/seed_blend", 1, -1.0), "weight"),
     (msg("/similarity_filter/threshold", 1.0), "out of range"),
+    (msg("/resolution", 512), "1 numbers given; allowed: width and height"),
+    (msg("/resolution", 512, 512, 512), "3 numbers given"),
+    (msg("/resolution", 500, 512), "500 is not a multiple of 8"),
+    (msg("/resolution", 4096, 512), "out of range; allowed: width and height (two integers or 'WxH'), each"),
+    (msg("/resolution", "768 by 512"), "is not WIDTHxHEIGHT"),
+    (msg("/resolution", 512.5, 512), "not an integer"),
     (msg("/bypass", "yes please"), "switch"),
     (msg("/no/such/address", 1), "unknown address"),
     (msg("/preset/load", "../../etc/passwd"), "not a scene name"),
@@ -237,6 +246,8 @@ def test_oscquery_namespace_follows_the_proposal():
                 assert all(set(r) <= {"MIN", "MAX", "VALS"} for r in node["RANGE"])
     assert find_node(root, "/guidance_scale")["RANGE"] == [{"MIN": 0.0, "MAX": 20.0}]
     assert find_node(root, "/cfg_type")["RANGE"] == [{"VALS": ["none", "full", "self", "onetime"]}]
+    assert find_node(root, "/resolution")["TYPE"] == "ii"
+    assert find_node(root, "/resolution")["RANGE"] == [{"MIN": 64, "MAX": 2048}] * 2
     assert find_node(root, "/similarity_filter")["CONTENTS"]["threshold"]["TYPE"] == "f"
     assert find_node(root, "/engine/fps")["VALUE"] == [12.5] and find_node(root, "/engine/fps")["ACCESS"] == 1
 

@@ -176,7 +176,7 @@ def trt_backend(bundle, tmp_path, refittable: bool) -> TensorRTBackend:
         return FakeTrtRunner(bundle.unet)
 
     backend._load_unet = load_unet  # type: ignore[method-assign]
-    backend._load_vae = lambda progress: TorchVae(bundle.vae, bundle.vae_scaling_factor)  # type: ignore[method-assign]
+    backend._load_vae = lambda shape, progress: TorchVae(bundle.vae, bundle.vae_scaling_factor)  # type: ignore[method-assign]
     return backend
 
 

@@ -212,6 +212,12 @@ def test_oscsend_changes_engine_and_oscdump_sees_feedback(bundle, tmp_path):
                     address
                 )
                 assert run.wait_for(lambda e=echo: dump.seen(e)), f"no echo {echo!r} in {dump.lines[-5:]}"
+            oscsend(port, "/resolution", "ii", 96, 64)
+            assert run.wait_for(lambda: run.pipeline.state["resolution"] == [96, 64])
+            assert run.wait_for(lambda: run.sink.frames[-1].pixels.shape == (64, 96, 4))
+            assert run.wait_for(lambda: dump.seen("/resolution ii 96 64"))
+            oscsend(port, "/resolution", "s", f"{SIZE}x{SIZE}")
+            assert run.wait_for(lambda: run.sink.frames[-1].pixels.shape == (SIZE, SIZE, 4))
             oscsend(port, "/strength", "f", 0.5)
             assert run.wait_for(lambda: run.pipeline.state["strength"] == 0.5)
             oscsend(port, "/prompt_blend", "sfsf", "a cat", 1.0, "a dog", 1.0)
@@ -230,7 +236,8 @@ def test_oscsend_changes_engine_and_oscdump_sees_feedback(bundle, tmp_path):
             oscsend(port, "/guidance_scale", "s", "loud")
             assert run.wait_for(lambda: dump.seen('/engine/error s "guidance_scale'))
             assert run.pipeline.state["guidance_scale"] == pytest.approx(1.6)
-            for address in ("/engine/state", "/engine/fps", "/engine/latency_ms", "/engine/skip_rate"):
+            for address in ("state", "fps", "latency_ms", "skip_rate", "building"):
+                address = f"/engine/{address}"
                 assert run.wait_for(lambda a=address: dump.seen(a)), address
         finally:
             dump.close()

@@ -395,6 +395,14 @@ def test_values_are_validated_and_converted_like_the_engine_does():
     assert mapping.osc_args(entry["preset_save"], "one") == ["one"]
     with pytest.raises(ValueError, match="no name"):
         mapping.osc_args(entry["preset_save"], "")
+    for text in ("768x512", "768 512", "768, 512", [768, 512]):
+        assert mapping.osc_args(entry["resolution"], text) == [768, 512]
+    refused = (("770x512", "770 is not a multiple of 8"), ("512", "1 numbers"), ("8x8", "8 is out of range"))
+    for bad, needle in refused:
+        with pytest.raises(ValueError, match=f"resolution: {needle}"):
+            mapping.osc_args(entry["resolution"], bad)
+    assert mapping.default_value(entry["resolution"]) == "512x512"
+    assert mapping.td_value(entry["resolution"], [768, 512]) == "768x512"
     # echoes back into par values, and float32 echoes equal what was sent
     assert mapping.td_value(entry["t_index_list"], [20, 40]) == "20 40"
     assert mapping.td_value(entry["seed_blend"], [1, 0.5, 2, 0.5]) == "1:0.5, 2:0.5"
@@ -643,6 +651,7 @@ def test_status_messages_fill_the_status_pars(live):
         ),
     )
     assert td.par("Skiprate").sets > 0 and 0.0 <= td.par("Skiprate").eval() <= 1.0
+    assert td.par("Building").sets > 0 and td.par("Building").eval() == ""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
         other.sendto(build_message("/seed", ["many"]), ("127.0.0.1", run.service.port))
     assert pump(

@@ -162,6 +162,8 @@ def test_folder_name_is_readable() -> None:
     assert name == f"unet_sd-turbo_512x512_b2_self_xfa0_fp16_trt10.13_sm89_{key.digest()[:8]}"
     vae = EngineKey(**_key_fields(component="vae_decoder", batch=1, refittable=True))
     assert vae.folder_name().startswith("vae_decoder_sd-turbo_512x512_b1_fp16_trt10.13_sm89_refit_")
+    wide = EngineKey(**_key_fields(width=768, height=512))
+    assert wide.folder_name().startswith("unet_sd-turbo_768x512_b2_"), "width x height, as /resolution"
 
 
 WEIRD_IDS = [

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -40,8 +40,10 @@ class BackendUnavailableError(RuntimeError):
 class Backend(Protocol):
     """Gives the pipeline its UNet and VAE runners.
 
-    ``unet_for`` answers at once (a ready runner or ``None``); ``prepare_unet`` may export or
-    build for minutes and is called off the frame loop when a live change needs a new shape.
+    ``unet_for`` / ``vae_for`` answer at once (a ready runner or ``None``); ``prepare_unet`` /
+    ``prepare_vae`` may export or build for minutes and are called off the frame loop when a
+    live change needs a new shape (batch or resolution). ``retain`` lets go of the runners of
+    every other shape (their GPU memory), keeping what is on disk.
     """
 
     name: str
@@ -50,7 +52,11 @@ class Backend(Protocol):
 
     def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner: ...
 
-    def vae(self, progress: Progress | None = None) -> VaeRunner: ...
+    def vae_for(self, shape: VaeShape) -> VaeRunner | None: ...
+
+    def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner: ...
+
+    def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -103,8 +109,14 @@ class TorchBackend:
     def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner:
         return self._unet
 
-    def vae(self, progress: Progress | None = None) -> VaeRunner:
+    def vae_for(self, shape: VaeShape) -> VaeRunner:
         return self._vae
+
+    def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner:
+        return self._vae
+
+    def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None:
+        return None  # one module serves every shape
 
     def describe(self) -> str:
         return "torch (eager)"
@@ -127,7 +139,7 @@ class _ExportedBackend:
         self.settings = settings
         self.cache = EngineCache(Path(settings.engine_dir))
         self._runners: dict[UNetShape, UNetRunner] = {}
-        self._vae: VaeRunner | None = None
+        self._vaes: dict[VaeShape, VaeRunner] = {}
         self._lock = threading.Lock()
         self._fingerprints: dict[str, str] = {}
         self._refit_names: dict[UNetShape, dict[str, tuple[str, bool]]] = {}
@@ -146,22 +158,48 @@ class _ExportedBackend:
             self._runners[shape] = runner
         return runner
 
-    def vae(self, progress: Progress | None = None) -> VaeRunner:
-        if self._vae is None:
-            self._vae = self._load_vae(progress)
-        return self._vae
+    def vae_for(self, shape: VaeShape) -> VaeRunner | None:
+        with self._lock:
+            return self._vaes.get(shape)
+
+    def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner:
+        runner = self.vae_for(shape)
+        if runner is not None:
+            return runner
+        runner = self._load_vae(shape, progress)
+        with self._lock:
+            self._vaes[shape] = runner
+        return runner
+
+    def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None:
+        """Drop the loaded runners of every other shape (engines stay cached on disk)."""
+        with self._lock:
+            dropped = [s for s in self._runners if s not in unet_shapes]
+            dropped_vaes = [s for s in self._vaes if s not in vae_shapes]
+            for shape in dropped:
+                del self._runners[shape]
+                self._refit_names.pop(shape, None)
+            for vae_shape in dropped_vaes:
+                del self._vaes[vae_shape]
+        if dropped or dropped_vaes:
+            logger.info(
+                "released %d UNet and %d VAE runners of sizes no longer in use",
+                len(dropped),
+                len(dropped_vaes),
+            )
 
     def unet_keys(self, shapes: Sequence[UNetShape]) -> list[EngineKey]:
         return [self._key("unet", shape) for shape in shapes]
 
-    def vae_keys(self) -> list[EngineKey]:
-        return [self._key(component, self.vae_shape) for component in ("vae_encoder", "vae_decoder")]
+    def vae_keys(self, shape: VaeShape | None = None) -> list[EngineKey]:
+        shape = shape or self.vae_shape
+        return [self._key(component, shape) for component in ("vae_encoder", "vae_decoder")]
 
     # ------------------------------------------------------------------ to implement
     def _load_unet(self, shape: UNetShape, progress: Progress | None) -> UNetRunner:
         raise NotImplementedError
 
-    def _load_vae(self, progress: Progress | None) -> VaeRunner:
+    def _load_vae(self, shape: VaeShape, progress: Progress | None) -> VaeRunner:
         raise NotImplementedError
 
     def _runtime_fields(self) -> dict[str, str]:
@@ -266,13 +304,13 @@ class OnnxRuntimeBackend(_ExportedBackend):
         path = self._onnx(self._key("unet", shape), shape, progress)
         return OrtUNet(path, shape, self.providers)
 
-    def _load_vae(self, progress: Progress | None) -> VaeRunner:
+    def _load_vae(self, shape: VaeShape, progress: Progress | None) -> VaeRunner:
         from engine.accel.onnxruntime_backend import OrtVae
 
-        encoder_key, decoder_key = self.vae_keys()
-        encoder = self._onnx(encoder_key, self.vae_shape, progress)
-        decoder = self._onnx(decoder_key, self.vae_shape, progress)
-        return OrtVae(encoder, decoder, self.vae_shape, self.providers)
+        encoder_key, decoder_key = self.vae_keys(shape)
+        encoder = self._onnx(encoder_key, shape, progress)
+        decoder = self._onnx(decoder_key, shape, progress)
+        return OrtVae(encoder, decoder, shape, self.providers)
 
     def describe(self) -> str:
         return f"onnxruntime ({', '.join(self.providers)})"
@@ -333,12 +371,12 @@ class TensorRTBackend(_ExportedBackend):
         plan = self._plan(self._key("unet", shape), shape, progress)
         return TrtUNet(plan, use_cuda_graph=self.settings.cuda_graph)
 
-    def _load_vae(self, progress: Progress | None) -> VaeRunner:
+    def _load_vae(self, shape: VaeShape, progress: Progress | None) -> VaeRunner:
         from engine.accel.tensorrt_backend import TrtVae
 
-        encoder_key, decoder_key = self.vae_keys()
-        encoder = self._plan(encoder_key, self.vae_shape, progress)
-        decoder = self._plan(decoder_key, self.vae_shape, progress)
+        encoder_key, decoder_key = self.vae_keys(shape)
+        encoder = self._plan(encoder_key, shape, progress)
+        decoder = self._plan(decoder_key, shape, progress)
         return TrtVae.from_plans(encoder, decoder)
 
     def describe(self) -> str:

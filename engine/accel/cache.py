@@ -246,7 +246,7 @@ class EngineKey:
         trt_parts = re.findall(r"\d+", self.tensorrt_version)[:2]
         trt = ".".join(trt_parts) if trt_parts else self.tensorrt_version
         head = [self.component]
-        tail = [f"{self.height}x{self.width}", f"b{self.batch}"]
+        tail = [f"{self.width}x{self.height}", f"b{self.batch}"]  # WxH, as /resolution
         if self.component == "unet":
             tail += [self.cfg_mode, f"xfa{int(self.cross_frame)}"]
         tail += [self.precision, f"trt{trt}", self.compute_capability]

@@ -145,6 +145,7 @@ class OscDispatcher:
             ParamKind.FLOAT_LIST,
             ParamKind.PROMPT_BLEND,
             ParamKind.SEED_BLEND,
+            ParamKind.SIZE,
         ):
             value = spec.coerce(args)
         else:
@@ -237,7 +238,7 @@ def osc_args(spec: ParamSpec, value: Any) -> list[Any]:
     """A parameter value as the OSC arguments of its address (for echoes and /status)."""
     if spec.kind in (ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND):
         return [item for pair in value for item in pair]
-    if spec.kind is ParamKind.INT_LIST:
+    if spec.kind in (ParamKind.INT_LIST, ParamKind.SIZE):
         return [int(v) for v in value]
     if spec.kind is ParamKind.FLOAT_LIST:
         return [float(v) for v in value]

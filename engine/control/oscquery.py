@@ -24,6 +24,7 @@ ENGINE_NODES: dict[str, tuple[str, str]] = {
     "fps": ("f", "Output frames per second"),
     "latency_ms": ("f", "Latency from the source frame to the output, milliseconds"),
     "skip_rate": ("f", "Share of input frames skipped by the similarity filter"),
+    "building": ("s", "Engines prepared in the background for a shape change (empty: none)"),
     "error": ("s", "Last error message"),
 }
 
@@ -43,6 +44,8 @@ def type_tags(spec: ParamSpec, value: Any) -> str:
         return "i" * max(1, len(value or [0]))
     if kind is ParamKind.FLOAT_LIST:
         return "f" * max(1, len(value or [0]))
+    if kind is ParamKind.SIZE:
+        return "ii"
     if kind is ParamKind.PROMPT_BLEND:
         return "sf" * max(1, len(value or [None]))
     if kind is ParamKind.SEED_BLEND:
@@ -58,7 +61,7 @@ def _range(spec: ParamSpec) -> list[dict[str, Any]] | None:
     if spec.minimum is None and spec.maximum is None:
         return None
     entry = {"MIN": spec.minimum, "MAX": spec.maximum}
-    if spec.kind in (ParamKind.INT_LIST, ParamKind.FLOAT_LIST):
+    if spec.kind in (ParamKind.INT_LIST, ParamKind.FLOAT_LIST, ParamKind.SIZE):
         return [entry] * len(type_tags(spec, params.REGISTRY[spec.name].default))
     return [entry]
 

@@ -156,3 +156,4 @@ class ControlService:
             self.feedback.send("/engine/state", [str(status.get("state", "unknown"))])
             for key in ("fps", "latency_ms", "skip_rate"):
                 self.feedback.send(f"/engine/{key}", [float(status.get(key) or 0.0)])
+            self.feedback.send("/engine/building", [str(status.get("building") or "")])

@@ -14,7 +14,7 @@ import torch
 
 from bridges.base import FrameSink, FrameSource, open_sink, open_source
 from engine.accel.backends import Backend
-from engine.accel.base import UNetShape
+from engine.accel.base import UNetShape, VaeShape
 from engine.control.state import PROMPT_KEYS, ControlState
 from engine.models.bundle import ModelBundle
 from engine.params import ParamError, validate_changes
@@ -38,8 +38,10 @@ from engine.stream.modes import GenerationMode
 logger = logging.getLogger(__name__)
 
 RUNTIME_PARAMS = ("bypass", "pause")
-SHAPE_KEYS = ("t_index_list", "strength", "cfg_type")
-"""Changes that may need a UNet of another batch (n or the cfg mode)."""
+BuildTarget = tuple[UNetShape, VaeShape | None]
+"""What a background build prepares: a UNet shape and, for a new resolution, the VAE shape."""
+SHAPE_KEYS = ("t_index_list", "strength", "cfg_type", "resolution")
+"""Changes that may need runners of another shape (n, the cfg mode or the output size)."""
 
 
 class OnLossMode(str, Enum):
@@ -111,10 +113,12 @@ class Engine:
             for (label, opener), size in zip(sink_openers, sizes, strict=True)
         ]
         self.post = PostProcessor(self.sinks, self.stats, self._stop)
+        self._size = (pipeline.height, pipeline.width)  # one tuple: read whole by the source thread
+        self._preprocess = make_preprocess(lambda: self._size, pipeline.device, pipeline.dtype)
         self.source = SourceWorker(
             open_source,
             self._slot,
-            make_preprocess(pipeline.height, pipeline.width, pipeline.device, pipeline.dtype),
+            self._preprocess,
             self.stats,
             self._stop,
             self.options.retry_seconds,
@@ -125,8 +129,8 @@ class Engine:
         self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
         self._transition: tuple[torch.Tensor, float, float] | None = None
         self._build_lock = threading.Lock()
-        self._building: set[UNetShape] = set()
-        self._deferred: dict[UNetShape, dict[str, Any]] = {}
+        self._building: set[BuildTarget] = set()
+        self._deferred: dict[BuildTarget, dict[str, Any]] = {}
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._started = False
@@ -232,6 +236,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the frame loop
     def _process(self, item: InputItem) -> None:
+        if tuple(item.tensor.shape[-2:]) != self._size:
+            item = self._preprocess(item.frame)  # converted before a resolution change
         self._last_input = item
         self.stats.input_superseded = self._slot.overwritten
         frame = item.frame
@@ -305,9 +311,10 @@ class Engine:
         except NeedsEngine as need:
             # 1. the new shape is built off the loop; the current configuration keeps running
             deferred = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
-            self._build_in_background(need.shape, deferred)
+            self._build_in_background(need, deferred)
             rest = {k: v for k, v in stream.items() if k not in SHAPE_KEYS}
             accepted = self.pipeline.apply(rest) if rest else {}
+        self._size = (self.pipeline.height, self.pipeline.width)
         self.runtime_state.update(accepted_runtime)
         accepted.update(accepted_runtime)
         if crossfade_s > 0 and any(k in accepted for k in PROMPT_KEYS):
@@ -321,31 +328,37 @@ class Engine:
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
 
-    def _build_in_background(self, shape: UNetShape, deferred: dict[str, Any]) -> None:
-        """Prepare the UNet for ``shape`` on a worker; re-submit ``deferred`` when it is ready."""
+    def _build_in_background(self, need: NeedsEngine, deferred: dict[str, Any]) -> None:
+        """Prepare the runners ``need`` names on a worker; re-submit ``deferred`` when ready."""
         backend = self.pipeline.backend
         assert backend is not None
+        target: BuildTarget = (need.shape, need.vae_shape)
         with self._build_lock:
-            self._deferred[shape] = deferred
-            if shape in self._building:
+            self._deferred[target] = deferred
+            if target in self._building:
                 return
-            self._building.add(shape)
-        logger.info("preparing a UNet for batch %d; the current configuration keeps running", shape.batch)
+            self._building.add(target)
+        logger.info("preparing engines for %s; the current configuration keeps running", need.label)
+        self.stats.building = need.label
 
         def build() -> None:
             try:
-                backend.prepare_unet(shape)
+                if need.vae_shape is not None:
+                    backend.prepare_vae(need.vae_shape)
+                backend.prepare_unet(need.shape)
             # a build is third-party work (exporters, TensorRT): whatever fails is reported and
             # the engine keeps running the configuration it has
             except Exception as err:
-                self._report_error(f"engine build for batch {shape.batch} failed: {err}")
+                self._report_error(f"engine build for {need.label} failed: {err}")
                 with self._build_lock:
-                    self._building.discard(shape)
-                    self._deferred.pop(shape, None)
+                    self._building.discard(target)
+                    self._deferred.pop(target, None)
+                    self.stats.building = _build_label(self._building)
                 return
             with self._build_lock:
-                self._building.discard(shape)
-                changes = self._deferred.pop(shape, {})
+                self._building.discard(target)
+                changes = self._deferred.pop(target, {})
+                self.stats.building = _build_label(self._building)
             if changes and not self._stop.is_set():
                 self.control.write(changes)
                 self._slot.wake()
@@ -450,6 +463,13 @@ def numbered_path(path: str, number: int) -> str:
 
 def _count(outputs: Any, name: str) -> int:
     return sum(1 for output in outputs if output.type == name)
+
+
+def _build_label(targets: set[BuildTarget]) -> str | None:
+    """What the status line shows while builds run (``None`` when none does)."""
+    if not targets:
+        return None
+    return ", ".join(NeedsEngine(shape, vae).label for shape, vae in targets)
 
 
 def pipeline_param_names() -> tuple[str, ...]:

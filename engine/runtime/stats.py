@@ -71,6 +71,7 @@ class RuntimeStats:
         self.input_dropped = 0  # gaps in the source's sequence numbers (lost before us)
         self.input_superseded = 0  # received, then replaced by a newer frame before processing
         self.source_connected = False
+        self.building: str | None = None  # engines prepared in the background, e.g. "batch 2 at 768x512"
         self.sinks: dict[str, SinkCounters] = {}
         self.started = time.monotonic()
 
@@ -125,6 +126,7 @@ class RuntimeStats:
                 "input_dropped": self.input_dropped,
                 "input_superseded": self.input_superseded,
                 "source_connected": self.source_connected,
+                "building": self.building,
                 "uptime_s": round(now - self.started, 1),
                 "outputs": {
                     name: {"sent": c.sent, "dropped": c.dropped, "failures": c.failures}
@@ -143,6 +145,8 @@ class RuntimeStats:
         )
         if not s["source_connected"] and s["state"] != EngineState.LOADING.value:
             line += "  SOURCE LOST"
+        if s["building"]:
+            line += f"  building {s['building']}"
         if s["error"]:
             line += f"  error: {s['error'][:60]}"
         return line

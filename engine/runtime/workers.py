@@ -358,11 +358,16 @@ class PromptWorker(threading.Thread):
 
 
 def make_preprocess(
-    height: int, width: int, device: torch.device, dtype: torch.dtype
+    size: Callable[[], tuple[int, int]], device: torch.device, dtype: torch.dtype
 ) -> Callable[[Frame], InputItem]:
-    """Frame (uint8 RGBA, any size) → InputItem with a ``(1, 3, height, width)`` tensor."""
+    """Frame (uint8 RGBA, any size) → InputItem with a ``(1, 3, height, width)`` tensor.
+
+    ``size()`` gives the current ``(height, width)``; it is asked per frame, so the input
+    follows a live resolution change.
+    """
 
     def preprocess(frame: Frame) -> InputItem:
+        height, width = size()
         pixels = torch.from_numpy(np.ascontiguousarray(frame.pixels)).to(device, non_blocking=True)
         return InputItem(frame_to_tensor(pixels, height, width, dtype), frame)
 

@@ -108,8 +108,11 @@ class StreamBatch:
         the new noise, so the very next output already carries the new seed.
         """
         self._check_noise(self.schedule, noise)
-        self._retime(self.schedule, noise)
-        self.noise = noise
+        if noise.shape[-2:] != self.noise.shape[-2:]:
+            self._resize(self.schedule, noise)
+        else:
+            self._retime(self.schedule, noise)
+            self.noise = noise
         self._refresh_constants()
 
     def set_schedule(self, schedule: StreamSchedule, noise: torch.Tensor) -> None:
@@ -118,10 +121,11 @@ class StreamBatch:
         Same n: every buffered latent is re-expressed at its new timestep from its clean
         estimate ``x0_i = (x_i − b_i n_i) / a_i``. Different n: the new buffer is filled from
         the nearest old slot's estimate (or the last output), so output continues without a
-        new warm-up once the stream was running.
+        new warm-up once the stream was running. Noise of another latent size ``(h, w)`` (a
+        resolution change) resamples those clean estimates bilinearly to the new size first.
         """
         self._check_noise(schedule, noise)
-        if schedule.n == self.n:
+        if schedule.n == self.n and noise.shape[-2:] == self.noise.shape[-2:]:
             self._retime(schedule, noise)
             self.schedule, self.noise = schedule, noise
         else:
@@ -229,8 +233,10 @@ class StreamBatch:
 
     def _resize(self, schedule: StreamSchedule, noise: torch.Tensor) -> None:
         old_n, running = self.n, self.steps_taken > 0
-        x0, ref = self._clean_estimates(), self._references()
-        fallback = self.last_output
+        size = tuple(noise.shape[-2:])
+        x0, ref = _resample(self._clean_estimates(), size), _resample(self._references(), size)
+        fallback = None if self.last_output is None else _resample(self.last_output, size)
+        self.last_output = fallback
         self.schedule, self.noise = schedule, noise
         self.latents = torch.zeros_like(noise)
         self.stock = noise.clone()
@@ -256,3 +262,14 @@ class StreamBatch:
                 f"noise of shape {tuple(noise.shape)} does not fit {schedule.n} slots; "
                 f"expected ({schedule.n}, C, h, w)"
             )
+
+
+def _resample(latents: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``(N, C, h, w)`` latents at another ``(h', w')`` (bilinear, antialiased when shrinking)."""
+    if tuple(latents.shape[-2:]) == size:
+        return latents
+    shrinking = size[0] < latents.shape[-2] or size[1] < latents.shape[-1]
+    resized = torch.nn.functional.interpolate(
+        latents.float(), size=size, mode="bilinear", align_corners=False, antialias=shrinking
+    )
+    return resized.to(latents.dtype)

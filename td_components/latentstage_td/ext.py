@@ -54,6 +54,7 @@ STATUS_ADDRESSES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "/engine/fps": ("Fps", float),
     "/engine/latency_ms": ("Latencyms", float),
     "/engine/skip_rate": ("Skiprate", float),
+    "/engine/building": ("Building", str),
 }
 ERROR_ADDRESS = "/engine/error"
 CONNECTED_STATES = ("running", "paused")
@@ -634,6 +635,7 @@ class StreamEngineExt:
         self._connect_pending = False
         for name in ("Fps", "Latencyms", "Skiprate"):
             self._set(name, 0.0)
+        self._set("Building", "")
         if self._user_stopped:
             self._set("State", "stopped")
             if self._restart_requested:

@@ -43,6 +43,7 @@ PAGE_BY_GROUP = {
 LABELS = {
     "t_index_list": "T index list",
     "cfg_type": "CFG type",
+    "resolution": "Resolution WxH",
     "preset_load": "Load preset",
     "preset_save": "Save preset",
     "status": "Request status",
@@ -58,6 +59,7 @@ STYLE_BY_TYPE = {
     "float_list": "Str",
     "prompt_blend": "Str",
     "seed_blend": "Str",
+    "size": "Str",
     "action": "Pulse",
 }
 #: Bridge kinds the component can start the engine with ("config": leave the config file's).
@@ -170,6 +172,7 @@ def _component_pars(platform: str) -> tuple[ParDef, ...]:
         ParDef("Fps", "Float", "Status", "Frames per second", 0.0, read_only=True),
         ParDef("Latencyms", "Float", "Status", "Latency (ms)", 0.0, read_only=True),
         ParDef("Skiprate", "Float", "Status", "Skip rate", 0.0, read_only=True),
+        ParDef("Building", "Str", "Status", "Building engines", "", read_only=True),
         ParDef("Lasterror", "Str", "Status", "Last error", "", read_only=True),
     )
 
@@ -186,7 +189,7 @@ WIRING_PARS = (
     "Outputname",
     "Ndisource",
 )
-STATUS_PARS = ("State", "Fps", "Latencyms", "Skiprate", "Lasterror")
+STATUS_PARS = ("State", "Fps", "Latencyms", "Skiprate", "Building", "Lasterror")
 
 
 def td_name(name: str) -> str:
@@ -295,6 +298,8 @@ def default_value(entry: dict[str, Any]) -> Any:
         return {"int": 0, "bool": False}.get(kind, "")
     if kind in ("int_list", "float_list"):
         return " ".join(str(v) for v in value)
+    if kind == "size":
+        return "x".join(str(v) for v in value)
     return value
 
 
@@ -400,6 +405,19 @@ def parse_int_list(entry: dict[str, Any], value: Any) -> list[int]:
     return items
 
 
+def parse_size(entry: dict[str, Any], value: Any) -> list[int]:
+    """``"768x512"``, ``"768 512"``, ``"768, 512"`` or a pair -> checked ``[width, height]``."""
+    text = value if isinstance(value, str) else " ".join(str(v) for v in _tokens(value))
+    items = [_whole(entry, token) for token in _tokens(re.sub(r"[xX*]", " ", text))]
+    if len(items) != 2:
+        raise _refuse(entry, f"{len(items)} numbers given")
+    for item in items:
+        _check_range(entry, item, str(item))
+        if item % 8:
+            raise _refuse(entry, f"{item} is not a multiple of 8")
+    return items
+
+
 def _weight(entry: dict[str, Any], text: str) -> float:
     try:
         weight = float(text)
@@ -484,6 +502,8 @@ def osc_args(entry: dict[str, Any], value: Any, crossfade: Any = None) -> list[A
         return args
     if kind == "int_list":
         return list(parse_int_list(entry, value))
+    if kind == "size":
+        return parse_size(entry, value)
     if kind == "float_list":
         if isinstance(value, str) and not value.strip():
             return None
@@ -513,6 +533,10 @@ def _fmt(number: float) -> str:
 def td_value(entry: dict[str, Any], args: list[Any]) -> Any:
     """The TD par value of an echo's OSC arguments (``ValueError`` when they do not fit)."""
     kind = entry["type"]
+    if kind == "size":
+        if len(args) != 2:
+            raise ValueError(f"{entry['name']}: echo of {len(args)} values; expected width and height")
+        return f"{int(args[0])}x{int(args[1])}"
     if kind in ("int_list", "float_list", "prompt_blend", "seed_blend"):
         if kind == "int_list":
             return " ".join(str(int(a)) for a in args)

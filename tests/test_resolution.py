@@ -1,0 +1,190 @@
+"""Live resolution changes: pipeline, stream batch, backends and the running engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.accel.backends import AccelSettings, BackendKind, OnnxRuntimeBackend, create_backend
+from engine.accel.base import VaeShape
+from engine.accel.torch_backend import TorchUNet
+from engine.models.loader import ModelRequest, load_models
+from engine.params import ParamError
+from engine.pipeline import NeedsEngine, StreamPipeline
+from engine.runtime.engine import Engine
+from engine.stream.batch import _resample
+from engine.stream.modes import CfgType
+from tests.fakes import SIZE, FakeSource, RecordingSink
+from tests.test_backends import SlowBackend, settings
+
+WIDE = [96, 64]  # width, height: 12x8 latents for the tiny model
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
+
+
+def frames(count: int, width: int = SIZE, height: int = SIZE, start: int = 0) -> list[torch.Tensor]:
+    base = torch.rand((1, 3, height, width), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return [torch.roll(base, shifts=3 * (start + k), dims=3) for k in range(count)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"similarity_filter_enabled": True, "similarity_filter_threshold": 0.5},
+        {"cross_frame_attention": True, "cfg_type": CfgType.FULL},
+        {"t_index_list": [40], "cfg_type": CfgType.ONETIME},
+    ],
+    ids=["self", "similarity-filter", "cross-frame-full", "n1-onetime"],
+)
+def test_torch_pipeline_changes_size_between_frames_without_a_new_warmup(bundle, options):
+    if options.get("cross_frame_attention"):  # it installs attention processors: own model
+        bundle = load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
+    pipe = StreamPipeline(bundle, replace(settings(), **options))
+    outputs = [pipe(f) for f in frames(4)]
+    assert outputs[-1] is not None
+    clean_before = pipe.batch._clean_estimates()[1:].clone()
+
+    assert pipe.apply({"resolution": WIDE}) == {"resolution": WIDE}
+
+    assert (pipe.width, pipe.height) == (96, 64) and pipe.state["resolution"] == WIDE
+    assert pipe.latent_shape == (bundle.latent_channels, 8, 12)
+    # the buffered slot keeps its picture, resampled to the new latent size
+    if pipe.batch.n > 1:
+        expected = _resample(clean_before, (8, 12))
+        assert (pipe.batch._clean_estimates()[1:] - expected).abs().max() < 1e-4
+    else:  # n = 1 buffers nothing; the last output is resampled for the similarity filter
+        assert pipe.batch.last_output is not None and pipe.batch.last_output.shape[-2:] == (8, 12)
+    after = [pipe(f) for f in frames(3, 96, 64)]
+    assert all(o is not None and o.shape == (1, 3, 64, 96) for o in after), "no second warm-up"
+    assert torch.isfinite(torch.cat(after)).all()
+    with pytest.raises(ValueError, match=r"\(1, 3, 64, 96\)"):
+        pipe(frames(1)[0])  # a frame of the old size is refused, not silently resized
+
+    # and back: the stream follows again
+    pipe.apply({"resolution": [SIZE, SIZE]})
+    assert pipe(frames(1)[0]).shape == (1, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"resolution": [100, 64]}, "100 is not a multiple of 8"),
+        ({"resolution": [32, 64]}, "out of range"),
+        ({"resolution": [96, 64], "seed": -1}, "seed"),
+        ({"resolution": "96 by 64"}, "is not WIDTHxHEIGHT"),
+    ],
+)
+def test_refused_size_changes_nothing(bundle, change, needle):
+    pipe = StreamPipeline(bundle, settings())
+    for f in frames(3):
+        pipe(f)
+    state, noise = dict(pipe.state), pipe.batch.noise.clone()
+    with pytest.raises(ParamError, match=needle):
+        pipe.apply(change)
+    assert pipe.state == state and (pipe.width, pipe.height) == (SIZE, SIZE)
+    assert torch.equal(pipe.batch.noise, noise)
+    assert pipe(frames(1, start=3)[0]).shape == (1, 3, SIZE, SIZE)
+
+
+def test_fixed_runners_without_a_backend_refuse_another_size(bundle):
+    torch_unet = TorchUNet(bundle.unet)
+    pipe = StreamPipeline(bundle, settings(), unet_runner=lambda x, t, e: torch_unet(x, t, e))
+    with pytest.raises(ParamError, match="fixed to 64x64"):
+        pipe.apply({"resolution": WIDE})
+    assert pipe.state["resolution"] == [SIZE, SIZE]
+
+
+def test_backend_without_the_new_size_raises_needs_engine_then_switches_and_releases(bundle):
+    backend = SlowBackend(bundle, delay=0.0)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    old_unet, old_vae = pipe.unet_shape(), pipe.vae_shape()
+    state = dict(pipe.state)
+    with pytest.raises(NeedsEngine) as info:
+        pipe.apply({"resolution": WIDE, "guidance_scale": 1.1})
+    need = info.value
+    assert pipe.state == state, "nothing changed while the engines are missing"
+    assert need.vae_shape == VaeShape(64, 96, bundle.latent_channels, bundle.vae_scale_factor)
+    assert (need.shape.latent_width, need.shape.latent_height, need.shape.batch) == (12, 8, 2)
+    assert need.label == "batch 2 at 96x64"
+
+    backend.prepare_vae(need.vae_shape)
+    backend.prepare_unet(need.shape)
+    pipe.apply({"resolution": WIDE})
+    assert pipe.vae_shape() == need.vae_shape and pipe.unet_shape() == need.shape
+    assert backend.retained[-1] == ({old_unet, need.shape}, {old_vae, need.vae_shape})
+    # a third size releases the first: only the current and the previous stay loaded
+    third = StreamPipeline.vae_shape(pipe, 64, 128)
+    backend.prepare_vae(third)
+    backend.prepare_unet(pipe.unet_shape(latent_shape=(bundle.latent_channels, 16, 8)))
+    pipe.apply({"resolution": [64, 128]})
+    assert old_vae not in backend.ready_vaes and need.vae_shape in backend.ready_vaes
+
+
+def test_engine_keeps_the_old_size_running_until_the_new_engines_are_ready(bundle):
+    backend = SlowBackend(bundle, delay=0.8)  # VAE then UNet: about 1.6 s of "building"
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    sink = RecordingSink()
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    building_seen: list[str] = []
+    thread = threading.Thread(target=engine.run, kwargs={"duration": 8.0}, daemon=True)
+    with engine:
+        thread.start()
+        while len(sink.frames) < 5:
+            time.sleep(0.02)
+        asked = time.monotonic()
+        engine.submit({"resolution": WIDE, "prompt": "a wider test"})
+        deadline = asked + 10
+        while pipe.width != 96 and time.monotonic() < deadline:
+            label = engine.stats.snapshot()["building"]
+            if label:
+                building_seen.append(label)
+            time.sleep(0.02)
+        switched = time.monotonic()
+        while time.monotonic() < switched + 1.0:
+            time.sleep(0.05)
+        engine.stop()
+        thread.join(10)
+    assert pipe.state["resolution"] == WIDE and pipe.state["prompt"] == "a wider test"
+    assert "batch 2 at 96x64" in building_seen and engine.stats.snapshot()["building"] is None
+    assert switched - asked >= 1.5, "the switch waited for the build"
+    sizes = [(f.pixels.shape[1], f.pixels.shape[0]) for f in sink.frames]
+    times = np.array(sink.times)
+    during = times[(times > asked) & (times < switched)]
+    assert len(during) >= 15 and np.diff(during).max() < 0.5, "the old size kept playing"
+    first_new = sizes.index((96, 64))
+    assert set(sizes[:first_new]) == {(SIZE, SIZE)} and set(sizes[first_new:]) == {(96, 64)}
+    assert len(sizes) - first_new >= 10
+    assert engine.stats.last_error is None, "no frame failed across the switch"
+
+
+def test_onnxruntime_backend_follows_a_size_change_and_matches_torch(bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path / "engines"))
+    backend = create_backend(bundle, VaeShape(SIZE, SIZE), accel)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    ort_pipe = StreamPipeline(bundle, settings(), backend=backend)
+    torch_pipe = StreamPipeline(bundle, settings())
+    for f in frames(4):
+        ort_pipe(f), torch_pipe(f)
+    with pytest.raises(NeedsEngine) as info:
+        ort_pipe.apply({"resolution": WIDE})
+    backend.prepare_vae(info.value.vae_shape)  # what the engine's build thread does
+    backend.prepare_unet(info.value.shape)
+    ort_pipe.apply({"resolution": WIDE})
+    torch_pipe.apply({"resolution": WIDE})
+    for f in frames(6, 96, 64):
+        a, b = ort_pipe(f), torch_pipe(f)
+        assert a is not None and b is not None and a.shape == (1, 3, 64, 96)
+        assert (a - b).abs().max() < 1e-3
+    folders = sorted(p.name for p in (tmp_path / "engines").iterdir())
+    assert sum("_96x64_" in name for name in folders) == 3, folders  # UNet + encoder + decoder
+    assert sum("_64x64_" in name for name in folders) == 3, folders
