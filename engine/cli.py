@@ -191,9 +191,15 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo")
+"""Third-party loggers that write hundreds of INFO lines per ONNX export (one per initializer)."""
+
+
 def _configure_logging(level: str, file: str | None) -> None:
     root = logging.getLogger()
     root.setLevel(level)
+    for name in CHATTY_LOGGERS:  # their INFO would bury the status line; DEBUG shows everything
+        logging.getLogger(name).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     if file:
         handler = logging.FileHandler(file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -191,3 +191,24 @@ def test_a_failing_recording_is_never_overwritten(tmp_path, monkeypatch):
     assert first.exists() and second.exists()
     with av.open(str(first)) as container:
         assert sum(1 for _ in container.decode(video=0)) >= 15  # kept, not truncated
+
+
+def test_export_chatter_stays_out_of_the_log_at_info():
+    """onnx_ir logged one INFO line per deduplicated initializer: 451 lines for one tiny export."""
+    import logging
+
+    from engine.cli import _configure_logging
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        _configure_logging("INFO", None)
+        assert not logging.getLogger("onnx_ir.passes.common").isEnabledFor(logging.INFO)
+        assert logging.getLogger("onnx_ir").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("engine.accel.onnx_export").isEnabledFor(logging.INFO)
+        _configure_logging("DEBUG", None)
+        assert logging.getLogger("onnx_ir.passes.common").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(level)
+        for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -164,6 +164,8 @@ def test_folder_name_is_readable() -> None:
     assert vae.folder_name().startswith("vae_decoder_sd-turbo_512x512_b1_fp16_trt10.13_sm89_refit_")
     wide = EngineKey(**_key_fields(width=768, height=512))
     assert wide.folder_name().startswith("unet_sd-turbo_768x512_b2_"), "width x height, as /resolution"
+    by_batch = EngineKey(**_key_fields(cfg_mode="b2"))
+    assert by_batch.folder_name().startswith("unet_sd-turbo_512x512_b2_xfa0_"), "not b2_b2"
 
 
 WEIRD_IDS = [

@@ -248,7 +248,9 @@ class EngineKey:
         head = [self.component]
         tail = [f"{self.width}x{self.height}", f"b{self.batch}"]  # WxH, as /resolution
         if self.component == "unet":
-            tail += [self.cfg_mode, f"xfa{int(self.cross_frame)}"]
+            if self.cfg_mode != f"b{self.batch}":  # the runtime keys by batch alone: say it once
+                tail.append(self.cfg_mode)
+            tail.append(f"xfa{int(self.cross_frame)}")
         tail += [self.precision, f"trt{trt}", self.compute_capability]
         if self.refittable:
             tail.append("refit")
