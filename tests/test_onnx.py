@@ -425,3 +425,36 @@ def test_the_engine_imports_without_onnx_loaded():
         "assert not {'onnx', 'onnxruntime', 'onnxscript'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.sdk
+def test_onnxruntime_cuda_iobinding_matches_torch_on_cuda(tmp_path):
+    """Where onnxruntime-gpu and CUDA torch exist: the IOBinding path on its own stream, fed
+    from torch's current stream (a side stream too), gives torch's frames without host syncs."""
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA build of torch and onnxruntime-gpu (CUDAExecutionProvider)")
+    from engine.accel.backends import AccelSettings, BackendKind, create_backend
+
+    settings = PipelineSettings(
+        width=SIZE, height=SIZE, t_index_list=[32, 45], cfg_type=CfgType.SELF, guidance_scale=1.4, prompt="x"
+    )
+    request = ModelRequest(id="builtin:tiny", device="cuda", dtype="float32")
+    bundle = load_models(request)
+    accel = AccelSettings(
+        backend=BackendKind.ONNXRUNTIME,
+        engine_dir=str(tmp_path),
+        onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    backend = create_backend(bundle, VaeShape(SIZE, SIZE), accel)
+    ort_pipe = StreamPipeline(bundle, settings, backend=backend)
+    assert ort_pipe.unet_runner.graph._binding is not None, "the CUDA path binds, it does not copy"
+    reference = StreamPipeline(load_models(request), settings)
+    side = torch.cuda.Stream()
+    for index, frame in enumerate(moving_frames(12)):
+        frame = frame.cuda()
+        with torch.cuda.stream(side if index % 2 else torch.cuda.current_stream()):
+            actual, expected = ort_pipe(frame), reference(frame)
+        if expected is not None:
+            assert actual is not None and float((actual - expected).abs().max()) <= 1e-3

@@ -510,8 +510,8 @@ class Config:
     def set_memory_pool_limit(self, pool: Any, size: int) -> None:
         self.calls.append(("pool", pool, size))
 
-    def create_timing_cache(self, data: bytes) -> TimingCache:
-        return TimingCache(bytes(data))
+    def create_timing_cache(self, data: bytes) -> TimingCache | None:
+        return None if data.startswith(b"corrupt") else TimingCache(bytes(data))
 
     def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
         self.calls.append(("timing_cache", cache.data, ignore_mismatch))
@@ -649,9 +649,10 @@ def test_builder_config(v11: bool, refittable: bool) -> None:
         assert trt.BuilderFlag.FP16 not in config.flags and trt.BuilderFlag.BF16 not in config.flags
 
 
-def test_builder_config_replaces_a_foreign_timing_cache() -> None:
+@pytest.mark.parametrize("blob", [b"foreign-gpu", b"corrupt-file"])
+def test_builder_config_replaces_a_foreign_or_unreadable_timing_cache(blob: bytes) -> None:
     trt = make_trt()
-    config = trtb.builder_config(trt, trt.Builder(Logger()), 1 << 30, b"foreign-gpu", False)
+    config = trtb.builder_config(trt, trt.Builder(Logger()), 1 << 30, blob, False)
     assert config.get_timing_cache().data == b""
     assert config.progress_monitor is None
 
@@ -901,12 +902,18 @@ class TensorLocation(enum.Enum):
     HOST = 1
 
 
-def make_refit_trt(all_weights: list[str], missing: list[str] | None = None, ok: bool = True) -> Any:
+def make_refit_trt(
+    all_weights: list[str],
+    missing: list[str] | None = None,
+    ok: bool = True,
+    prototypes: dict[str, tuple[DataType, int]] | None = None,
+) -> Any:
     calls: list[tuple[str, Any, TensorLocation]] = []
 
     class Weights:
         def __init__(self, dtype: Any, ptr: int, count: int) -> None:
             self.dtype, self.ptr, self.count = dtype, ptr, count
+            self.size = count
 
     class Refitter:
         def __init__(self, engine: Any, logger: Logger) -> None:
@@ -925,6 +932,14 @@ def make_refit_trt(all_weights: list[str], missing: list[str] | None = None, ok:
         def refit_cuda_engine(self) -> bool:
             calls.append(("<refit>", None, TensorLocation.HOST))
             return ok
+
+    if prototypes is not None:  # TensorRT 10+: the engine's own dtype and count per weight
+
+        def get_weights_prototype(self: Any, name: str) -> Weights:
+            dtype, count = prototypes[name]
+            return Weights(dtype, 0, count)
+
+        Refitter.get_weights_prototype = get_weights_prototype  # type: ignore[attr-defined]
 
     module = type("tensorrt", (), {})()
     module.__dict__.update(
@@ -948,6 +963,19 @@ def test_refit_lora_sets_named_weights_then_refits() -> None:
     assert weights1.ptr == w1.data_ptr()
     assert (n2, weights2.dtype, weights2.count, loc2) == ("unet.w2", DataType.FLOAT, 4, TensorLocation.HOST)
     assert last == "<refit>"
+
+
+def test_refit_lora_casts_to_the_engine_dtype_and_checks_the_count() -> None:
+    """LoRA-fused weights come as fp32; an fp16 engine's refitter rejects them uncast."""
+    trt = make_refit_trt(["w1", "w2"], prototypes={"w1": (DataType.HALF, 6), "w2": (DataType.HALF, 4)})
+    trtb.refit_lora(object(), {"w1": torch.ones(2, 3), "w2": np.zeros((2, 2), np.float32)}, trt)
+    (n1, weights1, _), (n2, weights2, _), _ = trt.calls
+    assert (n1, weights1.dtype, weights1.count) == ("w1", DataType.HALF, 6)
+    assert (n2, weights2.dtype, weights2.count) == ("w2", DataType.HALF, 4)
+    trt = make_refit_trt(["w1"], prototypes={"w1": (DataType.HALF, 6)})
+    with pytest.raises(trtb.EngineRefitError, match="'w1' has 5 values; the engine's has 6"):
+        trtb.refit_lora(object(), {"w1": torch.ones(5)}, trt)
+    assert trt.calls == [], "nothing was sent"
 
 
 def test_refit_lora_names_unknown_and_missing_weights() -> None:
@@ -1153,3 +1181,34 @@ def test_tiny_taesd_engines_match_torch(tmp_path: Path) -> None:
     torch.cuda.current_stream().synchronize()
     assert torch.allclose(latents.float(), expected_latents.float(), atol=2e-2, rtol=2e-2)
     assert torch.allclose(decoded.float(), expected_images.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("enqueued", [True, False])
+def test_cuda_graph_capture_keeps_a_graph_only_when_tensorrt_enqueued(
+    monkeypatch: pytest.MonkeyPatch, enqueued: bool
+) -> None:
+    """execute_async_v3 returning False inside a capture leaves an empty graph: replaying it
+    would silently repeat stale outputs, so the runner must run without a graph instead."""
+    import contextlib
+    import types
+
+    captured: list[tuple[Any, int, str]] = []
+
+    class FakeGraph:
+        pass
+
+    @contextlib.contextmanager
+    def fake_graph(graph: Any, stream: Any = None, capture_error_mode: str = "global") -> Any:
+        captured.append((graph, stream.cuda_stream, capture_error_mode))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    runner = trtb.TrtRunner.__new__(trtb.TrtRunner)
+    runner.context = types.SimpleNamespace(execute_async_v3=lambda handle: enqueued)
+    runner.stream = types.SimpleNamespace(cuda_stream=7)
+    runner.use_cuda_graph, runner._graph = True, None
+    runner._capture()
+    assert captured and captured[0][1:] == (7, "thread_local")
+    assert (runner._graph is not None) is enqueued
+    assert runner.use_cuda_graph is enqueued

@@ -124,11 +124,15 @@ class _OrtGraph:
             raise FileNotFoundError(f"ONNX model {self.path} does not exist (export it first)")
         chosen = choose_providers(providers)
         options = {name: dict((provider_options or {}).get(name, {})) for name in chosen}
+        # ORT reads user_compute_stream once, and ignores a null (default-stream) handle: give it
+        # a stream of its own that each run orders against the caller's current stream
+        self._stream: torch.cuda.Stream | None = None
+        if torch.cuda.is_available() and any(name in options for name in DEVICE_PROVIDERS):
+            self._stream = torch.cuda.Stream()
         for name in DEVICE_PROVIDERS:
-            # run on torch's device and current stream: torch's writes are ordered before the run
-            if name in options and torch.cuda.is_available():
+            if name in options and self._stream is not None:
                 options[name].setdefault("device_id", str(torch.cuda.current_device()))
-                options[name].setdefault("user_compute_stream", str(torch.cuda.current_stream().cuda_stream))
+                options[name].setdefault("user_compute_stream", str(self._stream.cuda_stream))
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.intra_op_num_threads = threads
@@ -145,7 +149,7 @@ class _OrtGraph:
         self.input_dtypes = {i.name: _TORCH_DTYPES[i.type] for i in self.session.get_inputs()}
         self.output_dtype = _TORCH_DTYPES[self.session.get_outputs()[0].type]
         self.on_device = self.session.get_providers()[0] in DEVICE_PROVIDERS
-        self._binding = self.session.io_binding() if self.on_device else None
+        self._binding = self.session.io_binding() if self.on_device and self._stream is not None else None
         logger.info("loaded %s on %s", self.path.name, ", ".join(self.session.get_providers()))
 
     def _check_io(self, expected: Mapping[str, tuple[int, ...]], built_for: str) -> None:
@@ -176,16 +180,23 @@ class _OrtGraph:
         return result.to(device=first.device, dtype=first.dtype)
 
     def _run_bound(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """IOBinding on CUDA: inputs and a new output bound at their data pointers, no copies."""
-        binding = self._binding
-        assert binding is not None
+        """IOBinding on CUDA: inputs and a new output bound at their data pointers, no copies.
+
+        ORT runs on its own stream, after the caller's stream's pending work; the caller's
+        stream then waits for ORT's. Nothing blocks the host.
+        """
+        binding, stream = self._binding, self._stream
+        assert binding is not None and stream is not None
         device = tensors[0].device
         index = device.index if device.index is not None else torch.cuda.current_device()
-        # keep converted inputs alive until the run has finished
+        caller = torch.cuda.current_stream(device)
         bound = [
-            tensor.detach().to(dtype=self.input_dtypes[name]).contiguous()
+            tensor.detach().to(device=device, dtype=self.input_dtypes[name]).contiguous()
             for name, tensor in zip(self.input_names, tensors)
         ]
+        stream.wait_stream(caller)
+        for tensor in bound:  # ORT may still read them after this returns: keep their memory
+            tensor.record_stream(stream)
         for name, tensor in zip(self.input_names, bound):
             binding.bind_input(
                 name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
@@ -200,6 +211,7 @@ class _OrtGraph:
             output.data_ptr(),
         )
         self.session.run_with_iobinding(binding)
+        caller.wait_stream(stream)
         return output
 
 

@@ -221,7 +221,7 @@ def builder_config(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     cache = config.create_timing_cache(bytes(timing_cache_bytes))
-    if not config.set_timing_cache(cache, False):
+    if cache is None or not config.set_timing_cache(cache, False):
         logger.warning("the timing cache does not match this TensorRT/GPU: starting an empty one")
         config.set_timing_cache(config.create_timing_cache(b""), False)
     if refittable:
@@ -458,8 +458,11 @@ class TrtRunner:
         self.output_names = tuple(s.name for s in self.specs if not s.is_input)
         self.buffers: dict[str, torch.Tensor] = {}
         for spec in self.specs:
-            if spec.is_input:
-                self.context.set_input_shape(spec.name, spec.shape)
+            if spec.is_input and not self.context.set_input_shape(spec.name, spec.shape):
+                raise EngineLoadError(
+                    f"the engine refused input {spec.name!r} of shape {spec.shape}: rebuild it with "
+                    "`latentstage build`"
+                )
         for spec in self.specs:
             shape = spec.shape if spec.is_input else tuple(self.context.get_tensor_shape(spec.name))
             buffer = torch.empty(shape, dtype=spec.dtype, device=self.device)
@@ -501,9 +504,13 @@ class TrtRunner:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self.context.execute_async_v3(self.stream.cuda_stream)
+                enqueued = self.context.execute_async_v3(self.stream.cuda_stream)
         except RuntimeError as err:
             logger.warning("CUDA graph capture failed (%s): running without a graph", err)
+            self.use_cuda_graph = False
+            return
+        if not enqueued:  # an empty graph would replay nothing and leave the outputs stale
+            logger.warning("TensorRT did not enqueue inside the CUDA graph capture: running without a graph")
             self.use_cuda_graph = False
             return
         self._graph = graph
@@ -623,7 +630,8 @@ def refit_lora(
     """Refit a REFIT-built engine with named weights (ONNX initializer names).
 
     CUDA tensors are passed as ``TensorLocation.DEVICE``, CPU tensors and numpy arrays as HOST;
-    dtypes must match the ONNX initializers (fp16 for an fp16 export).
+    each is cast to the dtype of the engine's weight (``get_weights_prototype``, TensorRT 10+)
+    and must have its element count.
 
     Raises:
         EngineRefitError: unknown names, weights TensorRT needs but did not get
@@ -639,9 +647,18 @@ def refit_lora(
         )
     alive = []
     any_cuda = False
+    prototype = getattr(refitter, "get_weights_prototype", None)
     for name, value in new_weights.items():
         tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach()
+        if prototype is not None:
+            expected = prototype(name)
+            if int(expected.size) != tensor.numel():
+                raise EngineRefitError(
+                    f"weight {name!r} has {tensor.numel()} values; the engine's has {int(expected.size)}"
+                )
+            tensor = tensor.to(trt_dtype_to_torch(expected.dtype, trt))
+        tensor = tensor.contiguous()
         alive.append(tensor)
         any_cuda = any_cuda or tensor.is_cuda
         weights = trt.Weights(torch_to_trt(tensor.dtype, trt), tensor.data_ptr(), tensor.numel())
