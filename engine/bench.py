@@ -116,8 +116,10 @@ def run_bench(
     rows: list[BenchRow] = []
 
     def say(text: str) -> None:
-        logger.info(text)
-        if progress is not None:
+        if progress is None:
+            logger.info(text)
+        else:  # shown by the callback; logged once, at DEBUG
+            logger.debug(text)
             progress(text)
 
     # 1. stream batch (one UNet call of batch n) vs n sequential calls of batch 1

@@ -195,11 +195,31 @@ CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch.
 """Third-party loggers that write hundreds of INFO lines per ONNX export (one per initializer)."""
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops the exporter's 'torchvision is not installed. Skipping torchvision::nms' warnings:
+    four per export, about operators no Stable Diffusion graph has."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+_TORCHVISION_NOTICE = _NoTorchvisionNotice()
+
+
+def _quiet_chatty_loggers() -> None:
+    """Their INFO would bury the status line and the bench table; at DEBUG they say everything."""
+    debugging = logging.getLogger().level <= logging.DEBUG
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if debugging else logging.WARNING)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if not debugging and _TORCHVISION_NOTICE not in registration.filters:
+        registration.addFilter(_TORCHVISION_NOTICE)
+
+
 def _configure_logging(level: str, file: str | None) -> None:
     root = logging.getLogger()
     root.setLevel(level)
-    for name in CHATTY_LOGGERS:  # their INFO would bury the status line; DEBUG shows everything
-        logging.getLogger(name).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
+    _quiet_chatty_loggers()
     if file:
         handler = logging.FileHandler(file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -414,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_chatty_loggers()  # every command (build and bench export too)
     return _COMMANDS[args.command](args)
 
 

@@ -206,6 +206,13 @@ def test_export_chatter_stays_out_of_the_log_at_info():
         assert not logging.getLogger("onnx_ir.passes.common").isEnabledFor(logging.INFO)
         assert logging.getLogger("onnx_ir").isEnabledFor(logging.WARNING)
         assert logging.getLogger("engine.accel.onnx_export").isEnabledFor(logging.INFO)
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        def record(text: str) -> logging.LogRecord:
+            return logging.LogRecord(registration.name, logging.WARNING, __file__, 1, text, (), None)
+
+        notice = record("torchvision is not installed. Skipping torchvision::nms")
+        other = record("opset 99 is odd")
+        assert not registration.filter(notice) and registration.filter(other)
         _configure_logging("DEBUG", None)
         assert logging.getLogger("onnx_ir.passes.common").isEnabledFor(logging.DEBUG)
     finally:

@@ -475,6 +475,8 @@ def create_backend(models: ModelBundle, vae_shape: VaeShape, settings: AccelSett
 
 
 def _say(progress: Progress | None, text: str) -> None:
-    logger.info("%s", text)
-    if progress is not None:
+    if progress is None:
+        logger.info("%s", text)
+    else:  # the progress callback shows it; the log keeps it at DEBUG instead of twice
+        logger.debug("%s", text)
         progress(text)

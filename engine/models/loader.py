@@ -124,8 +124,10 @@ def _lora_pair(item: Any) -> tuple[str, float]:
 def _stage(progress: Progress | None, line: str, *args: Any) -> None:
     """Log ``line`` at INFO and hand it to ``progress``."""
     text = line % args if args else line
-    logger.info(text)
-    if progress is not None:
+    if progress is None:
+        logger.info(text)
+    else:  # shown by the callback; logged once, at DEBUG
+        logger.debug(text)
         progress(text)
 
 
