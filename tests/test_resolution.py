@@ -188,3 +188,88 @@ def test_onnxruntime_backend_follows_a_size_change_and_matches_torch(bundle, tmp
     folders = sorted(p.name for p in (tmp_path / "engines").iterdir())
     assert sum("_96x64_" in name for name in folders) == 3, folders  # UNet + encoder + decoder
     assert sum("_64x64_" in name for name in folders) == 3, folders
+
+
+def run_engine(pipe, seconds: float):
+    sink = RecordingSink()
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    thread = threading.Thread(target=engine.run, kwargs={"duration": seconds}, daemon=True)
+    return engine, sink, thread
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_newer_change_during_a_build_wins_over_the_waiting_one(bundle):
+    """Asking for 96x64, then (before it is built) for the size already playing, must stay at the
+    size playing: the finished build must not switch to a size nobody wants any more."""
+    backend = SlowBackend(bundle, delay=0.6)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    engine, sink, thread = run_engine(pipe, 6.0)
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        engine.submit({"resolution": WIDE})
+        assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+        engine.submit({"resolution": [SIZE, SIZE]})
+        assert wait_until(lambda: engine.stats.snapshot()["building"] is None)
+        time.sleep(0.5)  # the loop has seen the finished build by now
+        assert pipe.state["resolution"] == [SIZE, SIZE] and pipe.width == SIZE
+        engine.stop()
+        thread.join(10)
+    assert {f.pixels.shape for f in sink.frames} == {(SIZE, SIZE, 4)}
+
+
+def test_shape_changes_sent_during_a_build_are_all_applied(bundle):
+    """/t_index_list of another length, then /resolution while the first build runs: both land."""
+    backend = SlowBackend(bundle, delay=0.4)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    engine, sink, thread = run_engine(pipe, 8.0)
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        engine.submit({"t_index_list": [10, 25, 40]})
+        assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+        engine.submit({"resolution": WIDE, "seed": 11})
+        assert wait_until(lambda: pipe.state["resolution"] == WIDE and pipe.batch.n == 3)
+        assert pipe.state["t_index_list"] == [10, 25, 40] and pipe.state["seed"] == 11
+        assert wait_until(lambda: sink.frames[-1].pixels.shape == (64, 96, 4))
+        engine.stop()
+        thread.join(10)
+    assert engine.stats.last_error is None
+
+
+class FailingBackend(SlowBackend):
+    def prepare_unet(self, shape, progress=None):
+        if shape.latent_width == 12:
+            time.sleep(0.2)
+            raise RuntimeError("out of GPU memory (test)")
+        return super().prepare_unet(shape, progress)
+
+
+def test_a_failed_build_reports_and_keeps_playing_the_old_size(bundle):
+    backend = FailingBackend(bundle, delay=0.0)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    engine, sink, thread = run_engine(pipe, 6.0)
+    errors: list[str] = []
+    engine.on_error = errors.append
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        engine.submit({"resolution": WIDE})
+        assert wait_until(lambda: any("failed" in e for e in errors))
+        assert "engine build for batch 2 at 96x64 failed: out of GPU memory (test)" in errors[0]
+        frames_then = len(sink.frames)
+        assert wait_until(lambda: len(sink.frames) >= frames_then + 10), "still playing"
+        engine.submit({"t_index_list": [20, 40]})  # an unrelated later change is not held back
+        assert wait_until(lambda: pipe.state["t_index_list"] == [20, 40])
+        engine.stop()
+        thread.join(10)
+    assert pipe.state["resolution"] == [SIZE, SIZE]
+    assert {f.pixels.shape for f in sink.frames} == {(SIZE, SIZE, 4)}

@@ -129,8 +129,12 @@ class Engine:
         self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
         self._transition: tuple[torch.Tensor, float, float] | None = None
         self._build_lock = threading.Lock()
-        self._building: set[BuildTarget] = set()
-        self._deferred: dict[BuildTarget, dict[str, Any]] = {}
+        self._building: set[BuildTarget] = set()  # builds running now (guarded by _build_lock)
+        self._finished: list[tuple[BuildTarget, str | None]] = []  # (target, error), for the loop
+        # the latest shape change still waiting for its engines, merged over earlier ones, and
+        # the target it waits for (frame-loop thread only)
+        self._pending_shape: dict[str, Any] = {}
+        self._awaiting: BuildTarget | None = None
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._started = False
@@ -293,6 +297,7 @@ class Engine:
         self.frames_emitted += 1
 
     def _apply_pending(self) -> None:
+        self._apply_finished_builds()
         pending = self.control.take_pending()
         if pending is None:
             return
@@ -301,17 +306,45 @@ class Engine:
         except ParamError as err:
             self._report_error(str(err))
 
+    def _apply_finished_builds(self) -> None:
+        """Apply the waiting shape change once the build it waits for is done (loop thread)."""
+        with self._build_lock:
+            finished, self._finished = self._finished, []
+        for target, error in finished:
+            if target != self._awaiting:
+                continue  # a newer change replaced the one this build was for
+            changes, self._pending_shape, self._awaiting = self._pending_shape, {}, None
+            if error is not None or self._stop.is_set():
+                continue
+            try:
+                self._apply(changes, 0.0)
+            except ParamError as err:
+                self._report_error(str(err))
+
     def _apply(self, changes: dict[str, Any], crossfade_s: float) -> None:
         runtime = {k: v for k, v in changes.items() if k in RUNTIME_PARAMS}
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
         accepted_runtime = validate_changes(runtime, RUNTIME_PARAMS)
         previous = self.pipeline.current_positive
+        shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
+        if shape:
+            # a shape change joins the one still waiting for its engines (the newer value wins):
+            # /t_index_list then /resolution during a build means both, not only the last
+            merged = dict(self._pending_shape)
+            for key, other in (("t_index_list", "strength"), ("strength", "t_index_list")):
+                if key in shape:
+                    merged.pop(other, None)
+            merged.update(shape)
+            stream.update(merged)
         try:
             accepted = self.pipeline.apply(stream) if stream else {}
+            if shape:
+                self._pending_shape, self._awaiting = {}, None
         except NeedsEngine as need:
             # 1. the new shape is built off the loop; the current configuration keeps running
-            deferred = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
-            self._build_in_background(need, deferred)
+            self._pending_shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
+            self._awaiting = (need.shape, need.vae_shape)
+            self._build_in_background(need)
             rest = {k: v for k, v in stream.items() if k not in SHAPE_KEYS}
             accepted = self.pipeline.apply(rest) if rest else {}
         self._size = (self.pipeline.height, self.pipeline.width)
@@ -328,13 +361,12 @@ class Engine:
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
 
-    def _build_in_background(self, need: NeedsEngine, deferred: dict[str, Any]) -> None:
-        """Prepare the runners ``need`` names on a worker; re-submit ``deferred`` when ready."""
+    def _build_in_background(self, need: NeedsEngine) -> None:
+        """Prepare the runners ``need`` names on a worker; the loop applies the waiting change then."""
         backend = self.pipeline.backend
         assert backend is not None
         target: BuildTarget = (need.shape, need.vae_shape)
         with self._build_lock:
-            self._deferred[target] = deferred
             if target in self._building:
                 return
             self._building.add(target)
@@ -349,19 +381,15 @@ class Engine:
             # a build is third-party work (exporters, TensorRT): whatever fails is reported and
             # the engine keeps running the configuration it has
             except Exception as err:
-                self._report_error(f"engine build for {need.label} failed: {err}")
-                with self._build_lock:
-                    self._building.discard(target)
-                    self._deferred.pop(target, None)
-                    self.stats.building = _build_label(self._building)
-                return
+                message: str | None = f"engine build for {need.label} failed: {err}"
+                self._report_error(str(message))
+            else:
+                message = None
             with self._build_lock:
                 self._building.discard(target)
-                changes = self._deferred.pop(target, {})
+                self._finished.append((target, message))
                 self.stats.building = _build_label(self._building)
-            if changes and not self._stop.is_set():
-                self.control.write(changes)
-                self._slot.wake()
+            self._slot.wake()
 
         threading.Thread(target=build, name="latentstage-build", daemon=True).start()
 
