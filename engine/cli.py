@@ -87,6 +87,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     build_cmd = sub.add_parser("build", help="export / build the engines a configuration needs")
     _add_config_arguments(build_cmd)
+    build_cmd.add_argument(
+        "--size",
+        metavar="WxH",
+        dest="sizes",
+        action="append",
+        default=[],
+        help="also build for this output size, e.g. 768x512 (repeatable): every size a show "
+        "switches to with /resolution",
+    )
 
     sub.add_parser("bridges", help="list every frame bridge and whether it can run here")
     sub.add_parser("doctor", help="report torch, device, CUDA, TensorRT and each bridge SDK")
@@ -284,6 +293,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = _load_config_or_report(args)
     if config is None:
         return EXIT_CONFIG_ERROR
+    try:
+        sizes = [params.get("resolution").coerce(text) for text in args.sizes]
+    except params.ParamError as err:
+        print(f"latentstage: --size {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     requested = BackendKind(config.acceleration.backend.value)
     if requested is BackendKind.TORCH:
         print("acceleration.backend is torch: nothing to build (set it to onnxruntime or tensorrt).")
@@ -298,8 +312,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
     backend = _make_backend(config, models)
     started = time.monotonic()
     pipeline = StreamPipeline(models, PipelineSettings.from_config(config), backend=backend)
+    keys = [*backend.unet_keys([pipeline.unet_shape()]), *backend.vae_keys()]
+    for width, height in sizes:
+        try:
+            latent = pipeline.latent_shape_for(width, height)
+        except params.ParamError as err:
+            print(f"latentstage: --size {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        vae_shape = pipeline.vae_shape(width, height)
+        unet_shape = pipeline.unet_shape(latent_shape=latent)
+        _status(f"{width}x{height}")
+        backend.prepare_vae(vae_shape, progress=_status)
+        backend.prepare_unet(unet_shape, progress=_status)
+        backend.retain({pipeline.unet_shape()}, {pipeline.vae_shape()})  # one size in memory at a time
+        keys += [*backend.unet_keys([unet_shape]), *backend.vae_keys(vae_shape)]
     print(f"  .. ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    print(backend.cache.describe([*backend.unet_keys([pipeline.unet_shape()]), *backend.vae_keys()]))
+    print(backend.cache.describe(keys))
     return EXIT_OK
 
 

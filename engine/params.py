@@ -695,7 +695,7 @@ def as_markdown() -> str:
         "one waits join it and the newer value wins (`/t_index_list` then `/resolution` gives both;",
         "asking for the size already playing cancels a waiting switch). A failed build answers",
         "`/engine/error` and changes nothing. The previous shapes stay loaded for a quick way back;",
-        "older ones are released (they stay cached on disk: `latentstage build` prebuilds them).",
+        "older ones are released (they stay cached on disk; `latentstage build --size WxH` prebuilds sizes).",
         "",
         "`/resolution` resamples the frames already in the stream batch, so the picture continues",
         "without a new warm-up. The input is centre-cropped to the new aspect and scaled; Spout,",

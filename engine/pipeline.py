@@ -290,7 +290,7 @@ class StreamPipeline:
         cfg_type = CfgType(new_state["cfg_type"])
         width, height = new_state["resolution"]
         size_changed = (width, height) != (self.width, self.height)
-        latent_shape = self._latent_shape(width, height) if size_changed else self.latent_shape
+        latent_shape = self.latent_shape_for(width, height) if size_changed else self.latent_shape
         schedule_changed = new_state["t_index_list"] != self.state["t_index_list"]
         schedule = self._schedule(new_state["t_index_list"]) if schedule_changed else self.batch.schedule
         n = schedule.n
@@ -502,7 +502,7 @@ class StreamPipeline:
             dtype=self.dtype,
         )
 
-    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+    def latent_shape_for(self, width: int, height: int) -> tuple[int, int, int]:
         """Latent ``(C, h, w)`` of a ``width`` x ``height`` frame; ``ParamError`` if it does not divide."""
         factor = self.models.vae_scale_factor
         if width % factor or height % factor:

@@ -174,3 +174,19 @@ def test_shape_change_builds_off_the_loop_while_output_continues(bundle):
     during = [t for t in sink.times if start <= t <= end]
     assert end - start >= 1.4 and len(during) >= 10, "the old configuration kept running"
     assert np.diff(during).max() < 0.5
+
+
+def test_build_command_prebuilds_every_size_a_show_switches_to(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    engines = tmp_path / "engines"
+    base = ["build", "--preset", "demo", "--set", "acceleration.backend=onnxruntime"]
+    base += ["--set", f"acceleration.engine_dir={engines}"]
+    base += ["--set", "stream.width=64", "--set", "stream.height=64"]
+    assert main([*base, "--size", "96x64", "--size", "64x128"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ready = [line for line in lines if " ready " in line]
+    assert len(ready) == 9, lines  # UNet, encoder, decoder for 64x64, 96x64 and 64x128
+    for size in ("_64x64_", "_96x64_", "_64x128_"):
+        assert sum(size in line for line in ready) == 3, size
+    assert main([*base, "--size", "100x64"]) == 2
+    assert "--size resolution: 100 is not a multiple of 8" in capsys.readouterr().err
