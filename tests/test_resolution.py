@@ -273,3 +273,21 @@ def test_a_failed_build_reports_and_keeps_playing_the_old_size(bundle):
         thread.join(10)
     assert pipe.state["resolution"] == [SIZE, SIZE]
     assert {f.pixels.shape for f in sink.frames} == {(SIZE, SIZE, 4)}
+
+
+def test_closing_during_a_build_says_the_build_is_abandoned(bundle, caplog):
+    import logging
+
+    backend = SlowBackend(bundle, delay=3.0)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    engine, sink, thread = run_engine(pipe, 10.0)
+    with caplog.at_level(logging.WARNING, logger="engine.runtime.engine"):
+        with engine:
+            thread.start()
+            assert wait_until(lambda: len(sink.frames) >= 2)
+            engine.submit({"resolution": WIDE})
+            assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+            started = time.monotonic()
+        assert time.monotonic() - started < 2.5, "close() does not wait for the build"
+    thread.join(5)
+    assert any("batch 2 at 96x64" in r.getMessage() and "abandoned" in r.getMessage() for r in caplog.records)

@@ -220,6 +220,14 @@ class Engine:
             return
         self._closed = True
         self.stop()
+        with self._build_lock:
+            building = _build_label(self._building)
+        if building:  # a TensorRT build cannot be interrupted; its thread ends with the process
+            logger.warning(
+                "stopping while engines for %s are prepared: that build is abandoned (a half-built "
+                "engine is never used; `latentstage build` makes it before the show)",
+                building,
+            )
         self.post.queue.close()
         for sink in self.sinks:
             sink.queue.close()
