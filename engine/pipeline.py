@@ -325,6 +325,14 @@ class StreamPipeline:
             layout_embeddings(cfg_type, n, positive, negative) if layout_changed else self._embeddings
         )
 
+        # the new stream-batch tensors (the big allocations of a resolution change) are made
+        # here, so running out of memory refuses the change instead of half-applying it
+        batch_plan = (
+            self.batch.plan(schedule, noise, cfg_type)
+            if schedule_changed or noise_changed or cfg_type is not self.batch.cfg_type
+            else {}
+        )
+
         if lora_plan == "refit":  # last prepare step: the engines change, the torch UNet not yet
             self._refit_engines(self.state["lora_scales"], new_state["lora_scales"])
 
@@ -338,11 +346,7 @@ class StreamPipeline:
             self.width, self.height, self.latent_shape = width, height, latent_shape
             self.similarity_filter.reset()
             self.last_output = None
-        if schedule_changed or size_changed:
-            self.batch.set_schedule(schedule, noise)
-        elif noise_changed:
-            self.batch.set_noise(noise)
-        self.batch.set_cfg_type(cfg_type)
+        self.batch.commit(batch_plan)
         self.batch.guidance_scale = new_state["guidance_scale"]
         self.batch.delta = new_state["delta"]
         if layout_changed:
@@ -400,6 +404,12 @@ class StreamPipeline:
                 "a rebuild is needed — run `latentstage build` with the new scales in model.loras, "
                 "or set acceleration.refittable: true",
             )
+        if plan == "busy":
+            raise ParamError(
+                "lora_scales",
+                "engines are being built for a shape change from the current weights; send the "
+                "scales again when /engine/building is empty",
+            )
         if plan == "reexport":
             raise ParamError(
                 "lora_scales",
@@ -450,6 +460,11 @@ class StreamPipeline:
         self._transition = None
         positive, negative = self._prompt_embeddings(new_state)
         return positive, negative, layout_embeddings(cfg_type, n, positive, negative)
+
+    def t_index_list_for_strength(self, strength: Any, n: int) -> list[int]:
+        """The t_index_list of ``n`` slots that ``/strength`` means (``ParamError`` if refused)."""
+        value = params.get("strength").coerce(strength)
+        return strength_to_t_index_list(value, n, self.settings.num_inference_steps)
 
     @property
     def current_positive(self) -> torch.Tensor:

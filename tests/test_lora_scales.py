@@ -190,6 +190,25 @@ def test_tensorrt_not_refittable_says_rebuild(lora: str, tmp_path) -> None:
     assert pipe.state == state
 
 
+def test_tensorrt_refit_waits_for_a_running_engine_build(lora: str, tmp_path) -> None:
+    """A refit during a background build would miss the engine being built from the old weights."""
+    pytest.importorskip("onnx")
+    import threading
+
+    bundle = load(lora, 1.0)
+    backend = trt_backend(bundle, tmp_path, True)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    state = dict(pipe.state)
+    building = threading.Lock()
+    backend._flights[pipe.unet_shape(n=3)] = building
+    with building:  # what prepare_unet holds while it exports / builds
+        with pytest.raises(ParamError, match="being built"):
+            pipe.apply({"lora_scales": [0.5]})
+        assert pipe.state == state and pipe.unet_runner.refits == []
+    pipe.apply({"lora_scales": [0.5]})
+    assert len(pipe.unet_runner.refits) == 1
+
+
 def test_tensorrt_refittable_refits_the_touched_initializers(lora: str, tmp_path) -> None:
     pytest.importorskip("onnx")
     from engine.accel.onnx_export import initializer_map

@@ -291,3 +291,104 @@ def test_closing_during_a_build_says_the_build_is_abandoned(bundle, caplog):
         assert time.monotonic() - started < 2.5, "close() does not wait for the build"
     thread.join(5)
     assert any("batch 2 at 96x64" in r.getMessage() and "abandoned" in r.getMessage() for r in caplog.records)
+
+
+def test_out_of_memory_while_preparing_a_size_changes_nothing(bundle, monkeypatch):
+    pipe = StreamPipeline(bundle, settings())
+    for f in frames(3):
+        pipe(f)
+    state, noise, latents = dict(pipe.state), pipe.batch.noise, pipe.batch.latents
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+
+    monkeypatch.setattr(pipe.batch, "plan", no_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.apply({"resolution": [2048, 2048], "guidance_scale": 1.3})
+    assert pipe.state == state and (pipe.width, pipe.height) == (SIZE, SIZE)
+    assert pipe.batch.noise is noise and pipe.batch.latents is latents
+    monkeypatch.undo()
+    assert pipe(frames(1, start=3)[0]).shape == (1, 3, SIZE, SIZE)
+
+
+def test_the_engine_reports_a_failing_change_and_plays_on(bundle, monkeypatch):
+    pipe = StreamPipeline(bundle, settings())
+    engine, sink, thread = run_engine(pipe, 5.0)
+    errors: list[str] = []
+    engine.on_error = errors.append
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(pipe.batch, "plan", no_memory)
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        engine.submit({"resolution": WIDE})
+        assert wait_until(lambda: bool(errors))
+        assert "change of resolution failed, nothing changed: CUDA out of memory (test)" in errors[0]
+        count = len(sink.frames)
+        assert wait_until(lambda: len(sink.frames) >= count + 10), "the engine plays on"
+        engine.stop()
+        thread.join(10)
+    assert thread.is_alive() is False and pipe.state["resolution"] == [SIZE, SIZE]
+
+
+def test_strength_sent_while_a_longer_list_waits_keeps_the_waiting_n(bundle):
+    from engine.stream.schedule import strength_to_t_index_list
+
+    backend = SlowBackend(bundle, delay=0.5)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    engine, sink, thread = run_engine(pipe, 6.0)
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        engine.submit({"t_index_list": [10, 25, 40]})
+        assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+        engine.submit({"strength": 0.5})
+        assert wait_until(lambda: pipe.batch.n == 3)
+        engine.stop()
+        thread.join(10)
+    assert pipe.state["t_index_list"] == strength_to_t_index_list(0.5, 3, 50)
+
+
+def test_a_refused_part_of_a_change_refuses_its_shape_part_too(bundle):
+    """{resolution, lora_scales} where lora_scales is refused (no LoRAs): nothing may wait."""
+    backend = SlowBackend(bundle, delay=0.3)
+    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    engine, sink, thread = run_engine(pipe, 5.0)
+    errors: list[str] = []
+    engine.on_error = errors.append
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        engine.submit({"resolution": WIDE, "lora_scales": [0.5]})
+        assert wait_until(lambda: any("no model.loras" in e for e in errors))
+        time.sleep(1.2)
+        assert engine.stats.snapshot()["building"] is None and pipe.width == SIZE
+        engine.stop()
+        thread.join(10)
+
+
+def test_one_load_per_shape_when_two_threads_ask_at_once(bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path))
+    backend = create_backend(bundle, VaeShape(SIZE, SIZE), accel)
+    loads: list[VaeShape] = []
+
+    def slow_load(shape, progress):
+        loads.append(shape)
+        time.sleep(0.3)
+        return object()
+
+    backend._load_vae = slow_load  # type: ignore[method-assign]
+    shape = VaeShape(64, 96, bundle.latent_channels, bundle.vae_scale_factor)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(backend.prepare_vae(shape))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    assert backend.busy
+    for t in threads:
+        t.join(5)
+    assert loads == [shape] and results[0] is results[1] and not backend.busy

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -22,9 +23,10 @@ from engine.models.bundle import ModelBundle
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-LoraPlan = Literal["none", "torch", "refit", "rebuild", "reexport"]
+LoraPlan = Literal["none", "torch", "refit", "rebuild", "reexport", "busy"]
 """How a backend takes new LoRA scales: nothing to do, the torch UNet's weights are used as they
-are, refit the engines with the changed weights, or it cannot (rebuild / re-export needed)."""
+are, refit the engines with the changed weights, or it cannot (rebuild / re-export needed, or
+not now: an engine is being built from the current weights)."""
 
 
 class BackendKind(str, Enum):
@@ -141,6 +143,7 @@ class _ExportedBackend:
         self._runners: dict[UNetShape, UNetRunner] = {}
         self._vaes: dict[VaeShape, VaeRunner] = {}
         self._lock = threading.Lock()
+        self._flights: dict[UNetShape | VaeShape, threading.Lock] = {}  # one load per shape at a time
         self._fingerprints: dict[str, str] = {}
         self._refit_names: dict[UNetShape, dict[str, tuple[str, bool]]] = {}
 
@@ -150,26 +153,49 @@ class _ExportedBackend:
             return self._runners.get(shape)
 
     def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner:
-        runner = self.unet_for(shape)
-        if runner is not None:
+        with self._flight(shape):
+            runner = self.unet_for(shape)
+            if runner is None:
+                with self._on_model_device():
+                    runner = self._load_unet(shape, progress)
+                with self._lock:
+                    self._runners[shape] = runner
             return runner
-        runner = self._load_unet(shape, progress)
+
+    @property
+    def busy(self) -> bool:
+        """True while an export / build runs (a LoRA refit must wait: it would miss that engine)."""
         with self._lock:
-            self._runners[shape] = runner
-        return runner
+            return any(lock.locked() for lock in self._flights.values())
+
+    @contextlib.contextmanager
+    def _flight(self, shape: UNetShape | VaeShape) -> Iterator[None]:
+        """Serialise loads of one shape: a second caller waits and then finds it loaded."""
+        with self._lock:
+            lock = self._flights.setdefault(shape, threading.Lock())
+        with lock:
+            yield
+
+    def _on_model_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Runners made on a build thread belong on the models' GPU, not on device 0."""
+        device = self.models.device
+        if device.type == "cuda":
+            return torch.cuda.device(device)
+        return contextlib.nullcontext()
 
     def vae_for(self, shape: VaeShape) -> VaeRunner | None:
         with self._lock:
             return self._vaes.get(shape)
 
     def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner:
-        runner = self.vae_for(shape)
-        if runner is not None:
+        with self._flight(shape):
+            runner = self.vae_for(shape)
+            if runner is None:
+                with self._on_model_device():
+                    runner = self._load_vae(shape, progress)
+                with self._lock:
+                    self._vaes[shape] = runner
             return runner
-        runner = self._load_vae(shape, progress)
-        with self._lock:
-            self._vaes[shape] = runner
-        return runner
 
     def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None:
         """Drop the loaded runners of every other shape (engines stay cached on disk)."""
@@ -384,6 +410,9 @@ class TensorRTBackend(_ExportedBackend):
 
     def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
         from engine.accel.tensorrt_backend import lora_change_plan
+
+        if self.busy and list(old) != list(new):
+            return "busy"
 
         sources = [str(path) for path, _ in self.models.identity.get("loras", [])]
         if len(sources) != len(old) or len(sources) != len(new):

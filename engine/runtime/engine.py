@@ -129,12 +129,15 @@ class Engine:
         self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
         self._transition: tuple[torch.Tensor, float, float] | None = None
         self._build_lock = threading.Lock()
-        self._building: set[BuildTarget] = set()  # builds running now (guarded by _build_lock)
-        self._finished: list[tuple[BuildTarget, str | None]] = []  # (target, error), for the loop
+        # builds running now, by target, with their ids; finished (id, error) for the loop
+        # (both guarded by _build_lock)
+        self._building: dict[BuildTarget, int] = {}
+        self._finished: list[tuple[int, str | None]] = []
+        self._build_ids = 0
         # the latest shape change still waiting for its engines, merged over earlier ones, and
-        # the target it waits for (frame-loop thread only)
+        # the (target, build id) it waits for (frame-loop thread only)
         self._pending_shape: dict[str, Any] = {}
-        self._awaiting: BuildTarget | None = None
+        self._awaiting: tuple[BuildTarget, int] | None = None
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._started = False
@@ -221,7 +224,7 @@ class Engine:
         self._closed = True
         self.stop()
         with self._build_lock:
-            building = _build_label(self._building)
+            building = _build_label(set(self._building))
         if building:  # a TensorRT build cannot be interrupted; its thread ends with the process
             logger.warning(
                 "stopping while engines for %s are prepared: that build is abandoned (a half-built "
@@ -309,25 +312,29 @@ class Engine:
         pending = self.control.take_pending()
         if pending is None:
             return
+        self._apply_guarded(pending.changes, pending.crossfade_s)
+
+    def _apply_guarded(self, changes: dict[str, Any], crossfade_s: float) -> None:
+        """Apply a change; one that is refused or fails is reported and the engine plays on."""
         try:
-            self._apply(pending.changes, pending.crossfade_s)
+            self._apply(changes, crossfade_s)
         except ParamError as err:
             self._report_error(str(err))
+        # e.g. CUDA out of memory while making the buffers of a larger size: the pipeline
+        # prepares everything before it commits, so nothing changed
+        except (RuntimeError, ValueError) as err:
+            self._report_error(f"change of {', '.join(sorted(changes))} failed, nothing changed: {err}")
 
     def _apply_finished_builds(self) -> None:
         """Apply the waiting shape change once the build it waits for is done (loop thread)."""
         with self._build_lock:
             finished, self._finished = self._finished, []
-        for target, error in finished:
-            if target != self._awaiting:
+        for build_id, error in finished:
+            if self._awaiting is None or build_id != self._awaiting[1]:
                 continue  # a newer change replaced the one this build was for
             changes, self._pending_shape, self._awaiting = self._pending_shape, {}, None
-            if error is not None or self._stop.is_set():
-                continue
-            try:
-                self._apply(changes, 0.0)
-            except ParamError as err:
-                self._report_error(str(err))
+            if error is None and not self._stop.is_set():
+                self._apply_guarded(changes, 0.0)
 
     def _apply(self, changes: dict[str, Any], crossfade_s: float) -> None:
         runtime = {k: v for k, v in changes.items() if k in RUNTIME_PARAMS}
@@ -339,6 +346,12 @@ class Engine:
             # a shape change joins the one still waiting for its engines (the newer value wins):
             # /t_index_list then /resolution during a build means both, not only the last
             merged = dict(self._pending_shape)
+            if "strength" in shape and "t_index_list" in merged and "t_index_list" not in shape:
+                # strength keeps n: the n of the list that is waiting, not of the one playing
+                strength = shape.pop("strength")
+                del stream["strength"]
+                waiting_n = len(merged["t_index_list"])
+                shape["t_index_list"] = self.pipeline.t_index_list_for_strength(strength, waiting_n)
             for key, other in (("t_index_list", "strength"), ("strength", "t_index_list")):
                 if key in shape:
                     merged.pop(other, None)
@@ -349,12 +362,12 @@ class Engine:
             if shape:
                 self._pending_shape, self._awaiting = {}, None
         except NeedsEngine as need:
-            # 1. the new shape is built off the loop; the current configuration keeps running
-            self._pending_shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
-            self._awaiting = (need.shape, need.vae_shape)
-            self._build_in_background(need)
+            # 1. the rest of the change applies now (if it is refused, nothing waits either)
             rest = {k: v for k, v in stream.items() if k not in SHAPE_KEYS}
             accepted = self.pipeline.apply(rest) if rest else {}
+            # 2. the new shape is built off the loop; the current configuration keeps running
+            self._pending_shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
+            self._awaiting = ((need.shape, need.vae_shape), self._build_in_background(need))
         self._size = (self.pipeline.height, self.pipeline.width)
         self.runtime_state.update(accepted_runtime)
         accepted.update(accepted_runtime)
@@ -369,17 +382,24 @@ class Engine:
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
 
-    def _build_in_background(self, need: NeedsEngine) -> None:
-        """Prepare the runners ``need`` names on a worker; the loop applies the waiting change then."""
+    def _build_in_background(self, need: NeedsEngine) -> int:
+        """Prepare the runners ``need`` names on a worker (one build per target at a time).
+
+        Returns the id of the build that will provide them; the loop applies the waiting change
+        when that build reports.
+        """
         backend = self.pipeline.backend
         assert backend is not None
         target: BuildTarget = (need.shape, need.vae_shape)
         with self._build_lock:
-            if target in self._building:
-                return
-            self._building.add(target)
+            running = self._building.get(target)
+            if running is not None:
+                return running
+            self._build_ids += 1
+            build_id = self._build_ids
+            self._building[target] = build_id
+            self.stats.building = _build_label(set(self._building))
         logger.info("preparing engines for %s; the current configuration keeps running", need.label)
-        self.stats.building = need.label
 
         def build() -> None:
             try:
@@ -394,12 +414,13 @@ class Engine:
             else:
                 message = None
             with self._build_lock:
-                self._building.discard(target)
-                self._finished.append((target, message))
-                self.stats.building = _build_label(self._building)
+                del self._building[target]
+                self._finished.append((build_id, message))
+                self.stats.building = _build_label(set(self._building))
             self._slot.wake()
 
         threading.Thread(target=build, name="latentstage-build", daemon=True).start()
+        return build_id
 
     def _step_transition(self) -> None:
         assert self._transition is not None

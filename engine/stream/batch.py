@@ -41,6 +41,14 @@ class StreamBatch:
         add_noise: re-noise the buffer with the cached noise (off: ``x_{i+1} = a_{i+1} x0_i``).
     """
 
+    # per-frame constants, remade by ``_constants`` whenever the configuration changes
+    _unet_timesteps: torch.Tensor
+    _unet_alpha: torch.Tensor
+    _unet_beta: torch.Tensor
+    _scaled_noise: torch.Tensor
+    _ratio_next: torch.Tensor
+    _noise_next: torch.Tensor
+
     def __init__(
         self,
         schedule: StreamSchedule,
@@ -96,10 +104,7 @@ class StreamBatch:
 
     def set_cfg_type(self, cfg_type: CfgType) -> None:
         """Switch guidance mode; the buffer is kept, S restarts from the cached noise."""
-        if cfg_type is not self.cfg_type:
-            self.cfg_type = cfg_type
-            self.stock.copy_(self.noise)
-            self._refresh_constants()
+        self.reconfigure(cfg_type=cfg_type)
 
     def set_noise(self, noise: torch.Tensor) -> None:
         """New cached noise (seed change), effective on the next frame.
@@ -107,13 +112,7 @@ class StreamBatch:
         Buffered latents are ``a_i x0_i + b_i n_i``; their noise part is swapped exactly for
         the new noise, so the very next output already carries the new seed.
         """
-        self._check_noise(self.schedule, noise)
-        if noise.shape[-2:] != self.noise.shape[-2:]:
-            self._resize(self.schedule, noise)
-        else:
-            self._retime(self.schedule, noise)
-            self.noise = noise
-        self._refresh_constants()
+        self.reconfigure(noise=noise)
 
     def set_schedule(self, schedule: StreamSchedule, noise: torch.Tensor) -> None:
         """New t_index_list (and its noise), effective on the next frame.
@@ -124,13 +123,44 @@ class StreamBatch:
         new warm-up once the stream was running. Noise of another latent size ``(h, w)`` (a
         resolution change) resamples those clean estimates bilinearly to the new size first.
         """
+        self.reconfigure(schedule=schedule, noise=noise)
+
+    def reconfigure(
+        self,
+        schedule: StreamSchedule | None = None,
+        noise: torch.Tensor | None = None,
+        cfg_type: CfgType | None = None,
+    ) -> None:
+        """Any of schedule, noise (seed or latent size) and cfg mode at once; all or nothing."""
+        self.commit(self.plan(schedule, noise, cfg_type))
+
+    def commit(self, plan: dict[str, object]) -> None:
+        """Swap in what ``plan`` made: plain assignments, nothing that can fail."""
+        for name, value in plan.items():
+            setattr(self, name, value)
+
+    def plan(
+        self,
+        schedule: StreamSchedule | None = None,
+        noise: torch.Tensor | None = None,
+        cfg_type: CfgType | None = None,
+    ) -> dict[str, object]:
+        """Every new tensor of a reconfiguration, made now; the batch itself is not changed.
+
+        What can fail (out of memory when a resolution grows) fails here, before anything
+        changed; ``commit`` then swaps the result in. ``None`` keeps the current value.
+        """
+        schedule = self.schedule if schedule is None else schedule
+        noise = self.noise if noise is None else noise
+        cfg_type = self.cfg_type if cfg_type is None else cfg_type
         self._check_noise(schedule, noise)
-        if schedule.n == self.n and noise.shape[-2:] == self.noise.shape[-2:]:
-            self._retime(schedule, noise)
-            self.schedule, self.noise = schedule, noise
-        else:
-            self._resize(schedule, noise)
-        self._refresh_constants()
+        same_layout = schedule.n == self.n and noise.shape[-2:] == self.noise.shape[-2:]
+        changes = self._retimed(schedule, noise) if same_layout else self._resized(schedule, noise)
+        if cfg_type is not self.cfg_type:
+            changes["stock"] = noise.clone()
+        changes.update(schedule=schedule, noise=noise, cfg_type=cfg_type)
+        changes.update(self._constants(schedule, noise, cfg_type))
+        return changes
 
     # ------------------------------------------------------------------ per frame
     def step(
@@ -205,12 +235,23 @@ class StreamBatch:
 
     def _refresh_constants(self) -> None:
         """Recompute what a step reuses every frame (after any schedule/noise/mode change)."""
-        s = self.schedule
-        self._unet_timesteps = expand_for_unet(self.cfg_type, s.timesteps).contiguous()
-        self._unet_alpha = expand_for_unet(self.cfg_type, s.alpha).contiguous()
-        self._unet_beta = expand_for_unet(self.cfg_type, s.beta).contiguous()
-        self._scaled_noise = s.beta * self.noise
-        self._ratio_next, self._noise_next = successor_coefficients(s.alpha, s.beta, self.noise)
+        for name, value in self._constants(self.schedule, self.noise, self.cfg_type).items():
+            setattr(self, name, value)
+
+    @staticmethod
+    def _constants(
+        schedule: StreamSchedule, noise: torch.Tensor, cfg_type: CfgType
+    ) -> dict[str, torch.Tensor]:
+        """The per-frame constants of a configuration (new tensors; nothing is changed)."""
+        ratio_next, noise_next = successor_coefficients(schedule.alpha, schedule.beta, noise)
+        return {
+            "_unet_timesteps": expand_for_unet(cfg_type, schedule.timesteps).contiguous(),
+            "_unet_alpha": expand_for_unet(cfg_type, schedule.alpha).contiguous(),
+            "_unet_beta": expand_for_unet(cfg_type, schedule.beta).contiguous(),
+            "_scaled_noise": schedule.beta * noise,
+            "_ratio_next": ratio_next,
+            "_noise_next": noise_next,
+        }
 
     def _clean_estimates(self) -> torch.Tensor:
         """``x0`` estimates of buffered slots ``(n, C, h, w)`` (slot 0's row is unused)."""
@@ -223,37 +264,41 @@ class StreamBatch:
         s = self.schedule
         return (self.latents - s.beta * self.stock) / s.alpha
 
-    def _retime(self, schedule: StreamSchedule, noise: torch.Tensor) -> None:
+    def _retimed(self, schedule: StreamSchedule, noise: torch.Tensor) -> dict[str, object]:
+        """Buffer of the same n and size re-expressed at new timesteps / noise (new tensors)."""
         if self.steps_taken == 0:
-            return
+            return {}
         x0, ref = self._clean_estimates(), self._references()
-        latents = schedule.alpha * x0 + (schedule.beta * noise if self.add_noise else 0.0)
-        self.stock[1:].copy_(((latents - schedule.alpha * ref) / schedule.beta)[1:])
-        self.latents[1:].copy_(latents[1:])
+        retimed = schedule.alpha * x0 + (schedule.beta * noise if self.add_noise else 0.0)
+        latents, stock = self.latents.clone(), self.stock.clone()
+        stock[1:] = ((retimed - schedule.alpha * ref) / schedule.beta)[1:]
+        latents[1:] = retimed[1:]
+        return {"latents": latents, "stock": stock}
 
-    def _resize(self, schedule: StreamSchedule, noise: torch.Tensor) -> None:
-        old_n, running = self.n, self.steps_taken > 0
+    def _resized(self, schedule: StreamSchedule, noise: torch.Tensor) -> dict[str, object]:
+        """Buffer for another n or latent size, filled from the old slots' clean estimates.
+
+        Only a full (warmed-up) buffer is carried over; during the warm-up its empty slots hold
+        nothing worth showing, so the warm-up starts again.
+        """
+        old_n = self.n
         size = tuple(noise.shape[-2:])
+        latents, stock = torch.zeros_like(noise), noise.clone()
+        last_output = None if self.last_output is None else _resample(self.last_output, size)
+        if not self.ready:
+            return {"latents": latents, "stock": stock, "last_output": last_output, "steps_taken": 0}
         x0, ref = _resample(self._clean_estimates(), size), _resample(self._references(), size)
-        fallback = None if self.last_output is None else _resample(self.last_output, size)
-        self.last_output = fallback
-        self.schedule, self.noise = schedule, noise
-        self.latents = torch.zeros_like(noise)
-        self.stock = noise.clone()
-        if not running:
-            self.steps_taken = 0
-            return
         for slot in range(1, schedule.n):
             if old_n > 1:
                 source = min(slot, old_n - 1)
                 clean, reference = x0[source], ref[source]
             else:
-                assert fallback is not None
-                clean = reference = fallback[0]
+                assert last_output is not None
+                clean = reference = last_output[0]
             a, b = schedule.alpha[slot], schedule.beta[slot]
-            self.latents[slot] = a * clean + (b * noise[slot] if self.add_noise else 0.0)
-            self.stock[slot] = (self.latents[slot] - a * reference) / b
-        self.steps_taken = schedule.n
+            latents[slot] = a * clean + (b * noise[slot] if self.add_noise else 0.0)
+            stock[slot] = (latents[slot] - a * reference) / b
+        return {"latents": latents, "stock": stock, "last_output": last_output, "steps_taken": schedule.n}
 
     @staticmethod
     def _check_noise(schedule: StreamSchedule, noise: torch.Tensor) -> None:
