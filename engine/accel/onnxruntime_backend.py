@@ -183,7 +183,7 @@ class _OrtGraph:
         """IOBinding on CUDA: inputs and a new output bound at their data pointers, no copies.
 
         ORT runs on its own stream, after the caller's stream's pending work; the caller's
-        stream then waits for ORT's. Nothing blocks the host.
+        stream then waits for ORT's. (ORT itself may wait for its stream before returning.)
         """
         binding, stream = self._binding, self._stream
         assert binding is not None and stream is not None
