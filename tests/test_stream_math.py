@@ -317,6 +317,19 @@ def test_schedule_change_keeps_output_flowing_and_resizes():
         assert denoise.calls[-1] == len(t_list)
 
 
+def test_cfg_change_keeps_the_buffer_bit_for_bit():
+    """Only S restarts; re-deriving the latents from their clean estimates would drift them."""
+    batch = make_batch([0, 16, 32], CfgType.NONE)
+    denoise = AnalyticDenoiser()
+    z = torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        batch.step(batch.noised_input(z), denoise, embeddings_for(batch))
+    latents = batch.latents.clone()
+    batch.set_cfg_type(CfgType.SELF)
+    assert torch.equal(batch.latents, latents) and torch.equal(batch.stock, batch.noise)
+    assert batch.cfg_type is CfgType.SELF and batch.ready
+
+
 def test_reset_warms_up_again():
     batch = make_batch([0, 16, 32])
     denoise = AnalyticDenoiser()

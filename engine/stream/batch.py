@@ -154,8 +154,10 @@ class StreamBatch:
         noise = self.noise if noise is None else noise
         cfg_type = self.cfg_type if cfg_type is None else cfg_type
         self._check_noise(schedule, noise)
-        same_layout = schedule.n == self.n and noise.shape[-2:] == self.noise.shape[-2:]
-        changes = self._retimed(schedule, noise) if same_layout else self._resized(schedule, noise)
+        changes: dict[str, object] = {}
+        if schedule is not self.schedule or noise is not self.noise:  # a cfg-only change keeps the buffer
+            same_layout = schedule.n == self.n and noise.shape[-2:] == self.noise.shape[-2:]
+            changes = self._retimed(schedule, noise) if same_layout else self._resized(schedule, noise)
         if cfg_type is not self.cfg_type:
             changes["stock"] = noise.clone()
         changes.update(schedule=schedule, noise=noise, cfg_type=cfg_type)
