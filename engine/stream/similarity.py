@@ -79,5 +79,8 @@ class SimilarityFilter:
         self._host.copy_(scalar, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        event.synchronize()  # waits for this copy only, not for the whole device
+        # the skip decision is a host branch (a skipped frame launches no VAE/UNet work), so one
+        # float must reach the host: this waits for the work queued on this stream up to the
+        # copy (not for other streams), once per frame and only while the filter is on
+        event.synchronize()
         return float(self._host)
