@@ -13,6 +13,7 @@ import torch
 from engine.accel.backends import Backend
 from engine.models.bundle import ModelBundle
 from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.progress import Progress, report
 from engine.stream.modes import CfgType, GenerationMode
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def run_bench(
     frames: int = 30,
     warmup: int = 5,
     steps: Sequence[int] = (1, 2, 4),
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     backends: Sequence[Backend] = (),
 ) -> list[BenchRow]:
     """Measure stream batch vs sequential, the cfg modes, the similarity filter and backends.
@@ -116,11 +117,7 @@ def run_bench(
     rows: list[BenchRow] = []
 
     def say(text: str) -> None:
-        if progress is None:
-            logger.info(text)
-        else:  # shown by the callback; logged once, at DEBUG
-            logger.debug(text)
-            progress(text)
+        report(logger, progress, text)
 
     # 1. stream batch (one UNet call of batch n) vs n sequential calls of batch 1
     for n in steps:

@@ -57,17 +57,21 @@ class NeedsEngine(Exception):
     """
 
     def __init__(self, shape: UNetShape, vae_shape: VaeShape | None = None) -> None:
-        size = f" at {vae_shape.width}x{vae_shape.height}" if vae_shape is not None else ""
-        super().__init__(f"no engine yet for UNet batch {shape.batch}{size} ({shape})")
+        super().__init__(f"no engine yet for UNet {build_label(shape, vae_shape)} ({shape})")
         self.shape = shape
         self.vae_shape = vae_shape
 
     @property
     def label(self) -> str:
         """A short name for logs: ``batch 3`` or ``batch 2 at 768x512``."""
-        if self.vae_shape is None:
-            return f"batch {self.shape.batch}"
-        return f"batch {self.shape.batch} at {self.vae_shape.width}x{self.vae_shape.height}"
+        return build_label(self.shape, self.vae_shape)
+
+
+def build_label(shape: UNetShape, vae_shape: VaeShape | None) -> str:
+    """``batch 3`` or ``batch 2 at 768x512``: what is being built, for logs and the status."""
+    if vae_shape is None:
+        return f"batch {shape.batch}"
+    return f"batch {shape.batch} at {vae_shape.width}x{vae_shape.height}"
 
 
 @dataclass
@@ -155,11 +159,7 @@ class StreamPipeline:
         self._check_settings(settings)
         self.device, self.dtype = models.device, models.dtype
         self.height, self.width = settings.height, settings.width
-        self.latent_shape = (
-            models.latent_channels,
-            settings.height // models.vae_scale_factor,
-            settings.width // models.vae_scale_factor,
-        )
+        self.latent_shape = self.latent_shape_for(settings.width, settings.height)
         self.mode = settings.mode
         self.unet_runner: UNetRunner = unet_runner or TorchUNet(models.unet)
         self.vae_runner: VaeRunner = vae_runner or TorchVae(models.vae, models.vae_scaling_factor)
@@ -329,7 +329,7 @@ class StreamPipeline:
         # here, so running out of memory refuses the change instead of half-applying it
         batch_plan = (
             self.batch.plan(schedule, noise, cfg_type)
-            if schedule_changed or noise_changed or cfg_type is not self.batch.cfg_type
+            if noise_changed or cfg_type is not self.batch.cfg_type  # noise follows the schedule
             else {}
         )
 

@@ -21,7 +21,7 @@ from engine.models.loader import ModelRequest, load_models
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.engine import Engine
 from engine.stream.modes import CfgType
-from tests.fakes import SIZE, FakeSource, RecordingSink
+from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
 
 needs_liblo = pytest.mark.skipif(
     shutil.which("oscsend") is None or shutil.which("oscdump") is None,
@@ -118,12 +118,7 @@ class Running:
         self.service.close()
 
     def wait_for(self, predicate, timeout=5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return False
+        return wait_until(predicate, timeout)
 
 
 class Dump:

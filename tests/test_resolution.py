@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import replace
@@ -19,7 +20,7 @@ from engine.pipeline import NeedsEngine, StreamPipeline
 from engine.runtime.engine import Engine
 from engine.stream.batch import _resample
 from engine.stream.modes import CfgType
-from tests.fakes import SIZE, FakeSource, RecordingSink
+from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
 from tests.test_backends import SlowBackend, settings
 
 WIDE = [96, 64]  # width, height: 12x8 latents for the tiny model
@@ -129,17 +130,32 @@ def test_backend_without_the_new_size_raises_needs_engine_then_switches_and_rele
     assert old_vae not in backend.ready_vaes and need.vae_shape in backend.ready_vaes
 
 
+@contextlib.contextmanager
+def playing(pipe, seconds: float, errors: list[str] | None = None):
+    """An engine on a 20 fps fake source, running on a thread, after its first 3 frames.
+
+    Yields ``(engine, sink, thread)``; on exit it stops, joins the thread and closes.
+    """
+    sink = RecordingSink()
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    if errors is not None:
+        engine.on_error = errors.append
+    thread = threading.Thread(target=engine.run, kwargs={"duration": seconds}, daemon=True)
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        try:
+            yield engine, sink, thread
+        finally:
+            engine.stop()
+            thread.join(10)
+
+
 def test_engine_keeps_the_old_size_running_until_the_new_engines_are_ready(bundle):
     backend = SlowBackend(bundle, delay=0.8)  # VAE then UNet: about 1.6 s of "building"
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
     building_seen: list[str] = []
-    thread = threading.Thread(target=engine.run, kwargs={"duration": 8.0}, daemon=True)
-    with engine:
-        thread.start()
-        while len(sink.frames) < 5:
-            time.sleep(0.02)
+    with playing(pipe, 8.0) as (engine, sink, _):
         asked = time.monotonic()
         engine.submit({"resolution": WIDE, "prompt": "a wider test"})
         deadline = asked + 10
@@ -151,8 +167,6 @@ def test_engine_keeps_the_old_size_running_until_the_new_engines_are_ready(bundl
         switched = time.monotonic()
         while time.monotonic() < switched + 1.0:
             time.sleep(0.05)
-        engine.stop()
-        thread.join(10)
     assert pipe.state["resolution"] == WIDE and pipe.state["prompt"] == "a wider test"
     assert "batch 2 at 96x64" in building_seen and engine.stats.snapshot()["building"] is None
     assert switched - asked >= 1.5, "the switch waited for the build"
@@ -190,39 +204,18 @@ def test_onnxruntime_backend_follows_a_size_change_and_matches_torch(bundle, tmp
     assert sum("_64x64_" in name for name in folders) == 3, folders
 
 
-def run_engine(pipe, seconds: float):
-    sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
-    thread = threading.Thread(target=engine.run, kwargs={"duration": seconds}, daemon=True)
-    return engine, sink, thread
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_a_newer_change_during_a_build_wins_over_the_waiting_one(bundle):
     """Asking for 96x64, then (before it is built) for the size already playing, must stay at the
     size playing: the finished build must not switch to a size nobody wants any more."""
     backend = SlowBackend(bundle, delay=0.6)
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    engine, sink, thread = run_engine(pipe, 6.0)
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
+    with playing(pipe, 6.0) as (engine, sink, _thread):
         engine.submit({"resolution": WIDE})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
         engine.submit({"resolution": [SIZE, SIZE]})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is None)
         time.sleep(0.5)  # the loop has seen the finished build by now
         assert pipe.state["resolution"] == [SIZE, SIZE] and pipe.width == SIZE
-        engine.stop()
-        thread.join(10)
     assert {f.pixels.shape for f in sink.frames} == {(SIZE, SIZE, 4)}
 
 
@@ -230,18 +223,13 @@ def test_shape_changes_sent_during_a_build_are_all_applied(bundle):
     """/t_index_list of another length, then /resolution while the first build runs: both land."""
     backend = SlowBackend(bundle, delay=0.4)
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    engine, sink, thread = run_engine(pipe, 8.0)
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
+    with playing(pipe, 8.0) as (engine, sink, _thread):
         engine.submit({"t_index_list": [10, 25, 40]})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
         engine.submit({"resolution": WIDE, "seed": 11})
         assert wait_until(lambda: pipe.state["resolution"] == WIDE and pipe.batch.n == 3)
         assert pipe.state["t_index_list"] == [10, 25, 40] and pipe.state["seed"] == 11
         assert wait_until(lambda: sink.frames[-1].pixels.shape == (64, 96, 4))
-        engine.stop()
-        thread.join(10)
     assert engine.stats.last_error is None
 
 
@@ -256,12 +244,8 @@ class FailingBackend(SlowBackend):
 def test_a_failed_build_reports_and_keeps_playing_the_old_size(bundle):
     backend = FailingBackend(bundle, delay=0.0)
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    engine, sink, thread = run_engine(pipe, 6.0)
     errors: list[str] = []
-    engine.on_error = errors.append
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
+    with playing(pipe, 6.0, errors) as (engine, sink, _thread):
         engine.submit({"resolution": WIDE})
         assert wait_until(lambda: any("failed" in e for e in errors))
         assert "engine build for batch 2 at 96x64 failed: out of GPU memory (test)" in errors[0]
@@ -269,8 +253,6 @@ def test_a_failed_build_reports_and_keeps_playing_the_old_size(bundle):
         assert wait_until(lambda: len(sink.frames) >= frames_then + 10), "still playing"
         engine.submit({"t_index_list": [20, 40]})  # an unrelated later change is not held back
         assert wait_until(lambda: pipe.state["t_index_list"] == [20, 40])
-        engine.stop()
-        thread.join(10)
     assert pipe.state["resolution"] == [SIZE, SIZE]
     assert {f.pixels.shape for f in sink.frames} == {(SIZE, SIZE, 4)}
 
@@ -280,7 +262,9 @@ def test_closing_during_a_build_says_the_build_is_abandoned(bundle, caplog):
 
     backend = SlowBackend(bundle, delay=3.0)
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    engine, sink, thread = run_engine(pipe, 10.0)
+    sink = RecordingSink()
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    thread = threading.Thread(target=engine.run, kwargs={"duration": 10.0}, daemon=True)
     with caplog.at_level(logging.WARNING, logger="engine.runtime.engine"):
         with engine:
             thread.start()
@@ -313,24 +297,18 @@ def test_out_of_memory_while_preparing_a_size_changes_nothing(bundle, monkeypatc
 
 def test_the_engine_reports_a_failing_change_and_plays_on(bundle, monkeypatch):
     pipe = StreamPipeline(bundle, settings())
-    engine, sink, thread = run_engine(pipe, 5.0)
     errors: list[str] = []
-    engine.on_error = errors.append
 
     def no_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (test)")
 
     monkeypatch.setattr(pipe.batch, "plan", no_memory)
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
+    with playing(pipe, 5.0, errors) as (engine, sink, thread):
         engine.submit({"resolution": WIDE})
         assert wait_until(lambda: bool(errors))
         assert "change of resolution failed, nothing changed: CUDA out of memory (test)" in errors[0]
         count = len(sink.frames)
         assert wait_until(lambda: len(sink.frames) >= count + 10), "the engine plays on"
-        engine.stop()
-        thread.join(10)
     assert thread.is_alive() is False and pipe.state["resolution"] == [SIZE, SIZE]
 
 
@@ -339,16 +317,11 @@ def test_strength_sent_while_a_longer_list_waits_keeps_the_waiting_n(bundle):
 
     backend = SlowBackend(bundle, delay=0.5)
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    engine, sink, thread = run_engine(pipe, 6.0)
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
+    with playing(pipe, 6.0) as (engine, _sink, _thread):
         engine.submit({"t_index_list": [10, 25, 40]})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
         engine.submit({"strength": 0.5})
         assert wait_until(lambda: pipe.batch.n == 3)
-        engine.stop()
-        thread.join(10)
     assert pipe.state["t_index_list"] == strength_to_t_index_list(0.5, 3, 50)
 
 
@@ -356,18 +329,12 @@ def test_a_refused_part_of_a_change_refuses_its_shape_part_too(bundle):
     """{resolution, lora_scales} where lora_scales is refused (no LoRAs): nothing may wait."""
     backend = SlowBackend(bundle, delay=0.3)
     pipe = StreamPipeline(bundle, settings(), backend=backend)
-    engine, sink, thread = run_engine(pipe, 5.0)
     errors: list[str] = []
-    engine.on_error = errors.append
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
+    with playing(pipe, 5.0, errors) as (engine, _sink, _thread):
         engine.submit({"resolution": WIDE, "lora_scales": [0.5]})
         assert wait_until(lambda: any("no model.loras" in e for e in errors))
         time.sleep(1.2)
         assert engine.stats.snapshot()["building"] is None and pipe.width == SIZE
-        engine.stop()
-        thread.join(10)
 
 
 def test_one_load_per_shape_when_two_threads_ask_at_once(bundle, tmp_path):

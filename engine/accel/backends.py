@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 
@@ -19,10 +19,13 @@ from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.cache import EngineCache, EngineKey, weights_fingerprint
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
+from engine.progress import Progress, report
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
+Shape = TypeVar("Shape", UNetShape, VaeShape)
+Runner = TypeVar("Runner", UNetRunner, VaeRunner)
+
 LoraPlan = Literal["none", "torch", "refit", "rebuild", "reexport", "busy"]
 """How a backend takes new LoRA scales: nothing to do, the torch UNet's weights are used as they
 are, refit the engines with the changed weights, or it cannot (rebuild / re-export needed, or
@@ -153,13 +156,18 @@ class _ExportedBackend:
             return self._runners.get(shape)
 
     def prepare_unet(self, shape: UNetShape, progress: Progress | None = None) -> UNetRunner:
+        return self._prepare(shape, self._runners, lambda: self._load_unet(shape, progress))
+
+    def _prepare(self, shape: Shape, loaded: dict[Shape, Runner], load: Callable[[], Runner]) -> Runner:
+        """The runner of ``shape`` from ``loaded``, else ``load()``ed once (on the models' GPU)."""
         with self._flight(shape):
-            runner = self.unet_for(shape)
+            with self._lock:
+                runner = loaded.get(shape)
             if runner is None:
                 with self._on_model_device():
-                    runner = self._load_unet(shape, progress)
+                    runner = load()
                 with self._lock:
-                    self._runners[shape] = runner
+                    loaded[shape] = runner
             return runner
 
     @property
@@ -188,14 +196,7 @@ class _ExportedBackend:
             return self._vaes.get(shape)
 
     def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner:
-        with self._flight(shape):
-            runner = self.vae_for(shape)
-            if runner is None:
-                with self._on_model_device():
-                    runner = self._load_vae(shape, progress)
-                with self._lock:
-                    self._vaes[shape] = runner
-            return runner
+        return self._prepare(shape, self._vaes, lambda: self._load_vae(shape, progress))
 
     def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None:
         """Drop the loaded runners of every other shape (engines stay cached on disk)."""
@@ -504,8 +505,4 @@ def create_backend(models: ModelBundle, vae_shape: VaeShape, settings: AccelSett
 
 
 def _say(progress: Progress | None, text: str) -> None:
-    if progress is None:
-        logger.info("%s", text)
-    else:  # the progress callback shows it; the log keeps it at DEBUG instead of twice
-        logger.debug("%s", text)
-        progress(text)
+    report(logger, progress, text)

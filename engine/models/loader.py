@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +18,12 @@ from engine.models.errors import ModelLoadError, short_reason
 from engine.models.lora import LoraFactors, fuse_loras
 from engine.models.sources import ACCEPTED, SourceKind, classify_source, local_path
 from engine.models.tiny import build_tiny_models
+from engine.progress import Progress, report
 
 __all__ = ["ModelRequest", "SourceKind", "classify_source", "load_models"]
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
 
 VAE_KINDS = ("taesd", "full")
 _BASIC_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
@@ -123,12 +123,7 @@ def _lora_pair(item: Any) -> tuple[str, float]:
 
 def _stage(progress: Progress | None, line: str, *args: Any) -> None:
     """Log ``line`` at INFO and hand it to ``progress``."""
-    text = line % args if args else line
-    if progress is None:
-        logger.info(text)
-    else:  # shown by the callback; logged once, at DEBUG
-        logger.debug(text)
-        progress(text)
+    report(logger, progress, line % args if args else line)
 
 
 def _file_facts(path_name: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,7 +18,7 @@ from engine.accel.base import UNetShape, VaeShape
 from engine.control.state import PROMPT_KEYS, ControlState
 from engine.models.bundle import ModelBundle
 from engine.params import ParamError, validate_changes
-from engine.pipeline import PIPELINE_PARAMS, NeedsEngine, PipelineSettings, StreamPipeline
+from engine.pipeline import PIPELINE_PARAMS, NeedsEngine, PipelineSettings, StreamPipeline, build_label
 from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import EngineState, RuntimeStats
@@ -135,9 +135,9 @@ class Engine:
         self._finished: list[tuple[int, str | None]] = []
         self._build_ids = 0
         # the latest shape change still waiting for its engines, merged over earlier ones, and
-        # the (target, build id) it waits for (frame-loop thread only)
+        # the id of the build it waits for (frame-loop thread only)
         self._pending_shape: dict[str, Any] = {}
-        self._awaiting: tuple[BuildTarget, int] | None = None
+        self._awaiting_build: int | None = None
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._started = False
@@ -224,7 +224,7 @@ class Engine:
         self._closed = True
         self.stop()
         with self._build_lock:
-            building = _build_label(set(self._building))
+            building = _build_label(self._building)
         if building:  # a TensorRT build cannot be interrupted; its thread ends with the process
             logger.warning(
                 "stopping while engines for %s are prepared: that build is abandoned (a half-built "
@@ -330,9 +330,9 @@ class Engine:
         with self._build_lock:
             finished, self._finished = self._finished, []
         for build_id, error in finished:
-            if self._awaiting is None or build_id != self._awaiting[1]:
+            if build_id != self._awaiting_build:
                 continue  # a newer change replaced the one this build was for
-            changes, self._pending_shape, self._awaiting = self._pending_shape, {}, None
+            changes, self._pending_shape, self._awaiting_build = self._pending_shape, {}, None
             if error is None and not self._stop.is_set():
                 self._apply_guarded(changes, 0.0)
 
@@ -360,14 +360,14 @@ class Engine:
         try:
             accepted = self.pipeline.apply(stream) if stream else {}
             if shape:
-                self._pending_shape, self._awaiting = {}, None
+                self._pending_shape, self._awaiting_build = {}, None
         except NeedsEngine as need:
             # 1. the rest of the change applies now (if it is refused, nothing waits either)
             rest = {k: v for k, v in stream.items() if k not in SHAPE_KEYS}
             accepted = self.pipeline.apply(rest) if rest else {}
             # 2. the new shape is built off the loop; the current configuration keeps running
             self._pending_shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
-            self._awaiting = ((need.shape, need.vae_shape), self._build_in_background(need))
+            self._awaiting_build = self._build_in_background(need)
         self._size = (self.pipeline.height, self.pipeline.width)
         self.runtime_state.update(accepted_runtime)
         accepted.update(accepted_runtime)
@@ -398,7 +398,7 @@ class Engine:
             self._build_ids += 1
             build_id = self._build_ids
             self._building[target] = build_id
-            self.stats.building = _build_label(set(self._building))
+            self.stats.building = _build_label(self._building)
         logger.info("preparing engines for %s; the current configuration keeps running", need.label)
 
         def build() -> None:
@@ -416,7 +416,7 @@ class Engine:
             with self._build_lock:
                 del self._building[target]
                 self._finished.append((build_id, message))
-                self.stats.building = _build_label(set(self._building))
+                self.stats.building = _build_label(self._building)
             self._slot.wake()
 
         threading.Thread(target=build, name="latentstage-build", daemon=True).start()
@@ -522,11 +522,9 @@ def _count(outputs: Any, name: str) -> int:
     return sum(1 for output in outputs if output.type == name)
 
 
-def _build_label(targets: set[BuildTarget]) -> str | None:
+def _build_label(targets: Iterable[BuildTarget]) -> str | None:
     """What the status line shows while builds run (``None`` when none does)."""
-    if not targets:
-        return None
-    return ", ".join(NeedsEngine(shape, vae).label for shape, vae in targets)
+    return ", ".join(build_label(shape, vae) for shape, vae in targets) or None
 
 
 def pipeline_param_names() -> tuple[str, ...]:
