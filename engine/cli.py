@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from engine import params
@@ -20,7 +22,13 @@ EXIT_CONFIG_ERROR = 2
 EXIT_MODEL_ERROR = 3
 EXIT_BRIDGE_UNAVAILABLE = 4
 EXIT_BACKEND_UNAVAILABLE = 5
+EXIT_START_CHECK = 6
+EXIT_SUPERVISOR_GAVE_UP = 7
 STATUS_INTERVAL_S = 0.5
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, name)
+)
+"""Signals that stop `run` cleanly: Ctrl-C, kill, a closed terminal or SSH session, Ctrl-Break."""
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +92,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=None, metavar="S", help="stop cleanly after S seconds"
     )
     run_cmd.add_argument("--quiet", action="store_true", help="no live status line")
+    run_cmd.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run the engine as a child process and restart it (with every live parameter) when it "
+        "crashes or hangs; see the `supervise` config section",
+    )
+    run_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from the live state last autosaved to supervise.state_file (after a power cut)",
+    )
+    # set by the supervisor for its child
+    run_cmd.add_argument("--supervised-by", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
+    run_cmd.add_argument("--restart-count", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
 
     build_cmd = sub.add_parser("build", help="export / build the engines a configuration needs")
     _add_config_arguments(build_cmd)
@@ -230,6 +252,7 @@ def _configure_logging(level: str, file: str | None) -> None:
     root.setLevel(level)
     _quiet_chatty_loggers()
     if file:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)  # the start check made sure it can be
         handler = logging.FileHandler(file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
@@ -332,21 +355,42 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engine.accel.backends import BackendUnavailableError
-    from engine.runtime.engine import build_engine
-
     config = _load_config_or_report(args)
     if config is None:
         return EXIT_CONFIG_ERROR
     if (args.frames is not None and args.frames < 1) or (args.duration is not None and args.duration <= 0):
         print("latentstage: --frames must be >= 1 and --duration > 0", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    _configure_logging(config.logging.level.value, config.logging.file)
+    if args.supervise:
+        return _run_supervisor(args, config)
+    link = _supervisor_link(args.supervised_by)
+    try:
+        return _run_engine(args, config, link)
+    finally:
+        if link is not None:
+            link.close()
+
+
+def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
+    from engine.accel.backends import BackendUnavailableError
+    from engine.config import presets_dir
+    from engine.preflight import check_start
+    from engine.runtime.engine import build_engine
+
     problems = _unavailable_bridges(config)
     if problems:
         for problem in problems:
             print(f"latentstage: {problem}", file=sys.stderr)
         return EXIT_BRIDGE_UNAVAILABLE
+    # the live state is autosaved when a restart (or a later --resume) is to restore it
+    state_file = config.supervise.state_file if link is not None or args.resume else None
+    scenes = presets_dir(args.config) / "scenes"
+    start_problems = check_start(config, state_file=state_file, scenes_dir=scenes)
+    if start_problems:
+        for start_problem in start_problems:
+            print(f"latentstage: cannot start: {start_problem}", file=sys.stderr)
+        return EXIT_START_CHECK
+    _configure_logging(config.logging.level.value, config.logging.file)
     started = time.monotonic()
     models = _load_models_or_report(config)
     if models is None:
@@ -355,20 +399,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"  .. model ready in {time.monotonic() - started:.1f} s on {models.device}",
         file=sys.stderr,
     )
+    if link is not None and link.stop_requested.is_set():
+        return EXIT_OK
     try:
         backend = _make_backend(config, models)
-        engine = build_engine(config, models, backend=backend)
+        engine = build_engine(config, models, backend=backend, keep_recordings=args.resume)
     except BackendUnavailableError as error:
         print(f"latentstage: {error}", file=sys.stderr)
         return EXIT_BACKEND_UNAVAILABLE
+    engine.stats.restarts = args.restart_count
     print(f"  .. running on {backend.describe()}", file=sys.stderr)
     try:
         control = _start_control(config, args.config, engine)
-    except OSError as error:
+    except OSError as error:  # the start check found the port free; another program took it since
         engine.close()
-        print(f"latentstage: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        print(f"latentstage: cannot start: {error}", file=sys.stderr)
+        return EXIT_START_CHECK
+    autosaver = None
+    if state_file is not None:
+        autosaver = _restore_and_autosave(engine, state_file, resume=args.resume)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def request_stop(signum: int, _frame: Any) -> None:
         logger.info("signal %s: stopping", signal.Signals(signum).name)
@@ -376,6 +426,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     for sig in previous:
         signal.signal(sig, request_stop)
+    if link is not None:
+        link.attach(engine, lambda: engine.stats.state.value)
     printer = _StatusPrinter(engine.stats, enabled=not args.quiet)
     try:
         engine.run(max_frames=args.frames, duration=args.duration, tick=printer)
@@ -384,6 +436,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         engine.close()
         if control is not None:
             control.close()
+        if autosaver is not None:
+            autosaver.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     summary = engine.stats.snapshot()
@@ -395,6 +449,82 @@ def _cmd_run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _supervisor_link(port: int | None) -> Any:
+    """The child's end of the supervisor link (``--supervised-by PORT``), or None."""
+    if port is None:
+        return None
+    from engine.runtime.heartbeat import SupervisorLink
+
+    return SupervisorLink(port, sys.stdin.buffer)
+
+
+def _restore_and_autosave(engine: Any, state_file: str, resume: bool) -> Any:
+    """Restore the autosaved live state (``resume``) and save every accepted change from now on."""
+    from engine.runtime.autosave import Autosaver, LiveStateFile
+
+    file = LiveStateFile(state_file)
+    if resume:
+        values = file.read()
+        restored = engine.restore(values) if values else {}
+        prompt = restored.get("prompt")
+        print(
+            f"  .. restored {len(restored)} live parameters from {state_file}"
+            + (f" (prompt {prompt[:60]!r})" if prompt else ""),
+            file=sys.stderr,
+        )
+    autosaver = Autosaver(file)
+    autosaver.request(engine.control.applied())
+    echo = engine.on_applied
+
+    def applied(accepted: dict[str, Any]) -> None:
+        if echo is not None:
+            echo(accepted)
+        autosaver.request(engine.control.applied())
+
+    engine.on_applied = applied
+    return autosaver
+
+
+def _run_supervisor(args: argparse.Namespace, config: Any) -> int:
+    """``run --supervise``: this process watches; the engine runs as its child."""
+    from engine.control.transport import FeedbackSender, parse_target
+    from engine.runtime.supervisor import Supervisor, SupervisorSettings, child_command
+
+    _configure_logging(config.logging.level.value, config.logging.file)
+    feedback = FeedbackSender([parse_target(t) for t in config.osc.feedback] if config.osc.enabled else [])
+
+    def announce(state: str, restarts: int, message: str) -> None:
+        feedback.send("/engine/state", [state])
+        feedback.send("/engine/restarts", [restarts])
+        feedback.send("/engine/error", [message[:500]])
+
+    supervisor = Supervisor(
+        lambda restarts, port: child_command(args.raw_argv, restarts, port),
+        SupervisorSettings.from_config(config.supervise),
+        announce,
+    )
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        logger.info("signal %s: stopping the engine and the supervisor", signal.Signals(signum).name)
+        supervisor.stop()
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    print(
+        f"  .. supervising: restart on a crash or a hang of {config.supervise.hang_seconds:g} s, "
+        f"at most {config.supervise.max_restarts} in {config.supervise.window_minutes:g} min; "
+        f"live state in {config.supervise.state_file}",
+        file=sys.stderr,
+    )
+    try:
+        return supervisor.run()
+    finally:
+        feedback.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _start_control(config: Any, config_path: str | None, engine: Any) -> Any:
@@ -459,12 +589,28 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit status."""
-    args = _build_parser().parse_args(argv)
+    """Run one command; returns the process exit status."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _build_parser().parse_args(raw)
+    args.raw_argv = raw
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_chatty_loggers()  # every command (build and bench export too)
     return _COMMANDS[args.command](args)
 
 
+def console_main() -> None:
+    """Entry point of the ``latentstage`` console script (and ``python -m engine.cli``).
+
+    Once a command has returned, everything it opened is closed and flushed; the process
+    then ends at once instead of running Python's finalisation, which spends 1-5 s
+    collecting torch's and diffusers' module graphs — time a stop on stage does not have.
+    """
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

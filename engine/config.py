@@ -66,6 +66,7 @@ __all__ = [
     "SpoutInput",
     "SpoutOutput",
     "StreamSettings",
+    "SuperviseSettings",
     "SyphonInput",
     "SyphonOutput",
     "VaeKind",
@@ -435,6 +436,12 @@ class _InputBase(_Section):
     retry_seconds: StrictFloat = Field(
         default=1.0, gt=0, le=60, description="seconds between reconnect attempts"
     )
+    stall_seconds: StrictFloat = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="a source that sends no new frame for this long counts as lost (0: never)",
+    )
 
 
 class PatternInput(_InputBase):
@@ -584,6 +591,28 @@ class LoggingSettings(_Section):
     file: Text | None = Field(default=None, description="also log to this file (null: stderr)")
 
 
+class SuperviseSettings(_Section):
+    """``latentstage run --supervise``: restart the engine when it dies or hangs."""
+
+    hang_seconds: StrictFloat = Field(
+        default=10.0, ge=1, le=3600, description="no frame and no heartbeat this long = hung"
+    )
+    startup_seconds: StrictFloat = Field(
+        default=300.0,
+        ge=5,
+        le=86400,
+        description="time allowed to load the model and make the first frame (builds, compiles)",
+    )
+    max_restarts: StrictInt = Field(default=5, ge=1, le=1000, description="give up after this many")
+    window_minutes: StrictFloat = Field(
+        default=10.0, gt=0, le=10080, description="... restarts within this many minutes"
+    )
+    state_file: Text = Field(
+        default="state/live.json",
+        description="live parameters autosaved on every accepted change and restored on restart",
+    )
+
+
 def _default_outputs() -> list[OutputSettings]:
     return [PreviewOutput()]
 
@@ -599,6 +628,7 @@ class Config(_Section):
     outputs: list[OutputSettings] = Field(default_factory=_default_outputs, max_length=16)
     osc: OscSettings = Field(default_factory=OscSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    supervise: SuperviseSettings = Field(default_factory=SuperviseSettings)
 
     @model_validator(mode="before")
     @classmethod

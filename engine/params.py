@@ -61,6 +61,8 @@ class ParamSpec:
         choices: allowed values of an ENUM.
         max_items: longest list accepted (lists and blends).
         in_scene: saved by ``/preset/save`` and restored by ``/preset/load``.
+        restored: kept in the live-state autosave and restored when the supervisor restarts
+            the engine (``live_state_params``); actions never are.
     """
 
     name: str
@@ -75,6 +77,7 @@ class ParamSpec:
     choices: tuple[str, ...] = ()
     max_items: int | None = None
     in_scene: bool = True
+    restored: bool = True
     group: str = "stream"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -435,6 +438,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             minimum=0.0,
             maximum=1.0,
             in_scene=False,  # t_index_list holds the result
+            restored=False,
         ),
         ParamSpec(
             "lora_scales",
@@ -543,6 +547,18 @@ def _specs() -> tuple[ParamSpec, ...]:
 
 
 REGISTRY: dict[str, ParamSpec] = {spec.name: spec for spec in _specs()}
+
+
+def to_plain(value: Any) -> Any:
+    """A coerced value as plain YAML/JSON data (tuples of blends become lists)."""
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def live_state_params() -> list[str]:
+    """Parameters the live-state autosave keeps: every live value a restart must bring back."""
+    return [spec.name for spec in REGISTRY.values() if spec.restored and spec.kind is not ParamKind.ACTION]
 BY_ADDRESS: dict[str, ParamSpec] = {
     address: spec for spec in REGISTRY.values() for address in spec.addresses
 }
@@ -620,12 +636,16 @@ def as_table() -> str:
     return "\n".join(lines)
 
 
+ENGINE_STATES = "loading | warming | running | paused | stalled | lost | error | restarting | stopped"
+"""What ``/engine/state`` says (``EngineState`` in engine/runtime/stats.py; a test keeps them equal)."""
+
 FEEDBACK_ADDRESSES: tuple[tuple[str, str, str], ...] = (
-    ("/engine/state", "s", "loading | warming | running | paused | error | stopped"),
+    ("/engine/state", "s", ENGINE_STATES),
     ("/engine/fps", "f", "output frames per second"),
     ("/engine/latency_ms", "f", "source frame to output, milliseconds (mean over the last frames)"),
     ("/engine/skip_rate", "f", "share of input frames the similarity filter skipped"),
     ("/engine/building", "s", "engines prepared for a shape change, e.g. `batch 2 at 768x512`; empty: none"),
+    ("/engine/restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
     ("/engine/error", "s", "why a message or a frame was refused; nothing changed"),
 )
 

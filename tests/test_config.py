@@ -30,7 +30,7 @@ from engine.stream.modes import CfgType, GenerationMode
 
 REPO = Path(cfg.__file__).resolve().parents[1]
 SECTIONS = ("model", "stream", "similarity_filter", "acceleration", "input", "outputs", "osc",
-            "logging")
+            "logging", "supervise")
 
 
 @pytest.fixture()
@@ -87,7 +87,8 @@ def test_repository_config_lists_and_comments_every_key() -> None:
     for section, model in [("model", cfg.ModelSettings), ("stream", cfg.StreamSettings),
                            ("similarity_filter", cfg.SimilarityFilterSettings),
                            ("acceleration", cfg.AccelerationSettings), ("osc", cfg.OscSettings),
-                           ("logging", cfg.LoggingSettings), ("input", cfg.PatternInput)]:
+                           ("logging", cfg.LoggingSettings), ("input", cfg.PatternInput),
+                           ("supervise", cfg.SuperviseSettings)]:
         assert set(data[section]) == set(model.model_fields), section
     assert set(data["outputs"][0]) == set(cfg.PreviewOutput.model_fields)
     for line in text.splitlines():

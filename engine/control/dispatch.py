@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +13,7 @@ from typing import Any
 from pythonosc import osc_packet
 
 from engine import params
+from engine.control.scenes import NAME_RULE, is_scene_name
 from engine.control.state import ControlState
 from engine.params import ParamError, ParamKind, ParamSpec
 from engine.ratelimit import RateLimitedLog
@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 MAX_BUNDLE_DEPTH = 8
 MAX_ERRORS_PER_S = 10
 MAX_CROSSFADE_S = 60.0
-SCENE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _PARSE_ERRORS = (
     osc_packet.ParseError,
     ValueError,  # includes UnicodeDecodeError on bad strings
@@ -190,12 +189,9 @@ class OscDispatcher:
                 for name, value in self.status_values().items()
                 if name in params.REGISTRY and value is not None
             ]
-        if len(args) != 1 or not isinstance(args[0], str) or not SCENE_NAME.match(args[0]):
+        if len(args) != 1 or not is_scene_name(args[0]):
             shown = args[0] if len(args) == 1 else args
-            raise ParamError(
-                spec.name,
-                f"{shown!r} is not a scene name; allowed: 1 to 64 letters, digits, '_' or '-' (no paths)",
-            )
+            raise ParamError(spec.name, f"{shown!r} is not a scene name; allowed: {NAME_RULE} (no paths)")
         if self.scene_handler is None:
             raise ParamError(spec.name, "scenes are not available in this engine")
         problem = self.scene_handler(spec.name, args[0])

@@ -20,11 +20,12 @@ logger = logging.getLogger(__name__)
 ACCESS_NONE, ACCESS_READ, ACCESS_WRITE, ACCESS_READ_WRITE = 0, 1, 2, 3
 ATTRIBUTES = ("FULL_PATH", "CONTENTS", "TYPE", "ACCESS", "VALUE", "RANGE", "DESCRIPTION", "CLIPMODE")
 ENGINE_NODES: dict[str, tuple[str, str]] = {
-    "state": ("s", "Engine state: loading | warming | running | paused | error | stopped"),
+    "state": ("s", f"Engine state: {params.ENGINE_STATES}"),
     "fps": ("f", "Output frames per second"),
     "latency_ms": ("f", "Latency from the source frame to the output, milliseconds"),
     "skip_rate": ("f", "Share of input frames skipped by the similarity filter"),
     "building": ("s", "Engines prepared in the background for a shape change (empty: none)"),
+    "restarts": ("i", "Restarts by `run --supervise` after a crash or a hang"),
     "error": ("s", "Last error message"),
 }
 

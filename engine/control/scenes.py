@@ -17,13 +17,28 @@ from engine.params import ParamError
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""A portable file name: letters, digits, '_' and '-' only (``fullmatch``: no trailing newline)."""
+WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{device}{digit}" for device in ("COM", "LPT") for digit in "0123456789"]
+)
+"""Device names Windows reserves in every folder (any case): a file ``nul.yaml`` cannot exist."""
+NAME_RULE = (
+    "1 to 64 letters, digits, '_' or '-', not a Windows device name "
+    "(CON, PRN, AUX, NUL, COM0-9, LPT0-9)"
+)
 DEFAULT_CROSSFADE_S = 1.0
 MAX_SCENE_BYTES = 256 * 1024
 
 
 class SceneError(ValueError):
     """A scene that cannot be saved or loaded; the message says why."""
+
+
+def is_scene_name(name: object) -> bool:
+    """Whether ``name`` makes the same valid file name on Windows, macOS and Linux."""
+    return isinstance(name, str) and NAME.fullmatch(name) is not None and name.upper() not in WINDOWS_RESERVED
 
 
 def scene_params() -> list[str]:
@@ -38,12 +53,12 @@ class SceneStore:
         self.folder = Path(folder)
 
     def path(self, name: str) -> Path:
-        if not isinstance(name, str) or not NAME.match(name):
-            raise SceneError(f"{name!r} is not a scene name; allowed: 1 to 64 letters, digits, '_' or '-'")
+        if not is_scene_name(name):
+            raise SceneError(f"{name!r} is not a scene name; allowed: {NAME_RULE}")
         return self.folder / f"{name}.yaml"
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.yaml") if NAME.match(p.stem))
+        return sorted(p.stem for p in self.folder.glob("*.yaml") if is_scene_name(p.stem))
 
     def save(self, name: str, values: Mapping[str, Any], crossfade_s: float = DEFAULT_CROSSFADE_S) -> Path:
         """Write the scene atomically (a crash mid-write never leaves half a file)."""
@@ -51,7 +66,7 @@ class SceneStore:
         data = {
             "latentstage_scene": 1,
             "crossfade_seconds": crossfade_s,
-            "values": {k: _plain(values[k]) for k in scene_params() if k in values},
+            "values": {k: params.to_plain(values[k]) for k in scene_params() if k in values},
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
@@ -91,11 +106,3 @@ class SceneStore:
         if isinstance(crossfade, bool) or not isinstance(crossfade, (int, float)) or not 0 <= crossfade <= 60:
             raise SceneError(f"scene {name!r}: crossfade_seconds {crossfade!r}; allowed: 0..60")
         return values, float(crossfade)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value

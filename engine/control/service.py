@@ -157,3 +157,4 @@ class ControlService:
             for key in ("fps", "latency_ms", "skip_rate"):
                 self.feedback.send(f"/engine/{key}", [float(status.get(key) or 0.0)])
             self.feedback.send("/engine/building", [str(status.get("building") or "")])
+            self.feedback.send("/engine/restarts", [int(status.get("restarts") or 0)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +24,7 @@ from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import EngineState, RuntimeStats
 from engine.runtime.workers import (
+    InputHealth,
     InputItem,
     OutputItem,
     OutputKind,
@@ -54,11 +56,20 @@ class OnLossMode(str, Enum):
 
 KEEPALIVE_FPS = 30.0
 SHUTDOWN_BUDGET_S = 1.5
+_ON_LOSS_WORDS = {
+    OnLossMode.HOLD: "hold the last frame",
+    OnLossMode.BLACK: "show black",
+    OnLossMode.PASSTHROUGH: "show the last input frame",
+}
+
+
+RUNTIME_INPUT_KEYS = {"type", "on_loss", "retry_seconds", "stall_seconds"}
+"""Keys of the ``input`` section that the runtime uses; the rest go to the bridge."""
 
 
 def source_spec(input_config: Any) -> tuple[str, dict[str, Any]]:
     """Bridge name and constructor options from a validated ``input`` config section."""
-    options = input_config.model_dump(mode="json", exclude={"type", "on_loss", "retry_seconds"})
+    options = input_config.model_dump(mode="json", exclude=RUNTIME_INPUT_KEYS)
     return input_config.type, options
 
 
@@ -73,7 +84,8 @@ class EngineOptions:
 
     on_loss: OnLossMode = OnLossMode.HOLD
     retry_seconds: float = 1.0
-    keepalive_fps: float = KEEPALIVE_FPS
+    stall_seconds: float = 2.0  # no new frame this long = lost (0: never)
+    keepalive_fps: float = KEEPALIVE_FPS  # the fastest rate on_loss frames are sent at
     sink_queue_sizes: list[int] = field(default_factory=list)
 
 
@@ -140,6 +152,11 @@ class Engine:
         self._awaiting_build: int | None = None
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
+        self._input_health = InputHealth.LIVE
+        self._missing_since = 0.0
+        self._last_emit_at: float | None = None
+        self._output_interval = 1.0 / self.options.keepalive_fps  # smoothed, between processed frames
+        self.loop_iterations = 0  # the supervisor's heartbeat reads it: a stuck loop stops counting
         self._started = False
         self._closed = False
         self.frames_emitted = 0
@@ -160,6 +177,32 @@ class Engine:
         self.control.write(accepted, crossfade_s)
         self._slot.wake()
         return accepted
+
+    def restore(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply saved live values (the supervisor's autosave) before the first frame.
+
+        Prompts are encoded here, on the caller's thread, so the first frame already shows
+        the restored look. A value the engine refuses now (say, LoRA scales for a config that
+        lost a LoRA) is reported and left out; everything else is applied.
+
+        Returns:
+            The values applied.
+        """
+        changes = dict(values)
+        while changes:
+            try:
+                self._apply(changes, 0.0)
+            except ParamError as err:
+                self._report_error(f"restore: {err}; the rest is restored")
+                if err.name not in changes:
+                    return {}
+                del changes[err.name]
+            except (RuntimeError, ValueError) as err:  # e.g. out of memory for a restored size
+                self._report_error(f"restore failed, starting from the config: {err}")
+                return {}
+            else:
+                return changes
+        return {}
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
@@ -195,9 +238,9 @@ class Engine:
         """
         self.start()
         deadline = None if duration is None else time.monotonic() + duration
-        keepalive = 1.0 / self.options.keepalive_fps
-        next_keepalive = time.monotonic() + keepalive
+        next_keepalive = time.monotonic()
         while not self._stop.is_set():
+            self.loop_iterations += 1
             if max_frames is not None and self.frames_emitted >= max_frames:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -205,14 +248,19 @@ class Engine:
             if tick is not None:
                 tick()
             self._apply_pending()
-            item = self._slot.take(timeout=min(keepalive, 0.1))
+            item = self._slot.take(timeout=min(1.0 / self.options.keepalive_fps, 0.1))
             now = time.monotonic()
             if item is None:
-                if not self.stats.source_connected and now >= next_keepalive:
-                    self._emit_on_loss(now)
-                    next_keepalive = now + keepalive
+                health = self.source.health(now, self.options.stall_seconds)
+                if health is not InputHealth.LIVE:
+                    self._input_missing(health, now)
+                    if now >= next_keepalive:
+                        self._emit_on_loss(now)
+                        next_keepalive = now + self._keepalive_interval()
                 continue
-            next_keepalive = now + keepalive
+            if self._input_health is not InputHealth.LIVE:
+                self._input_back(now)
+            next_keepalive = now + self._keepalive_interval()
             self._process(item)
         self._drain(max_frames is not None or duration is not None)
         return self.frames_emitted
@@ -287,6 +335,35 @@ class Engine:
         self.stats.record_skip(skipped)
         self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output))
 
+    def _input_missing(self, health: InputHealth, now: float) -> None:
+        """The source is lost or stalled: say so once; ``on_loss`` applies until it is back."""
+        if health is self._input_health:
+            return
+        if self._input_health is InputHealth.LIVE:
+            self._missing_since = now
+        self._input_health = health
+        if health is InputHealth.STALLED:
+            self.stats.set_state(EngineState.STALLED)
+            logger.warning(
+                "input stalled: no new frame for %.1f s (input.stall_seconds); outputs %s until "
+                "frames return",
+                self.options.stall_seconds,
+                _ON_LOSS_WORDS[self.options.on_loss],
+            )
+        else:
+            self.stats.set_state(EngineState.LOST)
+
+    def _input_back(self, now: float) -> None:
+        missing = now - self._missing_since
+        logger.log(logging.INFO if missing >= 1.0 else logging.DEBUG, "input back after %.1f s", missing)
+        self._input_health = InputHealth.LIVE
+        self.stats.set_state(EngineState.RUNNING)
+
+    def _keepalive_interval(self) -> float:
+        """Seconds between ``on_loss`` frames: the rate the outputs ran at, so receivers (and a
+        recording's timeline) see the stream go on as it was; at most ``keepalive_fps``."""
+        return min(max(self._output_interval, 1.0 / self.options.keepalive_fps), 1.0)
+
     def _emit_on_loss(self, now: float) -> None:
         """Keep the outputs alive while the source is gone: hold, black or passthrough."""
         mode = self.options.on_loss
@@ -306,6 +383,12 @@ class Engine:
             return  # nothing to repeat yet
         self.post.put(item)
         self.frames_emitted += 1
+        if item.measure_latency:  # a frame that came from the source: the outputs' own rate
+            now = time.monotonic()
+            gap = None if self._last_emit_at is None else now - self._last_emit_at
+            if gap is not None and gap < 1.0:  # a longer gap is a pause or a loss, not a rate
+                self._output_interval += 0.2 * (gap - self._output_interval)
+            self._last_emit_at = now
 
     def _apply_pending(self) -> None:
         self._apply_finished_builds()
@@ -459,11 +542,13 @@ def build_engine(
     settings: PipelineSettings | None = None,
     sink_extra: Mapping[str, Mapping[str, Any]] | None = None,
     backend: Backend | None = None,
+    keep_recordings: bool = False,
 ) -> Engine:
     """An Engine for a validated config: pipeline, source and sinks from their sections.
 
     ``sink_extra`` adds options per bridge name (e.g. the preview's ``stats`` callable);
-    ``backend`` runs the UNet and VAE (torch eager when ``None``).
+    ``backend`` runs the UNet and VAE (torch eager when ``None``); ``keep_recordings``
+    (a resumed or restarted show) records into ``take-2.mp4`` ... when the file exists.
     """
     pipeline = StreamPipeline(models, settings or PipelineSettings.from_config(config), backend=backend)
     source_name, source_options = source_spec(config.input)
@@ -474,7 +559,7 @@ def build_engine(
         if name == "preview":
             extra.setdefault("stats", stats.snapshot)
         if name == "record":
-            return RecordingOpener(options, extra)
+            return RecordingOpener(options, extra, keep_existing=keep_recordings)
         return lambda: open_sink(name, **options, **extra)
 
     labels: list[tuple[str, Callable[[], FrameSink]]] = []
@@ -484,6 +569,7 @@ def build_engine(
     engine_options = EngineOptions(
         on_loss=OnLossMode(config.input.on_loss),
         retry_seconds=config.input.retry_seconds,
+        stall_seconds=config.input.stall_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
     )
     return Engine(pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats)
@@ -493,20 +579,29 @@ class RecordingOpener:
     """Opens the record sink; a reopen after a failure writes ``take-2.mp4``, ``take-3.mp4`` ...
 
     Reopening the same path would truncate everything recorded so far, which for an
-    installation running for weeks is the one thing a recorder must never do.
+    installation running for weeks is the one thing a recorder must never do. A take that
+    never got a file (its folder became read-only, the disk was full) is tried again under
+    the same number, so a failing folder does not count up takes that do not exist.
     """
 
-    def __init__(self, options: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    def __init__(
+        self, options: Mapping[str, Any], extra: Mapping[str, Any], keep_existing: bool = False
+    ) -> None:
         self.options = dict(options)
         self.extra = dict(extra)
         self.opened = 0
+        self.keep_existing = keep_existing  # a resumed show: the file of the run before is kept too
 
     def __call__(self) -> FrameSink:
         self.opened += 1
         options = dict(self.options)
-        if self.opened > 1:
-            options["path"] = numbered_path(str(options["path"]), self.opened)
-            logger.warning("recording continues in %s (the previous file is kept)", options["path"])
+        first = str(options["path"])
+        if self.opened > 1 or (self.keep_existing and os.path.lexists(first)):
+            number = 2
+            while os.path.lexists(numbered_path(first, number)):
+                number += 1
+            options["path"] = numbered_path(first, number)
+            logger.warning("recording continues in %s (the earlier files are kept)", options["path"])
         return open_sink("record", **options, **self.extra)
 
 

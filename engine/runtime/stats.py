@@ -17,7 +17,10 @@ class EngineState(str, Enum):
     WARMING = "warming"
     RUNNING = "running"
     PAUSED = "paused"
+    STALLED = "stalled"  # the source is connected but sent no new frame for input.stall_seconds
+    LOST = "lost"  # the source is gone (unplugged, closed); reconnecting
     ERROR = "error"
+    RESTARTING = "restarting"  # said by the supervisor while it restarts the engine
     STOPPED = "stopped"
 
 
@@ -72,6 +75,7 @@ class RuntimeStats:
         self.input_superseded = 0  # received, then replaced by a newer frame before processing
         self.source_connected = False
         self.building: str | None = None  # engines prepared in the background, e.g. "batch 2 at 768x512"
+        self.restarts = 0  # times the supervisor restarted the engine before this process
         self.sinks: dict[str, SinkCounters] = {}
         self.started = time.monotonic()
 
@@ -80,6 +84,11 @@ class RuntimeStats:
             self.state = state
             if error is not None or state is not EngineState.ERROR:
                 self.error = error
+
+    def output_fps(self) -> float:
+        """Output frames per second over the last window (0 before two frames)."""
+        with self._lock:
+            return self._outputs.rate(time.monotonic())
 
     def input_frame(self, now: float) -> None:
         with self._lock:
@@ -127,6 +136,7 @@ class RuntimeStats:
                 "input_superseded": self.input_superseded,
                 "source_connected": self.source_connected,
                 "building": self.building,
+                "restarts": self.restarts,
                 "uptime_s": round(now - self.started, 1),
                 "outputs": {
                     name: {"sent": c.sent, "dropped": c.dropped, "failures": c.failures}
@@ -143,8 +153,12 @@ class RuntimeStats:
             f"in {s['input_fps']:5.1f} fps  dropped in {s['input_dropped']}  "
             f"superseded {s['input_superseded']}"
         )
-        if not s["source_connected"] and s["state"] != EngineState.LOADING.value:
+        if s["state"] == EngineState.STALLED.value:
+            line += "  INPUT STALLED"
+        elif not s["source_connected"] and s["state"] != EngineState.LOADING.value:
             line += "  SOURCE LOST"
+        if s["restarts"]:
+            line += f"  restarts {s['restarts']}"
         if s["building"]:
             line += f"  building {s['building']}"
         if s["error"]:

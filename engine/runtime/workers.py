@@ -62,12 +62,22 @@ class SinkItem:
     measure_latency: bool
 
 
+class InputHealth(str, Enum):
+    """Whether the source is delivering frames (what ``input.on_loss`` reacts to)."""
+
+    LIVE = "live"
+    STALLED = "stalled"  # connected, but no new frame for ``input.stall_seconds``
+    LOST = "lost"  # not connected (unplugged, closed, failing to open)
+
+
 class SourceWorker(threading.Thread):
     """Receives frames, pre-processes them and puts the newest into the input slot.
 
     A source that fails or disappears is closed and reopened with exponential backoff
     (``retry_s`` doubling up to 10 s); the output stays alive meanwhile (the engine loop
-    applies ``on_loss``).
+    applies ``on_loss``). A source that stays connected but sends nothing new (a frozen
+    TouchDesigner, a shared-memory writer that stopped writing) counts as stalled after
+    ``stall_s`` seconds (``health``) and resumes by itself with its next frame.
     """
 
     def __init__(
@@ -91,6 +101,15 @@ class SourceWorker(threading.Thread):
         self._log = RateLimitedLog(logger, 5.0)
         self.ended = threading.Event()
         self.fatal: str | None = None
+        self.last_frame_at = time.monotonic()  # the last new frame, or the (re)connection
+
+    def health(self, now: float, stall_s: float) -> InputHealth:
+        """LOST while disconnected; STALLED after ``stall_s`` s without a new frame (0: never)."""
+        if self._source is None:
+            return InputHealth.LOST
+        if stall_s > 0 and now - self.last_frame_at >= stall_s:
+            return InputHealth.STALLED
+        return InputHealth.LIVE
 
     def run(self) -> None:
         backoff = self._retry_s
@@ -108,7 +127,7 @@ class SourceWorker(threading.Thread):
 
     def _connect(self) -> bool:
         try:
-            self._source = self._open()
+            source = self._open()
         except BridgeUnavailable as err:
             self.fatal = str(err)
             logger.error("input cannot run here: %s", err)
@@ -117,7 +136,9 @@ class SourceWorker(threading.Thread):
         except (BridgeError, OSError, ValueError) as err:
             self._log(logging.WARNING, "open", "input not available (%s); retrying", err)
             return False
-        logger.info("input connected: %s", self._source)
+        logger.info("input connected: %s", source)
+        self.last_frame_at = time.monotonic()  # the stall clock starts at the connection
+        self._source = source
         self._stats.source_connected = True
         self._last_sequence = None
         return True
@@ -141,7 +162,9 @@ class SourceWorker(threading.Thread):
         if self._last_sequence is not None and frame.sequence > self._last_sequence + 1:
             self._stats.input_dropped += frame.sequence - self._last_sequence - 1
         self._last_sequence = frame.sequence
-        self._stats.input_frame(time.monotonic())
+        now = time.monotonic()
+        self.last_frame_at = now
+        self._stats.input_frame(now)
         self._slot.put(self._preprocess(frame))
 
     def _close_source(self) -> None:

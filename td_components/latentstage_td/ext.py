@@ -55,9 +55,10 @@ STATUS_ADDRESSES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "/engine/latency_ms": ("Latencyms", float),
     "/engine/skip_rate": ("Skiprate", float),
     "/engine/building": ("Building", str),
+    "/engine/restarts": ("Restarts", int),
 }
 ERROR_ADDRESS = "/engine/error"
-CONNECTED_STATES = ("running", "paused")
+CONNECTED_STATES = ("running", "paused", "stalled", "lost")
 STOP_TIMEOUT_S = 5.0
 RESTART_DELAY_S = 2.0
 STATUS_WINDOW_S = 2.0
