@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from engine import params
+from engine.exitcodes import (
+    EXIT_BACKEND_UNAVAILABLE,
+    EXIT_BRIDGE_UNAVAILABLE,
+    EXIT_CONFIG_ERROR,
+    EXIT_MODEL_ERROR,
+    EXIT_OK,
+    EXIT_START_CHECK,
+)
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 2
-EXIT_MODEL_ERROR = 3
-EXIT_BRIDGE_UNAVAILABLE = 4
-EXIT_BACKEND_UNAVAILABLE = 5
-EXIT_START_CHECK = 6
-EXIT_SUPERVISOR_GAVE_UP = 7
 STATUS_INTERVAL_S = 0.5
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, name)

@@ -22,12 +22,13 @@ import pytest
 from bridges.base import Frame
 from bridges.record import RecordSink
 from bridges.shm import ShmPixelFormat, ShmSource, ShmWriter, segment_exists
-from engine.cli import EXIT_START_CHECK, main
+from engine.cli import main
 from engine.config import load_config
 from engine.control.dispatch import OscDispatcher
 from engine.control.scenes import SceneError, SceneStore
 from engine.control.state import ControlState
 from engine.control.transport import build_message
+from engine.exitcodes import EXIT_START_CHECK
 from engine.models.loader import ModelRequest, load_models
 from engine.params import ENGINE_STATES
 from engine.pipeline import PipelineSettings, StreamPipeline

@@ -15,13 +15,13 @@ import psutil
 import pytest
 
 from bridges.shm import segment_exists
+from engine.exitcodes import EXIT_SUPERVISOR_GAVE_UP
 from engine.models.loader import ModelRequest, load_models
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.autosave import Autosaver, LiveStateFile
 from engine.runtime.engine import Engine
 from engine.runtime.heartbeat import Beat, HeartbeatReceiver, Phase, SupervisorLink
 from engine.runtime.supervisor import (
-    EXIT_GAVE_UP,
     ChildWatch,
     RestartBudget,
     Supervisor,
@@ -111,7 +111,7 @@ def test_it_gives_up_after_max_restarts_in_the_window():
         SupervisorSettings(max_restarts=3, window_minutes=10, **FAST),
         lambda state, restarts, message: announced.append((state, restarts, message)),
     )
-    assert supervisor.run() == EXIT_GAVE_UP
+    assert supervisor.run() == EXIT_SUPERVISOR_GAVE_UP
     assert starts == [0, 1, 2, 3]
     assert [a[:2] for a in announced] == [
         ("restarting", 1),

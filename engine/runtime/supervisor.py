@@ -13,19 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.exitcodes import EXIT_SUPERVISOR_GAVE_UP, START_FAILURES
 from engine.runtime.heartbeat import STOP_LINE, Beat, HeartbeatReceiver, Phase
 
 logger = logging.getLogger(__name__)
 
-START_FAILURES = {
-    2: "configuration error",
-    3: "model error",
-    4: "bridge unavailable",
-    5: "backend unavailable",
-    6: "start check failed",
-}
-"""Exit statuses of `latentstage run` that a restart cannot mend (the config must change)."""
-EXIT_GAVE_UP = 7
 POLL_S = 0.2
 
 
@@ -138,7 +130,8 @@ class Supervisor:
     by signal, ``--frames`` reached) ends the supervisor too; a start failure of the first
     child (bad config, missing model or SDK, a port in use) ends it with that status, since
     a restart cannot mend it; more than ``max_restarts`` restarts in ``window_minutes`` end
-    it with status 7. ``stop()`` (signal handlers) stops the child cleanly, then returns 0.
+    it with status 7 (``EXIT_SUPERVISOR_GAVE_UP``). ``stop()`` (signal handlers) stops the
+    child cleanly, then returns 0.
 
     Args:
         command: ``(restarts, heartbeat_port) -> argv`` of the child.
@@ -185,13 +178,13 @@ class Supervisor:
                     return status
                 if not self._budget.spend(time.monotonic()):
                     message = (
-                        f"the engine failed {self.settings.max_restarts + 1} times within "
+                        f"the engine failed again after {self.settings.max_restarts} restarts within "
                         f"{self.settings.window_minutes:g} minutes (last: {reason}); giving up. "
                         "Its log above says why; fix that and start again"
                     )
                     logger.error("%s", message)
                     self.announce("stopped", self.restarts, message)
-                    return EXIT_GAVE_UP
+                    return EXIT_SUPERVISOR_GAVE_UP
                 self.restarts += 1
                 message = (
                     f"engine {reason}; restart {self.restarts} (at most {self.settings.max_restarts} "
