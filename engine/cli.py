@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -419,19 +420,12 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
     autosaver = None
     if state_file is not None:
         autosaver = _restore_and_autosave(engine, state_file, resume=args.resume)
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        logger.info("signal %s: stopping", signal.Signals(signum).name)
-        engine.stop()
-
-    for sig in previous:
-        signal.signal(sig, request_stop)
     if link is not None:
         link.attach(engine, lambda: engine.stats.state.value)
     printer = _StatusPrinter(engine.stats, enabled=not args.quiet)
     try:
-        engine.run(max_frames=args.frames, duration=args.duration, tick=printer)
+        with _stopped_by_signals(engine.stop, "stopping"):
+            engine.run(max_frames=args.frames, duration=args.duration, tick=printer)
     finally:
         printer.finish()
         engine.close()
@@ -439,8 +433,6 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
             control.close()
         if autosaver is not None:
             autosaver.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     summary = engine.stats.snapshot()
     print(
         f"stopped: {engine.frames_emitted} frames out, {summary['frames_in']} in, "
@@ -506,14 +498,6 @@ def _run_supervisor(args: argparse.Namespace, config: Any) -> int:
         SupervisorSettings.from_config(config.supervise),
         announce,
     )
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        logger.info("signal %s: stopping the engine and the supervisor", signal.Signals(signum).name)
-        supervisor.stop()
-
-    for sig in previous:
-        signal.signal(sig, request_stop)
     print(
         f"  .. supervising: restart on a crash or a hang of {config.supervise.hang_seconds:g} s, "
         f"at most {config.supervise.max_restarts} in {config.supervise.window_minutes:g} min; "
@@ -521,9 +505,26 @@ def _run_supervisor(args: argparse.Namespace, config: Any) -> int:
         file=sys.stderr,
     )
     try:
-        return supervisor.run()
+        with _stopped_by_signals(supervisor.stop, "stopping the engine and the supervisor"):
+            return supervisor.run()
     finally:
         feedback.close()
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: Callable[[], None], doing: str) -> Iterator[None]:
+    """Inside, every stop signal (``STOP_SIGNALS``) is logged and calls ``stop``; restored after."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        logger.info("signal %s: %s", signal.Signals(signum).name, doing)
+        stop()
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -6,6 +6,7 @@ Each case is bounded and deterministic; no timing is asserted tighter than 3x it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -172,26 +173,36 @@ class ShmFeeder(threading.Thread):
         self.writer.close()
 
 
-def stalled_engine(bundle, name: str, sink: RecordingSink, on_loss: OnLossMode) -> Engine:
-    settings = PipelineSettings(width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE, prompt="x")
-    return Engine(
-        StreamPipeline(bundle, settings),
-        lambda: ShmSource(name),
-        [("rec", lambda: sink)],
-        EngineOptions(on_loss=on_loss, retry_seconds=0.2, stall_seconds=2.0),
-    )
-
-
-def test_a_silent_shm_writer_gives_black_within_three_seconds_and_resumes_at_a_new_size(bundle):
-    """The writer stays alive but stops writing: `on_loss` never applied, the output froze."""
+@contextlib.contextmanager
+def stalling(bundle, on_loss: OnLossMode, stall_seconds: float = 2.0):
+    """An engine playing from a live shm writer (``ShmFeeder``); everything stopped after."""
     name = f"ls_stall_{uuid.uuid4().hex[:8]}"
     feeder = ShmFeeder(name)
     feeder.start()
     sink = RecordingSink()
-    engine = stalled_engine(bundle, name, sink, OnLossMode.BLACK)
+    settings = PipelineSettings(width=SIZE, height=SIZE, t_index_list=[32], cfg_type=CfgType.NONE, prompt="x")
+    engine = Engine(
+        StreamPipeline(bundle, settings),
+        lambda: ShmSource(name),
+        [("rec", lambda: sink)],
+        EngineOptions(on_loss=on_loss, retry_seconds=0.2, stall_seconds=stall_seconds),
+    )
     thread = threading.Thread(target=engine.run, kwargs={"duration": 60}, daemon=True)
+    thread.start()
     try:
-        thread.start()
+        yield feeder, sink, engine
+    finally:
+        engine.stop()
+        thread.join(20)
+        engine.close()
+        feeder.stop.set()
+        feeder.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_silent_shm_writer_gives_black_within_three_seconds_and_resumes_at_a_new_size(bundle):
+    """The writer stays alive but stops writing: `on_loss` never applied, the output froze."""
+    with stalling(bundle, OnLossMode.BLACK) as (feeder, sink, engine):
         assert wait_until(lambda: len(sink.frames) >= 5, 30)
         feeder.writing.clear()
         stopped_at = feeder.last_write + 1 / 30
@@ -217,25 +228,11 @@ def test_a_silent_shm_writer_gives_black_within_three_seconds_and_resumes_at_a_n
         )
         assert wait_until(lambda: engine.stats.snapshot()["state"] == EngineState.RUNNING.value, 5)
         assert all(f.pixels.shape == (SIZE, SIZE, 4) for f in sink.frames[back:])
-    finally:
-        engine.stop()
-        thread.join(20)
-        engine.close()
-        feeder.stop.set()
-        feeder.join(5)
     print(f"stall: first black frame {delay:.2f} s after the writer stopped (target {BLACK_TARGET_S} s)")
-    assert not thread.is_alive()
 
 
 def test_hold_keeps_sending_the_last_frame_at_the_output_rate(bundle):
-    name = f"ls_hold_{uuid.uuid4().hex[:8]}"
-    feeder = ShmFeeder(name)
-    feeder.start()
-    sink = RecordingSink()
-    engine = stalled_engine(bundle, name, sink, OnLossMode.HOLD)
-    thread = threading.Thread(target=engine.run, kwargs={"duration": 60}, daemon=True)
-    try:
-        thread.start()
+    with stalling(bundle, OnLossMode.HOLD) as (feeder, sink, engine):
         assert wait_until(lambda: len(sink.frames) >= 10, 30)
         feeder.writing.clear()
         assert wait_until(lambda: engine.stats.snapshot()["state"] == EngineState.STALLED.value, 9)
@@ -246,35 +243,15 @@ def test_hold_keeps_sending_the_last_frame_at_the_output_rate(bundle):
         assert all(np.array_equal(f.pixels, held[0].pixels) for f in held), "the last frame, held"
         rate = (len(sink.frames) - held_from) / (time.monotonic() - held_at)
         assert 1.0 <= rate <= engine.options.keepalive_fps * 1.5, rate
-    finally:
-        engine.stop()
-        thread.join(20)
-        engine.close()
-        feeder.stop.set()
-        feeder.join(5)
 
 
 def test_stall_seconds_zero_never_stalls(bundle):
-    name = f"ls_nostall_{uuid.uuid4().hex[:8]}"
-    feeder = ShmFeeder(name)
-    feeder.start()
-    sink = RecordingSink()
-    engine = stalled_engine(bundle, name, sink, OnLossMode.BLACK)
-    engine.options.stall_seconds = 0.0
-    try:
-        thread = threading.Thread(target=engine.run, kwargs={"duration": 60}, daemon=True)
-        thread.start()
+    with stalling(bundle, OnLossMode.BLACK, stall_seconds=0.0) as (feeder, sink, engine):
         assert wait_until(lambda: len(sink.frames) >= 3, 30)
         feeder.writing.clear()
         time.sleep(3.0)
         assert engine.stats.snapshot()["state"] != EngineState.STALLED.value
         assert not any(not f.pixels[..., :3].any() for f in sink.frames)
-    finally:
-        engine.stop()
-        thread.join(20)
-        engine.close()
-        feeder.stop.set()
-        feeder.join(5)
 
 
 def test_engine_states_in_the_docs_are_the_engine_states():
