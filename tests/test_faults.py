@@ -348,19 +348,14 @@ def test_a_log_file_in_a_missing_folder_is_created(tmp_path):
     assert "input connected" in log.read_text()
 
 
-def _check_read_only(folder: str, queue) -> None:  # runs in a child process
-    if os.geteuid() == 0:  # root writes anywhere: check as nobody, as a show machine would
-        os.setgid(65534)
-        os.setuid(65534)
-    config = load_config(
-        None,
-        presets=["demo"],
-        overrides=[
-            "osc.enabled=false",
-            f"outputs=[{{type: record, path: '{folder}/take.mp4'}}]",
-        ],
-    )
-    queue.put([str(problem) for problem in check_start(config, state_file=f"{folder}/state/live.json")])
+def _check_read_only(config, folder: str, queue) -> None:  # runs in a forked child
+    try:
+        if os.geteuid() == 0:  # root writes anywhere: check as nobody, as a show machine would
+            os.setgid(65534)
+            os.setuid(65534)
+        queue.put([str(problem) for problem in check_start(config, state_file=f"{folder}/state/live.json")])
+    except Exception as error:  # report it to the test instead of leaving the queue empty
+        queue.put([f"the check itself failed: {error!r}"])
 
 
 @pytest.mark.skipif(sys.platform == "win32" or not hasattr(os, "geteuid"), reason="POSIX permissions")
@@ -369,10 +364,16 @@ def test_a_read_only_output_folder_stops_the_start():
 
     folder = tempfile.mkdtemp(prefix="ls-readonly-")
     os.chmod(folder, 0o555)
+    # loaded here: the checkout may sit where the unprivileged child cannot read (a 0700 temp dir)
+    config = load_config(
+        None,
+        presets=["demo"],
+        overrides=["osc.enabled=false", f"outputs=[{{type: record, path: '{folder}/take.mp4'}}]"],
+    )
     try:
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
-        child = context.Process(target=_check_read_only, args=(folder, queue))
+        child = context.Process(target=_check_read_only, args=(config, folder, queue))
         child.start()
         problems = queue.get(timeout=60)
         child.join(10)
