@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.config import SuperviseSettings
 from engine.exitcodes import EXIT_SUPERVISOR_GAVE_UP, START_FAILURES
 from engine.runtime.heartbeat import STOP_LINE, Beat, HeartbeatReceiver, Phase
 
@@ -21,14 +23,19 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.2
 
 
+def _configured(name: str) -> Any:
+    """The default of ``supervise.<name>``: the config schema holds it, nothing repeats it."""
+    return SuperviseSettings.model_fields[name].default
+
+
 @dataclass
 class SupervisorSettings:
     """How the supervisor judges and restarts the engine (``supervise`` config section)."""
 
-    hang_seconds: float = 10.0
-    startup_seconds: float = 300.0
-    max_restarts: int = 5
-    window_minutes: float = 10.0
+    hang_seconds: float = _configured("hang_seconds")
+    startup_seconds: float = _configured("startup_seconds")
+    max_restarts: int = _configured("max_restarts")
+    window_minutes: float = _configured("window_minutes")
     restart_delay_s: float = 1.0
     stop_timeout_s: float = 5.0
 
@@ -205,6 +212,16 @@ class Supervisor:
         """Until the child ends: ``(None, status)`` for a clean end, else ``(why, status)``."""
         child = self.child
         assert child is not None
+        try:
+            return self._until_it_ends(child, watch, beats)
+        finally:
+            if child.stdin is not None:  # its pipe, one per start: weeks of restarts leak none
+                with contextlib.suppress(OSError):
+                    child.stdin.close()
+
+    def _until_it_ends(
+        self, child: subprocess.Popen[bytes], watch: ChildWatch, beats: HeartbeatReceiver
+    ) -> tuple[str | None, int]:
         while True:
             if self._stop.is_set():
                 return None, self._stop_child(child)
@@ -227,7 +244,7 @@ class Supervisor:
             try:
                 assert child.stdin is not None
                 child.stdin.write(STOP_LINE + b"\n")
-                child.stdin.close()
+                child.stdin.flush()
             except (OSError, ValueError):  # it is exiting already
                 pass
             try:
