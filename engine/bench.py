@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
 
 import torch
 
+from bridges.base import Frame
+from engine import contenders
 from engine.accel.backends import Backend
+from engine.contenders import Contender, Peer
 from engine.models.bundle import ModelBundle
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.progress import Progress, report
@@ -18,15 +24,41 @@ from engine.stream.modes import CfgType, GenerationMode
 
 logger = logging.getLogger(__name__)
 
+ROUNDS = 3
+"""Timed rounds per row; contenders alternate round by round and each row is their median."""
+
+
+class BenchGroup(str, Enum):
+    """The groups of rows ``latentstage bench --groups`` can pick."""
+
+    DENOISING = "denoising"
+    GUIDANCE = "guidance"
+    FILTER = "filter"
+    BACKEND = "backend"
+    COMPARE = "compare"
+
+
+DEFAULT_GROUPS = (BenchGroup.DENOISING, BenchGroup.GUIDANCE, BenchGroup.FILTER, BenchGroup.BACKEND)
+
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One measured configuration: frames per second and milliseconds per frame."""
+    """One measured configuration.
+
+    Attributes:
+        group, name: where it is printed.
+        fps: frames per second, the median of the rounds.
+        baseline_fps: the group's baseline (its ratio is ``fps / baseline_fps``).
+        round_ms: milliseconds per frame of each round (min–max in the table).
+        key: a stable name for the JSON (``compare`` rows: latentstage, floor, diffusers ...).
+    """
 
     group: str
     name: str
     fps: float
     baseline_fps: float
+    round_ms: tuple[float, ...] = ()
+    key: str = ""
 
     @property
     def ms(self) -> float:
@@ -36,41 +68,136 @@ class BenchRow:
     def ratio(self) -> float:
         return self.fps / self.baseline_fps if self.baseline_fps > 0 else float("nan")
 
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "name": self.name,
+            "key": self.key or None,
+            "ms": round(self.ms, 3),
+            "fps": round(self.fps, 4),
+            "ratio": round(self.ratio, 4),
+            "min_ms": round(min(self.round_ms), 3) if self.round_ms else None,
+            "max_ms": round(max(self.round_ms), 3) if self.round_ms else None,
+            "round_ms": [round(ms, 3) for ms in self.round_ms],
+        }
 
-def _frames(settings: PipelineSettings, count: int, moving: bool) -> list[torch.Tensor]:
+
+@dataclass
+class Timing:
+    """Frames per second of one contender: the median of its rounds, and each round's ms/frame."""
+
+    fps: float
+    round_ms: tuple[float, ...]
+
+
+BASELINES = {
+    "diffusers": "vs diffusers",
+    "diffusers_taesd": "vs +TAESD",
+    "streamdiffusion": "vs paper",
+    "floor": "vs floor",
+}
+"""The compare rows every row is set against, by key, with their column names."""
+
+@dataclass
+class BenchReport:
+    """Everything one bench run measured.
+
+    Attributes:
+        rows: the table rows, in order.
+        summary: the headline figures (``overhead``, ``speedup_vs_diffusers`` ...), see ``compare``.
+        latency: end-to-end latency of a short engine run (``mean_ms``, ``p95_ms``, ``frames``).
+        skipped: contenders that could not run, with the reason.
+    """
+
+    rows: list[BenchRow] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """Each compare row's fps ÷ each baseline's (``BASELINES``), by their keys."""
+        compare = [row for row in self.rows if row.group == "compare"]
+        baselines = [row for row in compare if row.key in BASELINES]
+        return {row.key: {b.key: round(row.fps / b.fps, 4) for b in baselines} for row in compare}
+
+    def as_json(self, header: str, facts: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "header": header,
+            **facts,
+            "rows": [row.as_json() for row in self.rows],
+            "ratios": self.ratios(),
+            "summary": {key: round(value, 4) for key, value in self.summary.items()},
+            "latency": self.latency,
+            "skipped": self.skipped,
+        }
+
+
+def machine_facts(models: ModelBundle) -> dict[str, Any]:
+    """Where the figures come from: the processor or GPU, torch, the model and its dtype."""
+    device = models.device
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return {
+        "device": str(device),
+        "hardware": where,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": models.source,
+        "dtype": str(models.dtype).removeprefix("torch."),
+    }
+
+
+def frames_for(
+    settings: PipelineSettings, models: ModelBundle, count: int, moving: bool
+) -> list[torch.Tensor]:
+    """``count`` input frames ``(1, 3, H, W)`` in [-1, 1] on the model's device and dtype.
+
+    Moving frames scroll a fixed random picture by 4 pixels a frame; static ones repeat it.
+    """
     g = torch.Generator().manual_seed(0)
     base = torch.rand((1, 3, settings.height, settings.width), generator=g) * 2 - 1
+    base = base.to(models.device, models.dtype)
     if not moving:
         return [base] * count
     return [torch.roll(base, shifts=4 * k, dims=3) for k in range(count)]
 
 
-def _side_by_side(
+def side_by_side(
     steps: Sequence[Callable[[torch.Tensor], object]],
     frames: Sequence[torch.Tensor],
     warmup: int,
-    rounds: int = 3,
-) -> list[float]:
-    """Frames per second of each step, measured in alternating rounds (median of ``rounds``).
+    rounds: int = ROUNDS,
+    per_step: Sequence[Sequence[torch.Tensor]] | None = None,
+) -> list[Timing]:
+    """Time each step in alternating rounds (A, B, A, B ...); each gets the median of its rounds.
 
-    Alternating A, B, A, B ... keeps slow drifts of the machine (clocks, other processes) from
-    favouring whichever configuration happened to run first.
+    Alternating keeps slow drifts of the machine (clocks, other processes) from favouring
+    whichever configuration happened to run first. Every step gets ``frames``, unless
+    ``per_step`` gives each its own list (the same pictures in each step's own range).
     """
-    for step in steps:
-        for frame in frames[:warmup]:
+    per_step = per_step or [frames] * len(steps)
+    for step, inputs in zip(steps, per_step, strict=True):
+        for frame in inputs[:warmup]:
             step(frame)
-    timed = frames[warmup:]
     results: list[list[float]] = [[] for _ in steps]
+    device = per_step[0][0].device
     for _ in range(rounds):
         for index, step in enumerate(steps):
-            _sync(frames[0].device)
+            timed = per_step[index][warmup:]
+            _sync(device)
             start = time.perf_counter()
             for frame in timed:
                 step(frame)
-            _sync(frames[0].device)
+            _sync(device)
             elapsed = time.perf_counter() - start
-            results[index].append(len(timed) / elapsed if elapsed > 0 else float("inf"))
-    return [statistics.median(values) for values in results]
+            results[index].append(1000.0 * elapsed / len(timed))
+    medians = [statistics.median(values) for values in results]
+    return [
+        Timing(1000.0 / median if median > 0 else float("inf"), tuple(values))
+        for median, values in zip(medians, results)
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -88,14 +215,31 @@ def _sequential_step(pipe: StreamPipeline) -> Callable[[torch.Tensor], object]:
         s = b.schedule
         x = b.noised_input(pipe.vae_runner.encode(frame.to(pipe.device, pipe.dtype)))
         x0 = x
+        _, _, embeddings = pipe.unet_inputs()
         for i in range(b.n):
-            eps = pipe.unet_runner(x, s.timesteps[i : i + 1], pipe._positive)
+            eps = pipe.unet_runner(x, s.timesteps[i : i + 1], embeddings[i : i + 1])
             x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
             if i < b.n - 1:
                 x = s.alpha[i + 1] * x0 + s.beta[i + 1] * b.noise[i + 1 : i + 2]
         return pipe.vae_runner.decode(x0)
 
     return step
+
+
+@dataclass
+class CompareRequest:
+    """What ``--compare`` asked for, and the other VAE diffusers' rows need.
+
+    Attributes:
+        peers: the tools to run beside latentstage.
+        other_vae: a callable giving the VAE the engine is *not* configured with (the full VAE
+            when it runs TAESD, TAESD when it runs the full VAE); called only when needed.
+        latency_frames: frames of the short engine run that measures end-to-end latency.
+    """
+
+    peers: Sequence[Peer]
+    other_vae: Callable[[], Any]
+    latency_frames: int = 10
 
 
 def run_bench(
@@ -106,63 +250,239 @@ def run_bench(
     steps: Sequence[int] = (1, 2, 4),
     progress: Progress | None = None,
     backends: Sequence[Backend] = (),
-) -> list[BenchRow]:
-    """Measure stream batch vs sequential, the cfg modes, the similarity filter and backends.
+    groups: Sequence[BenchGroup] = DEFAULT_GROUPS,
+    compare: CompareRequest | None = None,
+    rounds: int = ROUNDS,
+) -> BenchReport:
+    """Measure the chosen groups of rows.
 
-    ``backends`` (e.g. ONNX Runtime) are compared with torch eager on the configured settings.
+    ``denoising``: stream batch vs sequential; ``guidance``: the cfg modes; ``filter``: the
+    similarity filter on a static input; ``backend``: ``backends`` (e.g. ONNX Runtime) vs
+    torch eager; ``compare``: latentstage beside the floor and the peers of ``compare``.
     """
     settings = replace(settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False)
-    moving = _frames(settings, frames + warmup, moving=True)
-    static = _frames(settings, frames + warmup, moving=False)
-    rows: list[BenchRow] = []
+    moving = frames_for(settings, models, frames + warmup, moving=True)
+    bench = BenchReport()
+    rows = bench.rows
 
     def say(text: str) -> None:
         report(logger, progress, text)
 
+    def add(group: str, name: str, timing: Timing, baseline: Timing, key: str = "") -> None:
+        rows.append(BenchRow(group, name, timing.fps, baseline.fps, timing.round_ms, key))
+
     # 1. stream batch (one UNet call of batch n) vs n sequential calls of batch 1
-    for n in steps:
-        t_index_list = [round(i * 45 / max(n - 1, 1)) for i in range(n)] if n > 1 else [45]
-        pipe = StreamPipeline(models, replace(settings, t_index_list=t_index_list, cfg_type=CfgType.NONE))
-        say(f"stream batch vs sequential, n={n}")
-        sequential, batched = _side_by_side([_sequential_step(pipe), pipe], moving, warmup)
-        rows.append(BenchRow("denoising", f"sequential n={n}", sequential, sequential))
-        rows.append(BenchRow("denoising", f"stream batch n={n}", batched, sequential))
+    if BenchGroup.DENOISING in groups:
+        for n in steps:
+            t_index_list = [round(i * 45 / max(n - 1, 1)) for i in range(n)] if n > 1 else [45]
+            pipe = StreamPipeline(models, replace(settings, t_index_list=t_index_list, cfg_type=CfgType.NONE))
+            say(f"stream batch vs sequential, n={n}")
+            sequential, batched = side_by_side([_sequential_step(pipe), pipe], moving, warmup, rounds)
+            add("denoising", f"sequential n={n}", sequential, sequential)
+            add("denoising", f"stream batch n={n}", batched, sequential)
 
     # 2. guidance modes at the configured t_index_list, gamma > 1
-    modes = (CfgType.FULL, CfgType.ONETIME, CfgType.SELF, CfgType.NONE)
-    pipes = [StreamPipeline(models, replace(settings, cfg_type=cfg, guidance_scale=1.4)) for cfg in modes]
-    say("cfg full, onetime, self, none")
-    rates = _side_by_side(pipes, moving, warmup)
-    for cfg, pipe, fps in zip(modes, pipes, rates):
-        rows.append(BenchRow("guidance", f"cfg {cfg.value} (batch {pipe.unet_batch_size})", fps, rates[0]))
+    if BenchGroup.GUIDANCE in groups:
+        modes = (CfgType.FULL, CfgType.ONETIME, CfgType.SELF, CfgType.NONE)
+        pipes = [StreamPipeline(models, replace(settings, cfg_type=cfg, guidance_scale=1.4)) for cfg in modes]
+        say("cfg full, onetime, self, none")
+        rates = side_by_side(pipes, moving, warmup, rounds)
+        for cfg, pipe, timing in zip(modes, pipes, rates):
+            add("guidance", f"cfg {cfg.value} (batch {pipe.unet_batch_size})", timing, rates[0])
 
     # 3. similarity filter on a static input
-    filtered = [
-        StreamPipeline(
-            models, replace(settings, similarity_filter_enabled=on, similarity_filter_threshold=0.98)
-        )
-        for on in (False, True)
-    ]
-    say("similarity filter off / on, static input")
-    off, on = _side_by_side(filtered, static, warmup)
-    rows.append(BenchRow("similarity filter", "static input, filter off", off, off))
-    rows.append(BenchRow("similarity filter", "static input, filter on", on, off))
+    if BenchGroup.FILTER in groups:
+        static = frames_for(settings, models, frames + warmup, moving=False)
+        filtered = [
+            StreamPipeline(
+                models, replace(settings, similarity_filter_enabled=on, similarity_filter_threshold=0.98)
+            )
+            for on in (False, True)
+        ]
+        say("similarity filter off / on, static input")
+        off, on = side_by_side(filtered, static, warmup, rounds)
+        add("similarity filter", "static input, filter off", off, off)
+        add("similarity filter", "static input, filter on", on, off)
 
     # 4. backends side by side on the configured settings
-    if backends:
+    if BenchGroup.BACKEND in groups and backends:
         say("backends: torch eager, " + ", ".join(b.describe() for b in backends))
         pipes = [StreamPipeline(models, settings)]
         pipes += [StreamPipeline(models, settings, backend=backend) for backend in backends]
-        rates = _side_by_side(pipes, moving, warmup)
-        names = ["torch eager", *(backend.describe()[:28] for backend in backends)]
-        rows += [BenchRow("backend", name, fps, rates[0]) for name, fps in zip(names, rates)]
-    return rows
+        rates = side_by_side(pipes, moving, warmup, rounds)
+        names = ["torch eager", *(backend.describe()[:40] for backend in backends)]
+        for name, timing in zip(names, rates):
+            add("backend", name, timing, rates[0])
+
+    # 5. latentstage beside the floor and the tools users would pick instead
+    if BenchGroup.COMPARE in groups:
+        request = compare or CompareRequest((), lambda: None)
+        _compare(models, settings, moving, warmup, rounds, request, bench, say)
+    return bench
+
+
+def _compare(
+    models: ModelBundle,
+    settings: PipelineSettings,
+    moving: list[torch.Tensor],
+    warmup: int,
+    rounds: int,
+    request: CompareRequest,
+    bench: BenchReport,
+    say: Callable[[str], None],
+) -> None:
+    """The ``compare`` rows: every contender interleaved round by round, then their ratios."""
+    loaded: list[Any] = []
+
+    def other_vae() -> Any:
+        if not loaded:
+            loaded.append(request.other_vae())
+        return loaded[0]
+
+    pipe = StreamPipeline(models, settings)
+    entries: list[Contender] = [contenders.latentstage(pipe), contenders.floor(pipe)]
+    if Peer.DIFFUSERS in request.peers:
+        say("preparing diffusers img2img (full VAE and TAESD)")
+        other = other_vae()
+        taesd_is_configured = models.vae_scaling_factor == 1.0
+        full_vae, taesd = (other, models.vae) if taesd_is_configured else (models.vae, other)
+        timesteps = [int(t) for t in pipe.batch.schedule.timesteps.tolist()]
+        entries.append(
+            contenders.diffusers_img2img(
+                models, full_vae, settings, timesteps, "diffusers", "diffusers img2img (defaults)"
+            )
+        )
+        entries.append(
+            contenders.diffusers_img2img(
+                models, taesd, settings, timesteps, "diffusers_taesd", "diffusers img2img + TAESD"
+            )
+        )
+    if Peer.STREAMDIFFUSION in request.peers:
+        reason = contenders.streamdiffusion_unavailable()
+        if reason is not None:
+            bench.skipped["streamdiffusion"] = reason
+            say(f"skipped the paper's code: {reason}")
+        else:
+            say("preparing the paper's code (streamdiffusion)")
+            full_vae = models.vae if models.vae_scaling_factor != 1.0 else other_vae()
+            entries.append(contenders.streamdiffusion(models, settings, full_vae))
+    unit = [frame * 0.5 + 0.5 for frame in moving]
+    say("compare: " + ", ".join(entry.label for entry in entries))
+    inputs = [unit if entry.unit_range else moving for entry in entries]
+    timings = side_by_side([entry.step for entry in entries], moving, warmup, rounds, per_step=inputs)
+    by_key = dict(zip((entry.key for entry in entries), timings))
+    baseline = by_key.get("diffusers", by_key["floor"])
+    for entry, timing in zip(entries, timings):
+        row = BenchRow("compare", entry.label, timing.fps, baseline.fps, timing.round_ms, entry.key)
+        bench.rows.append(row)
+    ours = by_key["latentstage"]
+    bench.summary["overhead"] = by_key["floor"].fps / ours.fps  # frame time ÷ floor time
+    for key, name in (
+        ("diffusers", "speedup_vs_diffusers"),
+        ("diffusers_taesd", "speedup_vs_diffusers_taesd"),
+    ):
+        if key in by_key:
+            bench.summary[name] = ours.fps / by_key[key].fps
+    if "streamdiffusion" in by_key:
+        bench.summary["time_vs_streamdiffusion"] = by_key["streamdiffusion"].fps / ours.fps
+    if request.latency_frames > 0:
+        say(f"end-to-end latency: an engine run of {request.latency_frames} frames")
+        bench.latency = measure_latency(models, settings, request.latency_frames)
+
+
+class _CountingSink:
+    """A sink that only counts: the latency run measures up to ``send``."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def send(self, frame: Frame) -> None:
+        self.frames += 1
+
+    def close(self) -> None:
+        pass
+
+
+def measure_latency(models: ModelBundle, settings: PipelineSettings, frames: int) -> dict[str, float]:
+    """End-to-end latency of a short engine run: pattern source timestamp → the sink's ``send``.
+
+    The whole runtime runs (source thread, newest-frame slot, the pipeline, post-processing to
+    uint8 RGBA, the sink thread) with a 30 fps pattern source at the bench's size.
+
+    Returns:
+        ``mean_ms``, ``median_ms``, ``max_ms`` over the frames that reached the sink, their
+        number (``frames``) and the rate they arrived at (``fps``).
+    """
+    from bridges.base import open_source
+    from engine.runtime.engine import Engine, EngineOptions
+
+    pipe = StreamPipeline(models, settings)
+    sink = _CountingSink()
+
+    def source() -> Any:
+        return open_source("pattern", fps=30.0, width=settings.width, height=settings.height)
+
+    with Engine(pipe, source, [("bench", lambda: sink)], EngineOptions(stall_seconds=0.0)) as engine:
+        started = time.monotonic()
+        engine.run(max_frames=frames)
+        elapsed = time.monotonic() - started
+        latencies = engine.stats.latencies_ms()
+    if not latencies:
+        return {"frames": 0.0}
+    return {
+        "mean_ms": round(statistics.fmean(latencies), 1),
+        "median_ms": round(statistics.median(latencies), 1),
+        "max_ms": round(max(latencies), 1),
+        "fps": round(sink.frames / elapsed, 3) if elapsed > 0 else 0.0,
+        "frames": float(len(latencies)),
+    }
 
 
 def format_rows(rows: Sequence[BenchRow], header: str) -> str:
-    """A table: group, configuration, fps, ms/frame, ratio to the group's baseline."""
-    lines = [header, f"{'group':<18} {'configuration':<28} {'fps':>8} {'ms/frame':>9} {'ratio':>7}"]
-    lines.append("-" * len(lines[1]))
+    """A table: group, configuration, fps, ms/frame, min–max of the rounds, ratio to the group's baseline."""
+    title = f"{'group':<18} {'configuration':<40} {'fps':>8} {'ms/frame':>10} {'min-max ms':>19} {'ratio':>7}"
+    lines = [header, title, "-" * len(title)]
     for row in rows:
-        lines.append(f"{row.group:<18} {row.name:<28} {row.fps:>8.2f} {row.ms:>9.2f} {row.ratio:>6.2f}x")
+        spread = f"{min(row.round_ms):.1f}-{max(row.round_ms):.1f}" if row.round_ms else ""
+        lines.append(
+            f"{row.group:<18} {row.name:<40} {row.fps:>8.2f} {row.ms:>10.1f} {spread:>19} {row.ratio:>6.2f}x"
+        )
+    return "\n".join(lines)
+
+
+SUMMARY_LINES = {
+    "overhead": ("overhead: latentstage frame time ÷ floor", "x (target <= 1.02)"),
+    "speedup_vs_diffusers": (
+        "latentstage speed-up over diffusers img2img defaults",
+        "x (target >= 3.5 at 512²)",
+    ),
+    "speedup_vs_diffusers_taesd": ("latentstage speed-up over diffusers img2img + TAESD", "x"),
+    "time_vs_streamdiffusion": ("latentstage frame time ÷ the paper's code's", "x (target <= 1.0)"),
+}
+
+
+def format_report(bench: BenchReport, header: str) -> str:
+    """The table, then the compare figures, the latency and what was skipped (one line each)."""
+    lines = [format_rows(bench.rows, header)]
+    compare = [row for row in bench.rows if row.group == "compare"]
+    baselines = [row for row in compare if row.key in BASELINES]
+    if baselines:
+        lines.append("")
+        lines.append("compare: each row's speed relative to each baseline (row fps ÷ baseline fps)")
+        lines.append(f"  {'configuration':<40}" + "".join(f"{BASELINES[b.key]:>14}" for b in baselines))
+        for row in compare:
+            ratios = "".join(f"{row.fps / b.fps:>13.2f}x" for b in baselines)
+            lines.append(f"  {row.name:<40}{ratios}")
+    for key, value in bench.summary.items():
+        label, unit = SUMMARY_LINES[key]
+        lines.append(f"{label}: {value:.3f}{unit}")
+    if bench.latency.get("frames"):
+        lat = bench.latency
+        lines.append(
+            f"end-to-end latency (pattern source → sink, {int(lat['frames'])} frames): mean "
+            f"{lat['mean_ms']:.1f} ms, median {lat['median_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+            f"({lat['fps']:.2f} fps)"
+        )
+    for name, reason in bench.skipped.items():
+        lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -11,8 +11,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import params
 from engine.exitcodes import (
@@ -83,7 +84,35 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(bench_cmd)
     bench_cmd.add_argument("--frames", type=int, default=30, help="timed frames per row")
     bench_cmd.add_argument("--warmup", type=int, default=5, help="untimed frames per row")
+    bench_cmd.add_argument(
+        "--rounds", type=int, default=3, help="timed rounds per row (rows alternate; each is the median)"
+    )
     bench_cmd.add_argument("--steps", default="1,2,4", help="stream sizes n to compare, e.g. 1,2,4")
+    bench_cmd.add_argument(
+        "--compare",
+        default="",
+        metavar="PEERS",
+        help="add the compare rows with these peers beside the floor: diffusers, streamdiffusion "
+        "(comma-separated; the paper's code runs when installed: "
+        "pip install --no-deps streamdiffusion==0.1.1)",
+    )
+    bench_cmd.add_argument(
+        "--groups",
+        default=None,
+        metavar="GROUPS",
+        help="row groups to run: denoising, guidance, filter, backend, compare "
+        "(default: all of the first four, and compare with --compare)",
+    )
+    bench_cmd.add_argument(
+        "--latency-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="frames of the engine run that measures end-to-end latency (compare; default: --frames, >= 3)",
+    )
+    bench_cmd.add_argument(
+        "--json", default=None, metavar="FILE", help="also write every figure to FILE as JSON"
+    )
 
     run_cmd = sub.add_parser("run", help="run the engine: input -> StreamDiffusion -> outputs")
     _add_config_arguments(run_cmd)
@@ -153,10 +182,37 @@ def _status(line: str) -> None:
     print(f"  .. {line}", file=sys.stderr, flush=True)
 
 
+_E = TypeVar("_E", bound=Enum)
+
+
+def _enum_list(text: str, kind: type[_E], option: str) -> list[_E] | None:
+    """Comma-separated enum values, or None after printing the bad one and what is allowed."""
+    chosen = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            chosen.append(kind(part))
+        except ValueError:
+            allowed = ", ".join(str(member.value) for member in kind)
+            print(f"latentstage: {option} {part!r}: allowed: {allowed}", file=sys.stderr)
+            return None
+    return chosen
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from engine.accel.backends import AccelSettings, BackendKind, create_backend, unavailable_reason
     from engine.accel.base import VaeShape
-    from engine.bench import format_rows, run_bench
+    from engine.bench import (
+        DEFAULT_GROUPS,
+        BenchGroup,
+        CompareRequest,
+        format_report,
+        machine_facts,
+        run_bench,
+    )
+    from engine.contenders import Peer
+    from engine.models.loader import ModelRequest, load_vae
     from engine.pipeline import PipelineSettings
 
     config = _load_config_or_report(args)
@@ -167,26 +223,71 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"latentstage: --steps {args.steps!r}: allowed: integers like 1,2,4", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    if args.frames < 1 or args.warmup < 0 or not steps or min(steps) < 1 or max(steps) > 8:
-        print("latentstage: --frames >= 1, --warmup >= 0, --steps in 1..8", file=sys.stderr)
+    if args.frames < 1 or args.warmup < 0 or args.rounds < 1 or not steps or min(steps) < 1 or max(steps) > 8:
+        print("latentstage: --frames >= 1, --warmup >= 0, --rounds >= 1, --steps in 1..8", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    peers = _enum_list(args.compare, Peer, "--compare")
+    groups = _enum_list(args.groups or "", BenchGroup, "--groups")
+    if peers is None or groups is None:
+        return EXIT_CONFIG_ERROR
+    if args.groups is not None and not groups:
+        print(f"latentstage: --groups {args.groups!r} names no group", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if not groups:
+        groups = [*DEFAULT_GROUPS, BenchGroup.COMPARE] if peers else list(DEFAULT_GROUPS)
+    latency_frames = args.latency_frames if args.latency_frames is not None else max(3, args.frames)
+    if latency_frames < 0:
+        print(f"latentstage: --latency-frames {latency_frames}: allowed: 0 (off) or more", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     models = _load_models_or_report(config)
     if models is None:
         return EXIT_MODEL_ERROR
     settings = PipelineSettings.from_config(config)
     extra = []
-    if unavailable_reason(BackendKind.ONNXRUNTIME) is None:
+    if BenchGroup.BACKEND in groups and unavailable_reason(BackendKind.ONNXRUNTIME) is None:
         vae_shape = VaeShape(settings.height, settings.width, models.latent_channels, models.vae_scale_factor)
         accel = AccelSettings.from_config(config.acceleration)
         accel.backend = BackendKind.ONNXRUNTIME
         extra.append(create_backend(models, vae_shape, accel))
-    rows = run_bench(models, settings, args.frames, args.warmup, steps, progress=_status, backends=extra)
+    request = ModelRequest.from_config(config.model)
+    other_kind = "full" if request.vae == "taesd" else "taesd"
+    compare = CompareRequest(
+        peers, lambda: load_vae(request, other_kind, models.device, models.dtype), latency_frames
+    )
+    bench = run_bench(
+        models,
+        settings,
+        args.frames,
+        args.warmup,
+        steps,
+        _status,
+        extra,
+        groups=groups,
+        compare=compare,
+        rounds=args.rounds,
+    )
     header = (
         f"latentstage bench: {config.model.id} on {models.device} ({str(models.dtype)[6:]}), "
         f"{settings.width}x{settings.height}, t_index_list={settings.t_index_list}, "
-        f"{args.frames} frames per row"
+        f"cfg {settings.cfg_type.value}, {args.frames} frames x {args.rounds} rounds per row"
     )
-    print(format_rows(rows, header))
+    print(format_report(bench, header))
+    if args.json:
+        facts = machine_facts(models)
+        facts["settings"] = {
+            "width": settings.width,
+            "height": settings.height,
+            "t_index_list": list(settings.t_index_list),
+            "cfg_type": settings.cfg_type.value,
+            "guidance_scale": settings.guidance_scale,
+            "frames": args.frames,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+        }
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(bench.as_json(header, facts), handle, indent=2)
+            handle.write("\n")
+        print(f"wrote {args.json}")
     return EXIT_OK
 
 

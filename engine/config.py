@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from engine.models.sources import BUILTIN_NAMES, BUILTIN_PREFIX
 from engine.params import MAX_PROMPT_CHARS, MAX_SEED, MAX_T_INDEX_ITEMS
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
 
@@ -89,7 +90,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILENAME = "config.yaml"
 PRESETS_DIRNAME = "presets"
 PRESET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-BUILTIN_MODELS = ("tiny",)
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FEEDBACK_RE = re.compile(r"^(?:\[(?P<v6>[^\]\s]+)\]|(?P<host>[^:\s\[\]]+)):(?P<port>[0-9]{1,5})$")
@@ -206,10 +206,10 @@ class LogLevel(str, Enum):
 def _check_model_id(value: str) -> str:
     if not value.strip():
         raise _Problem("is empty", _MODEL_ID_ALLOWED)
-    if value.startswith("builtin:"):
-        name = value[len("builtin:") :]
-        if name not in BUILTIN_MODELS:
-            builtins = " | ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+    if value.startswith(BUILTIN_PREFIX):
+        name = value[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_NAMES:
+            builtins = " | ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
             raise _Problem("is not a built-in model", builtins)
     return value
 
@@ -246,7 +246,7 @@ def _is_loopback(host: str) -> bool:
 
 
 _MODEL_ID_ALLOWED = (
-    "a hub id (org/name), a local folder, a .safetensors/.ckpt file, or builtin:tiny"
+    "a hub id (org/name), a local folder, a .safetensors/.ckpt file, or builtin:tiny / builtin:sd-turbo-shape"
 )
 
 ModelId = Annotated[StrictStr, _Allowed(_MODEL_ID_ALLOWED), AfterValidator(_check_model_id)]
@@ -426,7 +426,10 @@ class AccelerationSettings(_Section):
         min_length=1,
         description="ONNX Runtime providers in order of preference",
     )
-    cuda_graph: StrictBool = Field(default=False, description="capture the step in a CUDA graph")
+    cuda_graph: StrictBool = Field(
+        default=False,
+        description="replay the UNet as CUDA graphs (TensorRT, or torch.compile reduce-overhead); CUDA only",
+    )
     refittable: StrictBool = Field(default=False, description="build refittable TensorRT engines")
 
 

@@ -461,6 +461,14 @@ class StreamPipeline:
         positive, negative = self._prompt_embeddings(new_state)
         return positive, negative, layout_embeddings(cfg_type, n, positive, negative)
 
+    def unet_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The latents, timesteps and prompt embeddings of one UNet call of the stream batch now.
+
+        Shapes ``(B, C, h, w)``, ``(B,)``, ``(B, 77, D)`` with B = ``unet_batch_size``.
+        """
+        latents, timesteps = self.batch.unet_inputs()
+        return latents, timesteps, self._embeddings
+
     def t_index_list_for_strength(self, strength: Any, n: int) -> list[int]:
         """The t_index_list of ``n`` slots that ``/strength`` means (``ParamError`` if refused)."""
         value = params.get("strength").coerce(strength)

@@ -190,3 +190,35 @@ def test_build_command_prebuilds_every_size_a_show_switches_to(tmp_path, capsys)
         assert sum(size in line for line in ready) == 3, size
     assert main([*base, "--size", "100x64"]) == 2
     assert "--size resolution: 100 is not a multiple of 8" in capsys.readouterr().err
+
+
+def test_torch_backend_compiles_and_ignores_cuda_graphs_off_cuda(caplog):
+    from engine.accel.backends import TorchBackend
+
+    models = load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
+    with caplog.at_level(logging.WARNING, logger="engine.accel.backends"):
+        graphs = TorchBackend(models, cuda_graph=True)
+    assert graphs.describe() == "torch (eager)"
+    assert "acceleration.cuda_graph needs CUDA" in caplog.text
+    compiled = TorchBackend(models, compile_unet=True, compile_backend="aot_eager")
+    assert compiled.describe() == "torch (compile)"
+    settings = PipelineSettings(width=64, height=64, t_index_list=[32, 45], prompt="x")
+    frame = torch.rand(1, 3, 64, 64) * 2 - 1
+    eager_pipe = StreamPipeline(models, settings)
+    compiled_pipe = StreamPipeline(models, settings, backend=compiled)
+    outputs = [(eager_pipe(frame), compiled_pipe(frame)) for _ in range(3)][-1]
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_a_graph_replaying_unet_hands_back_a_copy():
+    """CUDA graph replays overwrite their output buffer on the next replay: the runner copies."""
+    buffer = torch.randn(2, 4, 8, 8)
+
+    def replay(latents, timesteps, encoder_hidden_states, return_dict):
+        return (buffer,)
+
+    plain, replaying = TorchUNet(replay), TorchUNet(replay, replays_graphs=True)
+    inputs = (torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, 77, 32))
+    assert plain(*inputs) is buffer
+    copy = replaying(*inputs)
+    assert torch.equal(copy, buffer) and copy.data_ptr() != buffer.data_ptr()

@@ -18,9 +18,9 @@ from engine.accel.backends import AccelSettings, BackendKind, OnnxRuntimeBackend
 from engine.accel.base import VaeShape
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.control.dispatch import osc_args
+from engine.models.builtin import build_tiny_models
 from engine.models.loader import ModelRequest, load_models
 from engine.models.lora import rescale_loras, touched_parameters
-from engine.models.tiny import build_tiny_models
 from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.modes import CfgType

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,17 +20,21 @@ from diffusers import (
     DDPMScheduler,
     LCMScheduler,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel
 
+from engine.models.builtin import BUILTIN_SPECS, build_tiny_models
 from engine.models.device import resolve_device, resolve_dtype
 from engine.models.errors import ModelLoadError
-from engine.models.loader import ModelRequest, SourceKind, classify_source, load_models
+from engine.models.loader import ModelRequest, SourceKind, classify_source, load_models, load_vae
 from engine.models.scheduler import alphas_cumprod_from_config
-from engine.models.tiny import TEXT_CONFIG, build_tiny_models, load_tiny_tokenizer
+from engine.models.sources import BUILTIN_NAMES
+from engine.models.tiny import TEXT_CONFIG, load_tiny_tokenizer
 from engine.stream.modes import PredictionType
 
 Q_WEIGHT = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
@@ -546,3 +551,53 @@ def test_request_from_config_section() -> None:
     assert isinstance(
         load_models(SimpleNamespace(id="builtin:tiny", device="cpu")).vae, AutoencoderTiny
     )
+
+
+# ---------------------------------------------------------------- builtin:sd-turbo-shape
+
+
+def test_sd_turbo_shape_has_sd_turbo_architecture() -> None:
+    """Parameter counts of stabilityai/sd-turbo's parts (SD 2.1-base UNet, OpenCLIP ViT-H text
+    tower with 23 layers, SD VAE, TAESD), built on the meta device (nothing allocated)."""
+    spec = BUILTIN_SPECS["sd-turbo-shape"]
+    factories = {
+        "unet": lambda: UNet2DConditionModel(**spec.unet),
+        "vae": lambda: AutoencoderKL(**spec.vae),
+        "taesd": lambda: AutoencoderTiny(**spec.taesd),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**spec.text)),
+    }
+    with torch.device("meta"):
+        modules = {name: factory() for name, factory in factories.items()}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    assert counts == {
+        "unet": 865_910_724,
+        "vae": 83_653_863,
+        "taesd": 2_445_063,
+        "text_encoder": 340_387_840,
+    }
+    unet = modules["unet"].config
+    assert (unet.cross_attention_dim, unet.sample_size, unet.use_linear_projection) == (1024, 64, True)
+    assert tuple(unet.attention_head_dim) == (5, 10, 20, 20)
+    # the tiny tokenizer's ids index the real-size embedding table
+    assert len(load_tiny_tokenizer()) <= spec.text["vocab_size"]
+
+
+def test_sd_turbo_shape_is_a_known_builtin_everywhere() -> None:
+    from engine.config import ConfigError, load_config
+
+    assert classify_source("builtin:sd-turbo-shape") is SourceKind.BUILTIN
+    config = load_config(None, overrides=["model.id=builtin:sd-turbo-shape"])
+    assert config.model.id == "builtin:sd-turbo-shape"
+    with pytest.raises(ConfigError, match=re.escape("builtin:tiny | builtin:sd-turbo-shape")):
+        load_config(None, overrides=["model.id=builtin:sd-turbo"])
+    assert tuple(BUILTIN_SPECS) == BUILTIN_NAMES
+
+
+@pytest.mark.parametrize("vae", ["taesd", "full"])
+def test_load_vae_gives_the_builtin_vae_load_models_would(vae: str) -> None:
+    alone = load_vae(_cpu("builtin:tiny"), vae, torch.device("cpu"), torch.float32)
+    bundle = load_models(_cpu("builtin:tiny", vae=vae))
+    assert type(alone) is type(bundle.vae)
+    assert _same_weights(alone, bundle.vae)
+    with pytest.raises(ModelLoadError, match="unknown vae 'big'"):
+        load_vae(_cpu("builtin:tiny"), "big", torch.device("cpu"), torch.float32)

@@ -96,16 +96,34 @@ class AccelSettings:
 
 
 class TorchBackend:
-    """Eager PyTorch (optionally ``torch.compile``): one runner serves every shape."""
+    """Eager PyTorch, optionally ``torch.compile``, optionally replaying CUDA graphs.
+
+    ``compile_unet`` compiles the UNet (inductor, static shapes: a new batch or size compiles
+    again on its first frame). ``cuda_graph`` on a CUDA device compiles with
+    ``mode="reduce-overhead"``, which records each shape's UNet call into a CUDA graph and
+    replays it; off CUDA it is ignored with one warning. ``compile_backend`` is torch.compile's
+    backend (``inductor``; ``aot_eager`` traces without generating code, for quick checks).
+    """
 
     name = "torch"
 
-    def __init__(self, models: ModelBundle, compile_unet: bool = False) -> None:
+    def __init__(
+        self,
+        models: ModelBundle,
+        compile_unet: bool = False,
+        cuda_graph: bool = False,
+        compile_backend: str = "inductor",
+    ) -> None:
         unet = models.unet
-        if compile_unet:
-            logger.info("compiling the UNet with torch.compile (first frames are slow)")
-            unet = torch.compile(unet)
-        self._unet = TorchUNet(unet)
+        if cuda_graph and models.device.type != "cuda":
+            logger.warning("acceleration.cuda_graph needs CUDA; the UNet on %s runs without", models.device)
+            cuda_graph = False
+        self.mode = "cuda graphs" if cuda_graph else "compile" if compile_unet else "eager"
+        if cuda_graph or compile_unet:
+            logger.info("compiling the UNet with torch.compile (%s; first frames are slow)", self.mode)
+            mode = "reduce-overhead" if cuda_graph else None
+            unet = torch.compile(unet, mode=mode, dynamic=False, backend=compile_backend)
+        self._unet = TorchUNet(unet, replays_graphs=cuda_graph)
         self._vae = TorchVae(models.vae, models.vae_scaling_factor)
 
     def unet_for(self, shape: UNetShape) -> UNetRunner:
@@ -124,7 +142,7 @@ class TorchBackend:
         return None  # one module serves every shape
 
     def describe(self) -> str:
-        return "torch (eager)"
+        return f"torch ({self.mode})"
 
     def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
         return "torch"  # the runner calls the UNet module, whose weights change in place
@@ -496,9 +514,9 @@ def create_backend(models: ModelBundle, vae_shape: VaeShape, settings: AccelSett
         if message not in _warned:
             _warned.add(message)
             logger.warning("%s", message)
-        return TorchBackend(models, settings.compile)
+        return TorchBackend(models, settings.compile, settings.cuda_graph)
     if settings.backend is BackendKind.TORCH:
-        return TorchBackend(models, settings.compile)
+        return TorchBackend(models, settings.compile, settings.cuda_graph)
     if settings.backend is BackendKind.ONNXRUNTIME:
         return OnnxRuntimeBackend(models, vae_shape, settings)
     return TensorRTBackend(models, vae_shape, settings)

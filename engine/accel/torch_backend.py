@@ -8,16 +8,26 @@ import torch
 
 
 class TorchUNet:
-    """``UNetRunner`` over a diffusers ``UNet2DConditionModel``."""
+    """``UNetRunner`` over a diffusers ``UNet2DConditionModel`` (or its ``torch.compile`` wrapper).
 
-    def __init__(self, unet: Any) -> None:
+    ``replays_graphs``: the module is compiled with ``mode="reduce-overhead"`` and replays CUDA
+    graphs, whose output buffers the next replay overwrites; each call then marks a new step
+    and hands back a copy (``(B, 4, h, w)``, a few hundred KB), so the stream batch may keep it.
+    """
+
+    def __init__(self, unet: Any, replays_graphs: bool = False) -> None:
         self.unet = unet
+        self.replays_graphs = replays_graphs
 
     @torch.inference_mode()
     def __call__(
         self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
-        return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        if not self.replays_graphs:
+            return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        return out.clone()
 
 
 class TorchVae:

@@ -32,7 +32,7 @@ def vae_scale_factor_of(vae: Any) -> int:
     return int(2 ** (len(config.block_out_channels) - 1))
 
 
-def _prepare(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+def prepare_module(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """``module`` on ``device`` in ``dtype``, in eval mode, without gradients."""
     if getattr(module, "dtype", None) == dtype:
         module.to(device=device)
@@ -76,9 +76,9 @@ def assemble_bundle(
     """
     _fit_tokenizer(tokenizer, text_encoder)
     return ModelBundle(
-        unet=_prepare(unet, device, dtype),
-        vae=_prepare(vae, device, dtype),
-        text_encoder=_prepare(text_encoder, device, dtype),
+        unet=prepare_module(unet, device, dtype),
+        vae=prepare_module(vae, device, dtype),
+        text_encoder=prepare_module(text_encoder, device, dtype),
         tokenizer=tokenizer,
         alphas_cumprod=alphas_cumprod_from_config(scheduler_config),
         prediction_type=prediction_type_from_config(scheduler_config, prediction_type),
@@ -91,4 +91,5 @@ def assemble_bundle(
         original_inference_steps=original_inference_steps_from_config(scheduler_config),
         source=source,
         identity=identity,
+        scheduler_config=dict(scheduler_config),
     )

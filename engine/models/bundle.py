@@ -29,6 +29,7 @@ class ModelBundle:
         vae_scaling_factor: multiply encoder latents by this (1.0 for TAESD, 0.18215 for SD VAE).
         source: a human-readable name of where the weights came from.
         identity: facts that identify the weights (for cache keys), e.g. model id, LoRAs.
+        scheduler_config: the model's scheduler config as loaded (for peers in the bench).
         lora_factors: low-rank factors of each fused ``model.loras`` entry, in config order
             (not the LCM-LoRA), for live rescaling (``engine.models.lora.rescale_loras``).
         lora_scales: the scale each of those is fused at now.
@@ -49,5 +50,6 @@ class ModelBundle:
     original_inference_steps: int = 50
     source: str = ""
     identity: dict[str, Any] = field(default_factory=dict)
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
     lora_factors: list[LoraFactors] = field(default_factory=list)
     lora_scales: list[float] = field(default_factory=list)

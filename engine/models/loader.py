@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderTiny, LCMScheduler
+from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler
 from safetensors import SafetensorError, safe_open
 
-from engine.models.assemble import assemble_bundle
+from engine.models.assemble import assemble_bundle, prepare_module
+from engine.models.builtin import build_builtin_models, build_builtin_vae
 from engine.models.bundle import ModelBundle
 from engine.models.device import resolve_device, resolve_dtype
 from engine.models.errors import ModelLoadError, short_reason
 from engine.models.lora import LoraFactors, fuse_loras
-from engine.models.sources import ACCEPTED, SourceKind, classify_source, local_path
-from engine.models.tiny import build_tiny_models
+from engine.models.sources import ACCEPTED, BUILTIN_PREFIX, SourceKind, classify_source, local_path
 from engine.progress import Progress, report
 
 __all__ = ["ModelRequest", "SourceKind", "classify_source", "load_models"]
@@ -252,11 +252,12 @@ def _fuse_requested(
 def _load_builtin(
     request: ModelRequest, progress: Progress | None, factors: list[LoraFactors]
 ) -> dict[str, Any]:
-    """The tiny model's parts (LoRAs fused if asked) and its scheduler config."""
-    _stage(progress, "building builtin:tiny")
+    """A builtin model's parts (LoRAs fused if asked) and its scheduler config."""
+    name = request.id.strip().removeprefix(BUILTIN_PREFIX)
+    _stage(progress, "building %s (random weights)", request.id)
     override = request.prediction_type
-    tiny = build_tiny_models(
-        seed=0, vae=request.vae, prediction_type="epsilon" if override == "auto" else override
+    tiny = build_builtin_models(
+        name, seed=0, vae=request.vae, prediction_type="epsilon" if override == "auto" else override
     )
     if request.lcm_lora or request.loras:
         pipe = _sd_pipeline_class()(
@@ -304,6 +305,48 @@ def _load_diffusers(
         "tokenizer": pipe.tokenizer,
         "scheduler_config": dict(pipe.scheduler.config),
     }
+
+
+def load_vae(
+    request: ModelRequest | Any, vae: str, device: torch.device, dtype: torch.dtype
+) -> AutoencoderTiny | AutoencoderKL:
+    """Only the ``vae`` (``taesd`` or ``full``) of the model ``request`` names, on ``device``/``dtype``.
+
+    For the bench's peers, which need the VAE the engine is not configured with: TAESD from
+    ``taesd_id``; the full VAE from the model's ``vae`` subfolder (hub id, folder) or from the
+    single file; a builtin's own (the same weights ``load_models`` gives it).
+
+    Raises:
+        ModelLoadError: unknown ``vae``, or the weights cannot be found or loaded.
+    """
+    if not isinstance(request, ModelRequest):
+        request = ModelRequest.from_config(request)
+    if vae not in VAE_KINDS:
+        raise ModelLoadError(f"unknown vae {vae!r}: use {' | '.join(VAE_KINDS)}.")
+    kind = classify_source(request.id)
+    module: Any  # AutoencoderTiny | AutoencoderKL (diffusers' modules are untyped for mypy)
+    if kind is SourceKind.BUILTIN:
+        module = build_builtin_vae(request.id.strip().removeprefix(BUILTIN_PREFIX), 0, vae)
+    elif vae == "taesd":
+        module = _load_taesd(request, dtype)
+    else:
+        try:
+            if kind is SourceKind.SINGLE_FILE:
+                module = AutoencoderKL.from_single_file(
+                    str(local_path(request.id)), local_files_only=request.local_files_only
+                )
+            else:
+                source = str(local_path(request.id)) if kind is SourceKind.LOCAL_FOLDER else request.id
+                module = AutoencoderKL.from_pretrained(
+                    source,
+                    subfolder="vae",
+                    cache_dir=request.cache_dir,
+                    local_files_only=request.local_files_only,
+                )
+        except _load_errors() as err:
+            reason = short_reason(err)
+            raise ModelLoadError(f"the full VAE of {request.id!r} could not be loaded: {reason}") from err
+    return prepare_module(module, device, dtype)
 
 
 def load_models(

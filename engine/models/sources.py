@@ -9,9 +9,12 @@ from pathlib import Path
 from engine.models.errors import ModelLoadError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_NAMES = ("tiny",)
+BUILTIN_NAMES = ("tiny", "sd-turbo-shape")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-ACCEPTED = "Give a hub id, a diffusers folder, a single .safetensors file or builtin:tiny."
+ACCEPTED = (
+    "Give a hub id, a diffusers folder, a single .safetensors file or builtin:tiny "
+    "(builtin:sd-turbo-shape for benchmarks)."
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
 

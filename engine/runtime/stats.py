@@ -109,6 +109,11 @@ class RuntimeStats:
         with self._lock:
             self._latency_ms.append(milliseconds)
 
+    def latencies_ms(self) -> list[float]:
+        """The latest source-to-sink latencies (ms), oldest first (up to ``latency_samples``)."""
+        with self._lock:
+            return list(self._latency_ms)
+
     def sink(self, name: str) -> SinkCounters:
         with self._lock:
             return self.sinks.setdefault(name, SinkCounters())

@@ -223,6 +223,11 @@ class StreamBatch:
         self.last_output = output
         return output if self.ready else None
 
+    def unet_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What one UNet call of this batch takes now: latents ``(unet_batch, C, h, w)`` and
+        timesteps ``(unet_batch,)`` (the bench's floor times exactly this call)."""
+        return expand_for_unet(self.cfg_type, self.latents), self._unet_timesteps
+
     def noised_input(self, z: torch.Tensor) -> torch.Tensor:
         """Slot-0 latent ``a_0 z + b_0 n_0`` for an encoded frame ``z`` ``(1, C, h, w)``."""
         return torch.addcmul(self._scaled_noise[:1], self.schedule.alpha[:1], z)
