@@ -332,20 +332,12 @@ def _compare(
     say: Callable[[str], None],
 ) -> None:
     """The ``compare`` rows: every contender interleaved round by round, then their ratios."""
-    loaded: list[Any] = []
-
-    def other_vae() -> Any:
-        if not loaded:
-            loaded.append(request.other_vae())
-        return loaded[0]
-
     pipe = StreamPipeline(models, settings)
     entries: list[Contender] = [contenders.latentstage(pipe), contenders.floor(pipe)]
     if Peer.DIFFUSERS in request.peers:
         say("preparing diffusers img2img (full VAE and TAESD)")
-        other = other_vae()
-        taesd_is_configured = models.vae_scaling_factor == 1.0
-        full_vae, taesd = (other, models.vae) if taesd_is_configured else (models.vae, other)
+        other = request.other_vae()
+        full_vae, taesd = (other, models.vae) if contenders.uses_taesd(models) else (models.vae, other)
         timesteps = [int(t) for t in pipe.batch.schedule.timesteps.tolist()]
         entries.append(
             contenders.diffusers_img2img(
@@ -364,8 +356,7 @@ def _compare(
             say(f"skipped the paper's code: {reason}")
         else:
             say("preparing the paper's code (streamdiffusion)")
-            full_vae = models.vae if models.vae_scaling_factor != 1.0 else other_vae()
-            entries.append(contenders.streamdiffusion(models, settings, full_vae))
+            entries.append(contenders.streamdiffusion(models, settings))
     unit = [frame * 0.5 + 0.5 for frame in moving]
     say("compare: " + ", ".join(entry.label for entry in entries))
     inputs = [unit if entry.unit_range else moving for entry in entries]

@@ -71,6 +71,13 @@ class Contender:
     unit_range: bool = False
 
 
+def uses_taesd(models: ModelBundle) -> bool:
+    """Whether the bundle's VAE is TAESD (``AutoencoderTiny``) rather than the full VAE."""
+    from diffusers import AutoencoderTiny
+
+    return isinstance(models.vae, AutoencoderTiny)
+
+
 def latentstage(pipe: StreamPipeline) -> Contender:
     return Contender("latentstage", "latentstage", pipe)
 
@@ -91,7 +98,7 @@ def floor(pipe: StreamPipeline) -> Contender:
         prediction = unet(latents, timesteps, embeddings)
         return vae.decode(latent + prediction[:1])
 
-    vae_name = "TAESD" if pipe.models.vae_scaling_factor == 1.0 else "VAE"
+    vae_name = "TAESD" if uses_taesd(pipe.models) else "VAE"
     batch = pipe.unet_batch_size
     return Contender("floor", f"floor: UNet b={batch} + {vae_name} enc+dec", step)
 
@@ -181,11 +188,12 @@ def _host_cuda_timing(device: torch.device) -> Iterator[None]:
         yield
 
 
-def streamdiffusion(models: ModelBundle, settings: PipelineSettings, full_vae: Any) -> Contender:
+def streamdiffusion(models: ModelBundle, settings: PipelineSettings) -> Contender:
     """The paper's ``StreamDiffusion`` class on the same models, t_index_list, cfg mode and VAE.
 
-    Built as its README does: a ``StableDiffusionPipeline`` from the parts, ``stream.vae``
-    set to TAESD when latentstage runs TAESD, ``prepare`` with the same prompt, γ, δ and seed.
+    Built as its README does: a ``StableDiffusionPipeline`` from the parts (with latentstage's
+    VAE, TAESD by default, which its README sets as ``stream.vae``), then ``prepare`` with the
+    same prompt, negative prompt, γ, δ and seed (its noise is drawn from the seed as ours is).
 
     Raises:
         ImportError: the package is missing (``streamdiffusion_unavailable`` says how to add it).
@@ -193,7 +201,7 @@ def streamdiffusion(models: ModelBundle, settings: PipelineSettings, full_vae: A
     from diffusers import StableDiffusionPipeline
 
     module: Any = importlib.import_module("streamdiffusion")
-    pipe = StableDiffusionPipeline(**_sd_components(models, full_vae))
+    pipe = StableDiffusionPipeline(**_sd_components(models, models.vae))
     stream = module.StreamDiffusion(
         pipe,
         t_index_list=list(settings.t_index_list),
@@ -202,7 +210,6 @@ def streamdiffusion(models: ModelBundle, settings: PipelineSettings, full_vae: A
         height=settings.height,
         cfg_type=PEER_CFG[CfgType(settings.cfg_type)],
     )
-    stream.vae = models.vae
     stream.prepare(
         prompt=settings.prompt,
         negative_prompt=settings.negative_prompt,

@@ -10,10 +10,11 @@ and ``DIR/gpu-check.md`` (the tables for BENCHMARKS.md). Sections, in order of i
 
 1. precision: float32 reference frames, then the same weights in float16 (or bfloat16 on the
    CPU): NaN/inf count, max and mean absolute difference, PSNR;
-2. for n = 1 and 2 (cfg self, γ 1.2): latentstage on torch eager, ``torch.compile`` and CUDA
-   graphs (``mode="reduce-overhead"``), the floor, diffusers' img2img (defaults, + TAESD) and
-   the paper's code, interleaved round by round; each variant's output against eager's;
-   the GPU memory peak of each latentstage variant.
+2. peers, for n = 1 and 2 (cfg self, γ 1.2): latentstage on torch eager, the floor,
+   diffusers' img2img (defaults, + TAESD) and the paper's code, interleaved round by round;
+3. acceleration, for n = 1 and 2: torch eager, ``torch.compile`` and CUDA graphs
+   (``mode="reduce-overhead"``) side by side; each one's frames against eager's, the time of
+   its first frames (compiling) and its GPU memory peak.
 
 A time budget (``--budget-s``) skips what would not fit and says so in the JSON.
 """
@@ -161,52 +162,30 @@ def precision(plan: Plan, report: Report) -> ModelBundle:
     return low
 
 
-def _variants(models: ModelBundle, plan: Plan, report: Report) -> list[tuple[str, TorchBackend | None]]:
-    variants: list[tuple[str, TorchBackend | None]] = [("eager", None)]
-    variants.append(
-        ("compile", TorchBackend(models, compile_unet=True, compile_backend=plan.compile_backend))
-    )
-    if models.device.type == "cuda":
-        variants.append(
-            ("cuda graphs", TorchBackend(models, cuda_graph=True, compile_backend=plan.compile_backend))
-        )
-    elif "cuda graphs: needs CUDA" not in report.data["skipped"]:
-        report.data["skipped"].append("cuda graphs: needs CUDA")
-    return variants
+def _timed(entries: list[Contender], frames: list[torch.Tensor], plan: Plan, section: dict[str, Any]) -> None:
+    """Time ``entries`` side by side into ``section["rows"]`` (ratios to the first entry)."""
+    unit = [frame * 0.5 + 0.5 for frame in frames]
+    inputs = [unit if entry.unit_range else frames for entry in entries]
+    timings = side_by_side([entry.step for entry in entries], frames, plan.warmup, per_step=inputs)
+    for entry, timing in zip(entries, timings):
+        row = BenchRow(section["name"], entry.label, timing.fps, timings[0].fps, timing.round_ms, entry.key)
+        section["rows"].append(row.as_json())
 
 
-def throughput(models: ModelBundle, plan: Plan, n: int, report: Report) -> None:
-    """One n: every latentstage variant and every peer side by side; outputs vs eager; memory."""
+def _section(report: Report, name: str, settings: PipelineSettings) -> dict[str, Any]:
+    section: dict[str, Any] = {"name": name, "t_index_list": settings.t_index_list, "cfg": "self", "rows": []}
+    report.data["sections"][name] = section
+    return section
+
+
+def peers(models: ModelBundle, plan: Plan, n: int, report: Report) -> None:
+    """One n: latentstage (torch eager), the floor, diffusers (defaults, + TAESD), the paper's code."""
     settings = _settings(plan, n)
     frames = frames_for(settings, models, plan.frames + plan.warmup, moving=True)
-    section: dict[str, Any] = {"t_index_list": settings.t_index_list, "cfg": "self", "rows": []}
-    report.data["sections"][f"n={n}"] = section
-    entries: list[Contender] = []
-    eager_out = None
-    for name, backend in _variants(models, plan, report):
-        if backend is not None and not report.fits(f"n={n} {name}", 150 if plan.device == "cuda" else 20):
-            continue
-        pipe = StreamPipeline(models, settings, backend=backend)
-        started = time.monotonic()
-        try:
-            out = _run_frames(pipe, frames[: n + 2])  # the first frames compile and record graphs
-        # a check script: one variant that cannot compile must not cost the other figures;
-        # the failure goes into the JSON with its type and text, and the log has the traceback
-        except Exception as err:
-            logger.exception("n=%d %s failed", n, name)
-            report.data["errors"].append(f"n={n} {name}: {type(err).__name__}: {err}")
-            report.save()
-            continue
-        first_s = round(time.monotonic() - started, 1)
-        if eager_out is None:
-            eager_out = out
-        section.setdefault("versus_eager", {})[name] = _difference(out, eager_out)
-        section.setdefault("first_frames_s", {})[name] = first_s
-        section.setdefault("peak_gib", {})[name] = _peak_memory(pipe, frames[:3], models.device)
-        entries.append(Contender(f"latentstage {name}", f"latentstage, torch {name}", pipe))
-        report.save()
-    entries.append(contenders.floor(StreamPipeline(models, settings)))
-    timesteps = [int(t) for t in StreamPipeline(models, settings).batch.schedule.timesteps.tolist()]
+    section = _section(report, f"peers n={n}", settings)
+    pipe = StreamPipeline(models, settings)
+    entries = [contenders.latentstage(pipe), contenders.floor(StreamPipeline(models, settings))]
+    timesteps = [int(t) for t in pipe.batch.schedule.timesteps.tolist()]
     full_vae = load_vae(ModelRequest(id=plan.model), "full", models.device, models.dtype)
     entries.append(
         contenders.diffusers_img2img(
@@ -220,50 +199,82 @@ def throughput(models: ModelBundle, plan: Plan, n: int, report: Report) -> None:
     )
     reason = contenders.streamdiffusion_unavailable()
     if reason is None:
-        entries.append(contenders.streamdiffusion(models, settings, full_vae))
-    else:
+        entries.append(contenders.streamdiffusion(models, settings))
+    elif f"paper's code: {reason}" not in report.data["skipped"]:
         report.data["skipped"].append(f"paper's code: {reason}")
-    if not report.fits(f"n={n} timing", 60 if plan.device == "cuda" else 10):
-        return
-    unit = [frame * 0.5 + 0.5 for frame in frames]
-    timings = side_by_side(
-        [entry.step for entry in entries],
-        frames,
-        plan.warmup,
-        per_step=[unit if entry.unit_range else frames for entry in entries],
-    )
-    eager = timings[0]
-    for entry, timing in zip(entries, timings):
-        row = BenchRow(f"n={n}", entry.label, timing.fps, eager.fps, timing.round_ms, entry.key)
-        section["rows"].append(row.as_json())
+    section["peak_gib"] = {"latentstage": _peak_memory(pipe, frames[:3], models.device)}
+    _timed(entries, frames, plan, section)
+    report.save()
+
+
+def _backends(models: ModelBundle, plan: Plan, report: Report) -> list[tuple[str, TorchBackend]]:
+    variants = [("compile", TorchBackend(models, compile_unet=True, compile_backend=plan.compile_backend))]
+    if models.device.type == "cuda":
+        variants.append(
+            ("cuda graphs", TorchBackend(models, cuda_graph=True, compile_backend=plan.compile_backend))
+        )
+    elif "cuda graphs: needs CUDA" not in report.data["skipped"]:
+        report.data["skipped"].append("cuda graphs: needs CUDA")
+    return variants
+
+
+def acceleration(models: ModelBundle, plan: Plan, n: int, report: Report) -> None:
+    """One n: torch eager, ``torch.compile`` and CUDA graphs side by side; their frames vs eager's;
+    the time of the first frames (compiling, recording graphs); each one's memory peak."""
+    settings = _settings(plan, n)
+    frames = frames_for(settings, models, plan.frames + plan.warmup, moving=True)
+    section = _section(report, f"accel n={n}", settings)
+    eager = StreamPipeline(models, settings)
+    eager_out = _run_frames(eager, frames[: n + 2])
+    entries = [Contender("eager", "latentstage, torch eager", eager)]
+    section["peak_gib"] = {"eager": _peak_memory(eager, frames[:3], models.device)}
+    section["first_frames_s"] = {}
+    section["versus_eager"] = {}
+    for name, backend in _backends(models, plan, report):
+        if not report.fits(f"n={n} {name}", 150 if plan.device == "cuda" else 20):
+            continue
+        pipe = StreamPipeline(models, settings, backend=backend)
+        started = time.monotonic()
+        try:
+            out = _run_frames(pipe, frames[: n + 2])  # the first frames compile and record graphs
+        # a check script: one variant that cannot compile must not cost the other figures;
+        # the failure goes into the JSON with its type and text, and the log has the traceback
+        except Exception as err:
+            logger.exception("n=%d %s failed", n, name)
+            report.data["errors"].append(f"n={n} {name}: {type(err).__name__}: {err}")
+            report.save()
+            continue
+        section["first_frames_s"][name] = round(time.monotonic() - started, 1)
+        section["versus_eager"][name] = _difference(out, eager_out)
+        section["peak_gib"][name] = _peak_memory(pipe, frames[:3], models.device)
+        entries.append(Contender(name, f"latentstage, torch {name}", pipe))
+        report.save()
+    if len(entries) > 1:
+        _timed(entries, frames, plan, section)
     report.save()
 
 
 def table(report: Report) -> str:
-    """The markdown for BENCHMARKS.md: ms/frame, fps and speed-up of eager over each row."""
+    """The markdown for BENCHMARKS.md: ms/frame, fps, min–max and the first row's speed-up over each."""
     facts = report.data["machine"]
     lines = [
         f"{facts['hardware']}, torch {facts['torch']}, {facts['model']} in {facts['dtype']}, "
-        f"{report.data['size']}x{report.data['size']}, cfg self",
+        f"{report.data['size']}x{report.data['size']}, cfg self γ 1.2",
         "",
-        "| n | configuration | ms/frame | fps | min-max ms | eager's speed-up over it "
+        "| section | configuration | ms/frame | fps | min-max ms | first row's speed-up over it "
         "| first frames (s) | peak GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for n in T_INDEX_LISTS:
-        section = report.data["sections"].get(f"n={n}")
-        if not section:
+    for name, section in report.data["sections"].items():
+        if "rows" not in section:
             continue
         for row in section["rows"]:
-            variant = (
-                row["key"].removeprefix("latentstage ") if row["key"].startswith("latentstage ") else None
-            )
-            first = section.get("first_frames_s", {}).get(variant, "") if variant else ""
-            peak = section.get("peak_gib", {}).get(variant) if variant else None
-            peak = "" if peak is None else peak
+            first = section.get("first_frames_s", {}).get(row["key"], "")
+            peak = section.get("peak_gib", {}).get(row["key"])
             lines.append(
-                f"| {n} | {row['name']} | {row['ms']:.2f} | {row['fps']:.1f} | "
-                f"{row['min_ms']:.2f}-{row['max_ms']:.2f} | {1 / row['ratio']:.2f}x | {first} | {peak} |"
+                f"| {name} | {row['name']} | {row['ms']:.2f} | {row['fps']:.1f} | "
+                f"{row['min_ms']:.2f}-{row['max_ms']:.2f} | {1 / row['ratio']:.2f}x | {first} | "
+                f"{'' if peak is None else peak} |"
             )
     precision = report.data["sections"].get("precision")
     if precision:
@@ -279,16 +290,17 @@ def table(report: Report) -> str:
                     f"| {n} | last of {n + 3} frames | {d['nonfinite']} | {d['max_abs']} "
                     f"| {d['mean_abs']} | {d['psnr_db']} |"
                 )
-    for n in T_INDEX_LISTS:
-        versus = report.data["sections"].get(f"n={n}", {}).get("versus_eager", {})
-        for name, d in versus.items():
-            if name != "eager":
-                lines.append(
-                    f"- n={n}, {name} vs eager: max abs {d['max_abs']}, mean abs {d['mean_abs']}, "
-                    f"non-finite {d['nonfinite']}"
-                )
+    lines.append("")
+    for name, section in report.data["sections"].items():
+        for variant, d in section.get("versus_eager", {}).items():
+            lines.append(
+                f"- {name}, {variant} vs eager: max abs {d['max_abs']}, mean abs {d['mean_abs']}, "
+                f"non-finite {d['nonfinite']}"
+            )
     for skipped in report.data["skipped"]:
         lines.append(f"- skipped {skipped}")
+    for error in report.data["errors"]:
+        lines.append(f"- error {error}")
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     low = precision(plan, report)
     report.data["machine"] = machine_facts(low)
     for n in T_INDEX_LISTS:
-        throughput(low, plan, n, report)
+        peers(low, plan, n, report)
+    for n in T_INDEX_LISTS:
+        acceleration(low, plan, n, report)
     if low.device.type == "cuda":
         report.data["peak_gib_overall"] = round(torch.cuda.max_memory_allocated(low.device) / 2**30, 3)
     report.save()

@@ -30,20 +30,24 @@ def test_cpu_dry_run_passes_and_reports_every_section(tmp_path: Path) -> None:
     assert data["errors"] == []
     precision = data["sections"]["precision"]
     assert precision["dtype"] == "bfloat16"
+    expected = {"latentstage", "floor", "diffusers", "diffusers_taesd"}
+    if importlib.util.find_spec("streamdiffusion") is not None:
+        expected.add("streamdiffusion")
     for n in (1, 2):
         assert precision[f"n={n}"]["nonfinite"] == 0
         assert 0 < precision[f"n={n}"]["max_abs"] < 0.5  # low precision differs, but not wildly
-        section = data["sections"][f"n={n}"]
-        keys = {row["key"] for row in section["rows"]}
-        expected = {"latentstage eager", "latentstage compile", "floor", "diffusers", "diffusers_taesd"}
-        if importlib.util.find_spec("streamdiffusion") is not None:
-            expected.add("streamdiffusion")
-        assert keys == expected
-        assert all(row["ms"] > 0 and len(row["round_ms"]) == 3 for row in section["rows"])
-        assert section["versus_eager"]["compile"]["max_abs"] < 1e-4  # compiled = eager's frames
+        peers = data["sections"][f"peers n={n}"]
+        assert {row["key"] for row in peers["rows"]} == expected
+        accel = data["sections"][f"accel n={n}"]
+        assert [row["key"] for row in accel["rows"]] == ["eager", "compile"]
+        for row in peers["rows"] + accel["rows"]:
+            assert row["ms"] > 0 and len(row["round_ms"]) == 3
+        assert accel["versus_eager"]["compile"]["max_abs"] < 1e-4  # compiled = eager's frames
+        assert accel["first_frames_s"]["compile"] > 0
     assert "cuda graphs: needs CUDA" in data["skipped"]
     table = (tmp_path / "gpu-check.md").read_text()
-    assert "| 2 | latentstage, torch compile |" in table and "bfloat16 vs float32" in table
+    assert "| accel n=2 | latentstage, torch compile |" in table and "bfloat16 vs float32" in table
+    assert "| peers n=1 | diffusers img2img (defaults) |" in table
     tests = (tmp_path / "sdk-tests.txt").read_text()
     assert "skipped" in tests and "failed" not in tests
 
