@@ -200,6 +200,26 @@ def side_by_side(
     ]
 
 
+def time_contenders(
+    entries: Sequence[Contender],
+    frames: Sequence[torch.Tensor],
+    warmup: int,
+    rounds: int,
+    group: str,
+    baseline: str,
+) -> list[BenchRow]:
+    """Rows of ``entries`` timed side by side, each on ``frames`` in its own range (``unit_range``
+    steps get them in [0, 1]); ratios are to the entry whose key is ``baseline``."""
+    unit = [frame * 0.5 + 0.5 for frame in frames]
+    inputs = [unit if entry.unit_range else frames for entry in entries]
+    timings = side_by_side([entry.step for entry in entries], frames, warmup, rounds, per_step=inputs)
+    reference = timings[[entry.key for entry in entries].index(baseline)]
+    return [
+        BenchRow(group, entry.label, timing.fps, reference.fps, timing.round_ms, entry.key)
+        for entry, timing in zip(entries, timings)
+    ]
+
+
 def _sync(device: torch.device) -> None:
     # benchmark only: a timing boundary must wait for queued GPU work
     if device.type == "cuda":
@@ -338,17 +358,7 @@ def _compare(
         say("preparing diffusers img2img (full VAE and TAESD)")
         other = request.other_vae()
         full_vae, taesd = (other, models.vae) if contenders.uses_taesd(models) else (models.vae, other)
-        timesteps = [int(t) for t in pipe.batch.schedule.timesteps.tolist()]
-        entries.append(
-            contenders.diffusers_img2img(
-                models, full_vae, settings, timesteps, "diffusers", "diffusers img2img (defaults)"
-            )
-        )
-        entries.append(
-            contenders.diffusers_img2img(
-                models, taesd, settings, timesteps, "diffusers_taesd", "diffusers img2img + TAESD"
-            )
-        )
+        entries += contenders.diffusers_pair(models, full_vae, taesd, settings, pipe)
     if Peer.STREAMDIFFUSION in request.peers:
         reason = contenders.streamdiffusion_unavailable()
         if reason is not None:
@@ -357,15 +367,12 @@ def _compare(
         else:
             say("preparing the paper's code (streamdiffusion)")
             entries.append(contenders.streamdiffusion(models, settings))
-    unit = [frame * 0.5 + 0.5 for frame in moving]
     say("compare: " + ", ".join(entry.label for entry in entries))
-    inputs = [unit if entry.unit_range else moving for entry in entries]
-    timings = side_by_side([entry.step for entry in entries], moving, warmup, rounds, per_step=inputs)
-    by_key = dict(zip((entry.key for entry in entries), timings))
-    baseline = by_key.get("diffusers", by_key["floor"])
-    for entry, timing in zip(entries, timings):
-        row = BenchRow("compare", entry.label, timing.fps, baseline.fps, timing.round_ms, entry.key)
-        bench.rows.append(row)
+    keys = {entry.key for entry in entries}
+    baseline = "diffusers" if "diffusers" in keys else "floor"
+    rows = time_contenders(entries, moving, warmup, rounds, "compare", baseline)
+    bench.rows += rows
+    by_key = {row.key: row for row in rows}
     ours = by_key["latentstage"]
     bench.summary["overhead"] = by_key["floor"].fps / ours.fps  # frame time ÷ floor time
     for key, name in (

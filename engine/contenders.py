@@ -15,6 +15,7 @@ from unittest import mock
 
 import torch
 
+from engine.models.assemble import sd_pipeline_parts
 from engine.models.bundle import ModelBundle
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.modes import CfgType
@@ -104,18 +105,8 @@ def floor(pipe: StreamPipeline) -> Contender:
 
 
 def _sd_components(models: ModelBundle, vae: Any) -> dict[str, Any]:
-    from diffusers import LCMScheduler
-
-    return {
-        "vae": vae,
-        "text_encoder": models.text_encoder,
-        "tokenizer": models.tokenizer,
-        "unet": models.unet,
-        "scheduler": LCMScheduler.from_config(models.scheduler_config),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
+    parts = (models.unet, vae, models.text_encoder, models.tokenizer, models.scheduler_config)
+    return sd_pipeline_parts(*parts)
 
 
 def diffusers_img2img(
@@ -150,6 +141,17 @@ def diffusers_img2img(
         ).images
 
     return Contender(key, label, step, unit_range=True)
+
+
+def diffusers_pair(
+    models: ModelBundle, full_vae: Any, taesd: Any, settings: PipelineSettings, pipe: StreamPipeline
+) -> list[Contender]:
+    """diffusers' img2img at its defaults (full VAE) and with TAESD, on ``pipe``'s timesteps."""
+    timesteps = [int(t) for t in pipe.batch.schedule.timesteps.tolist()]
+    return [
+        diffusers_img2img(models, full_vae, settings, timesteps, "diffusers", "diffusers img2img (defaults)"),
+        diffusers_img2img(models, taesd, settings, timesteps, "diffusers_taesd", "diffusers img2img + TAESD"),
+    ]
 
 
 def streamdiffusion_unavailable() -> str | None:

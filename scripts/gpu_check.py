@@ -35,7 +35,7 @@ import torch
 
 from engine import contenders
 from engine.accel.backends import TorchBackend
-from engine.bench import BenchRow, frames_for, machine_facts, side_by_side
+from engine.bench import ROUNDS, frames_for, machine_facts, time_contenders
 from engine.contenders import Contender
 from engine.models.bundle import ModelBundle
 from engine.models.loader import ModelRequest, load_models, load_vae
@@ -164,12 +164,8 @@ def precision(plan: Plan, report: Report) -> ModelBundle:
 
 def _timed(entries: list[Contender], frames: list[torch.Tensor], plan: Plan, section: dict[str, Any]) -> None:
     """Time ``entries`` side by side into ``section["rows"]`` (ratios to the first entry)."""
-    unit = [frame * 0.5 + 0.5 for frame in frames]
-    inputs = [unit if entry.unit_range else frames for entry in entries]
-    timings = side_by_side([entry.step for entry in entries], frames, plan.warmup, per_step=inputs)
-    for entry, timing in zip(entries, timings):
-        row = BenchRow(section["name"], entry.label, timing.fps, timings[0].fps, timing.round_ms, entry.key)
-        section["rows"].append(row.as_json())
+    rows = time_contenders(entries, frames, plan.warmup, ROUNDS, section["name"], entries[0].key)
+    section["rows"] += [row.as_json() for row in rows]
 
 
 def _section(report: Report, name: str, settings: PipelineSettings) -> dict[str, Any]:
@@ -185,18 +181,8 @@ def peers(models: ModelBundle, plan: Plan, n: int, report: Report) -> None:
     section = _section(report, f"peers n={n}", settings)
     pipe = StreamPipeline(models, settings)
     entries = [contenders.latentstage(pipe), contenders.floor(StreamPipeline(models, settings))]
-    timesteps = [int(t) for t in pipe.batch.schedule.timesteps.tolist()]
     full_vae = load_vae(ModelRequest(id=plan.model), "full", models.device, models.dtype)
-    entries.append(
-        contenders.diffusers_img2img(
-            models, full_vae, settings, timesteps, "diffusers", "diffusers img2img (defaults)"
-        )
-    )
-    entries.append(
-        contenders.diffusers_img2img(
-            models, models.vae, settings, timesteps, "diffusers_taesd", "diffusers img2img + TAESD"
-        )
-    )
+    entries += contenders.diffusers_pair(models, full_vae, models.vae, settings, pipe)
     reason = contenders.streamdiffusion_unavailable()
     if reason is None:
         entries.append(contenders.streamdiffusion(models, settings))

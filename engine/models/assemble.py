@@ -43,6 +43,25 @@ def prepare_module(module: Any, device: torch.device, dtype: torch.dtype) -> Any
     return module
 
 
+def sd_pipeline_parts(
+    unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Keyword arguments of a diffusers ``StableDiffusion*Pipeline`` built from loaded parts:
+    an ``LCMScheduler`` from ``scheduler_config``, no safety checker."""
+    from diffusers import LCMScheduler
+
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": LCMScheduler.from_config(scheduler_config),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
 def _fit_tokenizer(tokenizer: Any, text_encoder: Any) -> None:
     """Cap ``tokenizer.model_max_length`` at the text encoder's positions (77 for CLIP)."""
     limit = int(text_encoder.config.max_position_embeddings)

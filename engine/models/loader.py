@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler
+from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors import SafetensorError, safe_open
 
-from engine.models.assemble import assemble_bundle, prepare_module
+from engine.models.assemble import assemble_bundle, prepare_module, sd_pipeline_parts
 from engine.models.builtin import build_builtin_models, build_builtin_vae
 from engine.models.bundle import ModelBundle
 from engine.models.device import resolve_device, resolve_dtype
@@ -260,16 +260,8 @@ def _load_builtin(
         name, seed=0, vae=request.vae, prediction_type="epsilon" if override == "auto" else override
     )
     if request.lcm_lora or request.loras:
-        pipe = _sd_pipeline_class()(
-            vae=tiny.vae,
-            text_encoder=tiny.text_encoder,
-            tokenizer=tiny.tokenizer,
-            unet=tiny.unet,
-            scheduler=LCMScheduler.from_config(tiny.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        parts = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.scheduler_config)
+        pipe = _sd_pipeline_class()(**sd_pipeline_parts(*parts))
         _fuse_requested(pipe, request, progress, factors)
     return {
         "unet": tiny.unet,
