@@ -6,10 +6,11 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -273,3 +274,40 @@ class RecordSink(Closing):
                 raise BridgeError(f"finishing {self.path!r} failed: {exc}") from exc
             log.info("wrote %d frames to %s", self.frames_written, self.path)
 
+
+class RecordingOpener:
+    """Opens the record sink; a reopen after a failure writes ``take-2.mp4``, ``take-3.mp4`` ...
+
+    Reopening the same path would truncate everything recorded so far, which for an
+    installation running for weeks is the one thing a recorder must never do. A take that
+    never got a file (its folder became read-only, the disk was full) is tried again under
+    the same number, so a failing folder does not count up takes that do not exist.
+    """
+
+    def __init__(
+        self, options: Mapping[str, Any], extra: Mapping[str, Any], keep_existing: bool = False
+    ) -> None:
+        self.options = dict(options)
+        self.extra = dict(extra)
+        self.opened = 0
+        self.keep_existing = keep_existing  # a resumed show: the file of the run before is kept too
+
+    def __call__(self) -> RecordSink:
+        self.opened += 1
+        options = dict(self.options)
+        first = str(options["path"])
+        if self.opened > 1 or (self.keep_existing and os.path.lexists(first)):
+            number = 2
+            while os.path.lexists(numbered_path(first, number)):
+                number += 1
+            options["path"] = numbered_path(first, number)
+            log.warning("recording continues in %s (the earlier files are kept)", options["path"])
+        return RecordSink(**options, **self.extra)
+
+
+def numbered_path(path: str, number: int) -> str:
+    """``out/take.mp4`` → ``out/take-2.mp4`` (the number before the extension)."""
+    stem, dot, extension = path.rpartition(".")
+    if not dot or "/" in extension or "\\" in extension:
+        return f"{path}-{number}"
+    return f"{stem}-{number}.{extension}"

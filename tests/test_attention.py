@@ -8,15 +8,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from engine.models.loader import ModelRequest, load_models
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.attention import CrossFrameAttnProcessor, batch_groups
 from engine.stream.modes import CfgType
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
 
 
 def with_processor(unet, processor):

@@ -31,11 +31,6 @@ from tests.fakes import SIZE, FakeSource, RecordingSink
 VAE_SHAPE = VaeShape(SIZE, SIZE)
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
-
-
 def settings(**overrides) -> PipelineSettings:
     return PipelineSettings(
         width=SIZE,

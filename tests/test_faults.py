@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from bridges.base import Frame
-from bridges.record import RecordSink
+from bridges.record import RecordingOpener, RecordSink
 from bridges.shm import ShmPixelFormat, ShmSource, ShmWriter, segment_exists
 from engine.cli import main
 from engine.config import load_config
@@ -30,11 +30,10 @@ from engine.control.scenes import SceneError, SceneStore
 from engine.control.state import ControlState
 from engine.control.transport import build_message
 from engine.exitcodes import EXIT_START_CHECK
-from engine.models.loader import ModelRequest, load_models
 from engine.params import ENGINE_STATES
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.preflight import check_start
-from engine.runtime.engine import Engine, EngineOptions, OnLossMode, RecordingOpener
+from engine.runtime.engine import Engine, EngineOptions, OnLossMode
 from engine.runtime.stats import EngineState
 from engine.stream.modes import CfgType
 from tests.fakes import SIZE, RecordingSink, wait_until
@@ -51,11 +50,6 @@ from tests.peers import (
 
 STOP_TARGET_S = 2.0
 BLACK_TARGET_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
 
 
 # --------------------------------------------------------------------------- signals and crashes

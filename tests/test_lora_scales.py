@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -25,11 +24,6 @@ from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.modes import CfgType
 from tests.fakes import SIZE
-
-
-@pytest.fixture(autouse=True)
-def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
@@ -39,12 +38,6 @@ from engine.stream.modes import PredictionType
 
 Q_WEIGHT = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
 Q_LORA = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-@pytest.fixture(autouse=True)
-def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach the hub, even by mistake."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def _cpu(model_id: str, **kwargs: Any) -> ModelRequest:

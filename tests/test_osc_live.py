@@ -17,7 +17,6 @@ import torch
 
 from engine.control.service import ControlService, ControlSettings
 from engine.control.transport import build_message
-from engine.models.loader import ModelRequest, load_models
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.engine import Engine
 from engine.stream.modes import CfgType
@@ -57,11 +56,6 @@ class SlowTextEncoder(torch.nn.Module):
         out = self.inner(*args, **kwargs)
         self.finished.append(time.monotonic())
         return out
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
 
 
 class Running:

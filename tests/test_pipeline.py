@@ -8,17 +8,11 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from engine.models.loader import ModelRequest, load_models
 from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.modes import CfgType, GenerationMode
 
 SIZE = 64  # 64x64 image -> 8x8 latent: fast on CPU
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
 
 
 class CountingUNet:

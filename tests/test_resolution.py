@@ -26,11 +26,6 @@ from tests.test_backends import SlowBackend, settings
 WIDE = [96, 64]  # width, height: 12x8 latents for the tiny model
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
-
-
 def frames(count: int, width: int = SIZE, height: int = SIZE, start: int = 0) -> list[torch.Tensor]:
     base = torch.rand((1, 3, height, width), generator=torch.Generator().manual_seed(1)) * 2 - 1
     return [torch.roll(base, shifts=3 * (start + k), dims=3) for k in range(count)]

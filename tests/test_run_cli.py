@@ -65,8 +65,7 @@ def test_bad_run_arguments(capsys):
 def test_a_failing_recording_is_never_overwritten(tmp_path, monkeypatch):
     """Regression: the runtime reopened a failed record sink on the same path, truncating it."""
     from bridges.base import BridgeError
-    from bridges.record import RecordSink
-    from engine.runtime.engine import numbered_path
+    from bridges.record import RecordSink, numbered_path
 
     assert numbered_path("out/take.mp4", 2) == "out/take-2.mp4"
     assert numbered_path("take", 3) == "take-3"

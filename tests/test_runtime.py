@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 
-from engine.models.loader import ModelRequest, load_models
 from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.engine import Engine, EngineOptions, OnLossMode
@@ -16,11 +15,6 @@ from engine.runtime.queues import DropOldestQueue, LatestSlot
 from engine.runtime.stats import EngineState, RateMeter
 from engine.stream.modes import CfgType
 from tests.fakes import SIZE, FakeSource, RecordingSink, SourcePlug
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
 
 
 def pipeline(bundle, **overrides) -> StreamPipeline:

@@ -12,11 +12,9 @@ import time
 import uuid
 
 import psutil
-import pytest
 
 from bridges.shm import segment_exists
 from engine.exitcodes import EXIT_SUPERVISOR_GAVE_UP
-from engine.models.loader import ModelRequest, load_models
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.autosave import Autosaver, LiveStateFile
 from engine.runtime.engine import Engine
@@ -267,11 +265,6 @@ def test_the_autosaver_coalesces_and_writes_the_last_change(tmp_path):
             saver.request({"seed": seed})
     assert file.read() == {"seed": 49}
     assert 1 <= saver.writes <= 3
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
 
 
 def test_restore_applies_what_it_can_and_reports_the_rest(bundle):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -559,6 +558,8 @@ def build_engine(
         if name == "preview":
             extra.setdefault("stats", stats.snapshot)
         if name == "record":
+            from bridges.record import RecordingOpener  # the bridge module, imported when configured
+
             return RecordingOpener(options, extra, keep_existing=keep_recordings)
         return lambda: open_sink(name, **options, **extra)
 
@@ -573,44 +574,6 @@ def build_engine(
         sink_queue_sizes=[output.queue_size for output in config.outputs],
     )
     return Engine(pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats)
-
-
-class RecordingOpener:
-    """Opens the record sink; a reopen after a failure writes ``take-2.mp4``, ``take-3.mp4`` ...
-
-    Reopening the same path would truncate everything recorded so far, which for an
-    installation running for weeks is the one thing a recorder must never do. A take that
-    never got a file (its folder became read-only, the disk was full) is tried again under
-    the same number, so a failing folder does not count up takes that do not exist.
-    """
-
-    def __init__(
-        self, options: Mapping[str, Any], extra: Mapping[str, Any], keep_existing: bool = False
-    ) -> None:
-        self.options = dict(options)
-        self.extra = dict(extra)
-        self.opened = 0
-        self.keep_existing = keep_existing  # a resumed show: the file of the run before is kept too
-
-    def __call__(self) -> FrameSink:
-        self.opened += 1
-        options = dict(self.options)
-        first = str(options["path"])
-        if self.opened > 1 or (self.keep_existing and os.path.lexists(first)):
-            number = 2
-            while os.path.lexists(numbered_path(first, number)):
-                number += 1
-            options["path"] = numbered_path(first, number)
-            logger.warning("recording continues in %s (the earlier files are kept)", options["path"])
-        return open_sink("record", **options, **self.extra)
-
-
-def numbered_path(path: str, number: int) -> str:
-    """``out/take.mp4`` → ``out/take-2.mp4`` (the number before the extension)."""
-    stem, dot, extension = path.rpartition(".")
-    if not dot or "/" in extension or "\\" in extension:
-        return f"{path}-{number}"
-    return f"{stem}-{number}.{extension}"
 
 
 def _count(outputs: Any, name: str) -> int:
