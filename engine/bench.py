@@ -98,6 +98,7 @@ BASELINES = {
 }
 """The compare rows every row is set against, by key, with their column names."""
 
+
 @dataclass
 class BenchReport:
     """Everything one bench run measured.
@@ -105,7 +106,7 @@ class BenchReport:
     Attributes:
         rows: the table rows, in order.
         summary: the headline figures (``overhead``, ``speedup_vs_diffusers`` ...), see ``compare``.
-        latency: end-to-end latency of a short engine run (``mean_ms``, ``p95_ms``, ``frames``).
+        latency: end-to-end latency of a short engine run (see ``measure_latency``).
         skipped: contenders that could not run, with the reason.
     """
 

@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from engine.models.sources import BUILTIN_NAMES, BUILTIN_PREFIX
+from engine.models.sources import BUILTIN_IDS, BUILTIN_PREFIX
 from engine.params import MAX_PROMPT_CHARS, MAX_SEED, MAX_T_INDEX_ITEMS
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
 
@@ -206,11 +206,8 @@ class LogLevel(str, Enum):
 def _check_model_id(value: str) -> str:
     if not value.strip():
         raise _Problem("is empty", _MODEL_ID_ALLOWED)
-    if value.startswith(BUILTIN_PREFIX):
-        name = value[len(BUILTIN_PREFIX) :]
-        if name not in BUILTIN_NAMES:
-            builtins = " | ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
-            raise _Problem("is not a built-in model", builtins)
+    if value.startswith(BUILTIN_PREFIX) and value not in BUILTIN_IDS:
+        raise _Problem("is not a built-in model", " | ".join(BUILTIN_IDS))
     return value
 
 
@@ -246,7 +243,7 @@ def _is_loopback(host: str) -> bool:
 
 
 _MODEL_ID_ALLOWED = (
-    "a hub id (org/name), a local folder, a .safetensors/.ckpt file, or builtin:tiny / builtin:sd-turbo-shape"
+    "a hub id (org/name), a local folder, a .safetensors/.ckpt file, or " + " / ".join(BUILTIN_IDS)
 )
 
 ModelId = Annotated[StrictStr, _Allowed(_MODEL_ID_ALLOWED), AfterValidator(_check_model_id)]

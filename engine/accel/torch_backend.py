@@ -23,11 +23,10 @@ class TorchUNet:
     def __call__(
         self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
-        if not self.replays_graphs:
-            return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
-        torch.compiler.cudagraph_mark_step_begin()
+        if self.replays_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
-        return out.clone()
+        return out.clone() if self.replays_graphs else out
 
 
 class TorchVae:

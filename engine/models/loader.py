@@ -17,7 +17,7 @@ from engine.models.bundle import ModelBundle
 from engine.models.device import resolve_device, resolve_dtype
 from engine.models.errors import ModelLoadError, short_reason
 from engine.models.lora import LoraFactors, fuse_loras
-from engine.models.sources import ACCEPTED, BUILTIN_PREFIX, SourceKind, classify_source, local_path
+from engine.models.sources import ACCEPTED, SourceKind, builtin_name, classify_source, local_path
 from engine.progress import Progress, report
 
 __all__ = ["ModelRequest", "SourceKind", "classify_source", "load_models"]
@@ -253,22 +253,24 @@ def _load_builtin(
     request: ModelRequest, progress: Progress | None, factors: list[LoraFactors]
 ) -> dict[str, Any]:
     """A builtin model's parts (LoRAs fused if asked) and its scheduler config."""
-    name = request.id.strip().removeprefix(BUILTIN_PREFIX)
     _stage(progress, "building %s (random weights)", request.id)
     override = request.prediction_type
-    tiny = build_builtin_models(
-        name, seed=0, vae=request.vae, prediction_type="epsilon" if override == "auto" else override
+    built = build_builtin_models(
+        builtin_name(request.id),
+        seed=0,
+        vae=request.vae,
+        prediction_type="epsilon" if override == "auto" else override,
     )
     if request.lcm_lora or request.loras:
-        parts = (tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.scheduler_config)
+        parts = (built.unet, built.vae, built.text_encoder, built.tokenizer, built.scheduler_config)
         pipe = _sd_pipeline_class()(**sd_pipeline_parts(*parts))
         _fuse_requested(pipe, request, progress, factors)
     return {
-        "unet": tiny.unet,
-        "vae": tiny.vae,
-        "text_encoder": tiny.text_encoder,
-        "tokenizer": tiny.tokenizer,
-        "scheduler_config": tiny.scheduler_config,
+        "unet": built.unet,
+        "vae": built.vae,
+        "text_encoder": built.text_encoder,
+        "tokenizer": built.tokenizer,
+        "scheduler_config": built.scheduler_config,
     }
 
 
@@ -318,7 +320,7 @@ def load_vae(
     kind = classify_source(request.id)
     module: Any  # AutoencoderTiny | AutoencoderKL (diffusers' modules are untyped for mypy)
     if kind is SourceKind.BUILTIN:
-        module = build_builtin_vae(request.id.strip().removeprefix(BUILTIN_PREFIX), 0, vae)
+        module = build_builtin_vae(builtin_name(request.id), 0, vae)
     elif vae == "taesd":
         module = _load_taesd(request, dtype)
     else:

@@ -11,10 +11,8 @@ from engine.models.errors import ModelLoadError
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny", "sd-turbo-shape")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-ACCEPTED = (
-    "Give a hub id, a diffusers folder, a single .safetensors file or builtin:tiny "
-    "(builtin:sd-turbo-shape for benchmarks)."
-)
+BUILTIN_IDS = tuple(BUILTIN_PREFIX + name for name in BUILTIN_NAMES)
+ACCEPTED = f"Give a hub id, a diffusers folder, a single .safetensors file or {' / '.join(BUILTIN_IDS)}."
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
 
@@ -38,6 +36,11 @@ def local_path(name: str) -> Path:
     return Path(name).expanduser()
 
 
+def builtin_name(model_id: str) -> str:
+    """``builtin:tiny`` → ``tiny`` (the key of the builtin's spec)."""
+    return model_id.strip().removeprefix(BUILTIN_PREFIX)
+
+
 def classify_source(model_id: str) -> SourceKind:
     """The kind of source ``model_id`` names.
 
@@ -52,7 +55,7 @@ def classify_source(model_id: str) -> SourceKind:
     if name.startswith(BUILTIN_PREFIX):
         if name[len(BUILTIN_PREFIX) :] in BUILTIN_NAMES:
             return SourceKind.BUILTIN
-        choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
+        choices = ", ".join(BUILTIN_IDS)
         raise ModelLoadError(
             f"unknown builtin model {model_id!r}: the builtin models are {choices}."
         )
