@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,13 +66,36 @@ class Frame:
         )
 
 
+def check_rgba(
+    pixels: np.ndarray,
+    who: str,
+    size: tuple[int, int] | None = None,
+    pixel_format: PixelFormat = PixelFormat.RGBA,
+) -> np.ndarray:
+    """``pixels`` when they are packed uint8 ``(h, w, 4)`` (``pixel_format``'s channels), else ValueError.
+
+    ``size`` (height, width) pins ``h`` and ``w`` too. The error names ``who``, what came and
+    what is allowed, e.g. ``RecordSink.send: expected uint8 RGBA pixels of shape (h, w, 4),
+    got float32 (64, 64, 3)``.
+    """
+    channels = pixel_format.channels
+    height, width = size if size is not None else ("h", "w")
+    if (
+        pixels.dtype != np.uint8
+        or pixels.ndim != 3
+        or pixels.shape[2] != channels
+        or (size is not None and pixels.shape[:2] != size)
+    ):
+        raise ValueError(
+            f"{who}: expected uint8 {pixel_format.name} pixels of shape ({height}, {width}, {channels}), "
+            f"got {pixels.dtype} {pixels.shape}"
+        )
+    return pixels
+
+
 def to_rgba(array: np.ndarray, pixel_format: PixelFormat, flip_vertical: bool = False) -> np.ndarray:
     """Packed 8-bit ``(h, w, 3|4)`` in ``pixel_format`` → contiguous RGBA ``(h, w, 4)``."""
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != pixel_format.channels:
-        raise ValueError(
-            f"array of shape {array.shape} and dtype {array.dtype} is not packed "
-            f"{pixel_format.value} (expected uint8 (h, w, {pixel_format.channels}))"
-        )
+    check_rgba(array, "to_rgba", pixel_format=pixel_format)
     if flip_vertical:
         array = array[::-1]
     if pixel_format is PixelFormat.RGBA:
@@ -208,30 +232,55 @@ def unavailable_reason(name: str) -> str | None:
 
 def open_source(name: str, /, **options: Any) -> FrameSource:
     """Open the source of bridge ``name`` with its options (keyword arguments of its class)."""
-    info = _info(name)
-    if info.source is None:
-        raise ValueError(f"bridge {name!r} has no source; sources: {', '.join(source_names())}")
-    cls = getattr(importlib.import_module(info.module), info.source)
-    source: FrameSource = cls(**options)
+    source: FrameSource = _open(name, "source", options)
     return source
 
 
 def open_sink(name: str, /, **options: Any) -> FrameSink:
     """Open the sink of bridge ``name`` with its options (keyword arguments of its class)."""
-    info = _info(name)
-    if info.sink is None:
-        raise ValueError(f"bridge {name!r} has no sink; sinks: {', '.join(sink_names())}")
-    cls = getattr(importlib.import_module(info.module), info.sink)
-    sink: FrameSink = cls(**options)
+    sink: FrameSink = _open(name, "sink", options)
     return sink
 
 
+def _open(name: str, role: str, options: dict[str, Any]) -> Any:
+    """An instance of the ``role`` (``source`` or ``sink``) class of bridge ``name``."""
+    info = _info(name)
+    class_name: str | None = getattr(info, role)
+    if class_name is None:
+        raise ValueError(f"bridge {name!r} has no {role}; {role}s: {', '.join(_names(role))}")
+    return getattr(importlib.import_module(info.module), class_name)(**options)
+
+
+def _names(role: str) -> list[str]:
+    return [info.name for info in BRIDGES.values() if getattr(info, role)]
+
+
 def source_names() -> list[str]:
-    return [info.name for info in BRIDGES.values() if info.source]
+    return _names("source")
 
 
 def sink_names() -> list[str]:
-    return [info.name for info in BRIDGES.values() if info.sink]
+    return _names("sink")
+
+
+def shut_down(
+    resource: Any,
+    method: str,
+    what: str,
+    errors: tuple[type[BaseException], ...],
+    log: logging.Logger,
+) -> None:
+    """Call ``resource.<method>()`` (none: nothing); an SDK error is logged, never raised.
+
+    For ``close``: ``shut_down(receiver, "disconnect", "NDI receiver", ...)`` logs ``NDI
+    receiver did not disconnect cleanly: <error>`` as a warning on ``log``.
+    """
+    if resource is None:
+        return
+    try:
+        getattr(resource, method)()
+    except errors as exc:
+        log.warning("%s did not %s cleanly: %s", what, method, exc)
 
 
 def missing_sdk(extra: str, what: str, reason: str) -> BridgeUnavailable:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from fractions import Fraction
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Closing, Frame, PixelFormat, missing_sdk
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, check_rgba, missing_sdk, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ POLL_INTERVAL = 0.002
 CONNECTION_CHECK_INTERVAL = 0.25
 DEFAULT_FPS = 30.0
 MAX_FPS = 1000.0
+#: What cyndilib raises when the SDK fails.
+SDK_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
 
 #: Packed 8-bit layouts a receiver set to ``RGBX_RGBA`` (or ``BGRX_BGRA``) delivers:
 #: FourCC name → (byte order, alpha channel is padding and must read as opaque).
@@ -174,6 +177,7 @@ def check_sender_name(name: str) -> str:
     return name
 
 
+@dataclass(eq=False)
 class ConnectionWatch:
     """When a receiver's connection state means the source is gone (pure, clock passed in).
 
@@ -181,13 +185,12 @@ class ConnectionWatch:
     seconds is an error; a connected sender that sends no frames is not.
     """
 
-    def __init__(self, source: str, opened_at: float, connect_timeout: float, lost_after: float):
-        self.source = source
-        self.opened_at = opened_at
-        self.connect_timeout = connect_timeout
-        self.lost_after = lost_after
-        self.ever_connected = False
-        self.lost_since: float | None = None
+    source: str
+    opened_at: float
+    connect_timeout: float
+    lost_after: float
+    ever_connected: bool = field(default=False, init=False)
+    lost_since: float | None = field(default=None, init=False)
 
     def connected(self) -> None:
         """A frame arrived or the receiver reports a connection."""
@@ -341,7 +344,7 @@ class NdiSource(Closing):
                 self._next_check = now + CONNECTION_CHECK_INTERVAL
                 try:
                     connected = bool(self._receiver.is_connected())
-                except (RuntimeError, ValueError) as exc:
+                except SDK_ERRORS as exc:
                     raise BridgeError(f"NDI receiver failed: {exc}") from exc
                 problem = self._watch.update(now, connected)
                 if problem is not None:
@@ -364,7 +367,7 @@ class NdiSource(Closing):
             fourcc = self._ndi.FourCC(video.fourcc).name
             pixels = received_to_rgba(video.get_array(), width, height,
                                       int(video.get_line_stride()), fourcc)
-        except (RuntimeError, ValueError) as exc:
+        except SDK_ERRORS as exc:
             raise BridgeError(f"NDI receive from {self.name!r} failed: {exc}") from exc
         self._sequence += 1
         return Frame(pixels, time.monotonic(), self._sequence)
@@ -377,16 +380,8 @@ class NdiSource(Closing):
         receiver, self._receiver = self._receiver, None
         finder, self._finder = self._finder, None
         self._video = None
-        if receiver is not None:
-            try:
-                receiver.disconnect()
-            except (RuntimeError, ValueError) as exc:
-                log.warning("NDI receiver did not disconnect cleanly: %s", exc)
-        if finder is not None:
-            try:
-                finder.close()
-            except (RuntimeError, ValueError) as exc:
-                log.warning("NDI finder did not close cleanly: %s", exc)
+        shut_down(receiver, "disconnect", "NDI receiver", SDK_ERRORS, log)
+        shut_down(finder, "close", "NDI finder", SDK_ERRORS, log)
 
 
 
@@ -419,16 +414,14 @@ class NdiSink(Closing):
         """Send one RGBA frame; ``BridgeError`` when NDI refuses it."""
         if self._closed:
             raise BridgeError("NDI sink is closed")
-        pixels = frame.pixels
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 4:
-            raise ValueError(f"expected RGBA uint8 (h, w, 4), got {pixels.dtype} {pixels.shape}")
+        pixels = check_rgba(frame.pixels, "NdiSink.send")
         width, height = send_size(frame.width, frame.height)
         if (width, height) != self._size:
             self._open_sender(width, height)
         data = np.ascontiguousarray(pixels[:height, :width]).reshape(-1)
         try:
             sent = self._sender.write_video_async(data)
-        except (RuntimeError, ValueError) as exc:
+        except SDK_ERRORS as exc:
             raise BridgeError(f"NDI send failed: {exc}") from exc
         if not sent:
             raise BridgeError("NDI sender is not running")
@@ -452,11 +445,7 @@ class NdiSink(Closing):
 
     def _close_sender(self) -> None:
         sender, self._sender, self._size = self._sender, None, None
-        if sender is not None:
-            try:
-                sender.close()
-            except (RuntimeError, ValueError) as exc:
-                log.warning("NDI sender did not close cleanly: %s", exc)
+        shut_down(sender, "close", "NDI sender", SDK_ERRORS, log)
 
     def close(self) -> None:
         """Stop and destroy the sender; safe to call twice."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
+from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame, check_rgba
 from bridges.video import load_av
 
 if TYPE_CHECKING:
@@ -194,10 +194,7 @@ class RecordSink(Closing):
     def send(self, frame: Frame) -> None:
         """Encode one frame; ``BridgeError`` on a size change or an encoder failure."""
         av = self._av
-        pixels = frame.pixels
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 4:
-            raise ValueError(f"expected uint8 RGBA (h, w, 4) pixels, got {pixels.dtype} "
-                             f"{pixels.shape}")
+        pixels = check_rgba(frame.pixels, "RecordSink.send")
         height, width = int(pixels.shape[0]), int(pixels.shape[1])
         with self._lock:
             if self._closed:

@@ -68,7 +68,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
-from bridges.base import BridgeError, Closing, Frame, PixelFormat, SourceClosed, to_rgba
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, SourceClosed, check_rgba, to_rgba
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ class ShmPixelFormat(IntEnum):
 
     RGBA8 = 0
     BGRA8 = 1
+
+    @property
+    def layout(self) -> PixelFormat:
+        """The byte order as a ``PixelFormat`` (RGBA or BGRA)."""
+        return PixelFormat.BGRA if self is ShmPixelFormat.BGRA8 else PixelFormat.RGBA
 
 
 RGBA = ShmPixelFormat.RGBA8
@@ -413,9 +418,7 @@ class ShmWriter(Closing):
         mapped = self._map
         if mapped is None:
             raise BridgeError(f"shared-memory writer {self.name!r} is closed")
-        if pixels.shape != (self.height, self.width, BYTES_PER_PIXEL) or pixels.dtype != np.uint8:
-            raise ValueError(f"expected uint8 pixels of shape ({self.height}, {self.width}, 4), "
-                             f"got {pixels.dtype} {pixels.shape}")
+        check_rgba(pixels, "ShmWriter.write", (self.height, self.width), self.pixel_format.layout)
         if self._taken_over(mapped):
             raise BridgeError(f"shared-memory segment {self.name!r} was taken over by another "
                               "writer")

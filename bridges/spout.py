@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Closing, Frame, PixelFormat, missing_sdk
+from bridges.base import BridgeError, Closing, Frame, PixelFormat, check_rgba, missing_sdk
 
 log = logging.getLogger(__name__)
 
@@ -200,18 +200,27 @@ def unavailable_reason() -> str | None:
 
 
 class _ThreadBound:
-    """Creates the SDK object in the first thread that uses it and refuses other threads."""
+    """Creates the SDK object in the first thread that uses it and refuses other threads.
+
+    ``_sdk`` names the SpoutGL class, the method that sets its sender name and the one that
+    releases it, e.g. ``("SpoutSender", "setSenderName", "releaseSender")``.
+    """
 
     _kind = "Spout bridge"
+    _sdk: tuple[str, str, str]
 
-    def __init__(self) -> None:
+    def __init__(self, spout_name: str) -> None:
         self._spout = load_spoutgl(f"the {self._kind}")
+        self._spout_name = spout_name
         self._object: Any = None
         self._thread: int | None = None
         self._closed = False
 
     def _make(self) -> Any:
-        raise NotImplementedError
+        cls, set_name = self._sdk[:2]
+        spout_object = getattr(self._spout, cls)()
+        getattr(spout_object, set_name)(self._spout_name)
+        return spout_object
 
     def _bound(self) -> Any:
         if self._closed:
@@ -226,9 +235,6 @@ class _ThreadBound:
         self._object, self._thread = spout_object, threading.get_ident()
         return spout_object
 
-    def _release(self, spout_object: Any) -> None:
-        raise NotImplementedError
-
     def close(self) -> None:
         """Release the sender/receiver and the OpenGL context; safe to call twice."""
         if self._closed:
@@ -238,7 +244,7 @@ class _ThreadBound:
         if spout_object is None or self._thread is None:
             return
         try:
-            self._release(spout_object)
+            getattr(spout_object, self._sdk[2])()
         except SDK_ERRORS as exc:
             log.warning("%s did not release cleanly: %s", self._kind, exc)
         CONTEXTS.release(self._thread)
@@ -257,6 +263,7 @@ class SpoutSource(_ThreadBound, Closing):
     """
 
     _kind = "Spout source"
+    _sdk = ("SpoutReceiver", "setReceiverName", "releaseReceiver")
 
     def __init__(self, sender: str = TOUCHDESIGNER_SENDER, flip: bool = False,
                  find_timeout: float = FIND_TIMEOUT, fallback_fps: float = FALLBACK_FPS) -> None:
@@ -269,15 +276,7 @@ class SpoutSource(_ThreadBound, Closing):
         self._connected = False
         self._started: float | None = None
         self._sequence = 0
-        super().__init__()
-
-    def _make(self) -> Any:
-        receiver = self._spout.SpoutReceiver()
-        receiver.setReceiverName(self.sender)
-        return receiver
-
-    def _release(self, spout_object: Any) -> None:
-        spout_object.releaseReceiver()
+        super().__init__(self.sender)
 
     def recv(self, timeout: float) -> Frame | None:
         """The next new frame, or ``None`` after ``timeout`` seconds without one."""
@@ -342,25 +341,16 @@ class SpoutSink(_ThreadBound, Closing):
     """
 
     _kind = "Spout sink"
+    _sdk = ("SpoutSender", "setSenderName", "releaseSender")
 
     def __init__(self, name: str = "latentstage", flip: bool = False) -> None:
         self.name = check_name(name, allow_empty=False)
         self.flip = bool(flip)
-        super().__init__()
-
-    def _make(self) -> Any:
-        sender = self._spout.SpoutSender()
-        sender.setSenderName(self.name)
-        return sender
-
-    def _release(self, spout_object: Any) -> None:
-        spout_object.releaseSender()
+        super().__init__(self.name)
 
     def send(self, frame: Frame) -> None:
         """Share one RGBA frame; ``BridgeError`` when Spout cannot."""
-        pixels = frame.pixels
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 4:
-            raise ValueError(f"expected RGBA uint8 (h, w, 4), got {pixels.dtype} {pixels.shape}")
+        pixels = check_rgba(frame.pixels, "SpoutSink.send")
         sender = self._bound()
         pixels = np.ascontiguousarray(pixels)
         try:

@@ -13,7 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Closing, Frame, PixelFormat, from_rgba, missing_sdk, to_rgba
+from bridges.base import (
+    BridgeError,
+    Closing,
+    Frame,
+    PixelFormat,
+    check_rgba,
+    from_rgba,
+    missing_sdk,
+    shut_down,
+    to_rgba,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +265,7 @@ class SyphonSource(Closing):
             return
         self._closed = True
         client, self._client = self._client, None
-        if client is not None:
-            try:
-                client.stop()
-            except self._sdk.errors as exc:
-                log.warning("Syphon client did not stop cleanly: %s", exc)
+        shut_down(client, "stop", "Syphon client", self._sdk.errors, log)
 
 
 
@@ -291,9 +297,7 @@ class SyphonSink(Closing):
         """Publish one RGBA frame; ``BridgeError`` when Syphon refuses it."""
         if self._closed:
             raise BridgeError("Syphon sink is closed")
-        pixels = frame.pixels
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 4:
-            raise ValueError(f"expected RGBA uint8 (h, w, 4), got {pixels.dtype} {pixels.shape}")
+        pixels = check_rgba(frame.pixels, "SyphonSink.send")
         data = upload_pixels(pixels, self.flip)
         try:
             if (frame.width, frame.height) != self._size:
@@ -315,8 +319,5 @@ class SyphonSink(Closing):
             if _OWN_SERVERS[self.name] <= 0:
                 del _OWN_SERVERS[self.name]
         self._texture = None
-        try:
-            self._server.stop()
-        except self._sdk.errors as exc:
-            log.warning("Syphon server did not stop cleanly: %s", exc)
+        shut_down(self._server, "stop", "Syphon server", self._sdk.errors, log)
 

@@ -20,6 +20,7 @@ from engine.contenders import Contender, Peer
 from engine.models.bundle import ModelBundle
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.progress import Progress, report
+from engine.runtime.changes import open_pipeline
 from engine.stream.modes import CfgType, GenerationMode
 
 logger = logging.getLogger(__name__)
@@ -234,15 +235,15 @@ def _sequential_step(pipe: StreamPipeline) -> Callable[[torch.Tensor], object]:
     def step(frame: torch.Tensor) -> torch.Tensor:
         b = pipe.batch
         s = b.schedule
-        x = b.noised_input(pipe.vae_runner.encode(frame.to(pipe.device, pipe.dtype)))
+        x = b.noised_input(pipe.runners.vae.encode(frame.to(pipe.device, pipe.dtype)))
         x0 = x
         _, _, embeddings = pipe.unet_inputs()
         for i in range(b.n):
-            eps = pipe.unet_runner(x, s.timesteps[i : i + 1], embeddings[i : i + 1])
+            eps = pipe.runners.unet(x, s.timesteps[i : i + 1], embeddings[i : i + 1])
             x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
             if i < b.n - 1:
                 x = s.alpha[i + 1] * x0 + s.beta[i + 1] * b.noise[i + 1 : i + 2]
-        return pipe.vae_runner.decode(x0)
+        return pipe.runners.vae.decode(x0)
 
     return step
 
@@ -329,7 +330,7 @@ def run_bench(
     if BenchGroup.BACKEND in groups and backends:
         say("backends: torch eager, " + ", ".join(b.describe() for b in backends))
         pipes = [StreamPipeline(models, settings)]
-        pipes += [StreamPipeline(models, settings, backend=backend) for backend in backends]
+        pipes += [open_pipeline(models, settings, backend) for backend in backends]
         rates = side_by_side(pipes, moving, warmup, rounds)
         names = ["torch eager", *(backend.describe()[:40] for backend in backends)]
         for name, timing in zip(names, rates):

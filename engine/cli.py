@@ -414,7 +414,8 @@ def _make_backend(config: Any, models: Any) -> Any:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from engine.accel.backends import BackendKind, unavailable_reason
-    from engine.pipeline import PipelineSettings, StreamPipeline
+    from engine.pipeline import PipelineSettings
+    from engine.runtime.changes import open_pipeline
 
     config = _load_config_or_report(args)
     if config is None:
@@ -437,7 +438,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return EXIT_MODEL_ERROR
     backend = _make_backend(config, models)
     started = time.monotonic()
-    pipeline = StreamPipeline(models, PipelineSettings.from_config(config), backend=backend)
+    pipeline = open_pipeline(models, PipelineSettings.from_config(config), backend)
     keys = [*backend.unet_keys([pipeline.unet_shape()]), *backend.vae_keys()]
     for width, height in sizes:
         try:
@@ -478,7 +479,7 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
     from engine.accel.backends import BackendUnavailableError
     from engine.config import presets_dir
     from engine.preflight import check_start
-    from engine.runtime.engine import build_engine
+    from engine.runtime.engine import engine_from_config
 
     problems = _unavailable_bridges(config)
     if problems:
@@ -506,7 +507,7 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
         return EXIT_OK
     try:
         backend = _make_backend(config, models)
-        engine = build_engine(config, models, backend=backend, keep_recordings=args.resume)
+        engine = engine_from_config(config, models, backend=backend, keep_recordings=args.resume)
     except BackendUnavailableError as error:
         print(f"latentstage: {error}", file=sys.stderr)
         return EXIT_BACKEND_UNAVAILABLE

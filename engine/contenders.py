@@ -91,7 +91,7 @@ def floor(pipe: StreamPipeline) -> Contender:
     """
     latents, timesteps, embeddings = pipe.unet_inputs()
     latents, timesteps, embeddings = latents.clone(), timesteps.clone(), embeddings.clone()
-    unet, vae = pipe.unet_runner, pipe.vae_runner
+    unet, vae = pipe.runners.unet, pipe.runners.vae
 
     @torch.inference_mode()
     def step(frame: torch.Tensor) -> torch.Tensor:

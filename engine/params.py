@@ -6,7 +6,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -37,6 +37,14 @@ class ParamKind(str, Enum):
     ACTION = "action"
 
 
+class Applies(str, Enum):
+    """Where a live parameter takes effect."""
+
+    PIPELINE = "pipeline"  # StreamPipeline.plan / commit
+    RUNTIME = "runtime"  # the engine's frame loop (bypass, pause)
+    CONTROL = "control"  # actions the control service answers (scenes, /status)
+
+
 class ParamError(ValueError):
     """A live parameter value that was refused; the message names the value and what is allowed."""
 
@@ -63,6 +71,15 @@ class ParamSpec:
         in_scene: saved by ``/preset/save`` and restored by ``/preset/load``.
         restored: kept in the live-state autosave and restored when the supervisor restarts
             the engine (``live_state_params``); actions never are.
+        group: the heading it is listed under (docs, OSCQuery containers, the TD page).
+        applies: where it takes effect (the pipeline, the engine loop, the control service).
+        changes_shape: may change the shapes the UNet / VAE run at (n, cfg batch, size), so a
+            backend with static engines builds before the change commits.
+        needs_encoding: the text encoder runs before the change may apply (off the frame loop).
+        overridden_by: a parameter whose newer value clears this one (``/prompt`` ends a
+            prompt blend; ``/t_index_list`` replaces what ``/strength`` made of it).
+        config_key: ``section.key`` of its starting value in config.yaml (``None``: none there);
+            the config schema takes that field's default and range from this spec.
     """
 
     name: str
@@ -79,7 +96,11 @@ class ParamSpec:
     in_scene: bool = True
     restored: bool = True
     group: str = "stream"
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    applies: Applies = Applies.PIPELINE
+    changes_shape: bool = False
+    needs_encoding: bool = False
+    overridden_by: str | None = None
+    config_key: str | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -337,18 +358,22 @@ def _specs() -> tuple[ParamSpec, ...]:
         ParamSpec(
             "prompt",
             k.STRING,
-            "",
+            "a photograph of a neon jellyfish, studio lighting",
             "Prompt; an optional second argument crossfades over that many seconds.",
             "/prompt",
             "s [f]",
+            needs_encoding=True,
+            config_key="stream.prompt",
         ),
         ParamSpec(
             "negative_prompt",
             k.STRING,
-            "",
+            "low quality, blurry",
             "Negative prompt, used by cfg_type full and onetime.",
             "/negative_prompt",
             "s",
+            needs_encoding=True,
+            config_key="stream.negative_prompt",
         ),
         ParamSpec(
             "prompt_blend",
@@ -358,6 +383,8 @@ def _specs() -> tuple[ParamSpec, ...]:
             "/prompt_blend",
             "(s f)+",
             max_items=MAX_BLEND_ITEMS,
+            needs_encoding=True,
+            overridden_by="prompt",
         ),
         ParamSpec(
             "prompt_blend_method",
@@ -367,6 +394,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "/prompt_blend_method",
             "s",
             choices=tuple(m.value for m in BlendMethod),
+            config_key="stream.prompt_blend_method",
         ),
         ParamSpec(
             "guidance_scale",
@@ -378,6 +406,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             aliases=("/guidance",),
             minimum=0.0,
             maximum=20.0,
+            config_key="stream.guidance_scale",
         ),
         ParamSpec(
             "delta",
@@ -388,6 +417,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "f",
             minimum=0.0,
             maximum=5.0,
+            config_key="stream.delta",
         ),
         ParamSpec(
             "cfg_type",
@@ -397,6 +427,8 @@ def _specs() -> tuple[ParamSpec, ...]:
             "/cfg_type",
             "s",
             choices=tuple(m.value for m in CfgType),
+            changes_shape=True,
+            config_key="stream.cfg_type",
         ),
         ParamSpec(
             "seed",
@@ -407,6 +439,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "i",
             minimum=0,
             maximum=MAX_SEED,
+            config_key="stream.seed",
         ),
         ParamSpec(
             "seed_blend",
@@ -416,6 +449,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "/seed_blend",
             "(i f)+",
             max_items=MAX_BLEND_ITEMS,
+            overridden_by="seed",
         ),
         ParamSpec(
             "t_index_list",
@@ -427,6 +461,8 @@ def _specs() -> tuple[ParamSpec, ...]:
             minimum=0,
             maximum=999,
             max_items=MAX_T_INDEX_ITEMS,
+            changes_shape=True,
+            config_key="stream.t_index_list",
         ),
         ParamSpec(
             "strength",
@@ -439,6 +475,8 @@ def _specs() -> tuple[ParamSpec, ...]:
             maximum=1.0,
             in_scene=False,  # t_index_list holds the result
             restored=False,
+            changes_shape=True,
+            overridden_by="t_index_list",
         ),
         ParamSpec(
             "lora_scales",
@@ -462,6 +500,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             minimum=MIN_SIDE,
             maximum=MAX_SIDE,
             in_scene=False,  # a show-level setting: recalling a look must not start engine builds
+            changes_shape=True,
         ),
         ParamSpec(
             "similarity_filter_enabled",
@@ -471,6 +510,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "/similarity_filter/enabled",
             "T|F|i",
             group="similarity_filter",
+            config_key="similarity_filter.enabled",
         ),
         ParamSpec(
             "similarity_filter_threshold",
@@ -482,6 +522,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             minimum=0.0,
             maximum=0.9999,
             group="similarity_filter",
+            config_key="similarity_filter.threshold",
         ),
         ParamSpec(
             "similarity_filter_max_skip_frames",
@@ -493,6 +534,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             minimum=0,
             maximum=10000,
             group="similarity_filter",
+            config_key="similarity_filter.max_skip_frames",
         ),
         ParamSpec(
             "bypass",
@@ -502,6 +544,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "/bypass",
             "i",
             group="runtime",
+            applies=Applies.RUNTIME,
         ),
         ParamSpec(
             "pause",
@@ -512,6 +555,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "i",
             group="runtime",
             in_scene=False,
+            applies=Applies.RUNTIME,
         ),
         ParamSpec(
             "preset_load",
@@ -522,6 +566,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "s",
             group="scene",
             in_scene=False,
+            applies=Applies.CONTROL,
         ),
         ParamSpec(
             "preset_save",
@@ -532,6 +577,7 @@ def _specs() -> tuple[ParamSpec, ...]:
             "s",
             group="scene",
             in_scene=False,
+            applies=Applies.CONTROL,
         ),
         ParamSpec(
             "status",
@@ -542,11 +588,61 @@ def _specs() -> tuple[ParamSpec, ...]:
             "",
             group="control",
             in_scene=False,
+            applies=Applies.CONTROL,
         ),
     )
 
 
 REGISTRY: dict[str, ParamSpec] = {spec.name: spec for spec in _specs()}
+
+
+def names_where(
+    applies: Applies | None = None,
+    changes_shape: bool | None = None,
+    needs_encoding: bool | None = None,
+) -> tuple[str, ...]:
+    """Names of the registry entries that match every given field, in registry order."""
+    return tuple(
+        spec.name
+        for spec in REGISTRY.values()
+        if (applies is None or spec.applies is applies)
+        and (changes_shape is None or spec.changes_shape is changes_shape)
+        and (needs_encoding is None or spec.needs_encoding is needs_encoding)
+    )
+
+
+PIPELINE_PARAMS = names_where(applies=Applies.PIPELINE)
+"""What ``StreamPipeline.plan`` accepts."""
+RUNTIME_PARAMS = names_where(applies=Applies.RUNTIME)
+"""What the engine loop applies itself (bypass, pause)."""
+LIVE_PARAMS = PIPELINE_PARAMS + RUNTIME_PARAMS
+"""Every value ``Engine.submit`` accepts (actions are answered by the control service)."""
+SHAPE_PARAMS = names_where(changes_shape=True)
+"""Changes that may need runners of another shape (n, the cfg batch, the output size); while
+one waits for its engines, later ones join it."""
+ENCODED_PARAMS = names_where(needs_encoding=True)
+"""Changes the text encoder prepares before the engine may apply them."""
+
+
+def overridden(names: Iterable[str]) -> set[str]:
+    """The parameters a change of ``names`` clears (``overridden_by`` one of them)."""
+    given = set(names)
+    return {spec.name for spec in REGISTRY.values() if spec.overridden_by in given}
+
+
+def merge_changes(older: Mapping[str, Any], newer: Mapping[str, Any]) -> dict[str, Any]:
+    """Two changes as one, in order: newer values win and clear what they override."""
+    merged = {name: value for name, value in older.items() if name not in overridden(newer)}
+    merged.update(newer)
+    return merged
+
+
+def config_default(key: str) -> Any:
+    """The registry default of the parameter whose starting value is config ``key``."""
+    for spec in REGISTRY.values():
+        if spec.config_key == key:
+            return spec.default
+    raise KeyError(f"no live parameter starts from config {key!r}")
 
 
 def to_plain(value: Any) -> Any:
@@ -559,6 +655,8 @@ def to_plain(value: Any) -> Any:
 def live_state_params() -> list[str]:
     """Parameters the live-state autosave keeps: every live value a restart must bring back."""
     return [spec.name for spec in REGISTRY.values() if spec.restored and spec.kind is not ParamKind.ACTION]
+
+
 BY_ADDRESS: dict[str, ParamSpec] = {
     address: spec for spec in REGISTRY.values() for address in spec.addresses
 }

@@ -1,21 +1,20 @@
-"""StreamPipeline: encode → stream step → decode; owns the caches; applies live changes."""
+"""StreamPipeline: encode → stream step → decode; owns the caches; plans and commits live changes."""
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from engine import params
-from engine.accel.backends import Backend
 from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
-from engine.models.lora import LoraFactors, rescale_loras, touched_parameters
-from engine.params import ParamError
+from engine.params import ENCODED_PARAMS, PIPELINE_PARAMS, ParamError
 from engine.prompting import PromptEncoder
 from engine.stream.attention import CrossFrameAttnProcessor
 from engine.stream.batch import StreamBatch
@@ -27,98 +26,116 @@ from engine.stream.similarity import SimilarityFilter
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_PARAMS: tuple[str, ...] = (
-    "prompt",
-    "negative_prompt",
-    "prompt_blend",
-    "prompt_blend_method",
-    "guidance_scale",
-    "delta",
-    "cfg_type",
-    "seed",
-    "seed_blend",
-    "t_index_list",
-    "strength",
-    "lora_scales",
-    "resolution",
-    "similarity_filter_enabled",
-    "similarity_filter_threshold",
-    "similarity_filter_max_skip_frames",
-)
-"""Live parameters ``StreamPipeline.apply`` accepts (names from ``engine.params``)."""
+
+@dataclass(frozen=True)
+class Runners:
+    """The UNet and VAE runners a pipeline calls (``engine.accel``); torch eager by default."""
+
+    unet: UNetRunner
+    vae: VaeRunner
 
 
-class NeedsEngine(Exception):
-    """A change needs runners of another shape that the backend has not built yet.
+@dataclass(frozen=True)
+class BuildTarget:
+    """Runners a change needs before it can commit: a UNet shape and, for a new size, the VAE's."""
 
-    Raised by ``apply`` before anything changed; the runtime prepares ``shape`` (and
-    ``vae_shape`` when the resolution changes) off the frame loop — the current configuration
-    keeps running — and applies the change when they are ready.
-    """
-
-    def __init__(self, shape: UNetShape, vae_shape: VaeShape | None = None) -> None:
-        super().__init__(f"no engine yet for UNet {build_label(shape, vae_shape)} ({shape})")
-        self.shape = shape
-        self.vae_shape = vae_shape
+    unet: UNetShape
+    vae: VaeShape | None = None
 
     @property
     def label(self) -> str:
-        """A short name for logs: ``batch 3`` or ``batch 2 at 768x512``."""
-        return build_label(self.shape, self.vae_shape)
+        """``batch 3`` or ``batch 2 at 768x512``: what is being built, for logs and the status."""
+        if self.vae is None:
+            return f"batch {self.unet.batch}"
+        return f"batch {self.unet.batch} at {self.vae.width}x{self.vae.height}"
 
 
-def build_label(shape: UNetShape, vae_shape: VaeShape | None) -> str:
-    """``batch 3`` or ``batch 2 at 768x512``: what is being built, for logs and the status."""
-    if vae_shape is None:
-        return f"batch {shape.batch}"
-    return f"batch {shape.batch} at {vae_shape.width}x{vae_shape.height}"
+@dataclass(frozen=True)
+class LoraChange:
+    """New scales for the configured LoRAs (``Backend.set_lora_scales`` applies them)."""
+
+    old: list[float]
+    new: list[float]
+    text_encoder: bool  # the text encoder's weights change too: prompts are encoded again
+
+
+@dataclass
+class ChangePlan:
+    """Everything a live change makes, computed by ``StreamPipeline.plan``; nothing is in use yet.
+
+    ``commit`` swaps it in. ``target`` names the runners it needs when its shapes differ from
+    the ones playing; ``lora`` the weight change the backend makes before the commit.
+    """
+
+    accepted: dict[str, Any]
+    state: dict[str, Any]
+    version: int
+    unet_shape: UNetShape
+    vae_shape: VaeShape
+    target: BuildTarget | None
+    latent_shape: tuple[int, int, int]
+    batch_plan: dict[str, object]
+    positive: torch.Tensor
+    negative: torch.Tensor
+    embeddings: torch.Tensor
+    layout_changed: bool
+    lora: LoraChange | None
+
+    @property
+    def size_changed(self) -> bool:
+        return self.target is not None and self.target.vae is not None
+
+
+def _live(name: str, kind: Callable[[Any], Any] = lambda v: v) -> Callable[[], Any]:
+    """A default factory: the registry's default of ``name`` (``engine.params``), as ``kind``."""
+    default = params.get(name).default
+    return lambda: kind(copy.deepcopy(default))
 
 
 @dataclass
 class PipelineSettings:
-    """Start-up settings of a StreamPipeline (the ``stream`` and ``similarity_filter`` config)."""
+    """Start-up settings of a StreamPipeline: the live parameters' starting values (defaults from
+    the registry) and the fixed ones (mode, schedule length, noise, cross-frame attention)."""
 
-    width: int = 512
-    height: int = 512
+    width: int = field(default_factory=lambda: _live("resolution")()[0])
+    height: int = field(default_factory=lambda: _live("resolution")()[1])
     mode: GenerationMode = GenerationMode.IMG2IMG
-    t_index_list: list[int] = field(default_factory=lambda: [32, 45])
+    t_index_list: list[int] = field(default_factory=_live("t_index_list"))
     num_inference_steps: int = 50
-    cfg_type: CfgType = CfgType.SELF
-    guidance_scale: float = 1.2
-    delta: float = 1.0
-    prompt: str = ""
-    negative_prompt: str = ""
-    prompt_blend_method: BlendMethod = BlendMethod.SLERP
-    seed: int = 2
+    cfg_type: CfgType = field(default_factory=_live("cfg_type", CfgType))
+    guidance_scale: float = field(default_factory=_live("guidance_scale"))
+    delta: float = field(default_factory=_live("delta"))
+    prompt: str = field(default_factory=_live("prompt"))
+    negative_prompt: str = field(default_factory=_live("negative_prompt"))
+    prompt_blend_method: BlendMethod = field(default_factory=_live("prompt_blend_method", BlendMethod))
+    seed: int = field(default_factory=_live("seed"))
     add_noise: bool = True
     cross_frame_attention: bool = False
-    similarity_filter_enabled: bool = False
-    similarity_filter_threshold: float = 0.98
-    similarity_filter_max_skip_frames: int = 10
+    similarity_filter_enabled: bool = field(default_factory=_live("similarity_filter_enabled"))
+    similarity_filter_threshold: float = field(default_factory=_live("similarity_filter_threshold"))
+    similarity_filter_max_skip_frames: int = field(default_factory=_live("similarity_filter_max_skip_frames"))
 
     @classmethod
     def from_config(cls, config: Any) -> PipelineSettings:
-        """Read ``config.stream`` and ``config.similarity_filter`` (the validated schema)."""
-        stream, ssf = config.stream, config.similarity_filter
+        """Read the validated config: every live parameter from its registry ``config_key``."""
+        stream = config.stream
+        values: dict[str, Any] = {}
+        for spec in params.REGISTRY.values():
+            if spec.config_key is not None and spec.name in _SETTINGS_FIELDS:
+                section, key = spec.config_key.split(".")
+                values[spec.name] = copy.deepcopy(getattr(getattr(config, section), key))
         return cls(
             width=stream.width,
             height=stream.height,
             mode=GenerationMode(stream.mode),
-            t_index_list=list(stream.t_index_list),
             num_inference_steps=stream.num_inference_steps,
-            cfg_type=CfgType(stream.cfg_type),
-            guidance_scale=stream.guidance_scale,
-            delta=stream.delta,
-            prompt=stream.prompt,
-            negative_prompt=stream.negative_prompt,
-            prompt_blend_method=BlendMethod(stream.prompt_blend_method),
-            seed=stream.seed,
             add_noise=stream.add_noise,
             cross_frame_attention=stream.cross_frame_attention,
-            similarity_filter_enabled=ssf.enabled,
-            similarity_filter_threshold=ssf.threshold,
-            similarity_filter_max_skip_frames=ssf.max_skip_frames,
+            **values,
         )
+
+
+_SETTINGS_FIELDS = frozenset(f.name for f in fields(PipelineSettings))
 
 
 @dataclass
@@ -138,21 +155,21 @@ class StreamPipeline:
 
     ``pipeline(image)`` takes one frame ``(1, 3, H, W)`` in [-1, 1] (``None`` in txt2img mode)
     and returns the finished frame of the same shape, or ``None`` while the stream batch is
-    still filling (the first n − 1 frames). Live changes go through ``apply`` between frames.
+    still filling (the first n − 1 frames). A live change is ``plan(changes)`` (validates and
+    computes everything, touches nothing) then ``commit(plan, runners)`` between two frames.
 
     Args:
         models: loaded model parts (``engine.models``), on their device and dtype.
         settings: start-up values of every live parameter and the fixed ones (size, mode).
-        unet_runner, vae_runner: backend seam (``engine.accel``); torch eager by default.
+        runners: the UNet and VAE runners for the start-up shapes (``engine.accel``); torch
+            eager (which serves every shape) by default.
     """
 
     def __init__(
         self,
         models: ModelBundle,
         settings: PipelineSettings | None = None,
-        unet_runner: UNetRunner | None = None,
-        vae_runner: VaeRunner | None = None,
-        backend: Backend | None = None,
+        runners: Runners | None = None,
     ) -> None:
         self.models = models
         self.settings = settings = settings or PipelineSettings()
@@ -161,31 +178,25 @@ class StreamPipeline:
         self.height, self.width = settings.height, settings.width
         self.latent_shape = self.latent_shape_for(settings.width, settings.height)
         self.mode = settings.mode
-        self.unet_runner: UNetRunner = unet_runner or TorchUNet(models.unet)
-        self.vae_runner: VaeRunner = vae_runner or TorchVae(models.vae, models.vae_scaling_factor)
+        self.runners = runners or Runners(
+            TorchUNet(models.unet), TorchVae(models.vae, models.vae_scaling_factor)
+        )
         self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
         self.stats = PipelineStats()
         self.last_output: torch.Tensor | None = None
+        self.version = 0  # commits so far: a plan made before another commit is stale
 
         self._configured_lora_scales = list(models.lora_scales)
-        self.state: dict[str, Any] = {
-            "prompt": settings.prompt,
-            "negative_prompt": settings.negative_prompt,
-            "prompt_blend": None,
-            "prompt_blend_method": BlendMethod(settings.prompt_blend_method).value,
-            "guidance_scale": float(settings.guidance_scale),
-            "delta": float(settings.delta),
-            "cfg_type": CfgType(settings.cfg_type).value,
-            "seed": int(settings.seed),
-            "seed_blend": None,
-            "t_index_list": list(settings.t_index_list),
-            "strength": None,
-            "lora_scales": list(models.lora_scales) if models.lora_factors else None,
-            "resolution": [int(settings.width), int(settings.height)],
-            "similarity_filter_enabled": bool(settings.similarity_filter_enabled),
-            "similarity_filter_threshold": float(settings.similarity_filter_threshold),
-            "similarity_filter_max_skip_frames": int(settings.similarity_filter_max_skip_frames),
-        }
+        self.state: dict[str, Any] = {name: None for name in PIPELINE_PARAMS}  # registry order
+        self.state.update(
+            {
+                name: params.get(name).coerce(getattr(settings, name))
+                for name in PIPELINE_PARAMS
+                if name in _SETTINGS_FIELDS
+            }
+        )
+        self.state["lora_scales"] = list(models.lora_scales) if models.lora_factors else None
+        self.state["resolution"] = [int(settings.width), int(settings.height)]
         self.similarity_filter = SimilarityFilter(
             settings.similarity_filter_threshold,
             settings.similarity_filter_max_skip_frames,
@@ -208,10 +219,6 @@ class StreamPipeline:
         self._cross_frame: CrossFrameAttnProcessor | None = None
         if settings.cross_frame_attention:
             self._install_cross_frame_attention()
-        self.backend = backend
-        if backend is not None:
-            self.vae_runner = backend.prepare_vae(self.vae_shape())
-            self.unet_runner = backend.prepare_unet(self.unet_shape())
 
     # ------------------------------------------------------------------ per frame
     @torch.inference_mode()
@@ -234,138 +241,182 @@ class StreamPipeline:
                     return self.last_output
             # 3. VAE encode, then noise slot 0 with its cached noise
             self.stats.vae_encodes += 1
-            latent = self.batch.noised_input(self.vae_runner.encode(image))
+            latent = self.batch.noised_input(self.runners.vae.encode(image))
         # 4. one UNet call on the stream batch + batched LCM step
         self.stats.unet_calls += 1
-        x0 = self.batch.step(latent, self.unet_runner, self._embeddings)
+        x0 = self.batch.step(latent, self.runners.unet, self._embeddings)
         if x0 is None:
             return None
         # 5. decode the finished (oldest) slot
         self.stats.vae_decodes += 1
-        output = self.vae_runner.decode(x0).clamp_(-1.0, 1.0)
+        output = self.runners.vae.decode(x0).clamp_(-1.0, 1.0)
         self.stats.frames_out += 1
         self.last_output = output
         return output
 
     # ------------------------------------------------------------------ live changes
-    def apply(self, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """Apply live parameter changes at a frame boundary; all or nothing.
+    def target_for(self, changes: Mapping[str, Any]) -> BuildTarget | None:
+        """The runners ``changes`` needs when its shapes differ from the ones playing, else ``None``.
 
-        Every value is validated (``engine.params``) and everything that can fail is prepared
-        before any state changes, so a refused change leaves the pipeline exactly as it was.
-        Prompt embeddings are encoded only when the prompt text changes.
-
-        Returns:
-            The accepted changes in canonical form (what a control surface should echo).
+        Cheap (validation and shape arithmetic, no tensors): the runtime asks before it plans, so
+        a change that waits for a build is planned once, when its runners are ready.
 
         Raises:
             ParamError: naming the parameter, the bad value and what is allowed.
         """
-        accepted = params.validate_changes(changes, PIPELINE_PARAMS)
-        if not accepted:
-            return {}
-        new_state = dict(self.state)
-        new_state.update(accepted)
-        # /prompt and /seed go back to a single prompt / seed
-        if "prompt" in accepted and "prompt_blend" not in accepted:
-            new_state["prompt_blend"] = None
-        if "seed" in accepted and "seed_blend" not in accepted:
-            new_state["seed_blend"] = None
-        if "t_index_list" in accepted and accepted.get("strength") is not None:
-            raise ParamError("strength", "give t_index_list or strength in one change, not both")
-        if accepted.get("strength") is not None:
-            new_state["t_index_list"] = strength_to_t_index_list(
-                accepted["strength"], self.batch.n, self.settings.num_inference_steps
-            )
-        elif "t_index_list" in accepted:
-            new_state["strength"] = None
-        lora_plan = "none"
-        if "lora_scales" in accepted:
-            new_state["lora_scales"] = accepted["lora_scales"] = self._check_lora_scales(
-                accepted["lora_scales"]
-            )
-            lora_plan = self._lora_plan(self.state["lora_scales"], new_state["lora_scales"])
+        _accepted, state = self._proposal(changes)
+        return self._target(*self._shapes(state))
 
-        # prepare (may raise; nothing is changed yet)
-        cfg_type = CfgType(new_state["cfg_type"])
-        width, height = new_state["resolution"]
-        size_changed = (width, height) != (self.width, self.height)
-        latent_shape = self.latent_shape_for(width, height) if size_changed else self.latent_shape
-        schedule_changed = new_state["t_index_list"] != self.state["t_index_list"]
-        schedule = self._schedule(new_state["t_index_list"]) if schedule_changed else self.batch.schedule
-        n = schedule.n
+    def plan(self, changes: Mapping[str, Any]) -> ChangePlan:
+        """Validate ``changes`` and make everything they need; the pipeline is not touched.
+
+        Prompts are encoded only when their text changes; the stream batch's new tensors (the
+        big allocations of a resolution change) are made here, so running out of memory refuses
+        the change instead of half-applying it.
+
+        Raises:
+            ParamError: naming the parameter, the bad value and what is allowed.
+        """
+        accepted, state = self._proposal(changes)
+        unet_shape, vae_shape = self._shapes(state)
+        cfg_type = CfgType(state["cfg_type"])
+        width, height = state["resolution"]
+        latent_shape = self.latent_shape_for(width, height)
+        size_changed = latent_shape != self.latent_shape or (width, height) != (self.width, self.height)
+        schedule_changed = state["t_index_list"] != self.state["t_index_list"]
+        schedule = self._schedule(state["t_index_list"]) if schedule_changed else self.batch.schedule
         noise_keys = ("seed", "seed_blend", "prompt_blend_method")
-        noise_changed = (
-            schedule_changed or size_changed or any(new_state[k] != self.state[k] for k in noise_keys)
-        )
-        noise = self._noise(new_state, n, latent_shape) if noise_changed else self.batch.noise
-        prompt_keys = ("prompt", "negative_prompt", "prompt_blend", "prompt_blend_method")
-        prompt_changed = any(new_state[k] != self.state[k] for k in prompt_keys)
+        noise_changed = schedule_changed or size_changed or any(state[k] != self.state[k] for k in noise_keys)
+        noise = self._noise(state, schedule.n, latent_shape) if noise_changed else self.batch.noise
+        prompt_keys = (*ENCODED_PARAMS, "prompt_blend_method")
+        prompt_changed = any(state[k] != self.state[k] for k in prompt_keys)
         positive, negative = (
-            self._prompt_embeddings(new_state) if prompt_changed else (self._positive, self._negative)
+            self._prompt_embeddings(state) if prompt_changed else (self._positive, self._negative)
         )
-        shape_changed = n != self.batch.n or cfg_type is not self.batch.cfg_type or size_changed
-        runner, vae_runner = self.unet_runner, self.vae_runner
-        old_shapes = (self.unet_shape(), self.vae_shape())
-        new_shapes = (self.unet_shape(n, cfg_type, latent_shape), self.vae_shape(width, height))
-        if shape_changed and self.backend is not None:
-            ready = self.backend.unet_for(new_shapes[0])
-            ready_vae = self.backend.vae_for(new_shapes[1]) if size_changed else vae_runner
-            if ready is None or ready_vae is None:
-                raise NeedsEngine(new_shapes[0], new_shapes[1] if size_changed else None)
-            runner, vae_runner = ready, ready_vae
-        elif size_changed and not (isinstance(runner, TorchUNet) and isinstance(vae_runner, TorchVae)):
-            raise ParamError(
-                "resolution",
-                f"this pipeline's runners are fixed to {self.width}x{self.height} and it has no "
-                "backend to build others; allowed: the current size",
-            )
-        layout_changed = prompt_changed or shape_changed
+        target = self._target(unet_shape, vae_shape)
+        layout_changed = prompt_changed or target is not None
         embeddings = (
-            layout_embeddings(cfg_type, n, positive, negative) if layout_changed else self._embeddings
+            layout_embeddings(cfg_type, schedule.n, positive, negative)
+            if layout_changed
+            else self._embeddings
         )
-
-        # the new stream-batch tensors (the big allocations of a resolution change) are made
-        # here, so running out of memory refuses the change instead of half-applying it
         batch_plan = (
             self.batch.plan(schedule, noise, cfg_type)
             if noise_changed or cfg_type is not self.batch.cfg_type  # noise follows the schedule
             else {}
         )
+        old_scales, new_scales = self.state["lora_scales"], state["lora_scales"]
+        lora = None
+        if old_scales is not None and new_scales is not None and old_scales != new_scales:
+            text = any(f.text_encoder for f in self.models.lora_factors)
+            lora = LoraChange(list(old_scales), list(new_scales), text)
+        return ChangePlan(
+            accepted=accepted,
+            state=state,
+            version=self.version,
+            unet_shape=unet_shape,
+            vae_shape=vae_shape,
+            target=target,
+            latent_shape=latent_shape,
+            batch_plan=batch_plan,
+            positive=positive,
+            negative=negative,
+            embeddings=embeddings,
+            layout_changed=layout_changed,
+            lora=lora,
+        )
 
-        if lora_plan == "refit":  # last prepare step: the engines change, the torch UNet not yet
-            self._refit_engines(self.state["lora_scales"], new_state["lora_scales"])
+    def commit(self, plan: ChangePlan, runners: Runners | None = None) -> dict[str, Any]:
+        """Swap ``plan`` in at a frame boundary; returns the accepted changes (what to echo).
 
-        # commit
-        if lora_plan in ("torch", "refit"):
-            positive, negative, embeddings = self._rescale_loras(
-                new_state, cfg_type, n, (positive, negative, embeddings)
-            )
-        self.unet_runner, self.vae_runner = runner, vae_runner
-        if size_changed:
-            self.width, self.height, self.latent_shape = width, height, latent_shape
+        ``runners`` are the ones of the plan's shapes (``None``: keep the current ones, which
+        then must serve the new shapes — torch's serve every shape). LoRA weights must already
+        be at the plan's scales (``Backend.set_lora_scales``); when the text encoder changed
+        with them, the prompts are encoded again here.
+
+        Raises:
+            RuntimeError: the plan is stale (another commit came after it was made).
+            ParamError: the size changes and the current runners are fixed to the old one;
+                both before anything changed.
+        """
+        self.check_commit(plan, runners)
+        positive, negative, embeddings = plan.positive, plan.negative, plan.embeddings
+        if plan.lora is not None:
+            self.models.lora_scales = list(plan.lora.new)
+            if plan.lora.text_encoder:
+                positive, negative = self._prompt_embeddings(plan.state)
+                embeddings = layout_embeddings(
+                    CfgType(plan.state["cfg_type"]), len(plan.state["t_index_list"]), positive, negative
+                )
+        if runners is not None:
+            self.runners = runners
+        if plan.size_changed:
+            self.width, self.height = plan.state["resolution"]
+            self.latent_shape = plan.latent_shape
             self.similarity_filter.reset()
             self.last_output = None
-        self.batch.commit(batch_plan)
-        self.batch.guidance_scale = new_state["guidance_scale"]
-        self.batch.delta = new_state["delta"]
-        if layout_changed:
+        self.batch.commit(plan.batch_plan)
+        self.batch.guidance_scale = plan.state["guidance_scale"]
+        self.batch.delta = plan.state["delta"]
+        if plan.layout_changed or (plan.lora is not None and plan.lora.text_encoder):
             self._transition = None
         self._positive, self._negative, self._embeddings = positive, negative, embeddings
         self.similarity_filter.configure(
-            new_state["similarity_filter_threshold"],
-            new_state["similarity_filter_max_skip_frames"],
+            plan.state["similarity_filter_threshold"], plan.state["similarity_filter_max_skip_frames"]
         )
-        if not new_state["similarity_filter_enabled"]:
+        if not plan.state["similarity_filter_enabled"]:
             self.similarity_filter.reset()
-        self.state = new_state
+        self.state = plan.state
         if self._cross_frame is not None:
             self._cross_frame.groups = self._attention_groups()
-        if shape_changed and self.backend is not None:
-            # keep the previous shapes loaded for a quick way back; release everything older
-            self.backend.retain({old_shapes[0], new_shapes[0]}, {old_shapes[1], new_shapes[1]})
-        logger.debug("applied %s", sorted(accepted))
-        return accepted
+        self.version += 1
+        logger.debug("committed %s", sorted(plan.accepted))
+        return plan.accepted
+
+    def check_commit(self, plan: ChangePlan, runners: Runners | None) -> None:
+        """What ``commit`` refuses, checked before anything changes (see ``commit``)."""
+        if plan.version != self.version:
+            raise RuntimeError(f"stale change plan (made at commit {plan.version}, now {self.version})")
+        if plan.size_changed and runners is None and not self._runners_serve_any_size():
+            raise ParamError(
+                "resolution",
+                f"this pipeline's runners are fixed to {self.width}x{self.height} and no others "
+                "were given; allowed: the current size",
+            )
+
+    def _proposal(self, changes: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The accepted changes (canonical) and the full new state; ``ParamError`` if refused."""
+        accepted = params.validate_changes(changes, PIPELINE_PARAMS)
+        state = dict(self.state)
+        state.update(accepted)
+        # /prompt ends a prompt blend, /seed a seed blend, /t_index_list what /strength made
+        for name in params.overridden(accepted) - set(accepted):
+            state[name] = None
+        self._check_t_index_list(state["t_index_list"])
+        if accepted.get("strength") is not None:
+            n = len(state["t_index_list"])  # of the list in this change, else of the one playing
+            state["t_index_list"] = strength_to_t_index_list(
+                accepted["strength"], n, self.settings.num_inference_steps
+            )
+        if "lora_scales" in accepted:
+            state["lora_scales"] = accepted["lora_scales"] = self._check_lora_scales(accepted["lora_scales"])
+        self._check_t_index_list(state["t_index_list"])
+        return accepted, state
+
+    def _shapes(self, state: Mapping[str, Any]) -> tuple[UNetShape, VaeShape]:
+        """The UNet and VAE shapes ``state`` runs at (``ParamError`` when the size does not divide)."""
+        width, height = state["resolution"]
+        latent_shape = self.latent_shape_for(width, height)
+        unet = self.unet_shape(len(state["t_index_list"]), CfgType(state["cfg_type"]), latent_shape)
+        return unet, self.vae_shape(width, height)
+
+    def _target(self, unet_shape: UNetShape, vae_shape: VaeShape) -> BuildTarget | None:
+        if unet_shape == self.unet_shape() and vae_shape == self.vae_shape():
+            return None
+        return BuildTarget(unet_shape, vae_shape if vae_shape != self.vae_shape() else None)
+
+    def _runners_serve_any_size(self) -> bool:
+        return isinstance(self.runners.unet, TorchUNet) and isinstance(self.runners.vae, TorchVae)
 
     # ------------------------------------------------------------------ LoRA scales
     def _check_lora_scales(self, scales: list[float] | None) -> list[float] | None:
@@ -373,9 +424,7 @@ class StreamPipeline:
         if scales is None and not factors:
             return None  # "the configured scales" of no LoRAs (e.g. a scene): nothing to do
         if not factors:
-            raise ParamError(
-                "lora_scales", "no model.loras are configured: there is nothing to scale"
-            )
+            raise ParamError("lora_scales", "no model.loras are configured: there is nothing to scale")
         if scales is None:
             return list(self._configured_lora_scales)
         if len(scales) != len(factors):
@@ -393,74 +442,6 @@ class StreamPipeline:
             )
         return list(scales)
 
-    def _lora_plan(self, old: list[float] | None, new: list[float] | None) -> str:
-        if old is None or new is None or old == new:
-            return "none"
-        plan = "torch" if self.backend is None else self.backend.lora_update_plan(old, new)
-        if plan == "rebuild":
-            raise ParamError(
-                "lora_scales",
-                "this TensorRT engine was not built refittable (acceleration.refittable: false): "
-                "a rebuild is needed — run `latentstage build` with the new scales in model.loras, "
-                "or set acceleration.refittable: true",
-            )
-        if plan == "busy":
-            raise ParamError(
-                "lora_scales",
-                "engines are being built for a shape change from the current weights; send the "
-                "scales again when /engine/building is empty",
-            )
-        if plan == "reexport":
-            raise ParamError(
-                "lora_scales",
-                f"the {self.backend.name if self.backend else ''} backend has the LoRA weights baked "
-                "into its exported graphs: a re-export is needed — set the scales in model.loras "
-                "and restart",
-            )
-        return plan
-
-    def _refit_engines(self, old: list[float], new: list[float]) -> None:
-        """Refit the backend's engines with the UNet weights at the new scales (torch unchanged)."""
-        factors: list[LoraFactors] = self.models.lora_factors
-        current = dict(self.models.unet.named_parameters())
-        weights = {}
-        with torch.no_grad():
-            for name in touched_parameters(factors):
-                module_name = name.removesuffix(".weight")
-                value = current[name].float()
-                for lora, a, b in zip(factors, old, new, strict=True):
-                    low = lora.unet.get(module_name)
-                    if low is not None and b != a:
-                        value = value + (float(b) - float(a)) * low.delta().to(value.device)
-                weights[name] = value.to(current[name].dtype)
-        assert self.backend is not None
-        try:
-            self.backend.refit_unet(weights)
-        except (RuntimeError, KeyError, NotImplementedError) as err:
-            raise ParamError("lora_scales", f"the engine refit failed: {err}") from err
-
-    def _rescale_loras(
-        self,
-        new_state: dict[str, Any],
-        cfg_type: CfgType,
-        n: int,
-        current: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Change the fused scales of the torch modules; re-encode prompts if the text encoder changed."""
-        factors = self.models.lora_factors
-        old, new = self.state["lora_scales"], new_state["lora_scales"]
-        rescale_loras(self.models.unet, factors, old, new)
-        changed_text = rescale_loras(self.models.text_encoder, factors, old, new, "text_encoder")
-        self.models.lora_scales = list(new)
-        loras = self.models.identity.get("loras")
-        if isinstance(loras, list) and len(loras) == len(new):
-            self.models.identity["loras"] = [[entry[0], s] for entry, s in zip(loras, new, strict=True)]
-        if not changed_text:
-            return current
-        self._transition = None
-        positive, negative = self._prompt_embeddings(new_state)
-        return positive, negative, layout_embeddings(cfg_type, n, positive, negative)
-
     def unet_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The latents, timesteps and prompt embeddings of one UNet call of the stream batch now.
 
@@ -468,11 +449,6 @@ class StreamPipeline:
         """
         latents, timesteps = self.batch.unet_inputs()
         return latents, timesteps, self._embeddings
-
-    def t_index_list_for_strength(self, strength: Any, n: int) -> list[int]:
-        """The t_index_list of ``n`` slots that ``/strength`` means (``ParamError`` if refused)."""
-        value = params.get("strength").coerce(strength)
-        return strength_to_t_index_list(value, n, self.settings.num_inference_steps)
 
     @property
     def current_positive(self) -> torch.Tensor:
@@ -508,7 +484,7 @@ class StreamPipeline:
         return self.batch.unet_batch
 
     # ------------------------------------------------------------------ helpers
-    def _schedule(self, t_index_list: list[int]) -> StreamSchedule:
+    def _check_t_index_list(self, t_index_list: list[int]) -> None:
         steps = self.settings.num_inference_steps
         if max(t_index_list) >= steps:
             raise ParamError(
@@ -516,6 +492,10 @@ class StreamPipeline:
                 f"{t_index_list} has an index >= num_inference_steps ({steps}); "
                 f"allowed: strictly increasing integers in [0, {steps - 1}]",
             )
+
+    def _schedule(self, t_index_list: list[int]) -> StreamSchedule:
+        self._check_t_index_list(t_index_list)
+        steps = self.settings.num_inference_steps
         return build_schedule(
             self.models.alphas_cumprod,
             t_index_list,

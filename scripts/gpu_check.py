@@ -40,6 +40,7 @@ from engine.contenders import Contender
 from engine.models.bundle import ModelBundle
 from engine.models.loader import ModelRequest, load_models, load_vae
 from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.runtime.changes import open_pipeline
 from engine.stream.modes import CfgType
 
 logger = logging.getLogger("gpu_check")
@@ -219,7 +220,7 @@ def acceleration(models: ModelBundle, plan: Plan, n: int, report: Report) -> Non
     for name, backend in _backends(models, plan, report):
         if not report.fits(f"n={n} {name}", 150 if plan.device == "cuda" else 20):
             continue
-        pipe = StreamPipeline(models, settings, backend=backend)
+        pipe = open_pipeline(models, settings, backend)
         started = time.monotonic()
         try:
             out = _run_frames(pipe, frames[: n + 2])  # the first frames compile and record graphs

@@ -22,11 +22,9 @@ import argparse
 import csv
 import json
 import os
-import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -34,6 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
+from osc_peer import FeedbackListener, free_port, hostile_datagrams, osc_flags  # beside this script
 
 from bridges.base import BridgeError
 from bridges.shm import ShmReader, segment_exists
@@ -49,12 +48,6 @@ PROMPTS = [
     "a field of red poppies",
     "a cathedral of ice",
 ]
-
-
-def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Frames(threading.Thread):
@@ -103,62 +96,28 @@ class Frames(threading.Thread):
             reader.close()
 
 
-class Feedback(threading.Thread):
+class Feedback(FeedbackListener):
     """The latest value of every feedback address, and counts of echoes and errors."""
 
     def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.settimeout(0.2)
-        self.port = int(self.socket.getsockname()[1])
+        super().__init__()
         self.latest: dict[str, list] = {}
         self.counts: dict[str, int] = {}
         self.errors: list[tuple[float, str]] = []
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        from pythonosc.osc_packet import OscPacket, ParseError
-
-        while not self.stop.is_set():
-            try:
-                data, _ = self.socket.recvfrom(65536)
-                packet = OscPacket(data)
-            except (TimeoutError, OSError, ParseError):
-                continue
-            for timed in packet.messages:
-                address, args = timed.message.address, list(timed.message.params)
-                self.latest[address] = args
-                self.counts[address] = self.counts.get(address, 0) + 1
-                if address == "/engine/error":
-                    self.errors.append((time.monotonic(), str(args[0])))
+    def received(self, at: float, address: str, args: list) -> None:
+        self.latest[address] = args
+        self.counts[address] = self.counts.get(address, 0) + 1
+        if address == "/engine/error":
+            self.errors.append((at, str(args[0])))
 
     def value(self, address: str, default: float = 0.0) -> float:
         args = self.latest.get(address)
         return float(args[0]) if args else default
 
 
-def hostile_datagrams(count: int, seed: int = 0) -> list[bytes]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(count):
-        kind = i % 6
-        if kind == 0:
-            out.append(os.urandom(rng.randint(0, 300)))
-        elif kind == 1:
-            out.append(build_message("/guidance_scale", [float("nan")]))
-        elif kind == 2:
-            out.append(build_message("/prompt", ["x" * 20_000]))
-        elif kind == 3:
-            out.append(build_message("/no/such/thing", [1, 2, 3]))
-        elif kind == 4:
-            data = build_message("/seed", [1])
-            for _ in range(50):
-                data = b"#bundle\x00" + struct.pack(">Qi", 1, len(data)) + data
-            out.append(data)
-        else:
-            out.append(build_message("/seed", ["not a number"]))
-    return out
+#: The flood's mix: each kind in turn.
+FLOOD_KINDS = ("random_bytes", "nan_guidance", "huge_prompt", "unknown_address", "deep_bundle", "bad_seed")
 
 
 class Flood(threading.Thread):
@@ -173,7 +132,7 @@ class Flood(threading.Thread):
         start = time.monotonic()
         sent = 0
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-            for sent, data in enumerate(hostile_datagrams(50_000), start=1):
+            for sent, data in enumerate(hostile_datagrams(50_000, FLOOD_KINDS), start=1):
                 sender.sendto(data, ("127.0.0.1", self.port))
                 if sent % 125 == 0:
                     time.sleep(0.05)
@@ -231,14 +190,7 @@ def main() -> int:
         "--quiet",
         "--set",
         f"outputs=[{{type: shm, name: {shm_name}}}, {{type: record, path: '{out / 'soak.mp4'}', fps: 30}}]",
-        "--set",
-        f"osc.port={osc_port}",
-        "--set",
-        "osc.oscquery_port=null",
-        "--set",
-        f"osc.feedback=['127.0.0.1:{feedback.port}']",
-        "--set",
-        "osc.status_hz=4",
+        *osc_flags(osc_port, feedback.port, status_hz=4),
         "--set",
         f"logging.file={out / 'engine.log'}",
     ]

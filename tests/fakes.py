@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bridges.base import BridgeError, Frame
 
+if TYPE_CHECKING:
+    from engine.pipeline import PipelineSettings
+
 SIZE = 64
+
+
+def pipeline_settings(size: int = SIZE, **overrides: Any) -> PipelineSettings:
+    """``PipelineSettings`` of a ``size`` x ``size`` stream, one step (``t_index_list=[32]``), no
+    CFG, ``prompt="x"``; ``overrides`` replace any of these or set more."""
+    from engine.pipeline import PipelineSettings
+    from engine.stream.modes import CfgType
+
+    values: dict[str, Any] = {
+        "width": size,
+        "height": size,
+        "t_index_list": [32],
+        "cfg_type": CfgType.NONE,
+        "prompt": "x",
+    }
+    return PipelineSettings(**{**values, **overrides})
 
 
 class FakeSource:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -115,46 +114,3 @@ def remove_segment(name: str) -> None:
     """What a SIGKILLed writer leaves behind (POSIX shared memory lives in /dev/shm)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"/dev/shm/{name}")
-
-
-def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class FeedbackListener(threading.Thread):
-    """Collects every OSC message sent to a loopback UDP port: (time, address, args)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.settimeout(0.1)
-        self.port = int(self.socket.getsockname()[1])
-        self.messages: list[tuple[float, str, list]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        from pythonosc.osc_packet import OscPacket, ParseError
-
-        while not self.stop.is_set():
-            try:
-                data, _ = self.socket.recvfrom(65536)
-            except (TimeoutError, OSError):
-                continue
-            try:
-                packet = OscPacket(data)
-            except ParseError:  # not OSC: nothing to record
-                continue
-            now = time.monotonic()
-            for timed in packet.messages:
-                self.messages.append((now, timed.message.address, list(timed.message.params)))
-
-    def values(self, address: str, since: float = 0.0) -> list[list]:
-        return [args for t, a, args in list(self.messages) if a == address and t >= since]
-
-    def close(self) -> None:
-        self.stop.set()
-        self.join(2)
-        self.socket.close()

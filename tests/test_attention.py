@@ -9,6 +9,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.runtime.changes import apply_change
 from engine.stream.attention import CrossFrameAttnProcessor, batch_groups
 from engine.stream.modes import CfgType
 
@@ -92,7 +93,7 @@ def test_pipeline_installs_and_regroups(bundle, cfg, groups):
             cfg_type=CfgType.NONE,
         ),
     )
-    pipe.apply({"cfg_type": cfg, "guidance_scale": 1.5})
+    apply_change(pipe, {"cfg_type": cfg, "guidance_scale": 1.5})
     processors = unet.attn_processors
     attn1 = [p for name, p in processors.items() if name.endswith("attn1.processor")]
     attn2 = [p for name, p in processors.items() if name.endswith("attn2.processor")]

@@ -23,7 +23,8 @@ from engine.accel.base import UNetShape, VaeShape
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.cli import main
 from engine.models.loader import ModelRequest, load_models
-from engine.pipeline import NeedsEngine, PipelineSettings, StreamPipeline
+from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.engine import Engine
 from engine.stream.modes import CfgType
 from tests.fakes import SIZE, FakeSource, RecordingSink
@@ -78,7 +79,7 @@ def test_onnxruntime_backend_matches_torch_and_reuses_its_cache(bundle, tmp_path
     accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path / "engines"))
     backend = create_backend(bundle, VAE_SHAPE, accel)
     assert isinstance(backend, OnnxRuntimeBackend)
-    ort_pipe = StreamPipeline(bundle, settings(), backend=backend)
+    ort_pipe = open_pipeline(bundle, settings(), backend)
     torch_pipe = StreamPipeline(bundle, settings())
     for frame in moving_frames(20):
         a, b = ort_pipe(frame), torch_pipe(frame)
@@ -89,7 +90,7 @@ def test_onnxruntime_backend_matches_torch_and_reuses_its_cache(bundle, tmp_path
     assert len(folders) == 3 and any(f.startswith("unet_") for f in folders)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "engines").rglob("*.onnx")}
     again = create_backend(bundle, VAE_SHAPE, accel)
-    StreamPipeline(bundle, settings(), backend=again)  # loads from the cache, exports nothing
+    open_pipeline(bundle, settings(), again)  # loads from the cache, exports nothing
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "engines").rglob("*.onnx")} == stamps
 
 
@@ -106,6 +107,8 @@ class SlowBackend:
         self.retained: list[tuple[set[UNetShape], set[VaeShape]]] = []
         self.delay = delay
         self.prepared: list[tuple[int, float, float]] = []
+        self.cancelled: list[set] = []
+        self.closed = 0
 
     def unet_for(self, shape):
         return self._unet if shape in self.ready else None
@@ -132,26 +135,37 @@ class SlowBackend:
         self.ready &= set(unet_shapes)
         self.ready_vaes &= set(vae_shapes)
 
+    def cancel(self, shapes):
+        self.cancelled.append(set(shapes))
+
+    def set_lora_scales(self, old, new):
+        raise AssertionError("no LoRA change reaches this backend in these tests")
+
     def describe(self) -> str:
         return "slow test backend"
+
+    def close(self):
+        self.closed += 1
 
 
 def test_pipeline_refuses_a_shape_the_backend_lacks_and_changes_nothing(bundle):
     backend = SlowBackend(bundle, delay=0.0)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     state = dict(pipe.state)
-    with pytest.raises(NeedsEngine) as need:
-        pipe.apply({"t_index_list": [10, 20, 30], "seed": 5})
-    assert need.value.shape.batch == 3 and pipe.state == state
-    pipe.apply({"guidance_scale": 1.1})  # same shape: fine
+    need = pipe.target_for({"t_index_list": [10, 20, 30], "seed": 5})
+    assert need is not None and need.unet.batch == 3 and ready_runners(pipe, backend, need) is None
+    with pytest.raises(RuntimeError, match="batch 3 are not built yet"):
+        apply_change(pipe, {"t_index_list": [10, 20, 30], "seed": 5}, backend)
+    assert pipe.state == state
+    apply_change(pipe, {"guidance_scale": 1.1}, backend)  # same shape: fine
     assert pipe.state["guidance_scale"] == 1.1
 
 
 def test_shape_change_builds_off_the_loop_while_output_continues(bundle):
     backend = SlowBackend(bundle, delay=1.5)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)], backend=backend)
     thread = threading.Thread(target=engine.run, kwargs={"duration": 6.0}, daemon=True)
     with engine:
         thread.start()
@@ -200,7 +214,7 @@ def test_torch_backend_compiles_and_ignores_cuda_graphs_off_cuda(caplog):
     settings = PipelineSettings(width=64, height=64, t_index_list=[32, 45], prompt="x")
     frame = torch.rand(1, 3, 64, 64) * 2 - 1
     eager_pipe = StreamPipeline(models, settings)
-    compiled_pipe = StreamPipeline(models, settings, backend=compiled)
+    compiled_pipe = open_pipeline(models, settings, compiled)
     outputs = [(eager_pipe(frame), compiled_pipe(frame)) for _ in range(3)][-1]
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
 

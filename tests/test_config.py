@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -26,9 +27,11 @@ from engine.config import (
     parse_override,
     presets_dir,
 )
+from engine.config import files as cfg_files
+from engine.params import REGISTRY, SIDE_MULTIPLE
 from engine.stream.modes import CfgType, GenerationMode
 
-REPO = Path(cfg.__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("model", "stream", "similarity_filter", "acceleration", "input", "outputs", "osc",
             "logging", "supervise")
 
@@ -107,9 +110,57 @@ def test_cwd_config_yaml_is_preferred(elsewhere: Path) -> None:
 def test_missing_default_files_fall_back_to_schema(
     elsewhere: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cfg, "REPO_ROOT", elsewhere / "nowhere")
+    monkeypatch.setattr(cfg_files, "REPO_ROOT", elsewhere / "nowhere")
     assert cfg.default_config_path() is None
     assert load_config() == Config()
+
+
+def _bounds(model: type[BaseModel], key: str) -> tuple[Any, Any, Any]:
+    """The ge, le and max_length a schema field declares (``None`` where it has none)."""
+    metadata = model.model_fields[key].metadata
+    ge = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    le = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    longest = next((m.max_length for m in metadata if isinstance(m, annotated_types.MaxLen)), None)
+    return ge, le, longest
+
+
+LIVE_SPECS = [spec for spec in REGISTRY.values() if spec.config_key]
+
+
+def test_every_section_key_of_a_live_parameter_exists() -> None:
+    keys = {spec.config_key for spec in LIVE_SPECS}
+    assert len(keys) == len(LIVE_SPECS) >= 11
+    assert {"stream.prompt", "stream.t_index_list", "similarity_filter.max_skip_frames"} <= keys
+
+
+@pytest.mark.parametrize("spec", LIVE_SPECS, ids=lambda spec: spec.config_key)
+def test_live_defaults_and_ranges_come_from_the_registry(spec: Any) -> None:
+    section, key = spec.config_key.split(".")
+    value = getattr(getattr(Config(), section), key)
+    assert getattr(value, "value", value) == spec.default
+    model = type(getattr(Config(), section))
+    ge, le, longest = _bounds(model, key)
+    if isinstance(spec.default, list):  # items are checked against num_inference_steps instead
+        assert (ge, le, longest) == (None, None, spec.max_items)
+        steps = _bounds(model, "num_inference_steps")
+        assert (spec.minimum, spec.maximum) == (0, steps[1] - 1)
+    else:
+        assert (ge, le) == (spec.minimum, spec.maximum)
+    annotation = model.model_fields[key].annotation
+    if spec.choices:
+        assert tuple(member.value for member in annotation) == spec.choices
+
+
+def test_output_size_comes_from_the_registry() -> None:
+    size = REGISTRY["resolution"]
+    stream = Config().stream
+    assert [stream.width, stream.height] == size.default
+    for key in ("width", "height"):
+        ge, le, _ = _bounds(cfg.StreamSettings, key)
+        assert (ge, le) == (size.minimum, size.maximum)
+        multiple = [m for m in cfg.StreamSettings.model_fields[key].metadata
+                    if isinstance(m, annotated_types.MultipleOf)]
+        assert [m.multiple_of for m in multiple] == [SIDE_MULTIPLE]
 
 
 # --------------------------------------------------------------------------- presets

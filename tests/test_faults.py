@@ -36,12 +36,12 @@ from engine.preflight import check_start
 from engine.runtime.engine import Engine, EngineOptions, OnLossMode
 from engine.runtime.stats import EngineState
 from engine.stream.modes import CfgType
+from scripts.osc_peer import free_port
 from tests.fakes import SIZE, RecordingSink, wait_until
 from tests.peers import (
     ShmWatcher,
     decoded_frames,
     demo_args,
-    free_port,
     kill_quietly,
     remove_segment,
     start_engine,

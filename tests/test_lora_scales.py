@@ -22,6 +22,7 @@ from engine.models.loader import ModelRequest, load_models
 from engine.models.lora import rescale_loras, touched_parameters
 from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.runtime.changes import apply_change, open_pipeline
 from engine.stream.modes import CfgType
 from tests.fakes import SIZE
 
@@ -93,13 +94,13 @@ def test_pipeline_lora_scale_equals_loading_at_that_scale(lora: str) -> None:
     live = StreamPipeline(load(lora, 1.0), settings())
     before = run(StreamPipeline(load(lora, 1.0), settings()), inputs)
     assert live.state["lora_scales"] == [1.0]
-    assert live.apply({"lora_scales": [0.0]}) == {"lora_scales": [0.0]}
+    assert apply_change(live, {"lora_scales": [0.0]}) == {"lora_scales": [0.0]}
     reference = run(StreamPipeline(load(lora, 0.0), settings()), inputs)
     got = run(live, inputs)
     assert max(float((a - b).abs().max()) for a, b in zip(got, reference, strict=True)) <= 1e-5
     assert max(float((a - b).abs().max()) for a, b in zip(got, before, strict=True)) > 1e-4
     assert live.models.lora_scales == [0.0] and live.models.identity["loras"][0][1] == 0.0
-    live.apply({"lora_scales": None})  # back to the configured scales
+    apply_change(live, {"lora_scales": None})  # back to the configured scales
     assert live.state["lora_scales"] == [1.0]
 
 
@@ -111,7 +112,7 @@ def test_bad_lora_scales_change_nothing(lora: str, value: list[float], words: st
     pipe = StreamPipeline(load(lora, 1.0), settings())
     state, weights = dict(pipe.state), {k: v.clone() for k, v in pipe.models.unet.state_dict().items()}
     with pytest.raises(ParamError, match=words):
-        pipe.apply({"lora_scales": value, "seed": 9})
+        apply_change(pipe, {"lora_scales": value, "seed": 9})
     assert pipe.state == state
     assert all(torch.equal(v, weights[k]) for k, v in pipe.models.unet.state_dict().items())
 
@@ -119,8 +120,8 @@ def test_bad_lora_scales_change_nothing(lora: str, value: list[float], words: st
 def test_lora_scales_without_loras_is_refused() -> None:
     pipe = StreamPipeline(load_models(ModelRequest(id="builtin:tiny", device="cpu")), settings())
     with pytest.raises(ParamError, match=r"no model\.loras"):
-        pipe.apply({"lora_scales": [1.0]})
-    assert pipe.apply({"lora_scales": None}) == {"lora_scales": None}  # a scene: no-op
+        apply_change(pipe, {"lora_scales": [1.0]})
+    assert apply_change(pipe, {"lora_scales": None}) == {"lora_scales": None}  # a scene: no-op
 
 
 def test_registry_and_osc() -> None:
@@ -177,10 +178,11 @@ def trt_backend(bundle, tmp_path, refittable: bool) -> TensorRTBackend:
 def test_tensorrt_not_refittable_says_rebuild(lora: str, tmp_path) -> None:
     pytest.importorskip("onnx")
     bundle = load(lora, 1.0)
-    pipe = StreamPipeline(bundle, settings(), backend=trt_backend(bundle, tmp_path, False))
+    backend = trt_backend(bundle, tmp_path, False)
+    pipe = open_pipeline(bundle, settings(), backend)
     state = dict(pipe.state)
     with pytest.raises(ParamError, match="rebuild"):
-        pipe.apply({"lora_scales": [0.5]})
+        apply_change(pipe, {"lora_scales": [0.5]}, backend)
     assert pipe.state == state
 
 
@@ -191,16 +193,16 @@ def test_tensorrt_refit_waits_for_a_running_engine_build(lora: str, tmp_path) ->
 
     bundle = load(lora, 1.0)
     backend = trt_backend(bundle, tmp_path, True)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     state = dict(pipe.state)
     building = threading.Lock()
     backend._flights[pipe.unet_shape(n=3)] = building
     with building:  # what prepare_unet holds while it exports / builds
         with pytest.raises(ParamError, match="being built"):
-            pipe.apply({"lora_scales": [0.5]})
-        assert pipe.state == state and pipe.unet_runner.refits == []
-    pipe.apply({"lora_scales": [0.5]})
-    assert len(pipe.unet_runner.refits) == 1
+            apply_change(pipe, {"lora_scales": [0.5]}, backend)
+        assert pipe.state == state and pipe.runners.unet.refits == []
+    apply_change(pipe, {"lora_scales": [0.5]}, backend)
+    assert len(pipe.runners.unet.refits) == 1
 
 
 def test_tensorrt_refittable_refits_the_touched_initializers(lora: str, tmp_path) -> None:
@@ -209,14 +211,14 @@ def test_tensorrt_refittable_refits_the_touched_initializers(lora: str, tmp_path
 
     bundle, half = load(lora, 1.0), load(lora, 0.5)
     backend = trt_backend(bundle, tmp_path, True)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
-    runner = pipe.unet_runner
+    pipe = open_pipeline(bundle, settings(), backend)
+    runner = pipe.runners.unet
     assert isinstance(runner, FakeTrtRunner)
     onnx_path = next(tmp_path.rglob("unet.onnx"))
     touched = touched_parameters(bundle.lora_factors)
     names = initializer_map(onnx_path, bundle.unet, touched)
     assert any(t for _, t in names.values()) and len({n for n, _ in names.values()}) == len(touched)
-    pipe.apply({"lora_scales": [0.5]})
+    apply_change(pipe, {"lora_scales": [0.5]}, backend)
     (payload,) = runner.refits
     assert set(payload) == {n for n, _ in names.values()}
     expected = half.unet.state_dict()
@@ -224,7 +226,7 @@ def test_tensorrt_refittable_refits_the_touched_initializers(lora: str, tmp_path
         want = expected[torch_name].T if transposed else expected[torch_name]
         assert float((payload[init_name] - want).abs().max()) <= 1e-5
     assert close(bundle.unet, half.unet) <= 1e-5  # the torch UNet follows after the refit
-    pipe.apply({"lora_scales": [1.0]})  # second refit reuses the name map
+    apply_change(pipe, {"lora_scales": [1.0]}, backend)  # second refit reuses the name map
     assert len(runner.refits) == 2
 
 
@@ -232,8 +234,9 @@ def test_onnxruntime_says_reexport(lora: str, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     bundle = load(lora, 1.0)
     accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path))
-    pipe = StreamPipeline(bundle, settings(), backend=OnnxRuntimeBackend(bundle, VaeShape(SIZE, SIZE), accel))
+    backend = OnnxRuntimeBackend(bundle, VaeShape(SIZE, SIZE), accel)
+    pipe = open_pipeline(bundle, settings(), backend)
     state = dict(pipe.state)
     with pytest.raises(ParamError, match="re-export"):
-        pipe.apply({"lora_scales": [0.5]})
+        apply_change(pipe, {"lora_scales": [0.5]}, backend)
     assert pipe.state == state

@@ -32,9 +32,11 @@ from engine.accel.onnxruntime_backend import (  # noqa: E402
 )
 from engine.accel.torch_backend import TorchUNet, TorchVae  # noqa: E402
 from engine.models.loader import ModelRequest, load_models  # noqa: E402
-from engine.pipeline import PipelineSettings, StreamPipeline  # noqa: E402
+from engine.pipeline import Runners, StreamPipeline  # noqa: E402
+from engine.runtime.changes import open_pipeline  # noqa: E402
 from engine.stream.attention import CrossFrameAttnProcessor, batch_groups  # noqa: E402
 from engine.stream.modes import CfgType  # noqa: E402
+from tests.fakes import pipeline_settings  # noqa: E402
 
 N = 2  # len(t_index_list)
 LAYOUT_SIZES = {"self": (N,), "onetime": (1, N), "full": (N, N)}
@@ -264,9 +266,8 @@ def moving_frames(count: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("cross_frame", [False, True], ids=["plain", "cross_frame"])
 def test_pipeline_with_ort_runners_matches_torch(unet_onnx, vae_onnx, cross_frame):
-    settings = PipelineSettings(
-        width=SIZE,
-        height=SIZE,
+    settings = pipeline_settings(
+        size=SIZE,
         t_index_list=[32, 45],
         cfg_type=CfgType.SELF,
         guidance_scale=1.4,
@@ -282,8 +283,7 @@ def test_pipeline_with_ort_runners_matches_torch(unet_onnx, vae_onnx, cross_fram
     ort = StreamPipeline(
         load_models(request),
         settings,
-        unet_runner=OrtUNet(unet_onnx(shape), shape),
-        vae_runner=OrtVae(encoder, decoder, VaeShape(SIZE, SIZE)),
+        Runners(OrtUNet(unet_onnx(shape), shape), OrtVae(encoder, decoder, VaeShape(SIZE, SIZE))),
     )
     assert ort.unet_batch_size == shape.batch
     emitted = 0
@@ -437,9 +437,7 @@ def test_onnxruntime_cuda_iobinding_matches_torch_on_cuda(tmp_path):
         pytest.skip("needs a CUDA build of torch and onnxruntime-gpu (CUDAExecutionProvider)")
     from engine.accel.backends import AccelSettings, BackendKind, create_backend
 
-    settings = PipelineSettings(
-        width=SIZE, height=SIZE, t_index_list=[32, 45], cfg_type=CfgType.SELF, guidance_scale=1.4, prompt="x"
-    )
+    settings = pipeline_settings(size=SIZE, t_index_list=[32, 45], cfg_type=CfgType.SELF, guidance_scale=1.4)
     request = ModelRequest(id="builtin:tiny", device="cuda", dtype="float32")
     bundle = load_models(request)
     accel = AccelSettings(
@@ -448,8 +446,8 @@ def test_onnxruntime_cuda_iobinding_matches_torch_on_cuda(tmp_path):
         onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
     )
     backend = create_backend(bundle, VaeShape(SIZE, SIZE), accel)
-    ort_pipe = StreamPipeline(bundle, settings, backend=backend)
-    assert ort_pipe.unet_runner.graph._binding is not None, "the CUDA path binds, it does not copy"
+    ort_pipe = open_pipeline(bundle, settings, backend)
+    assert ort_pipe.runners.unet.graph._binding is not None, "the CUDA path binds, it does not copy"
     reference = StreamPipeline(load_models(request), settings)
     side = torch.cuda.Stream()
     for index, frame in enumerate(moving_frames(12)):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import random
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -17,21 +14,15 @@ import torch
 
 from engine.control.service import ControlService, ControlSettings
 from engine.control.transport import build_message
-from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.pipeline import StreamPipeline
 from engine.runtime.engine import Engine
-from engine.stream.modes import CfgType
-from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
+from scripts.osc_peer import free_port, hostile_datagrams
+from tests.fakes import SIZE, FakeSource, RecordingSink, pipeline_settings, wait_until
 
 needs_liblo = pytest.mark.skipif(
     shutil.which("oscsend") is None or shutil.which("oscdump") is None,
     reason="liblo-tools (oscsend/oscdump) not installed: apt-get install -y liblo-tools",
 )
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ConstantSource(FakeSource):
@@ -69,20 +60,12 @@ class Running:
             models = dataclasses.replace(
                 bundle, text_encoder=SlowTextEncoder(bundle.text_encoder, text_delay)
             )
-        settings = PipelineSettings(
-            width=SIZE,
-            height=SIZE,
-            t_index_list=[32],
-            cfg_type=CfgType.NONE,
-            prompt="start",
-            negative_prompt="",
-        )
-        self.pipeline = StreamPipeline(models, settings)
+        self.pipeline = StreamPipeline(models, pipeline_settings(prompt="start", negative_prompt=""))
         self.sink = RecordingSink()
         self.engine = Engine(
             self.pipeline, source or (lambda: FakeSource(fps=30)), [("rec", lambda: self.sink)]
         )
-        self.feedback_port = free_udp_port()
+        self.feedback_port = free_port()
         control = ControlSettings(
             port=0,
             feedback=[f"127.0.0.1:{self.feedback_port}"],
@@ -291,31 +274,7 @@ def test_hostile_datagrams_change_no_state_and_frames_keep_flowing(bundle, tmp_p
         t0 = time.monotonic()
         time.sleep(2.0)
         baseline = sum(1 for t in run.sink.times if t0 <= t < t0 + 2.0) / 2.0
-        rng = random.Random(0)
-        hostile = []
-        for i in range(10_000):
-            kind = i % 8
-            if kind == 0:
-                hostile.append(os.urandom(rng.randint(0, 300)))
-            elif kind == 1:
-                hostile.append(build_message("/guidance_scale", [float("nan")]))
-            elif kind == 2:
-                hostile.append(build_message("/prompt", ["x" * 20_000]))
-            elif kind == 3:
-                hostile.append(build_message("/no/such/thing", [1, 2, 3]))
-            elif kind == 4:
-                hostile.append(build_message("/seed", ["not a number"]))
-            elif kind == 5:
-                data = build_message("/seed", [1])
-                for _ in range(50):
-                    data = b"#bundle\x00" + struct.pack(">Qi", 1, len(data)) + data
-                hostile.append(data)
-            elif kind == 6:
-                hostile.append(build_message("/prompt_blend", ["a", 1.0] * 50))
-            else:
-                good = bytearray(build_message("/t_index_list", [1, 2]))
-                good[rng.randrange(len(good))] = rng.randrange(256)
-                hostile.append(bytes(good))
+        hostile = hostile_datagrams(10_000)
         t1 = time.monotonic()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for i, data in enumerate(hostile):

@@ -10,6 +10,7 @@ from diffusers import LCMScheduler
 
 from engine.params import ParamError
 from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.runtime.changes import apply_change
 from engine.stream.modes import CfgType, GenerationMode
 
 SIZE = 64  # 64x64 image -> 8x8 latent: fast on CPU
@@ -64,8 +65,8 @@ def make_pipeline(bundle, **overrides) -> StreamPipeline:
         **overrides,
     )
     pipe = StreamPipeline(bundle, settings)
-    pipe.unet_runner = CountingUNet(pipe.unet_runner)
-    pipe.vae_runner = CountingVae(pipe.vae_runner)
+    pipe.runners = dataclasses.replace(pipe.runners, unet=CountingUNet(pipe.runners.unet))
+    pipe.runners = dataclasses.replace(pipe.runners, vae=CountingVae(pipe.runners.vae))
     return pipe
 
 
@@ -77,10 +78,10 @@ def sequential(pipe: StreamPipeline, frame: torch.Tensor, guidance: float) -> to
     """The n LCM steps run one after another on one frame with the pipeline's noise."""
     b = pipe.batch
     s = b.schedule
-    unet = pipe.unet_runner.inner
+    unet = pipe.runners.unet.inner
     cond, uncond = pipe._positive, pipe._negative
     with torch.inference_mode():
-        z = pipe.vae_runner.inner.encode(frame)
+        z = pipe.runners.vae.inner.encode(frame)
         x = s.alpha[0] * z + s.beta[0] * b.noise[:1]
         for i in range(b.n):
             t = s.timesteps[i : i + 1]
@@ -91,7 +92,7 @@ def sequential(pipe: StreamPipeline, frame: torch.Tensor, guidance: float) -> to
             x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
             if i < b.n - 1:
                 x = s.alpha[i + 1] * x0 + s.beta[i + 1] * b.noise[i + 1 : i + 2]
-        return pipe.vae_runner.inner.decode(x0)
+        return pipe.runners.vae.inner.decode(x0)
 
 
 @pytest.mark.parametrize("t_index_list", [[45], [32, 45], [0, 16, 32, 45]])
@@ -99,7 +100,7 @@ def sequential(pipe: StreamPipeline, frame: torch.Tensor, guidance: float) -> to
 def test_stream_batch_equals_sequential_multistep(bundle, t_index_list, cfg):
     guidance = 1.5 if cfg is CfgType.FULL else 1.0
     pipe = make_pipeline(bundle, t_index_list=t_index_list)
-    pipe.apply({"cfg_type": cfg.value, "guidance_scale": guidance})
+    apply_change(pipe, {"cfg_type": cfg.value, "guidance_scale": guidance})
     frame = image(1)
     outputs = [pipe(frame) for _ in range(len(t_index_list) + 2)]
     n = len(t_index_list)
@@ -118,16 +119,16 @@ def test_one_step_equals_diffusers_lcm_scheduler_step(bundle):
     scheduler = LCMScheduler(prediction_type="epsilon")
     t = 359
     scheduler.set_timesteps(timesteps=[t])
-    unet = pipe.unet_runner.inner
+    unet = pipe.runners.unet.inner
     latents: dict[str, torch.Tensor] = {}
 
     def spy(x, ts, emb):
         latents["x"] = x.clone()
         return unet(x, ts, emb)
 
-    pipe.unet_runner = spy
+    pipe.runners = dataclasses.replace(pipe.runners, unet=spy)
     with torch.inference_mode():
-        z = pipe.vae_runner.inner.encode(frame)
+        z = pipe.runners.vae.inner.encode(frame)
         x0_ours = pipe.batch.step(pipe.batch.noised_input(z), spy, pipe._embeddings)
         x = latents["x"]
         eps = unet(x, torch.tensor([t]), pipe._positive)
@@ -147,11 +148,11 @@ def test_one_step_equals_diffusers_lcm_scheduler_step(bundle):
 )
 def test_unet_batch_per_frame_counted(bundle, cfg, factor):
     pipe = make_pipeline(bundle, t_index_list=[0, 16, 32])
-    pipe.apply({"cfg_type": cfg, "guidance_scale": 1.5})
+    apply_change(pipe, {"cfg_type": cfg, "guidance_scale": 1.5})
     for k in range(4):
         pipe(image(k))
     mult, extra = factor
-    assert pipe.unet_runner.batches == [3 * mult + extra] * 4
+    assert pipe.runners.unet.batches == [3 * mult + extra] * 4
     assert pipe.unet_batch_size == 3 * mult + extra
 
 
@@ -159,7 +160,7 @@ def test_warm_up_emits_nothing_for_n_minus_one_frames(bundle):
     pipe = make_pipeline(bundle, t_index_list=[0, 16, 32, 45])
     outs = [pipe(image(k)) for k in range(6)]
     assert [o is None for o in outs] == [True, True, True, False, False, False]
-    assert pipe.vae_runner.decodes == 3 and pipe.vae_runner.encodes == 6
+    assert pipe.runners.vae.decodes == 3 and pipe.runners.vae.encodes == 6
     assert outs[3].shape == (1, 3, SIZE, SIZE) and outs[3].abs().max() <= 1.0
 
 
@@ -171,15 +172,15 @@ def test_prompt_change_calls_text_encoder_once(bundle):
     )
     assert counting.calls == 2  # prompt + negative prompt at start
     before = pipe._embeddings.clone()
-    pipe.apply({"prompt": "a glowing forest"})
+    apply_change(pipe, {"prompt": "a glowing forest"})
     assert counting.calls == 3
     for k in range(3):
         pipe(image(k))
-    pipe.apply({"guidance_scale": 1.3, "seed": 5})  # no prompt change: no encoding
-    pipe.apply({"prompt": "a glowing forest"})  # same prompt: no encoding
+    apply_change(pipe, {"guidance_scale": 1.3, "seed": 5})  # no prompt change: no encoding
+    apply_change(pipe, {"prompt": "a glowing forest"})  # same prompt: no encoding
     assert counting.calls == 3
     assert not torch.equal(before, pipe._embeddings)
-    pipe.apply({"prompt": "a"})  # cached from the start
+    apply_change(pipe, {"prompt": "a"})  # cached from the start
     assert counting.calls == 3 and torch.equal(before, pipe._embeddings)
 
 
@@ -188,7 +189,7 @@ def test_prompt_change_reaches_the_next_output(bundle):
     frame = image(3)
     first = pipe(frame)
     again = pipe(frame)
-    pipe.apply({"prompt": "something completely different"})
+    apply_change(pipe, {"prompt": "something completely different"})
     changed = pipe(frame)
     assert torch.allclose(first, again)
     assert not torch.allclose(again, changed)
@@ -199,7 +200,7 @@ def test_seed_change_takes_effect_on_next_frame(bundle, t_index_list):
     pipe = make_pipeline(bundle, t_index_list=t_index_list)
     frame = image(4)
     outs = [pipe(frame) for _ in range(3)]
-    pipe.apply({"seed": 12345})
+    apply_change(pipe, {"seed": 12345})
     after = pipe(frame)
     assert torch.allclose(outs[-1], outs[-2], atol=1e-6)
     assert not torch.allclose(after, outs[-1], atol=1e-4)
@@ -209,13 +210,26 @@ def test_t_index_list_change_takes_effect_on_next_frame(bundle):
     pipe = make_pipeline(bundle, t_index_list=[16, 32])
     frame = image(5)
     outs = [pipe(frame) for _ in range(3)]
-    pipe.apply({"t_index_list": [0, 20, 40, 45]})
+    apply_change(pipe, {"t_index_list": [0, 20, 40, 45]})
     after = pipe(frame)
     assert after is not None and not torch.allclose(after, outs[-1], atol=1e-4)
-    assert pipe.unet_runner.batches[-1] == 4
-    pipe.apply({"strength": 0.3})
+    assert pipe.runners.unet.batches[-1] == 4
+    apply_change(pipe, {"strength": 0.3})
     assert pipe.state["t_index_list"] == [34, 39, 44, 49] and pipe.state["strength"] == 0.3
     assert pipe(frame) is not None
+
+
+def test_strength_with_a_list_in_the_same_change_maps_onto_that_lists_n(bundle):
+    """/t_index_list then /strength between two frames coalesce into one change: strength keeps
+    the n of the list it came with (it used to be refused as ambiguous)."""
+    from engine.stream.schedule import strength_to_t_index_list
+
+    pipe = make_pipeline(bundle, t_index_list=[32, 45])
+    apply_change(pipe, {"t_index_list": [10, 20, 30], "strength": 0.4})
+    assert pipe.state["t_index_list"] == strength_to_t_index_list(0.4, 3, 50) and pipe.batch.n == 3
+    assert pipe.state["strength"] == 0.4
+    apply_change(pipe, {"t_index_list": [5, 40]})  # a later list replaces what strength made
+    assert pipe.state["strength"] is None and pipe.state["t_index_list"] == [5, 40]
 
 
 def test_bad_changes_are_refused_and_change_nothing(bundle):
@@ -233,13 +247,14 @@ def test_bad_changes_are_refused_and_change_nothing(bundle):
         {"seed": -1},
         {"prompt": 42},
         {"prompt": "ok", "delta": 99},
-        {"strength": 0.5, "t_index_list": [1, 2]},
+        {"strength": 0.5, "t_index_list": [1, 2, 60]},
+        {"strength": 1.5, "t_index_list": [1, 2]},
         {"bypass": 1},
         {"no_such_param": 1},
     ]
     for change in bad:
         with pytest.raises(ParamError):
-            pipe.apply(change)
+            apply_change(pipe, change)
         assert pipe.state == state
         assert torch.equal(pipe._embeddings, embeddings)
     assert pipe(frame) is not None
@@ -250,22 +265,22 @@ def test_txt2img_mode_runs_without_input(bundle):
     a = pipe()
     b = pipe()
     assert a is not None and torch.allclose(a, b)
-    pipe.apply({"prompt": "another"})
+    apply_change(pipe, {"prompt": "another"})
     assert not torch.allclose(pipe(), a)
-    assert pipe.vae_runner.encodes == 0
+    assert pipe.runners.vae.encodes == 0
 
 
 def test_prompt_and_seed_blends(bundle):
     pipe = make_pipeline(bundle, t_index_list=[32])
-    pipe.apply({"prompt_blend": [("a cat", 1.0), ("a dog", 1.0)], "prompt_blend_method": "linear"})
+    apply_change(pipe, {"prompt_blend": [("a cat", 1.0), ("a dog", 1.0)], "prompt_blend_method": "linear"})
     cat, dog = pipe.prompts.encode("a cat"), pipe.prompts.encode("a dog")
     assert torch.allclose(pipe._positive, (cat + dog) / 2, atol=1e-6)
-    pipe.apply({"seed_blend": [(1, 1.0), (2, 0.0)]})
+    apply_change(pipe, {"seed_blend": [(1, 1.0), (2, 0.0)]})
     solo = torch.randn(pipe.batch.noise.shape, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(pipe.batch.noise, solo)
-    pipe.apply({"prompt": "plain"})
+    apply_change(pipe, {"prompt": "plain"})
     assert pipe.state["prompt_blend"] is None
-    pipe.apply({"seed": 3})
+    apply_change(pipe, {"seed": 3})
     assert pipe.state["seed_blend"] is None
 
 
@@ -280,11 +295,11 @@ class TestSimilarityFilter:
         )
         frame = image(7)
         first = pipe(frame)
-        unet_calls, encodes = len(pipe.unet_runner.batches), pipe.vae_runner.encodes
+        unet_calls, encodes = len(pipe.runners.unet.batches), pipe.runners.vae.encodes
         outs = [pipe(frame) for _ in range(20)]
         # identical frames: cos = 1 -> P(skip) = 1
         assert all(o is first for o in outs)
-        assert len(pipe.unet_runner.batches) == unet_calls and pipe.vae_runner.encodes == encodes
+        assert len(pipe.runners.unet.batches) == unet_calls and pipe.runners.vae.encodes == encodes
         assert pipe.stats.skipped == 20
 
     def test_max_skip_frames_forces_a_frame(self, bundle):
@@ -299,7 +314,7 @@ class TestSimilarityFilter:
         for _ in range(13):
             pipe(frame)
         # frame 1 processed, then every 4th: skip, skip, skip, forced
-        assert len(pipe.unet_runner.batches) == 4 and pipe.stats.skipped == 9
+        assert len(pipe.runners.unet.batches) == 4 and pipe.stats.skipped == 9
 
     def test_differing_frames_are_never_skipped(self, bundle):
         pipe = make_pipeline(
@@ -311,7 +326,7 @@ class TestSimilarityFilter:
         )
         for k in range(10):
             pipe(image(100 + k))  # independent random frames: cosine ~0.75 < 0.9
-        assert pipe.stats.skipped == 0 and len(pipe.unet_runner.batches) == 10
+        assert pipe.stats.skipped == 0 and len(pipe.runners.unet.batches) == 10
 
     def test_disable_live(self, bundle):
         pipe = make_pipeline(
@@ -324,7 +339,7 @@ class TestSimilarityFilter:
         pipe(frame)
         pipe(frame)
         assert pipe.stats.skipped == 1
-        pipe.apply({"similarity_filter_enabled": False})
+        apply_change(pipe, {"similarity_filter_enabled": False})
         pipe(frame)
         assert pipe.stats.skipped == 1
 

@@ -13,10 +13,11 @@ import torch
 
 from engine.accel.backends import AccelSettings, BackendKind, OnnxRuntimeBackend, create_backend
 from engine.accel.base import VaeShape
-from engine.accel.torch_backend import TorchUNet
+from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.loader import ModelRequest, load_models
 from engine.params import ParamError
-from engine.pipeline import NeedsEngine, StreamPipeline
+from engine.pipeline import Runners, StreamPipeline
+from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.engine import Engine
 from engine.stream.batch import _resample
 from engine.stream.modes import CfgType
@@ -49,7 +50,7 @@ def test_torch_pipeline_changes_size_between_frames_without_a_new_warmup(bundle,
     assert outputs[-1] is not None
     clean_before = pipe.batch._clean_estimates()[1:].clone()
 
-    assert pipe.apply({"resolution": WIDE}) == {"resolution": WIDE}
+    assert apply_change(pipe, {"resolution": WIDE}) == {"resolution": WIDE}
 
     assert (pipe.width, pipe.height) == (96, 64) and pipe.state["resolution"] == WIDE
     assert pipe.latent_shape == (bundle.latent_channels, 8, 12)
@@ -66,7 +67,7 @@ def test_torch_pipeline_changes_size_between_frames_without_a_new_warmup(bundle,
         pipe(frames(1)[0])  # a frame of the old size is refused, not silently resized
 
     # and back: the stream follows again
-    pipe.apply({"resolution": [SIZE, SIZE]})
+    apply_change(pipe, {"resolution": [SIZE, SIZE]})
     assert pipe(frames(1)[0]).shape == (1, 3, SIZE, SIZE)
 
 
@@ -85,7 +86,7 @@ def test_refused_size_changes_nothing(bundle, change, needle):
         pipe(f)
     state, noise = dict(pipe.state), pipe.batch.noise.clone()
     with pytest.raises(ParamError, match=needle):
-        pipe.apply(change)
+        apply_change(pipe, change)
     assert pipe.state == state and (pipe.width, pipe.height) == (SIZE, SIZE)
     assert torch.equal(pipe.batch.noise, noise)
     assert pipe(frames(1, start=3)[0]).shape == (1, 3, SIZE, SIZE)
@@ -93,46 +94,49 @@ def test_refused_size_changes_nothing(bundle, change, needle):
 
 def test_fixed_runners_without_a_backend_refuse_another_size(bundle):
     torch_unet = TorchUNet(bundle.unet)
-    pipe = StreamPipeline(bundle, settings(), unet_runner=lambda x, t, e: torch_unet(x, t, e))
+    fixed = Runners(lambda x, t, e: torch_unet(x, t, e), TorchVae(bundle.vae, bundle.vae_scaling_factor))
+    pipe = StreamPipeline(bundle, settings(), fixed)
     with pytest.raises(ParamError, match="fixed to 64x64"):
-        pipe.apply({"resolution": WIDE})
+        apply_change(pipe, {"resolution": WIDE})
     assert pipe.state["resolution"] == [SIZE, SIZE]
 
 
-def test_backend_without_the_new_size_raises_needs_engine_then_switches_and_releases(bundle):
+def test_backend_without_the_new_size_names_the_target_then_switches_and_releases(bundle):
     backend = SlowBackend(bundle, delay=0.0)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     old_unet, old_vae = pipe.unet_shape(), pipe.vae_shape()
     state = dict(pipe.state)
-    with pytest.raises(NeedsEngine) as info:
-        pipe.apply({"resolution": WIDE, "guidance_scale": 1.1})
-    need = info.value
+    change = {"resolution": WIDE, "guidance_scale": 1.1}
+    need = pipe.target_for(change)
+    assert need is not None and ready_runners(pipe, backend, need) is None
+    with pytest.raises(RuntimeError, match="not built yet"):
+        apply_change(pipe, change, backend)
     assert pipe.state == state, "nothing changed while the engines are missing"
-    assert need.vae_shape == VaeShape(64, 96, bundle.latent_channels, bundle.vae_scale_factor)
-    assert (need.shape.latent_width, need.shape.latent_height, need.shape.batch) == (12, 8, 2)
+    assert need.vae == VaeShape(64, 96, bundle.latent_channels, bundle.vae_scale_factor)
+    assert (need.unet.latent_width, need.unet.latent_height, need.unet.batch) == (12, 8, 2)
     assert need.label == "batch 2 at 96x64"
 
-    backend.prepare_vae(need.vae_shape)
-    backend.prepare_unet(need.shape)
-    pipe.apply({"resolution": WIDE})
-    assert pipe.vae_shape() == need.vae_shape and pipe.unet_shape() == need.shape
-    assert backend.retained[-1] == ({old_unet, need.shape}, {old_vae, need.vae_shape})
+    backend.prepare_vae(need.vae)
+    backend.prepare_unet(need.unet)
+    apply_change(pipe, {"resolution": WIDE}, backend)
+    assert pipe.vae_shape() == need.vae and pipe.unet_shape() == need.unet
+    assert backend.retained[-1] == ({old_unet, need.unet}, {old_vae, need.vae})
     # a third size releases the first: only the current and the previous stay loaded
     third = StreamPipeline.vae_shape(pipe, 64, 128)
     backend.prepare_vae(third)
     backend.prepare_unet(pipe.unet_shape(latent_shape=(bundle.latent_channels, 16, 8)))
-    pipe.apply({"resolution": [64, 128]})
-    assert old_vae not in backend.ready_vaes and need.vae_shape in backend.ready_vaes
+    apply_change(pipe, {"resolution": [64, 128]}, backend)
+    assert old_vae not in backend.ready_vaes and need.vae in backend.ready_vaes
 
 
 @contextlib.contextmanager
-def playing(pipe, seconds: float, errors: list[str] | None = None):
+def playing(pipe, seconds: float, errors: list[str] | None = None, backend=None):
     """An engine on a 20 fps fake source, running on a thread, after its first 3 frames.
 
     Yields ``(engine, sink, thread)``; on exit it stops, joins the thread and closes.
     """
     sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)], backend=backend)
     if errors is not None:
         engine.on_error = errors.append
     thread = threading.Thread(target=engine.run, kwargs={"duration": seconds}, daemon=True)
@@ -148,9 +152,9 @@ def playing(pipe, seconds: float, errors: list[str] | None = None):
 
 def test_engine_keeps_the_old_size_running_until_the_new_engines_are_ready(bundle):
     backend = SlowBackend(bundle, delay=0.8)  # VAE then UNet: about 1.6 s of "building"
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     building_seen: list[str] = []
-    with playing(pipe, 8.0) as (engine, sink, _):
+    with playing(pipe, 8.0, backend=backend) as (engine, sink, _):
         asked = time.monotonic()
         engine.submit({"resolution": WIDE, "prompt": "a wider test"})
         deadline = asked + 10
@@ -180,16 +184,16 @@ def test_onnxruntime_backend_follows_a_size_change_and_matches_torch(bundle, tmp
     accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path / "engines"))
     backend = create_backend(bundle, VaeShape(SIZE, SIZE), accel)
     assert isinstance(backend, OnnxRuntimeBackend)
-    ort_pipe = StreamPipeline(bundle, settings(), backend=backend)
+    ort_pipe = open_pipeline(bundle, settings(), backend)
     torch_pipe = StreamPipeline(bundle, settings())
     for f in frames(4):
         ort_pipe(f), torch_pipe(f)
-    with pytest.raises(NeedsEngine) as info:
-        ort_pipe.apply({"resolution": WIDE})
-    backend.prepare_vae(info.value.vae_shape)  # what the engine's build thread does
-    backend.prepare_unet(info.value.shape)
-    ort_pipe.apply({"resolution": WIDE})
-    torch_pipe.apply({"resolution": WIDE})
+    need = ort_pipe.target_for({"resolution": WIDE})
+    assert need is not None and ready_runners(ort_pipe, backend, need) is None
+    backend.prepare_vae(need.vae)  # what the engine's build thread does
+    backend.prepare_unet(need.unet)
+    apply_change(ort_pipe, {"resolution": WIDE}, backend)
+    apply_change(torch_pipe, {"resolution": WIDE})
     for f in frames(6, 96, 64):
         a, b = ort_pipe(f), torch_pipe(f)
         assert a is not None and b is not None and a.shape == (1, 3, 64, 96)
@@ -203,8 +207,8 @@ def test_a_newer_change_during_a_build_wins_over_the_waiting_one(bundle):
     """Asking for 96x64, then (before it is built) for the size already playing, must stay at the
     size playing: the finished build must not switch to a size nobody wants any more."""
     backend = SlowBackend(bundle, delay=0.6)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
-    with playing(pipe, 6.0) as (engine, sink, _thread):
+    pipe = open_pipeline(bundle, settings(), backend)
+    with playing(pipe, 6.0, backend=backend) as (engine, sink, _thread):
         engine.submit({"resolution": WIDE})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
         engine.submit({"resolution": [SIZE, SIZE]})
@@ -217,8 +221,8 @@ def test_a_newer_change_during_a_build_wins_over_the_waiting_one(bundle):
 def test_shape_changes_sent_during_a_build_are_all_applied(bundle):
     """/t_index_list of another length, then /resolution while the first build runs: both land."""
     backend = SlowBackend(bundle, delay=0.4)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
-    with playing(pipe, 8.0) as (engine, sink, _thread):
+    pipe = open_pipeline(bundle, settings(), backend)
+    with playing(pipe, 8.0, backend=backend) as (engine, sink, _thread):
         engine.submit({"t_index_list": [10, 25, 40]})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
         engine.submit({"resolution": WIDE, "seed": 11})
@@ -238,9 +242,9 @@ class FailingBackend(SlowBackend):
 
 def test_a_failed_build_reports_and_keeps_playing_the_old_size(bundle):
     backend = FailingBackend(bundle, delay=0.0)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     errors: list[str] = []
-    with playing(pipe, 6.0, errors) as (engine, sink, _thread):
+    with playing(pipe, 6.0, errors, backend=backend) as (engine, sink, _thread):
         engine.submit({"resolution": WIDE})
         assert wait_until(lambda: any("failed" in e for e in errors))
         assert "engine build for batch 2 at 96x64 failed: out of GPU memory (test)" in errors[0]
@@ -252,15 +256,15 @@ def test_a_failed_build_reports_and_keeps_playing_the_old_size(bundle):
     assert {f.pixels.shape for f in sink.frames} == {(SIZE, SIZE, 4)}
 
 
-def test_closing_during_a_build_says_the_build_is_abandoned(bundle, caplog):
+def test_closing_during_a_build_cancels_it_and_says_so(bundle, caplog):
     import logging
 
     backend = SlowBackend(bundle, delay=3.0)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)])
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)], backend=backend)
     thread = threading.Thread(target=engine.run, kwargs={"duration": 10.0}, daemon=True)
-    with caplog.at_level(logging.WARNING, logger="engine.runtime.engine"):
+    with caplog.at_level(logging.WARNING, logger="engine.runtime.builds"):
         with engine:
             thread.start()
             assert wait_until(lambda: len(sink.frames) >= 2)
@@ -269,7 +273,7 @@ def test_closing_during_a_build_says_the_build_is_abandoned(bundle, caplog):
             started = time.monotonic()
         assert time.monotonic() - started < 2.5, "close() does not wait for the build"
     thread.join(5)
-    assert any("batch 2 at 96x64" in r.getMessage() and "abandoned" in r.getMessage() for r in caplog.records)
+    assert any("batch 2 at 96x64" in r.getMessage() and "cancelled" in r.getMessage() for r in caplog.records)
 
 
 def test_out_of_memory_while_preparing_a_size_changes_nothing(bundle, monkeypatch):
@@ -283,7 +287,7 @@ def test_out_of_memory_while_preparing_a_size_changes_nothing(bundle, monkeypatc
 
     monkeypatch.setattr(pipe.batch, "plan", no_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
-        pipe.apply({"resolution": [2048, 2048], "guidance_scale": 1.3})
+        apply_change(pipe, {"resolution": [2048, 2048], "guidance_scale": 1.3})
     assert pipe.state == state and (pipe.width, pipe.height) == (SIZE, SIZE)
     assert pipe.batch.noise is noise and pipe.batch.latents is latents
     monkeypatch.undo()
@@ -311,8 +315,8 @@ def test_strength_sent_while_a_longer_list_waits_keeps_the_waiting_n(bundle):
     from engine.stream.schedule import strength_to_t_index_list
 
     backend = SlowBackend(bundle, delay=0.5)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
-    with playing(pipe, 6.0) as (engine, _sink, _thread):
+    pipe = open_pipeline(bundle, settings(), backend)
+    with playing(pipe, 6.0, backend=backend) as (engine, _sink, _thread):
         engine.submit({"t_index_list": [10, 25, 40]})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
         engine.submit({"strength": 0.5})
@@ -323,9 +327,9 @@ def test_strength_sent_while_a_longer_list_waits_keeps_the_waiting_n(bundle):
 def test_a_refused_part_of_a_change_refuses_its_shape_part_too(bundle):
     """{resolution, lora_scales} where lora_scales is refused (no LoRAs): nothing may wait."""
     backend = SlowBackend(bundle, delay=0.3)
-    pipe = StreamPipeline(bundle, settings(), backend=backend)
+    pipe = open_pipeline(bundle, settings(), backend)
     errors: list[str] = []
-    with playing(pipe, 5.0, errors) as (engine, _sink, _thread):
+    with playing(pipe, 5.0, errors, backend=backend) as (engine, _sink, _thread):
         engine.submit({"resolution": WIDE, "lora_scales": [0.5]})
         assert wait_until(lambda: any("no model.loras" in e for e in errors))
         time.sleep(1.2)

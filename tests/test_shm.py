@@ -203,16 +203,28 @@ def test_reader_follows_a_re_created_segment(name: str) -> None:
 # -- two processes ---------------------------------------------------------------------------
 
 
-def test_two_processes_tear_free_and_reader_exit_keeps_segment(name: str) -> None:
-    width, height = 160, 120
+@contextlib.contextmanager
+def writer_peer(name: str, *args: str, stderr: int = subprocess.DEVNULL) -> Iterator[subprocess.Popen[str]]:
+    """``shm_peer.py writer name *args`` (width height fps [frames]) once it said ``ready``;
+    killed at the end if it still runs."""
     writer = subprocess.Popen(
-        [sys.executable, str(PEER), "writer", name, str(width), str(height), "60"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, str(PEER), "writer", name, *args],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )
     try:
-        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"
+        yield writer
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+
+def test_two_processes_tear_free_and_reader_exit_keeps_segment(name: str) -> None:
+    width, height = 160, 120
+    with writer_peer(name, str(width), str(height), "60", stderr=subprocess.PIPE) as writer:
+        assert writer.stdin is not None
         reader = ShmReader(name)
         accepted, read_calls, last = 0, 0, None
         counters: list[int] = []
@@ -259,21 +271,10 @@ def test_two_processes_tear_free_and_reader_exit_keeps_segment(name: str) -> Non
         assert out.strip().startswith("done"), out
         assert not segment_exists(name)
         reader.close()
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
 
 
 def test_source_reports_a_crashed_writer(name: str) -> None:
-    writer = subprocess.Popen(
-        [sys.executable, str(PEER), "writer", name, "32", "16", "60", "200"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert writer.stdout is not None
-        assert writer.stdout.readline().strip() == "ready"
+    with writer_peer(name, "32", "16", "60", "200") as writer:
         source = ShmSource(name)
         assert source.recv(2.0) is not None
         writer.kill()  # no close(): its resource tracker unlinks the name
@@ -283,10 +284,6 @@ def test_source_reports_a_crashed_writer(name: str) -> None:
             while time.monotonic() - start < 10:
                 source.recv(0.05)
         source.close()
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
 
 
 # -- bridges ---------------------------------------------------------------------------------

@@ -37,41 +37,42 @@ def test_importing_the_modules_imports_no_sdk_engine_or_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_spout_wrong_platform_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "linux")
-    assert spout.unavailable_reason() == "Spout needs Windows"
-    for make in (spout.SpoutSource, spout.SpoutSink):
+BRIDGE_IDS = ["spout", "syphon"]
+#: module, the wrong platform, the reason given, the classes that refuse to open
+PLATFORMS = [
+    (spout, "linux", "Spout needs Windows", (spout.SpoutSource, spout.SpoutSink)),
+    (syphon, "win32", "Syphon needs macOS", (syphon.SyphonSource, syphon.SyphonSink)),
+]
+#: module, its platform, the SDK module that is missing, the reason given, a class to open
+MISSING_SDKS = [
+    (spout, "win32", "SpoutGL", "SpoutGL is not installed", spout.SpoutSource),
+    (syphon, "darwin", "syphon", "syphon-python is not installed", syphon.SyphonSink),
+]
+
+
+@pytest.mark.parametrize(("module", "platform", "reason", "classes"), PLATFORMS, ids=BRIDGE_IDS)
+def test_wrong_platform_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, module: Any, platform: str, reason: str, classes: Any
+) -> None:
+    monkeypatch.setattr(sys, "platform", platform)
+    assert module.unavailable_reason() == reason
+    for make in classes:
         with pytest.raises(BridgeUnavailable) as err:
             make()
-        assert "pip install latentstage[spout]" in str(err.value)
-        assert "Spout needs Windows" in str(err.value)
+        assert f"pip install latentstage[{module.EXTRA}]" in str(err.value)
+        assert reason in str(err.value)
 
 
-def test_spout_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setitem(sys.modules, "SpoutGL", None)
-    assert spout.unavailable_reason() == "SpoutGL is not installed"
-    with pytest.raises(BridgeUnavailable, match=r"latentstage\[spout\]") as err:
-        spout.SpoutSource()
-    assert "SpoutGL is not installed" in str(err.value)
-
-
-def test_syphon_wrong_platform_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "win32")
-    assert syphon.unavailable_reason() == "Syphon needs macOS"
-    for make in (syphon.SyphonSource, syphon.SyphonSink):
-        with pytest.raises(BridgeUnavailable) as err:
-            make()
-        assert "pip install latentstage[syphon]" in str(err.value)
-        assert "Syphon needs macOS" in str(err.value)
-
-
-def test_syphon_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setitem(sys.modules, "syphon", None)
-    assert syphon.unavailable_reason() == "syphon-python is not installed"
-    with pytest.raises(BridgeUnavailable, match=r"latentstage\[syphon\]"):
-        syphon.SyphonSink()
+@pytest.mark.parametrize(("module", "platform", "sdk", "reason", "make"), MISSING_SDKS, ids=BRIDGE_IDS)
+def test_missing_sdk_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, module: Any, platform: str, sdk: str, reason: str, make: Any
+) -> None:
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setitem(sys.modules, sdk, None)
+    assert module.unavailable_reason() == reason
+    with pytest.raises(BridgeUnavailable, match=rf"latentstage\[{module.EXTRA}\]") as err:
+        make()
+    assert reason in str(err.value)
 
 
 # --- Spout pure logic ------------------------------------------------------------------------
@@ -528,9 +529,14 @@ def test_syphon_flip_round_trip() -> None:
 # --- real SDKs (Windows / macOS) -------------------------------------------------------------
 
 
+def needs_sdk(module: Any, package: str) -> pytest.MarkDecorator:
+    """Skip unless ``module``'s SDK (the ``package``) can run here."""
+    reason = module.unavailable_reason()
+    return pytest.mark.skipif(reason is not None, reason=f"needs {package}: {reason}")
+
+
 @pytest.mark.sdk
-@pytest.mark.skipif(spout.unavailable_reason() is not None,
-                    reason=f"needs SpoutGL: {spout.unavailable_reason()}")
+@needs_sdk(spout, "SpoutGL")
 def test_spout_real_loopback() -> None:
     name = f"latentstage-test-{os.getpid()}"
     frame = _frame(256, 128, seed=7)
@@ -560,8 +566,7 @@ def test_spout_real_loopback() -> None:
 
 
 @pytest.mark.sdk
-@pytest.mark.skipif(syphon.unavailable_reason() is not None,
-                    reason=f"needs syphon-python: {syphon.unavailable_reason()}")
+@needs_sdk(syphon, "syphon-python")
 def test_syphon_real_loopback() -> None:
     name = f"latentstage-test-{os.getpid()}"
     frame = _frame(256, 128, seed=8)

@@ -25,6 +25,7 @@ from engine.stream.schedule import (
     lcm_timesteps,
     strength_to_t_index_list,
 )
+from tests.lcm_reference import sequential_reference
 
 SHAPE = (4, 8, 8)
 
@@ -69,22 +70,6 @@ def embeddings_for(batch: StreamBatch, cond: float = 0.1, uncond: float = -0.2) 
     from engine.stream.guidance import layout_embeddings
 
     return layout_embeddings(batch.cfg_type, batch.n, pos, neg)
-
-
-def sequential_reference(batch: StreamBatch, z, denoise, emb_cond, emb_uncond, guidance):
-    """Run the n LCM steps one after another on one latent, with the batch's noise."""
-    s = batch.schedule
-    x = s.alpha[0] * z + s.beta[0] * batch.noise[0:1]
-    for i in range(batch.n):
-        t = s.timesteps[i : i + 1]
-        eps = denoise(x, t, emb_cond)
-        if batch.cfg_type is CfgType.FULL and guidance > 1:
-            eps_u = denoise(x, t, emb_uncond)
-            eps = eps_u + guidance * (eps - eps_u)
-        x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
-        if i < batch.n - 1:
-            x = s.alpha[i + 1] * x0 + (s.beta[i + 1] * batch.noise[i + 1 : i + 2] if batch.add_noise else 0)
-    return x0
 
 
 # ---------------------------------------------------------------- schedule

@@ -28,8 +28,9 @@ from engine.runtime.supervisor import (
     describe_exit,
 )
 from engine.stream.modes import CfgType
+from scripts.osc_peer import FeedbackListener, free_port, osc_flags
 from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
-from tests.peers import FeedbackListener, decoded_frames, demo_args, free_port, kill_quietly, start_engine
+from tests.peers import decoded_frames, demo_args, kill_quietly, start_engine
 
 RESTART_TARGET_S = 10.0
 
@@ -298,14 +299,7 @@ def test_a_killed_engine_comes_back_with_its_prompt(tmp_path):
             "--supervise",
             "--set",
             "osc.enabled=true",
-            "--set",
-            f"osc.port={osc_port}",
-            "--set",
-            "osc.oscquery_port=null",
-            "--set",
-            f"osc.feedback=['127.0.0.1:{feedback.port}']",
-            "--set",
-            "osc.status_hz=10",
+            *osc_flags(osc_port, feedback.port, status_hz=10),
             "--set",
             f"supervise.state_file={state}",
         ),

@@ -29,10 +29,10 @@ from engine import params
 from engine.control.service import ControlService, ControlSettings
 from engine.control.transport import build_message
 from engine.models.loader import ModelRequest, load_models
-from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.pipeline import StreamPipeline
 from engine.runtime.engine import Engine
-from engine.stream.modes import CfgType
-from tests.fakes import SIZE, FakeSource, RecordingSink
+from scripts.osc_peer import free_port
+from tests.fakes import FakeSource, RecordingSink, pipeline_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TD = ROOT / "td_components"
@@ -454,7 +454,7 @@ def test_wiring_names_the_bridge_tops():
 
 def test_stale_echoes_of_our_own_sends_never_move_the_par():
     td = Harness()
-    td.set("Oscport", _free_port())  # nobody listens: the echoes below are played by hand
+    td.set("Oscport", free_port())  # nobody listens: the echoes below are played by hand
     for value in (0.5, 0.6, 0.7):
         td.set("Delta", value)
     sent, changes = len(td.oscout.messages), td.value_changes
@@ -476,15 +476,7 @@ class LiveEngine:
     """An engine thread (tiny model, 64x64 fake source) with its ControlService; feedback to a socket."""
 
     def __init__(self, bundle: Any, scenes: Path):
-        settings = PipelineSettings(
-            width=SIZE,
-            height=SIZE,
-            t_index_list=[32],
-            cfg_type=CfgType.NONE,
-            prompt="start",
-            negative_prompt="",
-        )
-        self.pipeline = StreamPipeline(bundle, settings)
+        self.pipeline = StreamPipeline(bundle, pipeline_settings(prompt="start", negative_prompt=""))
         self.sink = RecordingSink()
         self.engine = Engine(self.pipeline, lambda: FakeSource(fps=30), [("rec", lambda: self.sink)])
         self.feedback = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -729,19 +721,13 @@ def _poll_until(td: Harness, predicate: Any, timeout: float = 8.0) -> bool:
     return False
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in engine is a POSIX script")
 def test_start_builds_a_command_the_cli_accepts_and_stop_terminates(tmp_path):
     td = Harness(platform="win32")
     td.set("Executable", str(_fake_engine(tmp_path, "sleep")))
     td.set("Configfile", str(ROOT / "config.yaml"))
     td.set("Preset", "demo")
-    port = _free_port()
+    port = free_port()
     td.set("Oscport", port)
     td.set("Feedbackport", port + 1)
     td.set("Logfile", str(tmp_path / "engine.log"))
@@ -773,7 +759,7 @@ def test_start_builds_a_command_the_cli_accepts_and_stop_terminates(tmp_path):
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in engine is a POSIX script")
 def test_stop_kills_a_stubborn_engine_and_a_crash_is_reported_and_restarted(tmp_path):
     td = Harness(platform="win32")
-    td.set("Oscport", _free_port())
+    td.set("Oscport", free_port())
     td.set("Executable", str(_fake_engine(tmp_path, "stubborn")))
     td.ext.stop_timeout_s = 0.5
     assert td.ext.Start()
@@ -804,7 +790,7 @@ def test_start_refuses_a_port_in_use_and_a_missing_executable(tmp_path):
         assert "is in use" in td.par("Lasterror").eval()
     assert td.ext.BuildCommand()[:4] == [sys.executable, "-m", "engine.cli", "run"]
     td.set("Executable", str(tmp_path / "nothing-here"))
-    td.set("Oscport", _free_port())
+    td.set("Oscport", free_port())
     assert not td.ext.Start()
     assert "cannot start" in td.par("Lasterror").eval()
     assert td.par("State").eval() == "stopped"

@@ -942,14 +942,9 @@ def make_refit_trt(
         Refitter.get_weights_prototype = get_weights_prototype  # type: ignore[attr-defined]
 
     module = type("tensorrt", (), {})()
-    module.__dict__.update(
-        Logger=Logger,
-        Refitter=Refitter,
-        Weights=Weights,
-        DataType=DataType,
-        TensorLocation=TensorLocation,
-        calls=calls,
-    )
+    for cls in (Logger, Refitter, Weights, DataType, TensorLocation):
+        setattr(module, cls.__name__, cls)
+    module.calls = calls
     return module
 
 

@@ -9,16 +9,18 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.cache import EngineCache, EngineKey, weights_fingerprint
+from engine.accel.kinds import BackendKind
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
+from engine.models.lora import rescale_bundle, rescaled_unet_weights
+from engine.params import ParamError
 from engine.progress import Progress, report
 
 logger = logging.getLogger(__name__)
@@ -26,29 +28,20 @@ logger = logging.getLogger(__name__)
 Shape = TypeVar("Shape", UNetShape, VaeShape)
 Runner = TypeVar("Runner", UNetRunner, VaeRunner)
 
-LoraPlan = Literal["none", "torch", "refit", "rebuild", "reexport", "busy"]
-"""How a backend takes new LoRA scales: nothing to do, the torch UNet's weights are used as they
-are, refit the engines with the changed weights, or it cannot (rebuild / re-export needed, or
-not now: an engine is being built from the current weights)."""
-
-
-class BackendKind(str, Enum):
-    TORCH = "torch"
-    ONNXRUNTIME = "onnxruntime"
-    TENSORRT = "tensorrt"
-
 
 class BackendUnavailableError(RuntimeError):
     """The configured backend cannot run here and ``acceleration.fallback`` is ``error``."""
 
 
 class Backend(Protocol):
-    """Gives the pipeline its UNet and VAE runners.
+    """Gives the pipeline its UNet and VAE runners, and owns them.
 
     ``unet_for`` / ``vae_for`` answer at once (a ready runner or ``None``); ``prepare_unet`` /
     ``prepare_vae`` may export or build for minutes and are called off the frame loop when a
-    live change needs a new shape (batch or resolution). ``retain`` lets go of the runners of
-    every other shape (their GPU memory), keeping what is on disk.
+    live change needs a new shape (batch or resolution); ``cancel`` asks a running build of
+    those shapes to stop. ``retain`` closes the runners of every other shape (their GPU memory),
+    keeping what is on disk. ``set_lora_scales`` moves the weights to new LoRA scales (or
+    refuses with ``ParamError``, changing nothing). ``close`` releases everything; safe twice.
     """
 
     name: str
@@ -61,13 +54,22 @@ class Backend(Protocol):
 
     def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner: ...
 
+    def cancel(self, shapes: Collection[UNetShape | VaeShape]) -> None: ...
+
     def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None: ...
+
+    def set_lora_scales(self, old: Sequence[float], new: Sequence[float]) -> None: ...
 
     def describe(self) -> str: ...
 
-    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan: ...
+    def close(self) -> None: ...
 
-    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None: ...
+
+def close_runner(runner: object) -> None:
+    """Release a runner's memory now (ONNX Runtime sessions, TensorRT engines); torch has nothing."""
+    close = getattr(runner, "close", None)
+    if close is not None:
+        close()
 
 
 @dataclass
@@ -123,6 +125,7 @@ class TorchBackend:
             logger.info("compiling the UNet with torch.compile (%s; first frames are slow)", self.mode)
             mode = "reduce-overhead" if cuda_graph else None
             unet = torch.compile(unet, mode=mode, dynamic=False, backend=compile_backend)
+        self.models = models
         self._unet = TorchUNet(unet, replays_graphs=cuda_graph)
         self._vae = TorchVae(models.vae, models.vae_scaling_factor)
 
@@ -138,17 +141,21 @@ class TorchBackend:
     def prepare_vae(self, shape: VaeShape, progress: Progress | None = None) -> VaeRunner:
         return self._vae
 
+    def cancel(self, shapes: Collection[UNetShape | VaeShape]) -> None:
+        return None  # nothing is ever built
+
     def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None:
         return None  # one module serves every shape
+
+    def set_lora_scales(self, old: Sequence[float], new: Sequence[float]) -> None:
+        """Rescale the fused LoRAs of the torch modules in place (the runner calls them)."""
+        rescale_bundle(self.models, old, new)
 
     def describe(self) -> str:
         return f"torch ({self.mode})"
 
-    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
-        return "torch"  # the runner calls the UNet module, whose weights change in place
-
-    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None:
-        raise NotImplementedError("the torch backend has no engine to refit")
+    def close(self) -> None:
+        return None  # the modules belong to the ModelBundle
 
 
 class _ExportedBackend:
@@ -165,8 +172,10 @@ class _ExportedBackend:
         self._vaes: dict[VaeShape, VaeRunner] = {}
         self._lock = threading.Lock()
         self._flights: dict[UNetShape | VaeShape, threading.Lock] = {}  # one load per shape at a time
+        self._cancels: dict[UNetShape | VaeShape, threading.Event] = {}  # of the loads running now
         self._fingerprints: dict[str, str] = {}
         self._refit_names: dict[UNetShape, dict[str, tuple[str, bool]]] = {}
+        self._closed = False
 
     # ------------------------------------------------------------------ protocol
     def unet_for(self, shape: UNetShape) -> UNetRunner | None:
@@ -181,12 +190,46 @@ class _ExportedBackend:
         with self._flight(shape):
             with self._lock:
                 runner = loaded.get(shape)
+                if self._closed:
+                    raise RuntimeError(f"the {self.name} backend is closed")
+                if runner is None:
+                    self._cancels[shape] = threading.Event()
             if runner is None:
-                with self._on_model_device():
-                    runner = load()
+                try:
+                    with self._on_model_device():
+                        runner = load()
+                finally:
+                    with self._lock:
+                        self._cancels.pop(shape, None)
                 with self._lock:
                     loaded[shape] = runner
             return runner
+
+    def _cancel_event(self, shape: UNetShape | VaeShape) -> threading.Event | None:
+        """Set when the build of ``shape`` running now should stop (``cancel``, ``close``)."""
+        with self._lock:
+            return self._cancels.get(shape)
+
+    def cancel(self, shapes: Collection[UNetShape | VaeShape]) -> None:
+        """Ask the running builds of ``shapes`` to stop (TensorRT stops at its next step)."""
+        with self._lock:
+            for shape in shapes:
+                event = self._cancels.get(shape)
+                if event is not None:
+                    event.set()
+
+    def close(self) -> None:
+        """Cancel running builds and close every loaded runner; safe twice."""
+        with self._lock:
+            self._closed = True
+            for event in self._cancels.values():
+                event.set()
+            runners: list[object] = [*self._runners.values(), *self._vaes.values()]
+            self._runners.clear()
+            self._vaes.clear()
+            self._refit_names.clear()
+        for runner in runners:
+            close_runner(runner)
 
     @property
     def busy(self) -> bool:
@@ -217,15 +260,16 @@ class _ExportedBackend:
         return self._prepare(shape, self._vaes, lambda: self._load_vae(shape, progress))
 
     def retain(self, unet_shapes: Collection[UNetShape], vae_shapes: Collection[VaeShape]) -> None:
-        """Drop the loaded runners of every other shape (engines stay cached on disk)."""
+        """Close the loaded runners of every other shape (engines stay cached on disk)."""
         with self._lock:
             dropped = [s for s in self._runners if s not in unet_shapes]
             dropped_vaes = [s for s in self._vaes if s not in vae_shapes]
+            closing: list[object] = [self._runners.pop(shape) for shape in dropped]
+            closing += [self._vaes.pop(shape) for shape in dropped_vaes]
             for shape in dropped:
-                del self._runners[shape]
                 self._refit_names.pop(shape, None)
-            for vae_shape in dropped_vaes:
-                del self._vaes[vae_shape]
+        for runner in closing:
+            close_runner(runner)
         if dropped or dropped_vaes:
             logger.info(
                 "released %d UNet and %d VAE runners of sizes no longer in use",
@@ -360,11 +404,14 @@ class OnnxRuntimeBackend(_ExportedBackend):
     def describe(self) -> str:
         return f"onnxruntime ({', '.join(self.providers)})"
 
-    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
-        return "none" if list(old) == list(new) else "reexport"  # weights are baked into the graphs
-
-    def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None:
-        raise NotImplementedError("ONNX Runtime sessions cannot be refitted")
+    def set_lora_scales(self, old: Sequence[float], new: Sequence[float]) -> None:
+        """Refused: the weights are baked into the exported graphs (``ParamError``)."""
+        if list(old) != list(new):
+            raise ParamError(
+                "lora_scales",
+                "the onnxruntime backend has the LoRA weights baked into its exported graphs: a "
+                "re-export is needed — set the scales in model.loras and restart",
+            )
 
 
 class TensorRTBackend(_ExportedBackend):
@@ -404,6 +451,7 @@ class TensorRTBackend(_ExportedBackend):
                 self.cache.timing_cache_path(key),
                 refittable=self.settings.refittable,
                 progress=report,
+                cancel=self._cancel_event(shape),
             )
         finally:
             report.close()
@@ -427,20 +475,39 @@ class TensorRTBackend(_ExportedBackend):
     def describe(self) -> str:
         return "tensorrt (static engines)"
 
-    def lora_update_plan(self, old: Sequence[float], new: Sequence[float]) -> LoraPlan:
+    def set_lora_scales(self, old: Sequence[float], new: Sequence[float]) -> None:
+        """Refit every loaded UNet engine, then the torch UNet; ``ParamError`` (nothing changed)
+        when the engines are not refittable or an engine is being built from the current weights."""
         from engine.accel.tensorrt_backend import lora_change_plan
-
-        if self.busy and list(old) != list(new):
-            return "busy"
 
         sources = [str(path) for path, _ in self.models.identity.get("loras", [])]
         if len(sources) != len(old) or len(sources) != len(new):
             sources = [f"lora_{i}" for i in range(len(new))]
-        return lora_change_plan(
+        plan = lora_change_plan(
             self.settings.refittable,
             list(zip(sources, old, strict=True)),
             list(zip(sources, new, strict=True)),
         )
+        if plan == "none":
+            return
+        if plan == "rebuild":
+            raise ParamError(
+                "lora_scales",
+                "this TensorRT engine was not built refittable (acceleration.refittable: false): "
+                "a rebuild is needed — run `latentstage build` with the new scales in model.loras, "
+                "or set acceleration.refittable: true",
+            )
+        if self.busy:
+            raise ParamError(
+                "lora_scales",
+                "engines are being built for a shape change from the current weights; send the "
+                "scales again when /engine/building is empty",
+            )
+        try:
+            self.refit_unet(rescaled_unet_weights(self.models, old, new))
+        except (RuntimeError, KeyError, NotImplementedError) as err:
+            raise ParamError("lora_scales", f"the engine refit failed: {err}") from err
+        rescale_bundle(self.models, old, new)
 
     def refit_unet(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Refit every loaded UNet engine with these torch-named UNet weights (new values).

@@ -297,25 +297,7 @@ def export_vae_encoder(
     ``scaling_factor`` defaults to ``vae.config.scaling_factor`` (pass the bundle's
     ``vae_scaling_factor``). Other arguments, return and errors as ``export_unet``.
     """
-    _check_options(dtype, opset, exporter)
-    _check_latent_channels(vae, shape)
-    scale = _scaling(vae, scaling_factor)
-    model = _export_copy(vae, dtype)
-    module = _TinyEncoder(model.encoder, scale) if _is_tiny(vae) else _KLEncoder(model, scale)
-    names = VAE_ENCODER_IO
-    example = torch.rand(shape.image, generator=torch.Generator("cpu").manual_seed(0)) * 2 - 1
-    return _export(
-        module,
-        (example.to(dtype),),
-        Path(path),
-        kind="vae_encoder",
-        names=names,
-        expected={names[0][0]: shape.image, names[1][0]: shape.latent},
-        dtype=dtype,
-        opset=opset,
-        exporter=exporter,
-        metadata={"shape": repr(asdict(shape)), "scaling_factor": repr(scale)},
-    )
+    return _export_vae(vae, shape, path, dtype, scaling_factor, opset, exporter, encoder=True)
 
 
 def export_vae_decoder(
@@ -332,20 +314,42 @@ def export_vae_decoder(
 
     Arguments, return and errors as ``export_vae_encoder``.
     """
+    return _export_vae(vae, shape, path, dtype, scaling_factor, opset, exporter, encoder=False)
+
+
+def _export_vae(
+    vae: Any,
+    shape: VaeShape,
+    path: str | os.PathLike[str],
+    dtype: torch.dtype,
+    scaling_factor: float | None,
+    opset: int,
+    exporter: str,
+    *,
+    encoder: bool,
+) -> Path:
+    """The encoder (``images -> latents``) or the decoder (``latents -> images``) of ``vae``."""
     _check_options(dtype, opset, exporter)
     _check_latent_channels(vae, shape)
     scale = _scaling(vae, scaling_factor)
     model = _export_copy(vae, dtype)
-    module = _TinyDecoder(model.decoder, scale) if _is_tiny(vae) else _KLDecoder(model, scale)
-    names = VAE_DECODER_IO
-    example = torch.randn(shape.latent, generator=torch.Generator("cpu").manual_seed(0))
+    generator = torch.Generator("cpu").manual_seed(0)
+    module: nn.Module
+    if encoder:
+        module = _TinyEncoder(model.encoder, scale) if _is_tiny(vae) else _KLEncoder(model, scale)
+        names, io_shapes = VAE_ENCODER_IO, (shape.image, shape.latent)
+        example = torch.rand(shape.image, generator=generator) * 2 - 1
+    else:
+        module = _TinyDecoder(model.decoder, scale) if _is_tiny(vae) else _KLDecoder(model, scale)
+        names, io_shapes = VAE_DECODER_IO, (shape.latent, shape.image)
+        example = torch.randn(shape.latent, generator=generator)
     return _export(
         module,
         (example.to(dtype),),
         Path(path),
-        kind="vae_decoder",
+        kind="vae_encoder" if encoder else "vae_decoder",
         names=names,
-        expected={names[0][0]: shape.latent, names[1][0]: shape.image},
+        expected={names[0][0]: io_shapes[0], names[1][0]: io_shapes[1]},
         dtype=dtype,
         opset=opset,
         exporter=exporter,
@@ -448,20 +452,7 @@ def _dynamo_export(
     opset: int,
 ) -> Any:
     """``torch.onnx.export(dynamo=True)`` without saving; returns the ``ONNXProgram``."""
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's own exporter trips its own pytree deprecation; nothing the caller can act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return torch.onnx.export(
-            module,
-            args,
-            None,
-            dynamo=True,
-            opset_version=opset,
-            input_names=input_names,
-            output_names=output_names,
-            optimize=True,
-            verbose=False,
-        )
+    return _torch_export(module, args, None, input_names, output_names, opset, dynamo=True)
 
 
 def _torchscript_export(
@@ -473,18 +464,39 @@ def _torchscript_export(
     opset: int,
 ) -> None:
     """The deprecated TorchScript exporter (the fallback); static shapes, constants folded."""
+    _torch_export(module, args, str(path), input_names, output_names, opset, dynamo=False)
+
+
+def _torch_export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    target: str | None,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    *,
+    dynamo: bool,
+) -> Any:
+    """``torch.onnx.export`` without gradients and with the exporter's own noise silenced."""
+    options: dict[str, Any]
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
+        if dynamo:
+            # torch's own exporter trips its own pytree deprecation; nothing the caller can act on
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            options = {"optimize": True, "verbose": False}
+        else:
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            options = {"do_constant_folding": True}
+        return torch.onnx.export(
             module,
             args,
-            str(path),
-            dynamo=False,
+            target,
+            dynamo=dynamo,
             opset_version=opset,
             input_names=input_names,
             output_names=output_names,
-            do_constant_folding=True,
+            **options,
         )
 
 

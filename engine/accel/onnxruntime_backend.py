@@ -165,6 +165,11 @@ class _OrtGraph:
                 "export the model again for this shape"
             )
 
+    def close(self) -> None:
+        """Release the session (its device memory) now rather than at garbage collection; safe twice."""
+        self._binding = None
+        self.session = None
+
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Run on ``tensors`` (in ``input_names`` order); the result has the first one's device/dtype."""
         first = tensors[0]
@@ -249,6 +254,10 @@ class OrtUNet:
     ) -> torch.Tensor:
         return self.graph(latents, timesteps, embeddings)
 
+    def close(self) -> None:
+        """Release the session; safe twice."""
+        self.graph.close()
+
 
 class OrtVae:
     """``VaeRunner`` over exported encoder and decoder graphs (``onnx_export.export_vae_*``).
@@ -293,3 +302,8 @@ class OrtVae:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)
+
+    def close(self) -> None:
+        """Release both sessions; safe twice."""
+        self.encoder.close()
+        self.decoder.close()

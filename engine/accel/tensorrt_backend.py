@@ -515,6 +515,16 @@ class TrtRunner:
             return
         self._graph = graph
 
+    def close(self) -> None:
+        """Free the context, the engine and the IO buffers (GPU memory) now; safe twice."""
+        if getattr(self, "engine", None) is None:
+            return
+        self.stream.synchronize()  # nothing of ours may still read the buffers
+        self._graph = None
+        self.buffers.clear()
+        self.context = None
+        self.engine = None
+
     def invalidate_graph(self) -> None:
         """Forget the captured graph; the next ``run`` captures again (after buffers move, a refit)."""
         self._graph = None
@@ -572,6 +582,11 @@ class TrtVae:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder.run({VAE_DECODER_IO[0][0]: latents})[VAE_DECODER_IO[1][0]]
+
+    def close(self) -> None:
+        """Free both engines; safe twice."""
+        self.encoder.close()
+        self.decoder.close()
 
     @classmethod
     def from_plans(cls, encoder: Path | bytes, decoder: Path | bytes, **kwargs: Any) -> TrtVae:

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PROMPT_KEYS = ("prompt", "negative_prompt", "prompt_blend")
-"""Changes that need the text encoder before the engine may apply them."""
+from engine.params import ENCODED_PARAMS, merge_changes
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,12 @@ class ControlState:
     def write(self, changes: Mapping[str, Any], crossfade_s: float = 0.0) -> int:
         """Queue validated changes; returns the new version."""
         with self._lock:
-            for name, value in changes.items():
-                if name in PROMPT_KEYS:
-                    self._to_encode[name] = value
-                    self._crossfade_s = crossfade_s
-                else:
-                    self._pending[name] = value
+            encoded = {name: value for name, value in changes.items() if name in ENCODED_PARAMS}
+            if encoded:
+                self._to_encode = merge_changes(self._to_encode, encoded)
+                self._crossfade_s = crossfade_s
+            rest = {name: value for name, value in changes.items() if name not in ENCODED_PARAMS}
+            self._pending = merge_changes(self._pending, rest)
             self.version += 1
             self._lock.notify_all()
             return self.version
@@ -65,7 +64,7 @@ class ControlState:
     def release_encoded(self, changes: Mapping[str, Any], crossfade_s: float) -> None:
         """Encoded prompt changes become pending for the next frame boundary."""
         with self._lock:
-            self._pending.update(changes)
+            self._pending = merge_changes(self._pending, changes)
             self._pending_crossfade_s = crossfade_s
             self._lock.notify_all()
 
@@ -76,7 +75,7 @@ class ControlState:
                 return None
             taken, self._pending = self._pending, {}
             crossfade, self._pending_crossfade_s = self._pending_crossfade_s, 0.0
-            return Pending(taken, crossfade if any(k in PROMPT_KEYS for k in taken) else 0.0)
+            return Pending(taken, crossfade if any(k in ENCODED_PARAMS for k in taken) else 0.0)
 
     def mark_applied(self, accepted: Mapping[str, Any]) -> None:
         """Record what the engine accepted (the values echoed to control surfaces)."""

@@ -226,3 +226,41 @@ def fuse_loras(
     pipe.unload_lora_weights()
     logger.info("fused %d LoRA adapter(s): %s", len(names), ", ".join(names))
     return names
+
+
+def rescale_bundle(models: Any, old_scales: Sequence[float], new_scales: Sequence[float]) -> bool:
+    """Move the torch UNet and text encoder of ``models`` (a ``ModelBundle``) to new LoRA scales.
+
+    Also updates the bundle's ``lora_scales`` and the scales in its ``identity`` (the engine
+    cache key). Returns whether the text encoder changed (prompts must be encoded again).
+    """
+    factors = models.lora_factors
+    rescale_loras(models.unet, factors, old_scales, new_scales)
+    changed_text = rescale_loras(models.text_encoder, factors, old_scales, new_scales, "text_encoder")
+    models.lora_scales = list(new_scales)
+    loras = models.identity.get("loras")
+    if isinstance(loras, list) and len(loras) == len(new_scales):
+        models.identity["loras"] = [[entry[0], s] for entry, s in zip(loras, new_scales, strict=True)]
+    return bool(changed_text)
+
+
+@torch.no_grad()
+def rescaled_unet_weights(
+    models: Any, old_scales: Sequence[float], new_scales: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """The UNet weights the LoRAs touch, at ``new_scales``, by torch name; the UNet is not changed.
+
+    For refitting engines before the torch UNet itself moves (``rescale_bundle``).
+    """
+    factors: Sequence[LoraFactors] = models.lora_factors
+    current = dict(models.unet.named_parameters())
+    weights = {}
+    for name in touched_parameters(factors):
+        module_name = name.removesuffix(".weight")
+        value = current[name].float()
+        for lora, old, new in zip(factors, old_scales, new_scales, strict=True):
+            low = lora.unet.get(module_name)
+            if low is not None and new != old:
+                value = value + (float(new) - float(old)) * low.delta().to(value.device)
+        weights[name] = value.to(current[name].dtype)
+    return weights

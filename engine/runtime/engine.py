@@ -5,21 +5,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 
 from bridges.base import FrameSink, FrameSource, open_sink, open_source
 from engine.accel.backends import Backend
-from engine.accel.base import UNetShape, VaeShape
-from engine.control.state import PROMPT_KEYS, ControlState
+from engine.control.state import ControlState
 from engine.models.bundle import ModelBundle
-from engine.params import ParamError, validate_changes
-from engine.pipeline import PIPELINE_PARAMS, NeedsEngine, PipelineSettings, StreamPipeline, build_label
+from engine.params import (
+    ENCODED_PARAMS,
+    LIVE_PARAMS,
+    RUNTIME_PARAMS,
+    SHAPE_PARAMS,
+    ParamError,
+    validate_changes,
+)
+from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.ratelimit import RateLimitedLog
+from engine.runtime.builds import Builds
+from engine.runtime.changes import apply_change, open_pipeline, ready_runners
+from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import EngineState, RuntimeStats
 from engine.runtime.workers import (
@@ -37,20 +45,6 @@ from engine.runtime.workers import (
 from engine.stream.modes import GenerationMode
 
 logger = logging.getLogger(__name__)
-
-RUNTIME_PARAMS = ("bypass", "pause")
-BuildTarget = tuple[UNetShape, VaeShape | None]
-"""What a background build prepares: a UNet shape and, for a new resolution, the VAE shape."""
-SHAPE_KEYS = ("t_index_list", "strength", "cfg_type", "resolution")
-"""Changes that may need runners of another shape (n, the cfg mode or the output size)."""
-
-
-class OnLossMode(str, Enum):
-    """What the outputs show while the source is gone."""
-
-    HOLD = "hold"  # the last output frame
-    BLACK = "black"  # black frames
-    PASSTHROUGH = "passthrough"  # the last input frame, unprocessed
 
 
 KEEPALIVE_FPS = 30.0
@@ -102,6 +96,8 @@ class Engine:
         open_source: opens the frame source (called again after a loss, with backoff).
         sink_openers: one ``(label, opener)`` per output.
         options: loss handling, retries, queue sizes.
+        backend: gives the runners of new shapes (built in the background) and is closed with
+            the engine; ``None``: the pipeline's torch runners serve every shape.
     """
 
     def __init__(
@@ -112,8 +108,10 @@ class Engine:
         options: EngineOptions | None = None,
         stats: RuntimeStats | None = None,
         control: ControlState | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.backend = backend
         self.options = options or EngineOptions()
         self.stats = stats or RuntimeStats()
         self._stop = threading.Event()
@@ -139,16 +137,7 @@ class Engine:
         self.control.mark_applied({**pipeline.state, **self.runtime_state})
         self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
         self._transition: tuple[torch.Tensor, float, float] | None = None
-        self._build_lock = threading.Lock()
-        # builds running now, by target, with their ids; finished (id, error) for the loop
-        # (both guarded by _build_lock)
-        self._building: dict[BuildTarget, int] = {}
-        self._finished: list[tuple[int, str | None]] = []
-        self._build_ids = 0
-        # the latest shape change still waiting for its engines, merged over earlier ones, and
-        # the id of the build it waits for (frame-loop thread only)
-        self._pending_shape: dict[str, Any] = {}
-        self._awaiting_build: int | None = None
+        self.builds = None if backend is None else Builds(backend, self._slot.wake, self._report_error)
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
         self._input_health = InputHealth.LIVE
@@ -172,7 +161,7 @@ class Engine:
         Raises:
             ParamError: a value the registry refuses; nothing is queued then.
         """
-        accepted = validate_changes(changes, pipeline_param_names())
+        accepted = validate_changes(changes, LIVE_PARAMS)
         self.control.write(accepted, crossfade_s)
         self._slot.wake()
         return accepted
@@ -270,14 +259,8 @@ class Engine:
             return
         self._closed = True
         self.stop()
-        with self._build_lock:
-            building = _build_label(self._building)
-        if building:  # a TensorRT build cannot be interrupted; its thread ends with the process
-            logger.warning(
-                "stopping while engines for %s are prepared: that build is abandoned (a half-built "
-                "engine is never used; `latentstage build` makes it before the show)",
-                building,
-            )
+        if self.builds is not None:
+            self.builds.close()
         self.post.queue.close()
         for sink in self.sinks:
             sink.queue.close()
@@ -288,6 +271,8 @@ class Engine:
                 thread.join(max(0.05, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.warning("thread %s did not stop in time", thread.name)
+        if self.backend is not None:
+            self.backend.close()
         self.stats.set_state(EngineState.STOPPED)
 
     def __enter__(self) -> Engine:
@@ -390,7 +375,11 @@ class Engine:
             self._last_emit_at = now
 
     def _apply_pending(self) -> None:
-        self._apply_finished_builds()
+        if self.builds is not None:
+            ready = self.builds.take_ready()
+            if ready and not self._stop.is_set():
+                self._apply_guarded(ready, 0.0)
+            self.stats.building = self.builds.label
         pending = self.control.take_pending()
         if pending is None:
             return
@@ -403,106 +392,51 @@ class Engine:
         except ParamError as err:
             self._report_error(str(err))
         # e.g. CUDA out of memory while making the buffers of a larger size: the pipeline
-        # prepares everything before it commits, so nothing changed
+        # plans everything before it commits, so nothing changed
         except (RuntimeError, ValueError) as err:
             self._report_error(f"change of {', '.join(sorted(changes))} failed, nothing changed: {err}")
 
-    def _apply_finished_builds(self) -> None:
-        """Apply the waiting shape change once the build it waits for is done (loop thread)."""
-        with self._build_lock:
-            finished, self._finished = self._finished, []
-        for build_id, error in finished:
-            if build_id != self._awaiting_build:
-                continue  # a newer change replaced the one this build was for
-            changes, self._pending_shape, self._awaiting_build = self._pending_shape, {}, None
-            if error is None and not self._stop.is_set():
-                self._apply_guarded(changes, 0.0)
-
     def _apply(self, changes: dict[str, Any], crossfade_s: float) -> None:
-        runtime = {k: v for k, v in changes.items() if k in RUNTIME_PARAMS}
+        """One change at a frame boundary: runtime values, then the pipeline's (which may wait)."""
+        runtime = validate_changes({k: v for k, v in changes.items() if k in RUNTIME_PARAMS}, RUNTIME_PARAMS)
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
-        accepted_runtime = validate_changes(runtime, RUNTIME_PARAMS)
         previous = self.pipeline.current_positive
-        shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
-        if shape:
-            # a shape change joins the one still waiting for its engines (the newer value wins):
-            # /t_index_list then /resolution during a build means both, not only the last
-            merged = dict(self._pending_shape)
-            if "strength" in shape and "t_index_list" in merged and "t_index_list" not in shape:
-                # strength keeps n: the n of the list that is waiting, not of the one playing
-                strength = shape.pop("strength")
-                del stream["strength"]
-                waiting_n = len(merged["t_index_list"])
-                shape["t_index_list"] = self.pipeline.t_index_list_for_strength(strength, waiting_n)
-            for key, other in (("t_index_list", "strength"), ("strength", "t_index_list")):
-                if key in shape:
-                    merged.pop(other, None)
-            merged.update(shape)
-            stream.update(merged)
-        try:
-            accepted = self.pipeline.apply(stream) if stream else {}
-            if shape:
-                self._pending_shape, self._awaiting_build = {}, None
-        except NeedsEngine as need:
-            # 1. the rest of the change applies now (if it is refused, nothing waits either)
-            rest = {k: v for k, v in stream.items() if k not in SHAPE_KEYS}
-            accepted = self.pipeline.apply(rest) if rest else {}
-            # 2. the new shape is built off the loop; the current configuration keeps running
-            self._pending_shape = {k: v for k, v in stream.items() if k in SHAPE_KEYS}
-            self._awaiting_build = self._build_in_background(need)
+        accepted = self._apply_to_pipeline(stream) if stream else {}
         self._size = (self.pipeline.height, self.pipeline.width)
-        self.runtime_state.update(accepted_runtime)
-        accepted.update(accepted_runtime)
-        if crossfade_s > 0 and any(k in accepted for k in PROMPT_KEYS):
+        self.runtime_state.update(runtime)
+        accepted.update(runtime)
+        prompt_changed = any(k in accepted for k in ENCODED_PARAMS)
+        if crossfade_s > 0 and prompt_changed:
             self._transition = (previous, time.monotonic(), crossfade_s)
             self.pipeline.set_prompt_transition(previous, 0.0)
-        elif any(k in accepted for k in PROMPT_KEYS):
+        elif prompt_changed:
             self._transition = None
-        if "pause" in accepted_runtime and not accepted_runtime["pause"]:
+        if "pause" in runtime and not runtime["pause"]:
             self.stats.set_state(EngineState.RUNNING)
         self.control.mark_applied(accepted)
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
 
-    def _build_in_background(self, need: NeedsEngine) -> int:
-        """Prepare the runners ``need`` names on a worker (one build per target at a time).
-
-        Returns the id of the build that will provide them; the loop applies the waiting change
-        when that build reports.
-        """
-        backend = self.pipeline.backend
-        assert backend is not None
-        target: BuildTarget = (need.shape, need.vae_shape)
-        with self._build_lock:
-            running = self._building.get(target)
-            if running is not None:
-                return running
-            self._build_ids += 1
-            build_id = self._build_ids
-            self._building[target] = build_id
-            self.stats.building = _build_label(self._building)
-        logger.info("preparing engines for %s; the current configuration keeps running", need.label)
-
-        def build() -> None:
-            try:
-                if need.vae_shape is not None:
-                    backend.prepare_vae(need.vae_shape)
-                backend.prepare_unet(need.shape)
-            # a build is third-party work (exporters, TensorRT): whatever fails is reported and
-            # the engine keeps running the configuration it has
-            except Exception as err:
-                message: str | None = f"engine build for {need.label} failed: {err}"
-                self._report_error(str(message))
-            else:
-                message = None
-            with self._build_lock:
-                del self._building[target]
-                self._finished.append((build_id, message))
-                self.stats.building = _build_label(self._building)
-            self._slot.wake()
-
-        threading.Thread(target=build, name="latentstage-build", daemon=True).start()
-        return build_id
+    def _apply_to_pipeline(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Commit ``changes`` now, or — when it needs runners not built yet — commit the rest now
+        and let its shape part wait for a background build (the current shapes keep playing)."""
+        builds = self.builds
+        if builds is None:
+            return apply_change(self.pipeline, changes)
+        shape = {k: v for k, v in changes.items() if k in SHAPE_PARAMS}
+        if shape:  # joins the change still waiting for its engines (the newer value wins)
+            changes = {**changes, **builds.join(shape)}
+        target = self.pipeline.target_for(changes)
+        if target is None or ready_runners(self.pipeline, builds.backend, target) is not None:
+            accepted = apply_change(self.pipeline, changes, builds.backend)
+            if shape:
+                builds.settle()  # a build for a shape nobody asks for any more stops
+            return accepted
+        rest = {k: v for k, v in changes.items() if k not in SHAPE_PARAMS}
+        accepted = apply_change(self.pipeline, rest, builds.backend) if rest else {}  # refused: nothing waits
+        builds.wait({k: v for k, v in changes.items() if k in SHAPE_PARAMS}, target)
+        self.stats.building = builds.label
+        return accepted
 
     def _step_transition(self) -> None:
         assert self._transition is not None
@@ -535,7 +469,7 @@ class Engine:
             sink.drain(1.0)
 
 
-def build_engine(
+def engine_from_config(
     config: Any,
     models: ModelBundle,
     settings: PipelineSettings | None = None,
@@ -549,7 +483,7 @@ def build_engine(
     ``backend`` runs the UNet and VAE (torch eager when ``None``); ``keep_recordings``
     (a resumed or restarted show) records into ``take-2.mp4`` ... when the file exists.
     """
-    pipeline = StreamPipeline(models, settings or PipelineSettings.from_config(config), backend=backend)
+    pipeline = open_pipeline(models, settings or PipelineSettings.from_config(config), backend)
     source_name, source_options = source_spec(config.input)
     stats = RuntimeStats()
 
@@ -573,18 +507,15 @@ def build_engine(
         stall_seconds=config.input.stall_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
     )
-    return Engine(pipeline, lambda: open_source(source_name, **source_options), labels, engine_options, stats)
+    return Engine(
+        pipeline,
+        lambda: open_source(source_name, **source_options),
+        labels,
+        engine_options,
+        stats,
+        backend=backend,
+    )
 
 
 def _count(outputs: Any, name: str) -> int:
     return sum(1 for output in outputs if output.type == name)
-
-
-def _build_label(targets: Iterable[BuildTarget]) -> str | None:
-    """What the status line shows while builds run (``None`` when none does)."""
-    return ", ".join(build_label(shape, vae) for shape, vae in targets) or None
-
-
-def pipeline_param_names() -> tuple[str, ...]:
-    """Every live parameter the engine accepts through ``submit``."""
-    return PIPELINE_PARAMS + RUNTIME_PARAMS

@@ -1,0 +1,529 @@
+"""The pydantic schema of config.yaml: its sections, their field types, ranges and validators."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+from collections.abc import Mapping
+from enum import Enum
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+from engine.accel.kinds import BackendKind, FallbackMode
+from engine.config.errors import _Allowed, _Problem
+from engine.models.kinds import DType, PredictionSetting, VaeKind
+from engine.models.sources import BUILTIN_IDS, BUILTIN_PREFIX
+from engine.params import MAX_PROMPT_CHARS, REGISTRY, SIDE_MULTIPLE, ParamSpec
+from engine.runtime.loss import OnLossMode
+from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
+
+_SIZE = REGISTRY["resolution"]
+_T_INDEX_ITEMS = REGISTRY["t_index_list"].max_items
+_FEEDBACK_RE = re.compile(r"^(?:\[(?P<v6>[^\]\s]+)\]|(?P<host>[^:\s\[\]]+)):(?P<port>[0-9]{1,5})$")
+
+
+class LogLevel(str, Enum):
+    """Logging threshold."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+# --------------------------------------------------------------------------- value validators
+
+
+def _check_model_id(value: str) -> str:
+    if not value.strip():
+        raise _Problem("is empty", _MODEL_ID_ALLOWED)
+    if value.startswith(BUILTIN_PREFIX) and value not in BUILTIN_IDS:
+        raise _Problem("is not a built-in model", " | ".join(BUILTIN_IDS))
+    return value
+
+
+def _check_feedback(value: str) -> str:
+    match = _FEEDBACK_RE.match(value)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise _Problem(
+            "is not a host:port target",
+            "host:port with port in [1, 65535], e.g. 127.0.0.1:9001 or [::1]:9001",
+        )
+    return value
+
+
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _Problem(
+            "is not an IP address or network",
+            "IP addresses or CIDR networks, e.g. 192.168.1.20 or 10.0.0.0/24",
+        ) from None
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+_MODEL_ID_ALLOWED = "a hub id (org/name), a local folder, a .safetensors/.ckpt file, or " + " / ".join(
+    BUILTIN_IDS
+)
+
+ModelId = Annotated[StrictStr, _Allowed(_MODEL_ID_ALLOWED), AfterValidator(_check_model_id)]
+Text = Annotated[StrictStr, Field(pattern=r"\S"), _Allowed("non-empty text")]
+Name = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
+    _Allowed("1 to 64 letters, digits, '_', '.' or '-' (no '/')"),
+]
+Host = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Za-z0-9_.:%\[\]-]{1,253}$"),
+    _Allowed("a host name or IP address, e.g. 127.0.0.1, 0.0.0.0 or localhost"),
+]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Dim = Annotated[
+    StrictInt,
+    Field(multiple_of=SIDE_MULTIPLE, ge=_SIZE.minimum, le=_SIZE.maximum),
+    _Allowed(f"a multiple of {SIDE_MULTIPLE} between {_SIZE.minimum} and {_SIZE.maximum}"),
+]
+SourceDim = Annotated[StrictInt, Field(ge=16, le=8192)]
+Codec = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_]+$"), _Allowed("an FFmpeg encoder name")]
+Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
+Fps = Annotated[StrictFloat, Field(gt=0, le=240)]
+QueueSize = Annotated[StrictInt, Field(ge=1, le=64)]
+Feedback = Annotated[StrictStr, AfterValidator(_check_feedback)]
+Network = Annotated[StrictStr, AfterValidator(_check_network)]
+Device = Annotated[
+    StrictStr,
+    Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$"),
+    _Allowed("auto | cuda | cuda:N | mps | cpu"),
+]
+OnnxProvider = Annotated[
+    StrictStr,
+    Field(pattern=r"^[A-Za-z0-9]+ExecutionProvider$"),
+    _Allowed("ONNX Runtime provider names, e.g. CUDAExecutionProvider, CPUExecutionProvider"),
+]
+TIndexList = Annotated[
+    list[StrictInt],
+    Field(min_length=1, max_length=_T_INDEX_ITEMS),
+    _Allowed(f"1 to {_T_INDEX_ITEMS} strictly increasing integers in [0, num_inference_steps - 1]"),
+]
+
+
+def _live(key: str, description: str, enum: type[Enum] | None = None) -> Any:
+    """The field of live parameter ``key``: its default and its ge/le bounds from the registry.
+
+    List values get a fresh copy per instance; an ``enum`` turns the default into its member.
+    """
+    spec: ParamSpec = next(s for s in REGISTRY.values() if s.config_key == key)
+    if isinstance(spec.default, list):
+        return Field(default_factory=lambda: list(spec.default), description=description)
+    value = spec.default if enum is None else enum(spec.default)
+    return Field(default=value, ge=spec.minimum, le=spec.maximum, description=description)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, floats must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+class LoraSpec(_Section):
+    """One extra LoRA fused into the UNet."""
+
+    path: Text = Field(description="hub id or .safetensors file of the LoRA")
+    scale: StrictFloat = Field(default=1.0, ge=-4, le=4, description="strength of the LoRA")
+    adapter_name: Name | None = Field(default=None, description="adapter name (null: derived)")
+
+
+class ModelSettings(_Section):
+    """Which weights to load and where to run them."""
+
+    id: ModelId = Field(default="stabilityai/sd-turbo", description=_MODEL_ID_ALLOWED)
+    vae: VaeKind = Field(default=VaeKind.TAESD, description="taesd (fast tiny VAE) | full")
+    taesd_id: Text = Field(default="madebyollin/taesd", description="hub id or folder of TAESD")
+    lcm_lora: Text | None = Field(default=None, description="LCM-LoRA hub id or file")
+    loras: list[LoraSpec] = Field(
+        default_factory=list, max_length=16, description="extra LoRAs fused at load"
+    )
+    prediction_type: PredictionSetting = Field(
+        default=PredictionSetting.AUTO, description=allowed(PredictionSetting)
+    )
+    device: Device = Field(default="auto", description="auto | cuda | cuda:N | mps | cpu")
+    dtype: DType = Field(default=DType.AUTO, description=allowed(DType))
+    cache_dir: Text | None = Field(default=None, description="model cache folder (null: HF_HOME)")
+    local_files_only: StrictBool = Field(default=False, description="never download")
+    single_file_config: Text | None = Field(
+        default=None,
+        description="diffusers folder or hub id whose configs describe a single-file checkpoint",
+    )
+
+    @model_validator(mode="after")
+    def _unique_adapters(self) -> ModelSettings:
+        seen: dict[str, int] = {}
+        for index, lora in enumerate(self.loras):
+            if lora.adapter_name is None:
+                continue
+            if lora.adapter_name in seen:
+                raise _Problem(
+                    f"is already used by loras[{seen[lora.adapter_name]}]",
+                    "a distinct adapter_name per LoRA",
+                    key=f"loras[{index}].adapter_name",
+                    value=lora.adapter_name,
+                    has_value=True,
+                )
+            seen[lora.adapter_name] = index
+        return self
+
+
+class StreamSettings(_Section):
+    """The stream batch and the starting values of the live parameters."""
+
+    mode: GenerationMode = Field(default=GenerationMode.IMG2IMG, description=allowed(GenerationMode))
+    width: Dim = Field(default=_SIZE.default[0], description="output width in pixels")
+    height: Dim = Field(default=_SIZE.default[1], description="output height in pixels")
+    num_inference_steps: StrictInt = Field(
+        default=50, ge=1, le=1000, description="length of the LCM schedule"
+    )
+    t_index_list: TIndexList = _live("stream.t_index_list", "denoising slots: indices into the schedule")
+    cfg_type: CfgType = _live("stream.cfg_type", allowed(CfgType), CfgType)
+    guidance_scale: StrictFloat = _live("stream.guidance_scale", "acts above 1")
+    delta: StrictFloat = _live("stream.delta", "R-CFG residual-noise scale")
+    prompt: Prompt = _live("stream.prompt", "starting prompt")
+    negative_prompt: Prompt = _live("stream.negative_prompt", "cfg full/onetime")
+    prompt_blend_method: BlendMethod = _live("stream.prompt_blend_method", allowed(BlendMethod), BlendMethod)
+    seed: StrictInt = _live("stream.seed", "seed of the cached noise")
+    add_noise: StrictBool = Field(default=True, description="re-noise the buffer between slots")
+    cross_frame_attention: StrictBool = Field(default=False, description="attend across the batch")
+
+    @model_validator(mode="after")
+    def _check_t_index_list(self) -> StreamSettings:
+        steps = self.num_inference_steps
+        text = (
+            f"1 to {_T_INDEX_ITEMS} strictly increasing integers in [0, {steps - 1}] "
+            f"(num_inference_steps is {steps})"
+        )
+        indices = self.t_index_list
+        for index in indices:
+            if not 0 <= index < steps:
+                raise _Problem(
+                    f"has {index}, outside [0, {steps - 1}]",
+                    text,
+                    key="t_index_list",
+                    value=indices,
+                    has_value=True,
+                )
+        if any(b <= a for a, b in itertools.pairwise(indices)):
+            raise _Problem(
+                "is not strictly increasing",
+                text,
+                key="t_index_list",
+                value=indices,
+                has_value=True,
+            )
+        return self
+
+
+class SimilarityFilterSettings(_Section):
+    """Stochastic similarity filter: skip near-identical input frames."""
+
+    enabled: StrictBool = _live("similarity_filter.enabled", "skip near-identical frames")
+    threshold: StrictFloat = _live("similarity_filter.threshold", "cosine similarity")
+    max_skip_frames: StrictInt = _live(
+        "similarity_filter.max_skip_frames", "force a frame through after this many skips"
+    )
+
+
+class AccelerationSettings(_Section):
+    """How the UNet and VAE are executed."""
+
+    backend: BackendKind = Field(default=BackendKind.TORCH, description=allowed(BackendKind))
+    fallback: FallbackMode = Field(default=FallbackMode.ERROR, description=allowed(FallbackMode))
+    compile: StrictBool = Field(default=False, description="torch.compile (torch backend)")
+    engine_dir: Text = Field(default="engines", description="cache folder of built engines")
+    onnx_providers: list[OnnxProvider] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="ONNX Runtime providers in order of preference",
+    )
+    cuda_graph: StrictBool = Field(
+        default=False,
+        description="replay the UNet as CUDA graphs (TensorRT, or torch.compile reduce-overhead); CUDA only",
+    )
+    refittable: StrictBool = Field(default=False, description="build refittable TensorRT engines")
+
+
+class _InputBase(_Section):
+    type: str
+    on_loss: OnLossMode = Field(default=OnLossMode.HOLD, description=allowed(OnLossMode))
+    retry_seconds: StrictFloat = Field(
+        default=1.0, gt=0, le=60, description="seconds between reconnect attempts"
+    )
+    stall_seconds: StrictFloat = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="a source that sends no new frame for this long counts as lost (0: never)",
+    )
+
+
+class PatternInput(_InputBase):
+    """Built-in moving test pattern."""
+
+    type: Literal["pattern"] = "pattern"
+    fps: Fps = Field(default=30.0, description="frames per second")
+    width: SourceDim = Field(default=512, description="pattern width")
+    height: SourceDim = Field(default=512, description="pattern height")
+
+
+class VideoInput(_InputBase):
+    """A video file (needs the [video] extra)."""
+
+    type: Literal["video"] = "video"
+    path: Text = Field(description="video file")
+    loop: StrictBool = Field(default=True, description="restart at the end")
+
+
+class ShmInput(_InputBase):
+    """Frames from another process over shared memory."""
+
+    type: Literal["shm"] = "shm"
+    name: Name = Field(default="latentstage_in", description="shared-memory block name")
+
+
+class NdiInput(_InputBase):
+    """An NDI source on the network (needs the [ndi] extra)."""
+
+    type: Literal["ndi"] = "ndi"
+    source: Text = Field(description="NDI source name, e.g. 'HOST (TouchDesigner)'")
+
+
+class SpoutInput(_InputBase):
+    """A Spout sender (Windows)."""
+
+    type: Literal["spout"] = "spout"
+    sender: Text = Field(default="TDSyphonSpoutOut", description="Spout sender name")
+
+
+class SyphonInput(_InputBase):
+    """A Syphon server (macOS); an empty name takes the first one found."""
+
+    type: Literal["syphon"] = "syphon"
+    server: StrictStr = Field(default="", description="Syphon server name ('' = first found)")
+
+
+InputSettings = Annotated[
+    PatternInput | VideoInput | ShmInput | NdiInput | SpoutInput | SyphonInput,
+    Field(discriminator="type"),
+]
+
+
+class _OutputBase(_Section):
+    type: str
+    queue_size: QueueSize = Field(default=2, description="frames queued; the oldest is dropped")
+
+
+class PreviewOutput(_OutputBase):
+    """MJPEG preview in a browser."""
+
+    type: Literal["preview"] = "preview"
+    host: Host = Field(default="127.0.0.1", description="address the preview server binds")
+    port: Port = Field(default=8080, description="HTTP port")
+
+
+class RecordOutput(_OutputBase):
+    """Record to a video file (needs the [video] extra)."""
+
+    type: Literal["record"] = "record"
+    path: Text = Field(default="out/demo.mp4", description="file to write")
+    fps: Fps = Field(default=30.0, description="frame rate of the file")
+    codec: Codec = Field(default="libx264", description="FFmpeg encoder name")
+
+
+class ShmOutput(_OutputBase):
+    """Frames to another process over shared memory."""
+
+    type: Literal["shm"] = "shm"
+    name: Name = Field(default="latentstage_out", description="shared-memory block name")
+
+
+class _PublishedOutput(_OutputBase):
+    """An output other applications find by name: an NDI source, a Spout sender, a Syphon server."""
+
+    name: Text = Field(
+        default="latentstage", description="the name receivers see (NDI source, Spout sender, Syphon server)"
+    )
+
+
+class NdiOutput(_PublishedOutput):
+    """An NDI sender on the network (needs the [ndi] extra)."""
+
+    type: Literal["ndi"] = "ndi"
+
+
+class SpoutOutput(_PublishedOutput):
+    """A Spout sender (Windows)."""
+
+    type: Literal["spout"] = "spout"
+
+
+class SyphonOutput(_PublishedOutput):
+    """A Syphon server (macOS)."""
+
+    type: Literal["syphon"] = "syphon"
+
+
+OutputSettings = Annotated[
+    PreviewOutput | RecordOutput | ShmOutput | NdiOutput | SpoutOutput | SyphonOutput,
+    Field(discriminator="type"),
+]
+
+
+class OscSettings(_Section):
+    """The OSC control server and its feedback."""
+
+    enabled: StrictBool = Field(default=True, description="listen for OSC")
+    host: Host = Field(default="127.0.0.1", description="bind address; non-loopback needs allow")
+    port: Port = Field(default=9000, description="UDP port to listen on")
+    feedback: list[Feedback] = Field(
+        default_factory=lambda: ["127.0.0.1:9001"], description="host:port feedback targets"
+    )
+    allow: list[Network] = Field(
+        default_factory=list, description="IP addresses/CIDR networks obeyed ([] = loopback)"
+    )
+    status_hz: StrictFloat = Field(default=4.0, gt=0, le=60, description="status messages per s")
+    oscquery_port: Port | None = Field(default=9002, description="OSCQuery HTTP port (null: off)")
+    max_datagram_bytes: StrictInt = Field(
+        default=65507, ge=512, le=65507, description="larger datagrams are dropped"
+    )
+
+    @model_validator(mode="after")
+    def _network_needs_allow(self) -> OscSettings:
+        if self.enabled and not self.allow and not _is_loopback(self.host):
+            raise _Problem(
+                f"is empty while osc.host is {self.host!r}: anyone on that network could drive "
+                "the show (a host other than 127.x.x.x, ::1 or localhost needs an allow list)",
+                "IP addresses or CIDR networks of the controllers, e.g. [192.168.1.20, 10.0.0.0/24]",
+                key="allow",
+                value=self.allow,
+                has_value=True,
+            )
+        return self
+
+
+class LoggingSettings(_Section):
+    """Logging of the engine process."""
+
+    level: LogLevel = Field(default=LogLevel.INFO, description=allowed(LogLevel))
+    file: Text | None = Field(default=None, description="also log to this file (null: stderr)")
+
+
+class SuperviseSettings(_Section):
+    """``latentstage run --supervise``: restart the engine when it dies or hangs."""
+
+    hang_seconds: StrictFloat = Field(
+        default=10.0, ge=1, le=3600, description="no frame and no heartbeat this long = hung"
+    )
+    startup_seconds: StrictFloat = Field(
+        default=300.0,
+        ge=5,
+        le=86400,
+        description="time allowed to load the model and make the first frame (builds, compiles)",
+    )
+    max_restarts: StrictInt = Field(default=5, ge=1, le=1000, description="give up after this many")
+    window_minutes: StrictFloat = Field(
+        default=10.0, gt=0, le=10080, description="... restarts within this many minutes"
+    )
+    state_file: Text = Field(
+        default="state/live.json",
+        description="live parameters autosaved on every accepted change and restored on restart",
+    )
+
+
+def _default_outputs() -> list[OutputSettings]:
+    return [PreviewOutput()]
+
+
+class Config(_Section):
+    """The whole of config.yaml."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    similarity_filter: SimilarityFilterSettings = Field(default_factory=SimilarityFilterSettings)
+    acceleration: AccelerationSettings = Field(default_factory=AccelerationSettings)
+    input: InputSettings = Field(default_factory=PatternInput)
+    outputs: list[OutputSettings] = Field(default_factory=_default_outputs, max_length=16)
+    osc: OscSettings = Field(default_factory=OscSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    supervise: SuperviseSettings = Field(default_factory=SuperviseSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_defaults_to_pattern(cls, data: Any) -> Any:
+        """``input: {fps: 60}`` (no ``type``) means the default pattern input."""
+        section = data.get("input") if isinstance(data, Mapping) else None
+        if isinstance(section, Mapping) and "type" not in section:
+            data = {**data, "input": {"type": "pattern", **section}}
+        return data
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> Config:
+        seen: dict[tuple[str, Any], int] = {}
+        if isinstance(self.input, ShmInput):
+            seen[("shm", self.input.name)] = -1
+        for index, output in enumerate(self.outputs):
+            attr = {"preview": "port", "record": "path"}.get(output.type, "name")
+            value = getattr(output, attr)
+            other = seen.get((output.type, value))
+            if other is not None:
+                used_by = "input.name" if other < 0 else f"outputs[{other}]"
+                raise _Problem(
+                    f"is already used by {used_by}",
+                    f"a distinct {attr} per output",
+                    key=f"outputs[{index}].{attr}",
+                    value=value,
+                    has_value=True,
+                )
+            seen[(output.type, value)] = index
+        return self
+
+
+SECTIONS = tuple(Config.model_fields)
+INPUT_TYPES = tuple(
+    get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(InputSettings)[0])
+)
+OUTPUT_TYPES = tuple(
+    get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(OutputSettings)[0])
+)
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON schema of config.yaml (for editors and documentation)."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "latentstage config.yaml"
+    return schema
