@@ -66,6 +66,17 @@ class Frame:
         )
 
 
+class FrameCounter:
+    """Stamps what a receiving source got as its next ``Frame`` (sequence 1, 2, …, received now)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def frame(self, pixels: np.ndarray) -> Frame:
+        self.count += 1
+        return Frame(pixels, time.monotonic(), self.count)
+
+
 def check_rgba(
     pixels: np.ndarray,
     who: str,
@@ -125,9 +136,21 @@ _C = TypeVar("_C", bound="Closing")
 
 
 class Closing:
-    """Context-manager support for anything with ``close()``: ``with Bridge(...) as b:``."""
+    """``close()`` that runs ``_release()`` once (safe twice), and ``with Bridge(...) as b:``.
+
+    ``_closed`` is set before ``_release`` runs, so a failing release is not retried.
+    """
+
+    _closed = False
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        """Free what the bridge holds (called once, by ``close``)."""
         raise NotImplementedError
 
     def __enter__(self: _C) -> _C:

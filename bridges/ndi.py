@@ -11,7 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Closing, Frame, PixelFormat, check_rgba, missing_sdk, shut_down
+from bridges.base import (
+    BridgeError,
+    Closing,
+    Frame,
+    FrameCounter,
+    PixelFormat,
+    check_rgba,
+    missing_sdk,
+    shut_down,
+)
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +273,11 @@ class NdiSource(Closing):
         if not query:
             raise ValueError("NdiSource needs the sender's name, e.g. 'HOST (TouchDesigner)'")
         self._ndi = load_cyndilib("the NDI source")
-        self._closed = False
         self._finder: Any = None
         self._receiver: Any = None
         self._video: Any = None
         self._last_key: tuple[float, float, int, int] | None = None
-        self._sequence = 0
+        self._frames = FrameCounter()
         self._next_check = 0.0
         ok = False
         try:
@@ -369,14 +377,10 @@ class NdiSource(Closing):
                                       int(video.get_line_stride()), fourcc)
         except SDK_ERRORS as exc:
             raise BridgeError(f"NDI receive from {self.name!r} failed: {exc}") from exc
-        self._sequence += 1
-        return Frame(pixels, time.monotonic(), self._sequence)
+        return self._frames.frame(pixels)
 
-    def close(self) -> None:
-        """Disconnect and drop the receiver and finder; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Disconnect and drop the receiver and finder."""
         receiver, self._receiver = self._receiver, None
         finder, self._finder = self._finder, None
         self._video = None
@@ -403,7 +407,6 @@ class NdiSink(Closing):
         self._ndi = load_cyndilib("the NDI sink")
         self._sender: Any = None
         self._size: tuple[int, int] | None = None
-        self._closed = False
 
     @property
     def source_name(self) -> str | None:
@@ -447,10 +450,7 @@ class NdiSink(Closing):
         sender, self._sender, self._size = self._sender, None, None
         shut_down(sender, "close", "NDI sender", SDK_ERRORS, log)
 
-    def close(self) -> None:
-        """Stop and destroy the sender; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Stop and destroy the sender."""
         self._close_sender()
 

@@ -82,7 +82,6 @@ class PatternSource(Closing):
                                // self.width).astype(np.int64)
         self._start: float | None = None
         self._next_index = 0
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"PatternSource(test pattern {self.width}x{self.height} @ {self.fps:g} fps)"
@@ -157,7 +156,6 @@ class PatternSource(Closing):
         self._next_index = index + 1
         return Frame(self.render(index), time.monotonic(), index)
 
-    def close(self) -> None:
-        """Stop the source; safe to call twice."""
-        self._closed = True
+    def _release(self) -> None:
+        """Nothing to free: a closed pattern only refuses ``recv``."""
 

@@ -295,7 +295,6 @@ class PreviewSink(Closing):
         self._version = 0  # our own counter: Frame.sequence may repeat or restart
         self._frames_sent = 0
         self._clients = 0
-        self._closed = False
         self._closed_event = threading.Event()
         self._encode_lock = threading.Lock()  # one encoder at a time; guards the cache
         self._jpeg: tuple[int, bytes] | None = None
@@ -354,12 +353,9 @@ class PreviewSink(Closing):
             self._frames_sent += 1
             self._cond.notify_all()
 
-    def close(self) -> None:
-        """Stop serving, end the streams and release the port; safe to call twice."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
+    def _release(self) -> None:
+        """Stop serving, end the streams and release the port."""
+        with self._cond:  # wakes the streams: they see ``_closed`` and end
             self._closed_event.set()
             self._cond.notify_all()
         self._server.shutdown()

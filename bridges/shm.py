@@ -314,7 +314,6 @@ class ShmWriter(Closing):
         self.segment_id = 0
         self._map: _Mapped | None = None
         self._sequence = 0
-        self._closed = False
         self._create(width, height)
 
     def __repr__(self) -> str:
@@ -443,11 +442,8 @@ class ShmWriter(Closing):
         finally:
             probe.close()
 
-    def close(self) -> None:
-        """Retire and unlink the segment (the writer owns it); safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Retire and unlink the segment (the writer owns it)."""
         mapped, self._map = self._map, None
         if mapped is None:
             return
@@ -490,7 +486,6 @@ class ShmReader(Closing):
         self._map: _Mapped | None = None
         self._header: ShmHeader | None = None
         self._fresh = True
-        self._closed = False
         self._gone_since: float | None = None
         self._last_activity = time.monotonic()
         self._last_probe = self._last_activity
@@ -622,9 +617,8 @@ class ShmReader(Closing):
                 return out, number, stamp
         return None
 
-    def close(self) -> None:
-        """Detach (never unlinks: the writer owns the segment); safe to call twice."""
-        self._closed = True
+    def _release(self) -> None:
+        """Detach (never unlinks: the writer owns the segment)."""
         self._drop()
 
 
@@ -641,7 +635,6 @@ class ShmSink(Closing):
     def __init__(self, name: str = "latentstage_out") -> None:
         self.name = name
         self._writer: ShmWriter | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"ShmSink({self.name!r})"
@@ -665,10 +658,7 @@ class ShmSink(Closing):
         except OSError as exc:
             raise BridgeError(f"shared-memory sink {self.name!r} failed: {exc}") from exc
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -690,7 +680,6 @@ class ShmSource(Closing):
         self._last: int | None = None
         self._base = 0  # added to the writer's frame numbers (grows when the segment changes)
         self._emitted = 0
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"ShmSource({self.name!r})"
@@ -719,9 +708,6 @@ class ShmSource(Closing):
                 return None
             time.sleep(min(_POLL_S, remaining))
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         self._reader.close()
 

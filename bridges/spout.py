@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bridges.base import BridgeError, Closing, Frame, PixelFormat, check_rgba, missing_sdk
+from bridges.base import BridgeError, Closing, Frame, FrameCounter, PixelFormat, check_rgba, missing_sdk
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-class _ThreadBound:
+class _ThreadBound(Closing):
     """Creates the SDK object in the first thread that uses it and refuses other threads.
 
     ``_sdk`` names the SpoutGL class, the method that sets its sender name and the one that
@@ -214,7 +214,6 @@ class _ThreadBound:
         self._spout_name = spout_name
         self._object: Any = None
         self._thread: int | None = None
-        self._closed = False
 
     def _make(self) -> Any:
         cls, set_name = self._sdk[:2]
@@ -235,11 +234,8 @@ class _ThreadBound:
         self._object, self._thread = spout_object, threading.get_ident()
         return spout_object
 
-    def close(self) -> None:
-        """Release the sender/receiver and the OpenGL context; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Release the sender/receiver and the OpenGL context."""
         spout_object, self._object = self._object, None
         if spout_object is None or self._thread is None:
             return
@@ -250,7 +246,7 @@ class _ThreadBound:
         CONTEXTS.release(self._thread)
 
 
-class SpoutSource(_ThreadBound, Closing):
+class SpoutSource(_ThreadBound):
     """Frames from the Spout sender named ``sender`` (empty: the active sender), as RGBA.
 
     The receiver and its hidden OpenGL context are created on the first ``recv`` in the thread
@@ -275,7 +271,7 @@ class SpoutSource(_ThreadBound, Closing):
         self._buffer = ReceiveBuffer()
         self._connected = False
         self._started: float | None = None
-        self._sequence = 0
+        self._frames = FrameCounter()
         super().__init__(self.sender)
 
     def recv(self, timeout: float) -> Frame | None:
@@ -324,15 +320,14 @@ class SpoutSource(_ThreadBound, Closing):
         self._connected = True
         if target is None or not receiver.isFrameNew():
             return None
-        self._sequence += 1
-        return Frame(self._buffer.take(), time.monotonic(), self._sequence)
+        return self._frames.frame(self._buffer.take())
 
     def _label(self) -> str:
         return repr(self.sender) if self.sender else "(active sender)"
 
 
 
-class SpoutSink(_ThreadBound, Closing):
+class SpoutSink(_ThreadBound):
     """A Spout sender named ``name`` sharing each frame it is given (any size; Spout resizes).
 
     The sender and its hidden OpenGL context are created on the first ``send`` in the thread

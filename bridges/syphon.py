@@ -17,6 +17,7 @@ from bridges.base import (
     BridgeError,
     Closing,
     Frame,
+    FrameCounter,
     PixelFormat,
     check_rgba,
     from_rgba,
@@ -189,8 +190,7 @@ class SyphonSource(Closing):
         self.flip = bool(flip)
         self._sdk = load_syphon("the Syphon source")
         self._client: Any = None
-        self._closed = False
-        self._sequence = 0
+        self._frames = FrameCounter()
         try:
             description = self._find(find_timeout)
         except BridgeError:
@@ -256,14 +256,10 @@ class SyphonSource(Closing):
         texture_format(mtl_format)  # refuse other formats before reading (ValueError)
         image = self._sdk.images.copy_mtl_texture_to_image(texture)
         pixels = texture_to_rgba(image, mtl_format, self.flip)
-        self._sequence += 1
-        return Frame(pixels, time.monotonic(), self._sequence)
+        return self._frames.frame(pixels)
 
-    def close(self) -> None:
-        """Stop the client; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Stop the client."""
         client, self._client = self._client, None
         shut_down(client, "stop", "Syphon client", self._sdk.errors, log)
 
@@ -284,7 +280,6 @@ class SyphonSink(Closing):
         self._sdk = load_syphon("the Syphon sink")
         self._texture: Any = None
         self._size: tuple[int, int] | None = None
-        self._closed = False
         try:
             self._server = self._sdk.syphon.SyphonMetalServer(self.name)
         except self._sdk.errors as exc:
@@ -309,11 +304,8 @@ class SyphonSink(Closing):
         except self._sdk.errors as exc:
             raise BridgeError(f"Syphon publish as {self.name!r} failed: {exc}") from exc
 
-    def close(self) -> None:
-        """Stop the server; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Stop the server."""
         with _OWN_LOCK:
             _OWN_SERVERS[self.name] -= 1
             if _OWN_SERVERS[self.name] <= 0:

@@ -98,7 +98,6 @@ class VideoSource(Closing):
         self._failure: BridgeError | None = None
         self._next_due: float | None = None
         self._sequence = 0
-        self._closed = False
         self._thread = threading.Thread(
             target=self._decode_loop, args=(container,), name=f"video-decode:{self.path}",
             daemon=True,
@@ -223,11 +222,8 @@ class VideoSource(Closing):
         self._sequence += 1
         return frame
 
-    def close(self) -> None:
-        """Stop decoding and release the file; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
+        """Stop decoding and release the file."""
         self._stop.set()
         while True:
             try:

@@ -34,7 +34,9 @@ STOP_SIGNALS = tuple(
 """Signals that stop `run` cleanly: Ctrl-C, kill, a closed terminal or SSH session, Ctrl-Break."""
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def _config_command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that loads a configuration: ``--config``, ``--preset`` and ``--set``."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -56,14 +58,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="override one key, e.g. --set stream.cfg_type=full (repeatable)",
     )
+    return parser
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentstage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    config_cmd = sub.add_parser("config", help="print the merged, validated configuration")
-    _add_config_arguments(config_cmd)
+    config_cmd = _config_command(sub, "config", "print the merged, validated configuration")
     config_cmd.add_argument(
         "--schema",
         action="store_true",
@@ -80,8 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="write the JSON to FILE (e.g. td_components/params.json)",
     )
 
-    bench_cmd = sub.add_parser("bench", help="measure throughput ratios side by side in one run")
-    _add_config_arguments(bench_cmd)
+    bench_cmd = _config_command(sub, "bench", "measure throughput ratios side by side in one run")
     bench_cmd.add_argument("--frames", type=int, default=30, help="timed frames per row")
     bench_cmd.add_argument("--warmup", type=int, default=5, help="untimed frames per row")
     bench_cmd.add_argument(
@@ -114,8 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--json", default=None, metavar="FILE", help="also write every figure to FILE as JSON"
     )
 
-    run_cmd = sub.add_parser("run", help="run the engine: input -> StreamDiffusion -> outputs")
-    _add_config_arguments(run_cmd)
+    run_cmd = _config_command(sub, "run", "run the engine: input -> StreamDiffusion -> outputs")
     run_cmd.add_argument(
         "--frames", type=int, default=None, metavar="N", help="stop cleanly after N output frames"
     )
@@ -138,8 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--supervised-by", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     run_cmd.add_argument("--restart-count", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
 
-    build_cmd = sub.add_parser("build", help="export / build the engines a configuration needs")
-    _add_config_arguments(build_cmd)
+    build_cmd = _config_command(sub, "build", "export / build the engines a configuration needs")
     build_cmd.add_argument(
         "--size",
         metavar="WxH",

@@ -170,6 +170,13 @@ def _coerce_float(spec: ParamSpec, value: Any) -> float:
     return number
 
 
+def _whole(spec: ParamSpec, item: Any, what: str = "item") -> int:
+    """``item`` as an int when it is a whole number (not a bool), else a ParamError naming it."""
+    if isinstance(item, bool) or not isinstance(item, (int, float)) or not float(item).is_integer():
+        raise ParamError(spec.name, f"{what} {item!r} is not an integer; allowed: {spec.allowed_text()}")
+    return int(item)
+
+
 def _coerce_int(spec: ParamSpec, value: Any) -> int:
     number = _number(spec, value)
     if not number.is_integer():
@@ -214,15 +221,7 @@ def _coerce_int_list(spec: ParamSpec, value: Any) -> list[int]:
         raise ParamError(spec.name, f"{len(items)} items given; allowed: {spec.allowed_text()}")
     result = []
     for item in items:
-        if (
-            isinstance(item, bool)
-            or not isinstance(item, (int, float))
-            or not float(item).is_integer()
-        ):
-            raise ParamError(
-                spec.name, f"item {item!r} is not an integer; allowed: {spec.allowed_text()}"
-            )
-        _check_range(spec, float(item), item)
+        _check_range(spec, float(_whole(spec, item)), item)
         result.append(int(item))
     if any(b <= a for a, b in itertools.pairwise(result)):
         raise ParamError(
@@ -282,14 +281,7 @@ def _coerce_seed_blend(spec: ParamSpec, value: Any) -> list[tuple[int, float]]:
     pairs = _pairs(spec, value)
     result = []
     for seed, weight in pairs:
-        if (
-            isinstance(seed, bool)
-            or not isinstance(seed, (int, float))
-            or not float(seed).is_integer()
-        ):
-            raise ParamError(
-                spec.name, f"seed {seed!r} is not an integer; allowed: {spec.allowed_text()}"
-            )
+        _whole(spec, seed, "seed")
         if not 0 <= seed <= MAX_SEED:
             raise ParamError(
                 spec.name, f"seed {seed!r} is out of range; allowed: {spec.allowed_text()}"
@@ -314,9 +306,7 @@ def _coerce_size(spec: ParamSpec, value: Any) -> list[int]:
         raise ParamError(spec.name, f"{len(items)} numbers given; allowed: {spec.allowed_text()}")
     result = []
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not float(item).is_integer():
-            raise ParamError(spec.name, f"{item!r} is not an integer; allowed: {spec.allowed_text()}")
-        _check_range(spec, float(item), item)
+        _check_range(spec, float(_whole(spec, item, "side")), item)
         if int(item) % SIDE_MULTIPLE:
             raise ParamError(
                 spec.name, f"{int(item)} is not a multiple of {SIDE_MULTIPLE}; allowed: {spec.allowed_text()}"
@@ -708,17 +698,22 @@ def as_json() -> list[dict[str, Any]]:
     return rows
 
 
+def _span(spec: ParamSpec, spaced: bool) -> str:
+    """Choices or ``min..max`` of ``spec`` for a table (``spaced``: ``a | b``, ``0 .. 1``)."""
+    gap = " " if spaced else ""
+    if spec.kind is ParamKind.ENUM:
+        return f"{gap}|{gap}".join(spec.choices)
+    if spec.minimum is not None or spec.maximum is not None:
+        return f"{_fmt(spec.minimum)}{gap}..{gap}{_fmt(spec.maximum)}"
+    return "-"
+
+
 def as_table() -> str:
     """The registry as an aligned text table."""
     header = ("name", "type", "default", "range / choices", "OSC", "args", "doc")
     rows = [header]
     for spec in REGISTRY.values():
-        if spec.kind is ParamKind.ENUM:
-            span = "|".join(spec.choices)
-        elif spec.minimum is not None or spec.maximum is not None:
-            span = f"{_fmt(spec.minimum)}..{_fmt(spec.maximum)}"
-        else:
-            span = "-"
+        span = _span(spec, spaced=False)
         address = " ".join(spec.addresses)
         default = "-" if spec.default is None else str(spec.default)
         rows.append(
@@ -737,15 +732,45 @@ def as_table() -> str:
 ENGINE_STATES = "loading | warming | running | paused | stalled | lost | error | restarting | stopped"
 """What ``/engine/state`` says (``EngineState`` in engine/runtime/stats.py; a test keeps them equal)."""
 
-FEEDBACK_ADDRESSES: tuple[tuple[str, str, str], ...] = (
-    ("/engine/state", "s", ENGINE_STATES),
-    ("/engine/fps", "f", "output frames per second"),
-    ("/engine/latency_ms", "f", "source frame to output, milliseconds (mean over the last frames)"),
-    ("/engine/skip_rate", "f", "share of input frames the similarity filter skipped"),
-    ("/engine/building", "s", "engines prepared for a shape change, e.g. `batch 2 at 768x512`; empty: none"),
-    ("/engine/restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
-    ("/engine/error", "s", "why a message or a frame was refused; nothing changed"),
+@dataclass(frozen=True)
+class StatusSpec:
+    """One read-only ``/engine/<name>`` feedback address (OSCQuery node, docs, status sender).
+
+    ``periodic``: sent ``osc.status_hz`` times a second from the status snapshot's ``name``
+    (else sent when it happens, like ``error``). ``empty``: what is sent while the snapshot has
+    no value.
+    """
+
+    name: str
+    tag: str
+    doc: str
+    periodic: bool = True
+
+    @property
+    def address(self) -> str:
+        return f"/engine/{self.name}"
+
+    def osc_value(self, value: Any) -> str | float | int:
+        """``value`` from the status snapshot as this address's OSC argument."""
+        if self.tag == "f":
+            return float(value or 0.0)
+        if self.tag == "i":
+            return int(value or 0)
+        return str(value if value is not None else "")
+
+
+STATUS: tuple[StatusSpec, ...] = (
+    StatusSpec("state", "s", ENGINE_STATES),
+    StatusSpec("fps", "f", "output frames per second"),
+    StatusSpec("latency_ms", "f", "source frame to output, milliseconds (mean over the last frames)"),
+    StatusSpec("skip_rate", "f", "share of input frames the similarity filter skipped"),
+    StatusSpec(
+        "building", "s", "engines prepared for a shape change, e.g. `batch 2 at 768x512`; empty: none"
+    ),
+    StatusSpec("restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
+    StatusSpec("error", "s", "why a message or a frame was refused; nothing changed", periodic=False),
 )
+"""The status addresses, in the order they are sent and documented."""
 
 
 def as_markdown() -> str:
@@ -768,12 +793,7 @@ def as_markdown() -> str:
     ]
     for spec in REGISTRY.values():
         address = " ".join(f"`{a}`" for a in spec.addresses)
-        if spec.kind is ParamKind.ENUM:
-            span = " | ".join(spec.choices)
-        elif spec.minimum is not None or spec.maximum is not None:
-            span = f"{_fmt(spec.minimum)} .. {_fmt(spec.maximum)}"
-        else:
-            span = "-"
+        span = _span(spec, spaced=True)
         if spec.max_items:
             span += f" (at most {spec.max_items})"
         default = "-" if spec.default is None else f"`{spec.default!r}`"
@@ -791,7 +811,7 @@ def as_markdown() -> str:
         "| address | args | meaning |",
         "|---|---|---|",
     ]
-    lines += [f"| `{a}` | `{t}` | {doc} |" for a, t, doc in FEEDBACK_ADDRESSES]
+    lines += [f"| `{spec.address}` | `{spec.tag}` | {spec.doc} |" for spec in STATUS]
     lines += [
         "",
         "## Refused messages",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -112,3 +114,26 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+@contextlib.contextmanager
+def playing(pipe, seconds: float, errors: list[str] | None = None, backend: Any = None) -> Iterator[Any]:
+    """An engine on a 20 fps fake source, running on a thread, after its first 3 frames.
+
+    Yields ``(engine, sink, thread)``; on exit it stops, joins the thread and closes.
+    """
+    from engine.runtime.engine import Engine
+
+    sink = RecordingSink()
+    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)], backend=backend)
+    if errors is not None:
+        engine.on_error = errors.append
+    thread = threading.Thread(target=engine.run, kwargs={"duration": seconds}, daemon=True)
+    with engine:
+        thread.start()
+        assert wait_until(lambda: len(sink.frames) >= 3)
+        try:
+            yield engine, sink, thread
+        finally:
+            engine.stop()
+            thread.join(10)

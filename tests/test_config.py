@@ -15,18 +15,7 @@ from pydantic import BaseModel
 
 from engine import config as cfg
 from engine.cli import main
-from engine.config import (
-    Config,
-    ConfigError,
-    config_from_dict,
-    config_json_schema,
-    dump_config,
-    list_presets,
-    load_config,
-    merge_config,
-    parse_override,
-    presets_dir,
-)
+from engine.config import Config, ConfigError, load_config
 from engine.config import files as cfg_files
 from engine.params import REGISTRY, SIDE_MULTIPLE
 from engine.stream.modes import CfgType, GenerationMode
@@ -80,7 +69,7 @@ def test_default_config_loads_from_the_repository(elsewhere: Path) -> None:
 def test_empty_file_gives_the_schema_defaults(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, "")) == Config()
     assert load_config(_write(tmp_path, "# only a comment\n")) == Config()
-    assert config_from_dict({}) == Config()
+    assert cfg_files.config_from_dict({}) == Config()
 
 
 def test_repository_config_lists_and_comments_every_key() -> None:
@@ -102,9 +91,9 @@ def test_repository_config_lists_and_comments_every_key() -> None:
 def test_cwd_config_yaml_is_preferred(elsewhere: Path) -> None:
     _write(elsewhere, "stream:\n  width: 256\n")
     assert load_config().stream.width == 256
-    assert presets_dir() == REPO / "presets"  # no presets/ here: the repository's
+    assert cfg_files.presets_dir() == REPO / "presets"  # no presets/ here: the repository's
     (elsewhere / "presets").mkdir()
-    assert presets_dir() == elsewhere / "presets"
+    assert cfg_files.presets_dir() == elsewhere / "presets"
 
 
 def test_missing_default_files_fall_back_to_schema(
@@ -190,8 +179,8 @@ PRESET_EXPECTATIONS: dict[str, dict[str, Any]] = {
 
 
 def test_list_presets_has_the_shipped_ones(elsewhere: Path) -> None:
-    assert set(PRESET_EXPECTATIONS) <= set(list_presets())
-    assert "scenes" not in list_presets()
+    assert set(PRESET_EXPECTATIONS) <= set(cfg_files.list_presets())
+    assert "scenes" not in cfg_files.list_presets()
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_EXPECTATIONS))
@@ -221,8 +210,8 @@ def test_local_presets_dir_then_repository(tmp_path: Path) -> None:
     path = _write(tmp_path, "stream:\n  seed: 7\n")
     (tmp_path / "presets").mkdir()
     _write(tmp_path / "presets", "stream:\n  prompt: a local look\n", "mine.yaml")
-    assert presets_dir(path) == tmp_path / "presets"
-    assert {"mine", "demo"} <= set(list_presets(path))
+    assert cfg_files.presets_dir(path) == tmp_path / "presets"
+    assert {"mine", "demo"} <= set(cfg_files.list_presets(path))
     config = load_config(path, presets=["mine", "demo"])
     assert config.stream.prompt == "a local look"
     assert config.stream.seed == 7
@@ -245,7 +234,7 @@ def test_merge_config_is_deep_and_lists_replace() -> None:
             "osc": {"feedback": ["127.0.0.1:9001", "10.0.0.2:9001"]}}
     overlay = {"stream": {"width": 256, "t_index_list": [0]}, "osc": {"feedback": []},
                "logging": {"level": "DEBUG"}}
-    merged = merge_config(base, overlay)
+    merged = cfg_files.merge_config(base, overlay)
     assert merged == {"stream": {"width": 256, "height": 512, "t_index_list": [0]},
                       "osc": {"feedback": []}, "logging": {"level": "DEBUG"}}
     assert base["stream"] == {"width": 512, "height": 512, "t_index_list": [32, 45]}
@@ -255,19 +244,19 @@ def test_merge_config_is_deep_and_lists_replace() -> None:
 
 def test_merge_config_replaces_a_mapping_whose_type_changes() -> None:
     base = {"input": {"type": "pattern", "fps": 60, "on_loss": "black"}}
-    assert merge_config(base, {"input": {"type": "video", "path": "a.mp4"}}) == {
+    assert cfg_files.merge_config(base, {"input": {"type": "video", "path": "a.mp4"}}) == {
         "input": {"type": "video", "path": "a.mp4"}}
-    assert merge_config(base, {"input": {"type": "pattern", "fps": 24}}) == {
+    assert cfg_files.merge_config(base, {"input": {"type": "pattern", "fps": 24}}) == {
         "input": {"type": "pattern", "fps": 24, "on_loss": "black"}}
 
 
 def test_config_from_dict_validates_programmatic_overlays() -> None:
-    data = merge_config(Config().model_dump(mode="json"), {"stream": {"cfg_type": "full"}})
-    assert config_from_dict(data).stream.cfg_type is CfgType.FULL
+    data = cfg_files.merge_config(Config().model_dump(mode="json"), {"stream": {"cfg_type": "full"}})
+    assert cfg_files.config_from_dict(data).stream.cfg_type is CfgType.FULL
     with pytest.raises(ConfigError, match=r"stream\.cfg_type"):
-        config_from_dict(merge_config(data, {"stream": {"cfg_type": "wrong"}}))
+        cfg_files.config_from_dict(cfg_files.merge_config(data, {"stream": {"cfg_type": "wrong"}}))
     with pytest.raises(ConfigError, match="not a mapping"):
-        config_from_dict([1, 2])  # type: ignore[arg-type]
+        cfg_files.config_from_dict([1, 2])  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- --set overrides
@@ -325,8 +314,8 @@ def test_overrides_apply_after_presets(elsewhere: Path) -> None:
 
 
 def test_parse_override_nests() -> None:
-    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
-    assert parse_override("stream.t_index_list=[1, 2]") == {"stream": {"t_index_list": [1, 2]}}
+    assert cfg_files.parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+    assert cfg_files.parse_override("stream.t_index_list=[1, 2]") == {"stream": {"t_index_list": [1, 2]}}
 
 
 # --------------------------------------------------------------------------- dump and schema
@@ -334,7 +323,7 @@ def test_parse_override_nests() -> None:
 
 def test_dump_round_trips_with_plain_strings(tmp_path: Path, elsewhere: Path) -> None:
     config = load_config(presets=["demo"], overrides=["stream.cfg_type=onetime"])
-    text = dump_config(config)
+    text = cfg_files.dump_config(config)
     assert "!!python" not in text
     assert "cfg_type: onetime" in text
     assert "t_index_list: [32, 45]" in text
@@ -342,7 +331,7 @@ def test_dump_round_trips_with_plain_strings(tmp_path: Path, elsewhere: Path) ->
 
 
 def test_json_schema_has_every_section() -> None:
-    schema = config_json_schema()
+    schema = cfg.config_json_schema()
     assert isinstance(schema, dict)
     assert set(SECTIONS) <= set(schema["properties"])
     assert schema["additionalProperties"] is False
@@ -575,7 +564,7 @@ def test_cli_config_prints_merged_yaml(elsewhere: Path, capsys: pytest.CaptureFi
     assert "builtin:tiny" in out
     data = yaml.safe_load(out)
     assert data["model"]["id"] == "builtin:tiny"
-    assert config_from_dict(data) == load_config(presets=["demo"])
+    assert cfg_files.config_from_dict(data) == load_config(presets=["demo"])
 
 
 def test_cli_config_with_file_and_sets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections import Counter
 
 import pytest
@@ -12,9 +11,8 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from engine.accel.backends import TorchBackend
 from engine.control.dispatch import OscDispatcher
 from engine.runtime.changes import open_pipeline
-from engine.runtime.engine import Engine
 from engine.stream.modes import CfgType
-from tests.fakes import FakeSource, RecordingSink, pipeline_settings, wait_until
+from tests.fakes import pipeline_settings, playing, wait_until
 from tests.test_backends import SlowBackend
 from tests.test_lora_scales import load, lora  # noqa: F401  (the module-scoped LoRA fixture)
 
@@ -48,18 +46,8 @@ def counted(pipe) -> Counter:
 @contextlib.contextmanager
 def live(pipe, backend):
     """An engine playing ``pipe`` on ``backend``, fed by an OSC dispatcher (no sockets)."""
-    sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=30), [("rec", lambda: sink)], backend=backend)
-    dispatcher = OscDispatcher(engine.control, engine.control.applied)
-    thread = threading.Thread(target=engine.run, kwargs={"duration": 30.0}, daemon=True)
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
-        try:
-            yield engine, dispatcher, sink
-        finally:
-            engine.stop()
-            thread.join(10)
+    with playing(pipe, 30.0, backend=backend) as (engine, sink, _thread):
+        yield engine, OscDispatcher(engine.control, engine.control.applied), sink
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,14 @@ class FakeTrtRunner(TorchUNet):
         self.refits.append(dict(weights))
 
 
+def trt_pipeline(bundle, tmp_path, refittable: bool):
+    """``(backend, pipeline)`` on a TensorRT backend with fake engines, and the state it starts in."""
+    pytest.importorskip("onnx")
+    backend = trt_backend(bundle, tmp_path, refittable)
+    pipe = open_pipeline(bundle, settings(), backend)
+    return backend, pipe, dict(pipe.state)
+
+
 def trt_backend(bundle, tmp_path, refittable: bool) -> TensorRTBackend:
     accel = AccelSettings(backend=BackendKind.TENSORRT, engine_dir=str(tmp_path), refittable=refittable)
     backend = TensorRTBackend(bundle, VaeShape(SIZE, SIZE), accel)
@@ -176,11 +184,8 @@ def trt_backend(bundle, tmp_path, refittable: bool) -> TensorRTBackend:
 
 
 def test_tensorrt_not_refittable_says_rebuild(lora: str, tmp_path) -> None:
-    pytest.importorskip("onnx")
     bundle = load(lora, 1.0)
-    backend = trt_backend(bundle, tmp_path, False)
-    pipe = open_pipeline(bundle, settings(), backend)
-    state = dict(pipe.state)
+    backend, pipe, state = trt_pipeline(bundle, tmp_path, False)
     with pytest.raises(ParamError, match="rebuild"):
         apply_change(pipe, {"lora_scales": [0.5]}, backend)
     assert pipe.state == state
@@ -188,13 +193,10 @@ def test_tensorrt_not_refittable_says_rebuild(lora: str, tmp_path) -> None:
 
 def test_tensorrt_refit_waits_for_a_running_engine_build(lora: str, tmp_path) -> None:
     """A refit during a background build would miss the engine being built from the old weights."""
-    pytest.importorskip("onnx")
     import threading
 
     bundle = load(lora, 1.0)
-    backend = trt_backend(bundle, tmp_path, True)
-    pipe = open_pipeline(bundle, settings(), backend)
-    state = dict(pipe.state)
+    backend, pipe, state = trt_pipeline(bundle, tmp_path, True)
     building = threading.Lock()
     backend._flights[pipe.unet_shape(n=3)] = building
     with building:  # what prepare_unet holds while it exports / builds

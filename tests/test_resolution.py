@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import replace
@@ -21,7 +20,7 @@ from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.engine import Engine
 from engine.stream.batch import _resample
 from engine.stream.modes import CfgType
-from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
+from tests.fakes import SIZE, FakeSource, RecordingSink, playing, wait_until
 from tests.test_backends import SlowBackend, settings
 
 WIDE = [96, 64]  # width, height: 12x8 latents for the tiny model
@@ -42,6 +41,12 @@ def frames(count: int, width: int = SIZE, height: int = SIZE, start: int = 0) ->
     ],
     ids=["self", "similarity-filter", "cross-frame-full", "n1-onetime"],
 )
+def start_build(engine, change: dict) -> None:
+    """Submit ``change`` and wait until the engines it needs are being built."""
+    engine.submit(change)
+    assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+
+
 def test_torch_pipeline_changes_size_between_frames_without_a_new_warmup(bundle, options):
     if options.get("cross_frame_attention"):  # it installs attention processors: own model
         bundle = load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
@@ -129,27 +134,6 @@ def test_backend_without_the_new_size_names_the_target_then_switches_and_release
     assert old_vae not in backend.ready_vaes and need.vae in backend.ready_vaes
 
 
-@contextlib.contextmanager
-def playing(pipe, seconds: float, errors: list[str] | None = None, backend=None):
-    """An engine on a 20 fps fake source, running on a thread, after its first 3 frames.
-
-    Yields ``(engine, sink, thread)``; on exit it stops, joins the thread and closes.
-    """
-    sink = RecordingSink()
-    engine = Engine(pipe, lambda: FakeSource(fps=20), [("rec", lambda: sink)], backend=backend)
-    if errors is not None:
-        engine.on_error = errors.append
-    thread = threading.Thread(target=engine.run, kwargs={"duration": seconds}, daemon=True)
-    with engine:
-        thread.start()
-        assert wait_until(lambda: len(sink.frames) >= 3)
-        try:
-            yield engine, sink, thread
-        finally:
-            engine.stop()
-            thread.join(10)
-
-
 def test_engine_keeps_the_old_size_running_until_the_new_engines_are_ready(bundle):
     backend = SlowBackend(bundle, delay=0.8)  # VAE then UNet: about 1.6 s of "building"
     pipe = open_pipeline(bundle, settings(), backend)
@@ -209,8 +193,7 @@ def test_a_newer_change_during_a_build_wins_over_the_waiting_one(bundle):
     backend = SlowBackend(bundle, delay=0.6)
     pipe = open_pipeline(bundle, settings(), backend)
     with playing(pipe, 6.0, backend=backend) as (engine, sink, _thread):
-        engine.submit({"resolution": WIDE})
-        assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+        start_build(engine, {"resolution": WIDE})
         engine.submit({"resolution": [SIZE, SIZE]})
         assert wait_until(lambda: engine.stats.snapshot()["building"] is None)
         time.sleep(0.5)  # the loop has seen the finished build by now
@@ -223,8 +206,7 @@ def test_shape_changes_sent_during_a_build_are_all_applied(bundle):
     backend = SlowBackend(bundle, delay=0.4)
     pipe = open_pipeline(bundle, settings(), backend)
     with playing(pipe, 8.0, backend=backend) as (engine, sink, _thread):
-        engine.submit({"t_index_list": [10, 25, 40]})
-        assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+        start_build(engine, {"t_index_list": [10, 25, 40]})
         engine.submit({"resolution": WIDE, "seed": 11})
         assert wait_until(lambda: pipe.state["resolution"] == WIDE and pipe.batch.n == 3)
         assert pipe.state["t_index_list"] == [10, 25, 40] and pipe.state["seed"] == 11
@@ -268,8 +250,7 @@ def test_closing_during_a_build_cancels_it_and_says_so(bundle, caplog):
         with engine:
             thread.start()
             assert wait_until(lambda: len(sink.frames) >= 2)
-            engine.submit({"resolution": WIDE})
-            assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+            start_build(engine, {"resolution": WIDE})
             started = time.monotonic()
         assert time.monotonic() - started < 2.5, "close() does not wait for the build"
     thread.join(5)
@@ -317,8 +298,7 @@ def test_strength_sent_while_a_longer_list_waits_keeps_the_waiting_n(bundle):
     backend = SlowBackend(bundle, delay=0.5)
     pipe = open_pipeline(bundle, settings(), backend)
     with playing(pipe, 6.0, backend=backend) as (engine, _sink, _thread):
-        engine.submit({"t_index_list": [10, 25, 40]})
-        assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+        start_build(engine, {"t_index_list": [10, 25, 40]})
         engine.submit({"strength": 0.5})
         assert wait_until(lambda: pipe.batch.n == 3)
     assert pipe.state["t_index_list"] == strength_to_t_index_list(0.5, 3, 50)

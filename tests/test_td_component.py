@@ -280,6 +280,12 @@ def test_every_registry_entry_has_a_unique_valid_td_name():
         mapping.ParamMap([{**entries[0], "name": "state"}])  # the Status page's own par
 
 
+def test_the_component_follows_every_status_address_the_engine_sends():
+    periodic = {spec.address for spec in params.STATUS if spec.periodic}
+    assert set(td_ext.STATUS_ADDRESSES) == periodic
+    assert td_ext.ERROR_ADDRESS in {spec.address for spec in params.STATUS if not spec.periodic}
+
+
 def test_params_json_is_the_registry():
     on_disk = json.loads((TD / "params.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(params.as_json())), (

@@ -30,6 +30,21 @@ class VaeRunner(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
+UNET_INPUTS = ("latents", "timesteps", "embeddings")
+UNET_OUTPUTS = ("prediction",)
+VAE_IMAGES, VAE_LATENTS = "images", "latents"
+"""IO names of the exported graphs (the VAE encoder maps images → latents, the decoder back);
+the runners bind by these names (``GraphIO``)."""
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names → static shapes of one exported graph's inputs and outputs, in graph order."""
+
+    inputs: dict[str, tuple[int, ...]]
+    outputs: dict[str, tuple[int, ...]]
+
+
 @dataclass(frozen=True)
 class UNetShape:
     """Everything that fixes the shapes of one exported / built UNet.
@@ -58,6 +73,12 @@ class UNetShape:
     def embeddings(self) -> tuple[int, int, int]:
         return (self.batch, self.text_length, self.text_dim)
 
+    @property
+    def io(self) -> GraphIO:
+        """``latents, timesteps (batch,) int64, embeddings -> prediction`` (shape of latents)."""
+        shapes = (self.latents, (self.batch,), self.embeddings)
+        return GraphIO(dict(zip(UNET_INPUTS, shapes)), {UNET_OUTPUTS[0]: self.latents})
+
 
 @dataclass(frozen=True)
 class VaeShape:
@@ -77,9 +98,15 @@ class VaeShape:
         f = self.scale_factor
         return (1, self.latent_channels, self.height // f, self.width // f)
 
+    @property
+    def encoder_io(self) -> GraphIO:
+        """``images (1, 3, H, W) -> latents`` of the exported encoder."""
+        return GraphIO({VAE_IMAGES: self.image}, {VAE_LATENTS: self.latent})
 
-UNET_INPUTS = ("latents", "timesteps", "embeddings")
-UNET_OUTPUTS = ("prediction",)
-VAE_ENCODER_IO = (("images",), ("latents",))
-VAE_DECODER_IO = (("latents",), ("images",))
-"""IO names of every exported graph; the runners bind by these names."""
+    @property
+    def decoder_io(self) -> GraphIO:
+        """``latents -> images (1, 3, H, W)`` of the exported decoder."""
+        return GraphIO({VAE_LATENTS: self.latent}, {VAE_IMAGES: self.image})
+
+
+

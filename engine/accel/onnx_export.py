@@ -34,6 +34,7 @@ half file. Weights over 1.5 GB go to ``<file>.onnx.data`` next to the graph.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -52,14 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.accel.base import (
-    UNET_INPUTS,
-    UNET_OUTPUTS,
-    VAE_DECODER_IO,
-    VAE_ENCODER_IO,
-    UNetShape,
-    VaeShape,
-)
+from engine.accel.base import GraphIO, UNetShape, VaeShape
 
 logger = logging.getLogger(__name__)
 
@@ -142,28 +136,22 @@ class _UNetGraph(nn.Module):
         return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
 
 
-class _TinyEncoder(nn.Module):
-    """TAESD ``encoder`` (its input mapping included) × scaling factor."""
+class _TinyPart(nn.Module):
+    """TAESD ``encoder`` (its input mapping included) × scaling factor, or ÷ scaling factor then
+    TAESD ``decoder`` (soft clamp, layers, [0, 1] → [-1, 1])."""
 
-    def __init__(self, encoder: nn.Module, scaling_factor: float) -> None:
+    def __init__(self, part: nn.Module, scaling_factor: float, *, encoder: bool) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.is_encoder = encoder
+        self.part_name = "encoder" if encoder else "decoder"
+        self.add_module(self.part_name, part)  # initializers keep their encoder.* / decoder.* names
         self.scaling_factor = scaling_factor
 
-    def forward(self, images: torch.Tensor) -> Any:
-        return self.encoder(images) * self.scaling_factor
-
-
-class _TinyDecoder(nn.Module):
-    """÷ scaling factor, then TAESD ``decoder`` (soft clamp, layers, [0, 1] → [-1, 1])."""
-
-    def __init__(self, decoder: nn.Module, scaling_factor: float) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.scaling_factor = scaling_factor
-
-    def forward(self, latents: torch.Tensor) -> Any:
-        return self.decoder(latents / self.scaling_factor)
+    def forward(self, x: torch.Tensor) -> Any:
+        part = getattr(self, self.part_name)
+        if self.is_encoder:
+            return part(x) * self.scaling_factor
+        return part(x / self.scaling_factor)
 
 
 class _KLEncoder(nn.Module):
@@ -258,12 +246,6 @@ def export_unet(
         torch.randint(0, timestep_count, (shape.batch,), generator=example, dtype=torch.int64),
         torch.randn(shape.embeddings, generator=example).to(dtype),
     )
-    expected = {
-        UNET_INPUTS[0]: shape.latents,
-        UNET_INPUTS[1]: (shape.batch,),
-        UNET_INPUTS[2]: shape.embeddings,
-        UNET_OUTPUTS[0]: shape.latents,
-    }
     metadata = {
         "shape": repr(asdict(shape)),
         "cross_frame_groups": repr(groups),
@@ -273,8 +255,7 @@ def export_unet(
         args,
         Path(path),
         kind="unet",
-        names=(UNET_INPUTS, UNET_OUTPUTS),
-        expected=expected,
+        io=shape.io,
         dtype=dtype,
         opset=opset,
         exporter=exporter,
@@ -282,53 +263,24 @@ def export_unet(
     )
 
 
-def export_vae_encoder(
+def export_vae(
     vae: Any,
     shape: VaeShape,
     path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     scaling_factor: float | None = None,
     *,
+    encoder: bool,
     opset: int = 18,
     exporter: str = "auto",
 ) -> Path:
-    """Export ``images (1, 3, H, W) in [-1, 1] -> scaled latents``; equals ``TorchVae.encode``.
+    """Export the encoder (``images (1, 3, H, W) in [-1, 1] -> scaled latents``; equals
+    ``TorchVae.encode``) or, with ``encoder=False``, the decoder (``scaled latents -> images``
+    in about [-1, 1]; equals ``TorchVae.decode``) of ``vae``.
 
     ``scaling_factor`` defaults to ``vae.config.scaling_factor`` (pass the bundle's
     ``vae_scaling_factor``). Other arguments, return and errors as ``export_unet``.
     """
-    return _export_vae(vae, shape, path, dtype, scaling_factor, opset, exporter, encoder=True)
-
-
-def export_vae_decoder(
-    vae: Any,
-    shape: VaeShape,
-    path: str | os.PathLike[str],
-    dtype: torch.dtype = torch.float32,
-    scaling_factor: float | None = None,
-    *,
-    opset: int = 18,
-    exporter: str = "auto",
-) -> Path:
-    """Export ``scaled latents -> images (1, 3, H, W)`` in about [-1, 1]; equals ``TorchVae.decode``.
-
-    Arguments, return and errors as ``export_vae_encoder``.
-    """
-    return _export_vae(vae, shape, path, dtype, scaling_factor, opset, exporter, encoder=False)
-
-
-def _export_vae(
-    vae: Any,
-    shape: VaeShape,
-    path: str | os.PathLike[str],
-    dtype: torch.dtype,
-    scaling_factor: float | None,
-    opset: int,
-    exporter: str,
-    *,
-    encoder: bool,
-) -> Path:
-    """The encoder (``images -> latents``) or the decoder (``latents -> images``) of ``vae``."""
     _check_options(dtype, opset, exporter)
     _check_latent_channels(vae, shape)
     scale = _scaling(vae, scaling_factor)
@@ -336,25 +288,28 @@ def _export_vae(
     generator = torch.Generator("cpu").manual_seed(0)
     module: nn.Module
     if encoder:
-        module = _TinyEncoder(model.encoder, scale) if _is_tiny(vae) else _KLEncoder(model, scale)
-        names, io_shapes = VAE_ENCODER_IO, (shape.image, shape.latent)
+        module = _TinyPart(model.encoder, scale, encoder=True) if _is_tiny(vae) else _KLEncoder(model, scale)
+        io = shape.encoder_io
         example = torch.rand(shape.image, generator=generator) * 2 - 1
     else:
-        module = _TinyDecoder(model.decoder, scale) if _is_tiny(vae) else _KLDecoder(model, scale)
-        names, io_shapes = VAE_DECODER_IO, (shape.latent, shape.image)
+        module = _TinyPart(model.decoder, scale, encoder=False) if _is_tiny(vae) else _KLDecoder(model, scale)
+        io = shape.decoder_io
         example = torch.randn(shape.latent, generator=generator)
     return _export(
         module,
         (example.to(dtype),),
         Path(path),
         kind="vae_encoder" if encoder else "vae_decoder",
-        names=names,
-        expected={names[0][0]: io_shapes[0], names[1][0]: io_shapes[1]},
+        io=io,
         dtype=dtype,
         opset=opset,
         exporter=exporter,
         metadata={"shape": repr(asdict(shape)), "scaling_factor": repr(scale)},
     )
+
+
+export_vae_encoder = functools.partial(export_vae, encoder=True)
+export_vae_decoder = functools.partial(export_vae, encoder=False)
 
 
 # ---------------------------------------------------------------------- internals
@@ -364,8 +319,7 @@ def _export(
     path: Path,
     *,
     kind: str,
-    names: tuple[tuple[str, ...], tuple[str, ...]],
-    expected: Mapping[str, tuple[int, ...]],
+    io: GraphIO,
     dtype: torch.dtype,
     opset: int,
     exporter: str,
@@ -391,7 +345,7 @@ def _export(
         "dtype": _DTYPES[dtype],
         **metadata,
     }
-    input_names, output_names = list(names[0]), list(names[1])
+    input_names, output_names = list(io.inputs), list(io.outputs)
     started = time.perf_counter()
     used = exporter
 
@@ -431,6 +385,7 @@ def _export(
         )
         shutil.rmtree(raw.parent)
 
+    expected = {**io.inputs, **io.outputs}
     _write_atomically(path, write, lambda staged: _check_graph(onnx, staged, expected, kind))
     logger.info(
         "exported the %s to %s with the %s exporter (opset %d, %s) in %.1f s",

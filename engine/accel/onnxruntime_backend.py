@@ -21,14 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.accel.base import (
-    UNET_INPUTS,
-    UNET_OUTPUTS,
-    VAE_DECODER_IO,
-    VAE_ENCODER_IO,
-    UNetShape,
-    VaeShape,
-)
+from engine.accel.base import GraphIO, UNetShape, VaeShape
 from engine.accel.onnx_export import INSTALL_HINT, OnnxUnavailableError, require
 
 __all__ = [
@@ -111,8 +104,7 @@ class _OrtGraph:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        inputs: Mapping[str, tuple[int, ...]],
-        output: tuple[str, tuple[int, ...]],
+        io: GraphIO,
         built_for: str,
         providers: Sequence[str],
         provider_options: ProviderOptions | None,
@@ -143,9 +135,9 @@ class _OrtGraph:
             sess_options=session_options,
             providers=[(name, options[name]) for name in chosen],
         )
-        self.input_names = tuple(inputs)
-        self.output_name, self.output_shape = output[0], tuple(output[1])
-        self._check_io({**inputs, output[0]: output[1]}, built_for)
+        self.input_names = tuple(io.inputs)
+        ((self.output_name, self.output_shape),) = io.outputs.items()
+        self._check_io({**io.inputs, **io.outputs}, built_for)
         self.input_dtypes = {i.name: _TORCH_DTYPES[i.type] for i in self.session.get_inputs()}
         self.output_dtype = _TORCH_DTYPES[self.session.get_outputs()[0].type]
         self.on_device = self.session.get_providers()[0] in DEVICE_PROVIDERS
@@ -244,10 +236,7 @@ class OrtUNet:
         threads: int = 0,
     ) -> None:
         self.shape = shape
-        inputs = dict(zip(UNET_INPUTS, (shape.latents, (shape.batch,), shape.embeddings)))
-        self.graph = _OrtGraph(
-            path, inputs, (UNET_OUTPUTS[0], shape.latents), repr(shape), providers, provider_options, threads
-        )
+        self.graph = _OrtGraph(path, shape.io, repr(shape), providers, provider_options, threads)
 
     def __call__(
         self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
@@ -276,25 +265,9 @@ class OrtVae:
         threads: int = 0,
     ) -> None:
         self.shape = shape
-        (enc_in,), (enc_out,) = VAE_ENCODER_IO
-        (dec_in,), (dec_out,) = VAE_DECODER_IO
-        self.encoder = _OrtGraph(
-            encoder_path,
-            {enc_in: shape.image},
-            (enc_out, shape.latent),
-            repr(shape),
-            providers,
-            provider_options,
-            threads,
-        )
-        self.decoder = _OrtGraph(
-            decoder_path,
-            {dec_in: shape.latent},
-            (dec_out, shape.image),
-            repr(shape),
-            providers,
-            provider_options,
-            threads,
+        self.encoder, self.decoder = (
+            _OrtGraph(graph_path, io, repr(shape), providers, provider_options, threads)
+            for graph_path, io in ((encoder_path, shape.encoder_io), (decoder_path, shape.decoder_io))
         )
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from engine.accel.base import (
-    UNET_INPUTS,
-    UNET_OUTPUTS,
-    VAE_DECODER_IO,
-    VAE_ENCODER_IO,
-    UNetShape,
-    VaeShape,
-)
+from engine.accel.base import UNET_INPUTS, UNET_OUTPUTS, VAE_IMAGES, VAE_LATENTS, UNetShape, VaeShape
 from engine.accel.cache import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -137,13 +130,13 @@ def static_shapes(shape: UNetShape | VaeShape, component: str) -> dict[str, tupl
     if component == "unet":
         if not isinstance(shape, UNetShape):
             raise TypeError(f"the unet needs a UNetShape, got {type(shape).__name__}")
-        return dict(zip(UNET_INPUTS, (shape.latents, (shape.batch,), shape.embeddings)))
+        return dict(shape.io.inputs)
     if not isinstance(shape, VaeShape):
         raise TypeError(f"{component} needs a VaeShape, got {type(shape).__name__}")
     if component == "vae_encoder":
-        return {VAE_ENCODER_IO[0][0]: shape.image}
+        return dict(shape.encoder_io.inputs)
     if component == "vae_decoder":
-        return {VAE_DECODER_IO[0][0]: shape.latent}
+        return dict(shape.decoder_io.inputs)
     raise ValueError(f"component {component!r}: allowed unet | vae_encoder | vae_decoder")
 
 
@@ -566,9 +559,9 @@ class TrtVae:
     """
 
     def __init__(self, encoder: TrtRunner, decoder: TrtRunner) -> None:
-        for runner, (ins, outs), what in (
-            (encoder, VAE_ENCODER_IO, "encoder"),
-            (decoder, VAE_DECODER_IO, "decoder"),
+        for runner, ins, outs, what in (
+            (encoder, (VAE_IMAGES,), (VAE_LATENTS,), "encoder"),
+            (decoder, (VAE_LATENTS,), (VAE_IMAGES,), "decoder"),
         ):
             if runner.input_names != ins or runner.output_names != outs:
                 raise EngineLoadError(
@@ -578,10 +571,10 @@ class TrtVae:
         self.encoder, self.decoder = encoder, decoder
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.run({VAE_ENCODER_IO[0][0]: images})[VAE_ENCODER_IO[1][0]]
+        return self.encoder.run({VAE_IMAGES: images})[VAE_LATENTS]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder.run({VAE_DECODER_IO[0][0]: latents})[VAE_DECODER_IO[1][0]]
+        return self.decoder.run({VAE_LATENTS: latents})[VAE_IMAGES]
 
     def close(self) -> None:
         """Free both engines; safe twice."""

@@ -19,15 +19,6 @@ logger = logging.getLogger(__name__)
 
 ACCESS_NONE, ACCESS_READ, ACCESS_WRITE, ACCESS_READ_WRITE = 0, 1, 2, 3
 ATTRIBUTES = ("FULL_PATH", "CONTENTS", "TYPE", "ACCESS", "VALUE", "RANGE", "DESCRIPTION", "CLIPMODE")
-ENGINE_NODES: dict[str, tuple[str, str]] = {
-    "state": ("s", f"Engine state: {params.ENGINE_STATES}"),
-    "fps": ("f", "Output frames per second"),
-    "latency_ms": ("f", "Latency from the source frame to the output, milliseconds"),
-    "skip_rate": ("f", "Share of input frames skipped by the similarity filter"),
-    "building": ("s", "Engines prepared in the background for a shape change (empty: none)"),
-    "restarts": ("i", "Restarts by `run --supervise` after a crash or a hang"),
-    "error": ("s", "Last error message"),
-}
 
 
 def type_tags(spec: ParamSpec, value: Any) -> str:
@@ -106,11 +97,16 @@ def build_namespace(
                 if spec.minimum is not None:
                     node["CLIPMODE"] = "both"
             insert(address, node)
-    for name, (tag, doc) in ENGINE_NODES.items():
-        node = {"FULL_PATH": f"/engine/{name}", "TYPE": tag, "ACCESS": ACCESS_READ, "DESCRIPTION": doc}
-        if engine.get(name) is not None:
-            node["VALUE"] = [engine[name]]
-        insert(f"/engine/{name}", node)
+    for status in params.STATUS:
+        node = {
+            "FULL_PATH": status.address,
+            "TYPE": status.tag,
+            "ACCESS": ACCESS_READ,
+            "DESCRIPTION": status.doc,
+        }
+        if engine.get(status.name) is not None:
+            node["VALUE"] = [engine[status.name]]
+        insert(status.address, node)
     return root
 
 

@@ -152,9 +152,7 @@ class ControlService:
     def _status_loop(self) -> None:
         interval = 1.0 / self.settings.status_hz
         while not self._stop.wait(interval):
-            status = self._engine_status()
-            self.feedback.send("/engine/state", [str(status.get("state", "unknown"))])
-            for key in ("fps", "latency_ms", "skip_rate"):
-                self.feedback.send(f"/engine/{key}", [float(status.get(key) or 0.0)])
-            self.feedback.send("/engine/building", [str(status.get("building") or "")])
-            self.feedback.send("/engine/restarts", [int(status.get("restarts") or 0)])
+            status = {"state": "unknown", **self._engine_status()}
+            for spec in params.STATUS:
+                if spec.periodic:
+                    self.feedback.send(spec.address, [spec.osc_value(status.get(spec.name))])

@@ -170,11 +170,7 @@ class SourceWorker(threading.Thread):
     def _close_source(self) -> None:
         source, self._source = self._source, None
         self._stats.source_connected = False
-        if source is not None:
-            try:
-                source.close()
-            except (BridgeError, OSError) as err:
-                logger.warning("closing the input failed: %s", err)
+        _close_bridge(source, "the input")
 
 
 class SinkWorker(threading.Thread):
@@ -275,11 +271,7 @@ class SinkWorker(threading.Thread):
     def _close_sink(self) -> None:
         sink, self._sink = self._sink, None
         self._counters.connected = False
-        if sink is not None:
-            try:
-                sink.close()
-            except (BridgeError, OSError) as err:
-                logger.warning("closing output %s failed: %s", self.label, err)
+        _close_bridge(sink, f"output {self.label}")
 
 
 class PostProcessor(threading.Thread):
@@ -401,3 +393,13 @@ def black_frame(height: int, width: int, timestamp: float) -> Frame:
     pixels = np.zeros((height, width, 4), dtype=np.uint8)
     pixels[..., 3] = 255
     return Frame(pixels, timestamp)
+
+
+def _close_bridge(bridge: FrameSource | FrameSink | None, what: str) -> None:
+    """Close ``bridge`` if there is one; a failure is logged (the loop goes on without it)."""
+    if bridge is None:
+        return
+    try:
+        bridge.close()
+    except (BridgeError, OSError) as err:
+        logger.warning("closing %s failed: %s", what, err)
