@@ -31,6 +31,12 @@ def frames(count: int, width: int = SIZE, height: int = SIZE, start: int = 0) ->
     return [torch.roll(base, shifts=3 * (start + k), dims=3) for k in range(count)]
 
 
+def start_build(engine, change: dict) -> None:
+    """Submit ``change`` and wait until the engines it needs are being built."""
+    engine.submit(change)
+    assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -41,12 +47,6 @@ def frames(count: int, width: int = SIZE, height: int = SIZE, start: int = 0) ->
     ],
     ids=["self", "similarity-filter", "cross-frame-full", "n1-onetime"],
 )
-def start_build(engine, change: dict) -> None:
-    """Submit ``change`` and wait until the engines it needs are being built."""
-    engine.submit(change)
-    assert wait_until(lambda: engine.stats.snapshot()["building"] is not None)
-
-
 def test_torch_pipeline_changes_size_between_frames_without_a_new_warmup(bundle, options):
     if options.get("cross_frame_attention"):  # it installs attention processors: own model
         bundle = load_models(ModelRequest(id="builtin:tiny", device="cpu", dtype="float32"))
