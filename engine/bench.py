@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import platform
 import statistics
@@ -18,7 +19,8 @@ from engine import contenders
 from engine.accel.backends import Backend
 from engine.contenders import Contender, Peer
 from engine.models.bundle import ModelBundle
-from engine.pipeline import PipelineSettings, StreamPipeline
+from engine.models.kinds import ControlPreprocessor
+from engine.pipeline import ControlNetSettings, PipelineSettings, StreamPipeline
 from engine.progress import Progress, report
 from engine.runtime.changes import open_pipeline
 from engine.stream.modes import CfgType, GenerationMode
@@ -36,10 +38,17 @@ class BenchGroup(str, Enum):
     GUIDANCE = "guidance"
     FILTER = "filter"
     BACKEND = "backend"
+    CONTROLNET = "controlnet"
     COMPARE = "compare"
 
 
-DEFAULT_GROUPS = (BenchGroup.DENOISING, BenchGroup.GUIDANCE, BenchGroup.FILTER, BenchGroup.BACKEND)
+DEFAULT_GROUPS = (
+    BenchGroup.DENOISING,
+    BenchGroup.GUIDANCE,
+    BenchGroup.FILTER,
+    BenchGroup.BACKEND,
+    BenchGroup.CONTROLNET,
+)
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _controlnet_pipeline(
+    models: ModelBundle,
+    settings: PipelineSettings,
+    count: int,
+    preprocessor: ControlPreprocessor = ControlPreprocessor.NONE,
+) -> StreamPipeline:
+    """A pipeline with ``count`` random ControlNets shaped for ``models`` (scale 1, on every slot)."""
+    from engine.models.controlnet import build_random_controlnet, placed
+
+    device, dtype = models.device, models.dtype
+    nets = [placed(build_random_controlnet(models.unet, seed), device, dtype) for seed in range(count)]
+    controls = tuple(ControlNetSettings(preprocessor=preprocessor) for _ in nets)
+    return StreamPipeline(replace(models, controlnets=nets), replace(settings, controlnets=controls))
+
+
 def _sequential_step(pipe: StreamPipeline) -> Callable[[torch.Tensor], object]:
     """The baseline: n UNet calls of batch 1 per frame, one after another (no stream batch)."""
 
@@ -280,7 +304,8 @@ def run_bench(
 
     ``denoising``: stream batch vs sequential; ``guidance``: the cfg modes; ``filter``: the
     similarity filter on a static input; ``backend``: ``backends`` (e.g. ONNX Runtime) vs
-    torch eager; ``compare``: latentstage beside the floor and the peers of ``compare``.
+    torch eager; ``controlnet``: 0, 1 and 2 ControlNets (and Canny); ``compare``: latentstage
+    beside the floor and the peers of ``compare``.
     """
     settings = replace(settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False)
     moving = frames_for(settings, models, frames + warmup, moving=True)
@@ -336,7 +361,19 @@ def run_bench(
         for name, timing in zip(names, rates):
             add("backend", name, timing, rates[0])
 
-    # 5. latentstage beside the floor and the tools users would pick instead
+    # 5. the cost of ControlNets: 0, 1 and 2 (random, shaped for the model), and of Canny
+    if BenchGroup.CONTROLNET in groups:
+        say("ControlNets: 0, 1, 2 (+ canny)")
+        pipes = [_controlnet_pipeline(models, settings, count) for count in (0, 1, 2)]
+        names = ["no ControlNet", "1 ControlNet", "2 ControlNets"]
+        if importlib.util.find_spec("engine.conditioning.canny") is not None:
+            pipes.append(_controlnet_pipeline(models, settings, 1, ControlPreprocessor.CANNY))
+            names.append("1 ControlNet + canny")
+        rates = side_by_side(pipes, moving, warmup, rounds)
+        for name, timing in zip(names, rates):
+            add("controlnet", name, timing, rates[0])
+
+    # 6. latentstage beside the floor and the tools users would pick instead
     if BenchGroup.COMPARE in groups:
         request = compare or CompareRequest((), lambda: None)
         _compare(models, settings, moving, warmup, rounds, request, bench, say)

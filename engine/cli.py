@@ -101,8 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--groups",
         default=None,
         metavar="GROUPS",
-        help="row groups to run: denoising, guidance, filter, backend, compare "
-        "(default: all of the first four, and compare with --compare)",
+        help="row groups to run: denoising, guidance, filter, backend, controlnet, compare "
+        "(default: all but compare, and compare with --compare)",
     )
     bench_cmd.add_argument(
         "--latency-frames",

@@ -17,6 +17,8 @@ MAX_BLEND_ITEMS = 8
 MAX_T_INDEX_ITEMS = 8
 MAX_SEED = 2**31 - 1
 MAX_LORAS = 16
+MAX_CONTROLNETS = 4
+MAX_CONTROLNET_SCALE = 2.0
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
 """Output size limits (the same as ``stream.width`` / ``stream.height`` in the config)."""
 
@@ -479,6 +481,19 @@ def _specs() -> tuple[ParamSpec, ...]:
             maximum=4.0,
             max_items=MAX_LORAS,
             group="model",
+        ),
+        ParamSpec(
+            "controlnet_scales",
+            k.FLOAT_LIST,
+            None,
+            "Scale of each configured model.controlnets entry, in config order; 0 switches one off "
+            "(no rebuild: the scales are engine inputs).",
+            "/controlnet_scales",
+            "f+",
+            minimum=0.0,
+            maximum=MAX_CONTROLNET_SCALE,
+            max_items=MAX_CONTROLNETS,
+            group="conditioning",
         ),
         ParamSpec(
             "resolution",

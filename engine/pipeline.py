@@ -11,14 +11,18 @@ from typing import Any
 import torch
 
 from engine import params
-from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
+from engine.accel.base import Conditioning, UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.torch_backend import TorchUNet, TorchVae
+from engine.conditioning.preprocess import Preprocess, make_preprocessor
 from engine.models.bundle import ModelBundle
+from engine.models.kinds import ControlPreprocessor
+from engine.models.sources import DEFAULT_DEPTH_ID
 from engine.params import ENCODED_PARAMS, PIPELINE_PARAMS, ParamError
 from engine.prompting import PromptEncoder
 from engine.stream.attention import CrossFrameAttnProcessor
-from engine.stream.batch import StreamBatch
+from engine.stream.batch import Denoiser, StreamBatch
 from engine.stream.blend import blend_noise, slerp
+from engine.stream.control import ControlSlots, slot_scales
 from engine.stream.guidance import batch_groups_for, layout_embeddings, unet_batch_size
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode
 from engine.stream.schedule import StreamSchedule, build_schedule, strength_to_t_index_list
@@ -80,10 +84,58 @@ class ChangePlan:
     embeddings: torch.Tensor
     layout_changed: bool
     lora: LoraChange | None
+    control: ControlPlan | None = None
 
     @property
     def size_changed(self) -> bool:
         return self.target is not None and self.target.vae is not None
+
+
+@dataclass(frozen=True)
+class ControlNetSettings:
+    """One ``model.controlnets`` entry's settings (its weights are in ``ModelBundle.controlnets``).
+
+    Attributes:
+        scale: starting scale (``/controlnet_scales`` changes it live; 0 switches it off).
+        preprocessor: what makes the condition image of a frame.
+        start, end: the share of the denoising schedule it acts on (diffusers'
+            ``control_guidance_start``/``end``).
+        from_input: the condition comes from the frame being diffused; False: from its own
+            source, handed to each pipeline call (``controls``).
+        low_threshold, high_threshold: Canny thresholds.
+        depth_id: the depth model of ``preprocessor: depth``.
+    """
+
+    scale: float = 1.0
+    preprocessor: ControlPreprocessor = ControlPreprocessor.NONE
+    start: float = 0.0
+    end: float = 1.0
+    from_input: bool = True
+    low_threshold: float = 0.1
+    high_threshold: float = 0.2
+    depth_id: str = DEFAULT_DEPTH_ID
+
+    @classmethod
+    def from_config(cls, entry: Any) -> ControlNetSettings:
+        return cls(
+            scale=entry.scale,
+            preprocessor=ControlPreprocessor(entry.preprocessor),
+            start=entry.start,
+            end=entry.end,
+            from_input=entry.source is None,
+            low_threshold=entry.low_threshold,
+            high_threshold=entry.high_threshold,
+            depth_id=entry.preprocessor_id,
+        )
+
+
+@dataclass
+class ControlPlan:
+    """The ControlNet part of a change: the slots (new only when the layout changed) and scales."""
+
+    slots: ControlSlots
+    scales: torch.Tensor
+    active: tuple[bool, ...]
 
 
 def _live(name: str, kind: Callable[[Any], Any] = lambda v: v) -> Callable[[], Any]:
@@ -114,6 +166,7 @@ class PipelineSettings:
     similarity_filter_enabled: bool = field(default_factory=_live("similarity_filter_enabled"))
     similarity_filter_threshold: float = field(default_factory=_live("similarity_filter_threshold"))
     similarity_filter_max_skip_frames: int = field(default_factory=_live("similarity_filter_max_skip_frames"))
+    controlnets: tuple[ControlNetSettings, ...] = ()
 
     @classmethod
     def from_config(cls, config: Any) -> PipelineSettings:
@@ -131,6 +184,7 @@ class PipelineSettings:
             num_inference_steps=stream.num_inference_steps,
             add_noise=stream.add_noise,
             cross_frame_attention=stream.cross_frame_attention,
+            controlnets=tuple(ControlNetSettings.from_config(entry) for entry in config.model.controlnets),
             **values,
         )
 
@@ -179,7 +233,8 @@ class StreamPipeline:
         self.latent_shape = self.latent_shape_for(settings.width, settings.height)
         self.mode = settings.mode
         self.runners = runners or Runners(
-            TorchUNet(models.unet), TorchVae(models.vae, models.vae_scaling_factor)
+            TorchUNet(models.unet, controlnets=models.controlnets, ip_tokens=models.ip_tokens),
+            TorchVae(models.vae, models.vae_scaling_factor),
         )
         self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
         self.stats = PipelineStats()
@@ -219,11 +274,43 @@ class StreamPipeline:
         self._cross_frame: CrossFrameAttnProcessor | None = None
         if settings.cross_frame_attention:
             self._install_cross_frame_attention()
+        # ControlNets: a preprocessor each, the newest frame of each own source, the slots
+        self._preprocessors: list[Preprocess] = [
+            make_preprocessor(
+                c.preprocessor,
+                low_threshold=c.low_threshold,
+                high_threshold=c.high_threshold,
+                depth_id=c.depth_id,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            for c in settings.controlnets
+        ]
+        self._control_frames: list[torch.Tensor | None] = [None] * len(settings.controlnets)
+        self._control: ControlPlan | None = None
+        if settings.controlnets:
+            self.state["controlnet_scales"] = [float(c.scale) for c in settings.controlnets]
+            slots = ControlSlots(
+                len(settings.controlnets),
+                schedule.n,
+                (self.height, self.width),
+                cfg_type,
+                self.device,
+                self.dtype,
+            )
+            self._control = self._control_plan(self.state, slots)
 
     # ------------------------------------------------------------------ per frame
     @torch.inference_mode()
-    def __call__(self, image: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Process one frame; see the class docstring for shapes."""
+    def __call__(
+        self, image: torch.Tensor | None = None, controls: list[torch.Tensor | None] | None = None
+    ) -> torch.Tensor | None:
+        """Process one frame; see the class docstring for shapes.
+
+        ``controls``: for each ControlNet that has its own source, its newest frame ``(1, 3, H',
+        W')`` in [-1, 1] or ``None`` (nothing new: the last one is used again); entries of
+        ControlNets fed by the input are ignored.
+        """
         self.stats.frames_in += 1
         # 1. check the input and take the slot-0 latent
         if self.mode is GenerationMode.TXT2IMG:
@@ -242,9 +329,14 @@ class StreamPipeline:
             # 3. VAE encode, then noise slot 0 with its cached noise
             self.stats.vae_encodes += 1
             latent = self.batch.noised_input(self.runners.vae.encode(image))
-        # 4. one UNet call on the stream batch + batched LCM step
+        # 4. one UNet call on the stream batch (with each slot's ControlNet conditions) + LCM step
         self.stats.unet_calls += 1
-        x0 = self.batch.step(latent, self.runners.unet, self._embeddings)
+        denoise: Denoiser = self.runners.unet
+        if self._control is not None:
+            conditioning = self._push_conditions(image, controls)
+            unet = self.runners.unet
+            denoise = lambda x, t, e: unet(x, t, e, conditioning)  # noqa: E731
+        x0 = self.batch.step(latent, denoise, self._embeddings)
         if x0 is None:
             return None
         # 5. decode the finished (oldest) slot
@@ -305,6 +397,14 @@ class StreamPipeline:
             if noise_changed or cfg_type is not self.batch.cfg_type  # noise follows the schedule
             else {}
         )
+        control = None
+        if self._control is not None:
+            slots = self._control.slots
+            layout = (schedule.n, (height, width), cfg_type) != (slots.n, slots.size, slots.cfg_type)
+            if layout:
+                slots = slots.resized(schedule.n, (height, width), cfg_type)
+            if layout or state["controlnet_scales"] != self.state["controlnet_scales"] or schedule_changed:
+                control = self._control_plan(state, slots)
         old_scales, new_scales = self.state["lora_scales"], state["lora_scales"]
         lora = None
         if old_scales is not None and new_scales is not None and old_scales != new_scales:
@@ -324,6 +424,7 @@ class StreamPipeline:
             embeddings=embeddings,
             layout_changed=layout_changed,
             lora=lora,
+            control=control,
         )
 
     def commit(self, plan: ChangePlan, runners: Runners | None = None) -> dict[str, Any]:
@@ -367,6 +468,8 @@ class StreamPipeline:
         if not plan.state["similarity_filter_enabled"]:
             self.similarity_filter.reset()
         self.state = plan.state
+        if plan.control is not None:
+            self._control = plan.control
         if self._cross_frame is not None:
             self._cross_frame.groups = self._attention_groups()
         self.version += 1
@@ -400,6 +503,9 @@ class StreamPipeline:
             )
         if "lora_scales" in accepted:
             state["lora_scales"] = accepted["lora_scales"] = self._check_lora_scales(accepted["lora_scales"])
+        if "controlnet_scales" in accepted:
+            scales = self._check_controlnet_scales(accepted["controlnet_scales"])
+            state["controlnet_scales"] = accepted["controlnet_scales"] = scales
         self._check_t_index_list(state["t_index_list"])
         return accepted, state
 
@@ -417,6 +523,66 @@ class StreamPipeline:
 
     def _runners_serve_any_size(self) -> bool:
         return isinstance(self.runners.unet, TorchUNet) and isinstance(self.runners.vae, TorchVae)
+
+    # ------------------------------------------------------------------ ControlNets
+    def _check_controlnet_scales(self, scales: list[float] | None) -> list[float] | None:
+        configured = self.settings.controlnets
+        if scales is None:  # "the configured scales" (e.g. a scene saved without ControlNets)
+            return [float(c.scale) for c in configured] if configured else None
+        if not configured:
+            raise ParamError(
+                "controlnet_scales", "no model.controlnets are configured: there is nothing to scale"
+            )
+        if len(scales) != len(configured):
+            raise ParamError(
+                "controlnet_scales",
+                f"{len(scales)} scales given; allowed: exactly {len(configured)} "
+                "(one per model.controlnets entry, in config order)",
+            )
+        return list(scales)
+
+    def _control_plan(self, state: Mapping[str, Any], slots: ControlSlots) -> ControlPlan:
+        """Each UNet row's ControlNet scales for ``state`` (its schedule, cfg mode and scales)."""
+        configured = self.settings.controlnets
+        scales, active = slot_scales(
+            state["controlnet_scales"],
+            [(c.start, c.end) for c in configured],
+            state["t_index_list"],
+            self.settings.num_inference_steps,
+            CfgType(state["cfg_type"]),
+        )
+        return ControlPlan(slots, scales.to(device=self.device, dtype=self.dtype), active)
+
+    def _push_conditions(
+        self, image: torch.Tensor | None, controls: list[torch.Tensor | None] | None
+    ) -> Conditioning:
+        """This frame's condition of each active ControlNet into slot 0; the UNet call's inputs.
+
+        A ControlNet switched off (scale 0) is not preprocessed; its slots refill within n
+        frames once it is on again. Before its own source sent anything, its condition is black.
+        """
+        assert self._control is not None
+        conditions: list[torch.Tensor | None] = []
+        for index, (settings, preprocess) in enumerate(zip(self.settings.controlnets, self._preprocessors)):
+            if not settings.from_input and controls is not None and controls[index] is not None:
+                self._control_frames[index] = controls[index]
+            frame = image if settings.from_input else self._control_frames[index]
+            if not self._control.active[index]:
+                conditions.append(None)
+            elif frame is None:
+                conditions.append(
+                    torch.zeros((1, 3, self.height, self.width), device=self.device, dtype=self.dtype)
+                )
+            else:
+                frame = frame.to(device=self.device, dtype=self.dtype)
+                if tuple(frame.shape[-2:]) != (self.height, self.width):
+                    frame = torch.nn.functional.interpolate(
+                        frame, size=(self.height, self.width), mode="bilinear", antialias=True
+                    )
+                conditions.append(preprocess(frame))
+        slots = self._control.slots
+        slots.push(conditions)
+        return Conditioning(slots.unet_images(), self._control.scales, self._control.active)
 
     # ------------------------------------------------------------------ LoRA scales
     def _check_lora_scales(self, scales: list[float] | None) -> list[float] | None:
@@ -559,6 +725,9 @@ class StreamPipeline:
             cross_frame_groups=(
                 batch_groups_for(cfg_type, n) if self.settings.cross_frame_attention else None
             ),
+            controlnets=len(self.models.controlnets),
+            image_scale=self.models.vae_scale_factor,
+            ip_adapter=self.models.ip_adapter is not None,
         )
 
     def vae_shape(self, width: int | None = None, height: int | None = None) -> VaeShape:
@@ -598,3 +767,10 @@ class StreamPipeline:
             if value % factor or value <= 0:
                 raise ValueError(f"{name} {value} is not a positive multiple of {factor}")
         params.get("t_index_list").coerce(settings.t_index_list)
+        if len(settings.controlnets) != len(self.models.controlnets):
+            raise ValueError(
+                f"{len(settings.controlnets)} ControlNet settings for {len(self.models.controlnets)} loaded "
+                "ControlNets; give one per model.controlnets entry"
+            )
+        if settings.mode is GenerationMode.TXT2IMG and any(c.from_input for c in settings.controlnets):
+            raise ValueError("txt2img has no input frames: a ControlNet needs its own source there")

@@ -29,10 +29,13 @@ def test_bench_prints_all_groups(capsys, tmp_path):
         "cfg self (batch 2)",
         "filter on",
         "torch eager",
+        "no ControlNet",
+        "1 ControlNet",
+        "2 ControlNets",
     ):
         assert name in out, name
     rows = [line for line in out.splitlines() if re.search(r"\d+\.\d\dx$", line)]
-    assert len(rows) >= 8
+    assert len(rows) >= 11
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in rows)
 
 
@@ -94,7 +97,8 @@ def test_bench_refuses_unknown_peers_and_groups(capsys):
     assert main(["bench", "--preset", "demo", "--compare", "automatic1111"]) == 2
     assert "'automatic1111': allowed: diffusers, streamdiffusion" in capsys.readouterr().err
     assert main(["bench", "--preset", "demo", "--groups", "denoising,speed"]) == 2
-    assert "'speed': allowed: denoising, guidance, filter, backend, compare" in capsys.readouterr().err
+    allowed = "'speed': allowed: denoising, guidance, filter, backend, controlnet, compare"
+    assert allowed in capsys.readouterr().err
     assert main(["bench", "--preset", "demo", "--groups", ","]) == 2
     assert main(["bench", "--preset", "demo", "--latency-frames", "-1"]) == 2
 

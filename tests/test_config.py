@@ -175,7 +175,47 @@ PRESET_EXPECTATIONS: dict[str, dict[str, Any]] = {
         "stream.mode": "txt2img", "stream.cfg_type": "none", "stream.t_index_list": [0],
         "model.id": "stabilityai/sd-turbo",
     },
+    "sd-turbo-canny": {
+        "model.id": "stabilityai/sd-turbo",
+        "model.controlnets.0.id": "thibaud/controlnet-sd21-canny-diffusers",
+        "model.controlnets.0.preprocessor": "canny", "model.controlnets.0.scale": 0.8,
+        "model.controlnets.0.source": "input",
+    },
+    "sd15-controlnet-depth": {
+        "model.id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "model.controlnets.0.id": "lllyasviel/control_v11f1p_sd15_depth",
+        "model.controlnets.0.source.type": "shm", "model.controlnets.0.source.name": "depth",
+        "model.controlnets.0.end": 0.9,
+    },
 }
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("[{id: builtin:foo}]", ["model.controlnets[0].id", "builtin:tiny-controlnet"]),
+        ("[{id: builtin:tiny-controlnet, scale: 3}]", ["controlnets[0].scale", "[0, 2]"]),
+        ("[{id: builtin:tiny-controlnet, preprocessor: hed}]", ["none | canny | depth"]),
+        ("[{id: builtin:tiny-controlnet, start: 0.8, end: 0.2}]", ["start", "start < end"]),
+        ("[{id: builtin:tiny-controlnet, low_threshold: 0.5}]", ["low_threshold", "< high"]),
+        ("[{id: builtin:tiny-controlnet, source: webcam}]", ["source", "'webcam'", "input"]),
+        ("[{id: builtin:tiny-controlnet, source: {type: shm, on_loss: passthrough}}]", ["hold | black"]),
+        ("[" + ", ".join(["{id: builtin:tiny-controlnet}"] * 5) + "]", ["controlnets", "4"]),
+    ],
+)
+def test_bad_controlnet_entries_name_the_key_and_what_is_allowed(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(presets=["demo"], overrides=["model.controlnets=" + override])
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_controlnet_defaults_and_limits_come_from_the_registry() -> None:
+    spec = REGISTRY["controlnet_scales"]
+    field = cfg.schema.ControlNetSpec.model_fields["scale"]
+    bounds = {type(m).__name__: m for m in field.metadata}
+    assert (bounds["Ge"].ge, bounds["Le"].le) == (spec.minimum, spec.maximum)
+    assert cfg.schema.ModelSettings.model_fields["controlnets"].metadata[0].max_length == spec.max_items
 
 
 def test_list_presets_has_the_shipped_ones(elsewhere: Path) -> None:

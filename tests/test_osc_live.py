@@ -52,7 +52,7 @@ class SlowTextEncoder(torch.nn.Module):
 class Running:
     """An engine thread plus its control service and a feedback listener."""
 
-    def __init__(self, bundle, tmp_path, source=None, text_delay: float = 0.0, allow=()):
+    def __init__(self, bundle, tmp_path, source=None, text_delay: float = 0.0, allow=(), controlnets=0):
         models = bundle
         if text_delay:
             import dataclasses
@@ -60,7 +60,15 @@ class Running:
             models = dataclasses.replace(
                 bundle, text_encoder=SlowTextEncoder(bundle.text_encoder, text_delay)
             )
-        self.pipeline = StreamPipeline(models, pipeline_settings(prompt="start", negative_prompt=""))
+        controls: tuple = ()
+        if controlnets:
+            from engine.pipeline import ControlNetSettings
+            from tests.test_controlnet import with_controlnets
+
+            models = with_controlnets(models, controlnets)
+            controls = (ControlNetSettings(scale=0.8),) * controlnets
+        settings = pipeline_settings(prompt="start", negative_prompt="", controlnets=controls)
+        self.pipeline = StreamPipeline(models, settings)
         self.sink = RecordingSink()
         self.engine = Engine(
             self.pipeline, source or (lambda: FakeSource(fps=30)), [("rec", lambda: self.sink)]
@@ -211,6 +219,22 @@ def test_oscsend_changes_engine_and_oscdump_sees_feedback(bundle, tmp_path):
             for address in ("state", "fps", "latency_ms", "skip_rate", "building"):
                 address = f"/engine/{address}"
                 assert run.wait_for(lambda a=address: dump.seen(a)), address
+        finally:
+            dump.close()
+
+
+@needs_liblo
+def test_oscsend_controlnet_scales_is_applied_and_echoed(bundle, tmp_path):
+    with Running(bundle, tmp_path, source=lambda: ConstantSource(fps=30), controlnets=1) as run:
+        dump = Dump(run.feedback_port)
+        try:
+            assert run.pipeline.state["controlnet_scales"] == [0.8]
+            oscsend(run.service.port, "/controlnet_scales", "f", 0.3)
+            assert run.wait_for(lambda: run.pipeline.state["controlnet_scales"] == [pytest.approx(0.3)])
+            assert run.wait_for(lambda: dump.seen("/controlnet_scales f 0.3")), dump.lines[-5:]
+            oscsend(run.service.port, "/controlnet_scales", "ff", 0.3, 0.4)
+            assert run.wait_for(lambda: dump.seen('/engine/error s "controlnet_scales'))
+            assert run.pipeline.state["controlnet_scales"] == [pytest.approx(0.3)]
         finally:
             dump.close()
 

@@ -19,6 +19,7 @@ from engine.accel.cache import EngineCache, EngineKey, weights_fingerprint
 from engine.accel.kinds import BackendKind
 from engine.accel.torch_backend import TorchUNet, TorchVae
 from engine.models.bundle import ModelBundle
+from engine.models.conditioned import ConditionedUNet
 from engine.models.lora import rescale_bundle, rescaled_unet_weights
 from engine.params import ParamError
 from engine.progress import Progress, report
@@ -302,7 +303,11 @@ class _ExportedBackend:
 
     def _fingerprint(self, component: str) -> str:
         if component not in self._fingerprints:
-            module = self.models.unet if component == "unet" else self.models.vae
+            module: torch.nn.Module = self.models.vae
+            if component == "unet":
+                module = self.models.unet
+                if self.models.controlnets or self.models.ip_adapter is not None:  # in the UNet graph too
+                    module = ConditionedUNet(module, self.models.controlnets, self.models.ip_tokens)
             started = time.monotonic()
             self._fingerprints[component] = weights_fingerprint(module)
             logger.debug("hashed %s weights in %.1f s", component, time.monotonic() - started)
@@ -356,7 +361,14 @@ class _ExportedBackend:
         started = time.monotonic()
         _say(progress, f"exporting {key.component} to ONNX ({key.folder_name()})")
         if isinstance(shape, UNetShape):
-            onnx_export.export_unet(self.models.unet, shape, path, self.export_dtype)
+            onnx_export.export_unet(
+                self.models.unet,
+                shape,
+                path,
+                self.export_dtype,
+                controlnets=self.models.controlnets,
+                ip_tokens=self.models.ip_tokens,
+            )
         elif key.component == "vae_encoder":
             onnx_export.export_vae_encoder(
                 self.models.vae, shape, path, self.export_dtype, self.models.vae_scaling_factor

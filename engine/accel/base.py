@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What a UNet call takes besides latents, timesteps and embeddings (ControlNets, IP-Adapter).
+
+    Attributes:
+        control_images: ``(K, B, 3, H, W)`` in [0, 1], each batch row the condition of the frame
+            that row came from (``engine.stream.control``).
+        control_scales: ``(K, B)``: each ControlNet's scale per batch row (0: adds nothing).
+        active: K host-side bools: False where a ControlNet's scales are all 0 (eager torch then
+            skips it; exported graphs take the scales as inputs and run it anyway).
+        ip_scale: ``(1,)``: the IP-Adapter scale (0: the image adds nothing).
+    """
+
+    control_images: torch.Tensor | None = None
+    control_scales: torch.Tensor | None = None
+    active: tuple[bool, ...] = ()
+    ip_scale: torch.Tensor | None = None
+
+
 class UNetRunner(Protocol):
     """``(latents (B, C, h, w), timesteps (B,) int64, embeddings (B, L, D)) -> (B, C, h, w)``.
 
     B is fixed per configuration (n, n + 1 or 2n); the prediction is ε or v as the model's.
+    ``conditioning`` carries the ControlNet and IP-Adapter inputs when the model has them.
     """
 
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        conditioning: Conditioning | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -31,6 +56,8 @@ class VaeRunner(Protocol):
 
 
 UNET_INPUTS = ("latents", "timesteps", "embeddings")
+CONTROL_INPUTS = ("control_images", "control_scales")
+IP_INPUTS = ("ip_scale",)
 UNET_OUTPUTS = ("prediction",)
 VAE_IMAGES, VAE_LATENTS = "images", "latents"
 """IO names of the exported graphs (the VAE encoder maps images → latents, the decoder back);
@@ -55,6 +82,10 @@ class UNetShape:
         text_length, text_dim: prompt embeddings ``(L, D)`` (77 and the text encoder width).
         cross_frame_groups: ``(start, stop)`` batch ranges attending to each other (cross-frame
             attention), or ``None`` for plain self-attention.
+        controlnets: K ControlNets in the graph (inputs ``control_images`` and ``control_scales``).
+        image_scale: control-image pixels per latent pixel (the VAE's factor).
+        ip_adapter: an IP-Adapter in the graph (input ``ip_scale``; its tokens are counted in
+            ``text_length``).
     """
 
     batch: int
@@ -64,6 +95,9 @@ class UNetShape:
     text_length: int = 77
     text_dim: int = 768
     cross_frame_groups: tuple[tuple[int, int], ...] | None = None
+    controlnets: int = 0
+    image_scale: int = 8
+    ip_adapter: bool = False
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -74,10 +108,47 @@ class UNetShape:
         return (self.batch, self.text_length, self.text_dim)
 
     @property
+    def control_images(self) -> tuple[int, int, int, int, int]:
+        f = self.image_scale
+        return (self.controlnets, self.batch, 3, self.latent_height * f, self.latent_width * f)
+
+    @property
     def io(self) -> GraphIO:
-        """``latents, timesteps (batch,) int64, embeddings -> prediction`` (shape of latents)."""
-        shapes = (self.latents, (self.batch,), self.embeddings)
-        return GraphIO(dict(zip(UNET_INPUTS, shapes)), {UNET_OUTPUTS[0]: self.latents})
+        """``latents, timesteps (batch,) int64, embeddings [, control_images, control_scales]
+        [, ip_scale] -> prediction`` (shape of latents)."""
+        inputs: dict[str, tuple[int, ...]] = dict(
+            zip(UNET_INPUTS, (self.latents, (self.batch,), self.embeddings))
+        )
+        if self.controlnets:
+            inputs.update(zip(CONTROL_INPUTS, (self.control_images, (self.controlnets, self.batch))))
+        if self.ip_adapter:
+            inputs[IP_INPUTS[0]] = (1,)
+        return GraphIO(inputs, {UNET_OUTPUTS[0]: self.latents})
+
+
+def unet_feeds(
+    input_names: Collection[str],
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: torch.Tensor,
+    conditioning: Conditioning | None,
+) -> dict[str, torch.Tensor]:
+    """The named inputs of a UNet graph with ``input_names`` (in ``UNetShape.io`` order).
+
+    Raises:
+        ValueError: the graph has ControlNets and ``conditioning`` has no control inputs.
+    """
+    feeds = dict(zip(UNET_INPUTS, (latents, timesteps, embeddings)))
+    if CONTROL_INPUTS[0] in input_names:
+        if conditioning is None or conditioning.control_images is None or conditioning.control_scales is None:
+            raise ValueError(
+                "this UNet graph has ControlNets: give its control_images and control_scales (Conditioning)"
+            )
+        feeds.update(zip(CONTROL_INPUTS, (conditioning.control_images, conditioning.control_scales)))
+    if IP_INPUTS[0] in input_names:
+        ip_scale = None if conditioning is None else conditioning.ip_scale
+        feeds[IP_INPUTS[0]] = ip_scale if ip_scale is not None else latents.new_zeros((1,))
+    return feeds
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from engine.accel.base import GraphIO, UNetShape, VaeShape
+from engine.models.conditioned import ConditionedUNet
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +126,6 @@ def export_info(path: str | os.PathLike[str]) -> ExportInfo:
 
 
 # ---------------------------------------------------------------------- graph wrappers
-class _UNetGraph(nn.Module):
-    """``(latents, timesteps, embeddings) -> prediction`` over a diffusers UNet."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> Any:
-        return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
-
-
 class _TinyPart(nn.Module):
     """TAESD ``encoder`` (its input mapping included) × scaling factor, or ÷ scaling factor then
     TAESD ``decoder`` (soft clamp, layers, [0, 1] → [-1, 1])."""
@@ -196,8 +186,15 @@ def export_unet(
     opset: int = 18,
     *,
     exporter: str = "auto",
+    controlnets: Sequence[Any] = (),
+    ip_tokens: int = 0,
 ) -> Path:
     """Export a diffusers ``UNet2DConditionModel`` for one static ``shape``; see the module doc.
+
+    With ``controlnets`` (``shape.controlnets`` of them) the graph is the UNet and its ControlNets
+    in one (``ConditionedUNet``): inputs ``control_images (K, B, 3, H, W)`` and
+    ``control_scales (K, B)`` are engine inputs, so a scale change never re-exports; with an
+    IP-Adapter (``ip_tokens`` > 0, ``shape.ip_adapter``) the input ``ip_scale (1,)`` likewise.
 
     The caller's UNet is never changed: the export runs on a CPU copy in ``dtype`` whose
     ``attn1`` processors are ``CrossFrameAttnProcessor(shape.cross_frame_groups)`` or, without
@@ -227,6 +224,11 @@ def export_unet(
     config = unet.config
     groups = shape.cross_frame_groups
     _check_unet_shape(config, shape)
+    if len(controlnets) != shape.controlnets or (ip_tokens > 0) != shape.ip_adapter:
+        raise ValueError(
+            f"{shape!r} is for {shape.controlnets} ControlNet(s) and ip_adapter={shape.ip_adapter}; "
+            f"given {len(controlnets)} and ip_tokens={ip_tokens}"
+        )
     model = _export_copy(unet, dtype)
     processor: Any = CrossFrameAttnProcessor(groups) if groups is not None else None
     processors = {}
@@ -241,17 +243,24 @@ def export_unet(
 
     example = torch.Generator("cpu").manual_seed(0)
     timestep_count = int(getattr(config, "num_train_timesteps", 1000) or 1000)
-    args = (
+    args: tuple[torch.Tensor, ...] = (
         torch.randn(shape.latents, generator=example).to(dtype),
         torch.randint(0, timestep_count, (shape.batch,), generator=example, dtype=torch.int64),
         torch.randn(shape.embeddings, generator=example).to(dtype),
     )
+    if shape.controlnets:
+        args += (
+            torch.rand(shape.control_images, generator=example).to(dtype),
+            torch.ones((shape.controlnets, shape.batch), dtype=dtype),
+        )
+    if shape.ip_adapter:
+        args += (torch.ones((1,), dtype=dtype),)
     metadata = {
         "shape": repr(asdict(shape)),
         "cross_frame_groups": repr(groups),
     }
     return _export(
-        _UNetGraph(model),
+        ConditionedUNet(model, [_export_copy(net, dtype) for net in controlnets], ip_tokens),
         args,
         Path(path),
         kind="unet",

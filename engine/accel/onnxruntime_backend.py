@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.accel.base import GraphIO, UNetShape, VaeShape
+from engine.accel.base import Conditioning, GraphIO, UNetShape, VaeShape, unet_feeds
 from engine.accel.onnx_export import INSTALL_HINT, OnnxUnavailableError, require
 
 __all__ = [
@@ -239,9 +239,14 @@ class OrtUNet:
         self.graph = _OrtGraph(path, shape.io, repr(shape), providers, provider_options, threads)
 
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
-        return self.graph(latents, timesteps, embeddings)
+        feeds = unet_feeds(self.graph.input_names, latents, timesteps, embeddings, conditioning)
+        return self.graph(*feeds.values())
 
     def close(self) -> None:
         """Release the session; safe twice."""

@@ -13,7 +13,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from engine.accel.base import UNET_INPUTS, UNET_OUTPUTS, VAE_IMAGES, VAE_LATENTS, UNetShape, VaeShape
+from engine.accel.base import (
+    CONTROL_INPUTS,
+    IP_INPUTS,
+    UNET_INPUTS,
+    UNET_OUTPUTS,
+    VAE_IMAGES,
+    VAE_LATENTS,
+    Conditioning,
+    UNetShape,
+    VaeShape,
+    unet_feeds,
+)
 from engine.accel.cache import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -538,17 +549,23 @@ class TrtUNet(TrtRunner):
     def __init__(self, plan: Path | bytes, **kwargs: Any) -> None:
         kwargs.setdefault("copy_outputs", True)
         super().__init__(plan, **kwargs)
-        if set(self.input_names) != set(UNET_INPUTS) or set(self.output_names) != set(UNET_OUTPUTS):
+        optional = {*CONTROL_INPUTS, *IP_INPUTS}
+        core = set(self.input_names) - optional
+        if core != set(UNET_INPUTS) or set(self.output_names) != set(UNET_OUTPUTS):
             raise EngineLoadError(
                 f"not a UNet engine: inputs {self.input_names}, outputs {self.output_names}; "
-                f"expected {UNET_INPUTS} → {UNET_OUTPUTS}"
+                f"expected {UNET_INPUTS} (+ {sorted(optional)}) → {UNET_OUTPUTS}"
             )
 
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
-        names = UNET_INPUTS
-        return self.run({names[0]: latents, names[1]: timesteps, names[2]: embeddings})[UNET_OUTPUTS[0]]
+        feeds = unet_feeds(self.input_names, latents, timesteps, embeddings, conditioning)
+        return self.run(feeds)[UNET_OUTPUTS[0]]
 
 
 class TrtVae:

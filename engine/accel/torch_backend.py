@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from engine.accel.base import Conditioning
+from engine.models.conditioned import ConditionedUNet
 
 
 class TorchUNet:
@@ -15,17 +19,36 @@ class TorchUNet:
     and hands back a copy (``(B, 4, h, w)``, a few hundred KB), so the stream batch may keep it.
     """
 
-    def __init__(self, unet: Any, replays_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        unet: Any,
+        replays_graphs: bool = False,
+        controlnets: Sequence[Any] = (),
+        ip_tokens: int = 0,
+    ) -> None:
         self.unet = unet
         self.replays_graphs = replays_graphs
+        self.conditioned = ConditionedUNet(unet, controlnets, ip_tokens)
 
     @torch.inference_mode()
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         if self.replays_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        extras: list[torch.Tensor] = []
+        active = None
+        if conditioning is not None:
+            if conditioning.control_images is not None and conditioning.control_scales is not None:
+                extras += [conditioning.control_images, conditioning.control_scales]
+            if conditioning.ip_scale is not None:
+                extras.append(conditioning.ip_scale)
+            active = conditioning.active
+        out = self.conditioned(latents, timesteps, embeddings, *extras, active=active)
         return out.clone() if self.replays_graphs else out
 
 

@@ -18,14 +18,22 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    field_serializer,
+    field_validator,
     model_validator,
 )
 
 from engine.accel.kinds import BackendKind, FallbackMode
 from engine.config.errors import _Allowed, _Problem
-from engine.models.kinds import DType, PredictionSetting, VaeKind
-from engine.models.sources import BUILTIN_IDS, BUILTIN_PREFIX
-from engine.params import MAX_PROMPT_CHARS, REGISTRY, SIDE_MULTIPLE, ParamSpec
+from engine.models.kinds import ControlPreprocessor, DType, PredictionSetting, VaeKind
+from engine.models.sources import (
+    BUILTIN_IDS,
+    BUILTIN_PREFIX,
+    DEFAULT_DEPTH_ID,
+    TINY_CONTROLNET_ID,
+    TINY_DEPTH_ID,
+)
+from engine.params import MAX_CONTROLNETS, MAX_PROMPT_CHARS, REGISTRY, SIDE_MULTIPLE, ParamSpec
 from engine.runtime.loss import OnLossMode
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
 
@@ -180,6 +188,11 @@ class ModelSettings(_Section):
     single_file_config: Text | None = Field(
         default=None,
         description="diffusers folder or hub id whose configs describe a single-file checkpoint",
+    )
+    controlnets: list[ControlNetSpec] = Field(
+        default_factory=list,
+        max_length=MAX_CONTROLNETS,
+        description="ControlNets steering the structure (several at once; /controlnet_scales live)",
     )
 
     @model_validator(mode="after")
@@ -340,6 +353,99 @@ InputSettings = Annotated[
     PatternInput | VideoInput | ShmInput | NdiInput | SpoutInput | SyphonInput,
     Field(discriminator="type"),
 ]
+
+_CONTROL_SCALE = REGISTRY["controlnet_scales"]
+_CONTROL_LOSS = (OnLossMode.HOLD, OnLossMode.BLACK)
+
+
+def _check_controlnet_id(value: str) -> str:
+    if not value.strip():
+        raise _Problem("is empty", _CONTROLNET_ID_ALLOWED)
+    if value.startswith(BUILTIN_PREFIX) and value != TINY_CONTROLNET_ID:
+        raise _Problem("is not a built-in ControlNet", TINY_CONTROLNET_ID)
+    return value
+
+
+_CONTROLNET_ID_ALLOWED = f"a hub id (org/name), a local folder, a .safetensors file, or {TINY_CONTROLNET_ID}"
+ControlNetId = Annotated[StrictStr, _Allowed(_CONTROLNET_ID_ALLOWED), AfterValidator(_check_controlnet_id)]
+Share = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+
+
+class ControlNetSpec(_Section):
+    """One ControlNet: its weights, its starting scale, its preprocessor and its frames."""
+
+    id: ControlNetId = Field(description=_CONTROLNET_ID_ALLOWED)
+    scale: StrictFloat = Field(
+        default=1.0,
+        ge=_CONTROL_SCALE.minimum,
+        le=_CONTROL_SCALE.maximum,
+        description="starting scale (/controlnet_scales changes it live; 0 switches it off)",
+    )
+    preprocessor: ControlPreprocessor = Field(
+        default=ControlPreprocessor.NONE, description=allowed(ControlPreprocessor)
+    )
+    preprocessor_id: Text = Field(
+        default=DEFAULT_DEPTH_ID,
+        description=f"the depth model of preprocessor: depth (hub id, folder or {TINY_DEPTH_ID})",
+    )
+    low_threshold: Share = Field(default=0.1, description="Canny: weak-edge threshold")
+    high_threshold: Share = Field(default=0.2, description="Canny: strong-edge threshold")
+    source: InputSettings | None = Field(
+        default=None,
+        description="input (the frame being diffused) or a bridge definition like `input` (own frames)",
+    )
+    start: Share = Field(default=0.0, description="share of the schedule where it starts acting")
+    end: Share = Field(default=1.0, description="share of the schedule where it stops acting")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_input(cls, value: Any) -> Any:
+        """``source: input`` (the default) is the frame being diffused; a mapping is a bridge."""
+        if value == "input" or value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise _Problem(
+                "is not a ControlNet source",
+                "input, or a bridge definition like input's, e.g. {type: shm, name: depth}",
+            )
+        if "type" not in value:
+            raise _Problem("has no type", " | ".join(INPUT_TYPES), key="type")
+        return value
+
+    @field_serializer("source")
+    def _show_source(self, source: Any) -> Any:
+        return "input" if source is None else source.model_dump(mode="json")
+
+    @property
+    def from_input(self) -> bool:
+        return self.source is None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlNetSpec:
+        if self.low_threshold >= self.high_threshold:
+            raise _Problem(
+                "is not below high_threshold",
+                f"low_threshold < high_threshold ({self.high_threshold})",
+                key="low_threshold",
+                value=self.low_threshold,
+                has_value=True,
+            )
+        if self.start >= self.end:
+            raise _Problem(
+                "is not below end", f"start < end ({self.end})", key="start", value=self.start, has_value=True
+            )
+        if self.source is not None and self.source.on_loss not in _CONTROL_LOSS:
+            raise _Problem(
+                "is not allowed for a ControlNet source",
+                " | ".join(mode.value for mode in _CONTROL_LOSS),
+                key="source.on_loss",
+                value=self.source.on_loss.value,
+                has_value=True,
+            )
+        return self
+
+
+ModelSettings.model_rebuild()
 
 
 class _OutputBase(_Section):

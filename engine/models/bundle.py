@@ -33,6 +33,9 @@ class ModelBundle:
         lora_factors: low-rank factors of each fused ``model.loras`` entry, in config order
             (not the LCM-LoRA), for live rescaling (``engine.models.lora.rescale_loras``).
         lora_scales: the scale each of those is fused at now.
+        controlnets: the ``model.controlnets`` ControlNets (diffusers ``ControlNetModel``), in
+            config order, on the device and dtype; their identities in ``identity["controlnets"]``.
+        ip_adapter: the IP-Adapter (``engine.models.ip_adapter.IpAdapter``) or None.
     """
 
     unet: Any
@@ -53,3 +56,10 @@ class ModelBundle:
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     lora_factors: list[LoraFactors] = field(default_factory=list)
     lora_scales: list[float] = field(default_factory=list)
+    controlnets: list[Any] = field(default_factory=list)
+    ip_adapter: Any = None
+
+    @property
+    def ip_tokens(self) -> int:
+        """IP-Adapter image tokens appended to the text embeddings (0: no IP-Adapter)."""
+        return 0 if self.ip_adapter is None else int(self.ip_adapter.num_tokens)

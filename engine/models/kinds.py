@@ -1,4 +1,4 @@
-"""The choices of a model request: VAE, prediction type and dtype (torch-free)."""
+"""The choices of a model request: VAE, prediction type, dtype, ControlNet preprocessor (torch-free)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,11 @@ class DType(str, Enum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
+
+
+class ControlPreprocessor(str, Enum):
+    """What turns a frame into a ControlNet's condition image."""
+
+    NONE = "none"  # the frame itself (a depth map or edge pass made elsewhere, e.g. in TouchDesigner)
+    CANNY = "canny"  # Canny edges, in torch on the device
+    DEPTH = "depth"  # monocular depth from a small model (preprocessor_id)

@@ -69,6 +69,7 @@ class ModelRequest:
         local_files_only: never reach the hub; use only cached or local files.
         single_file_config: a local diffusers folder (or hub id) whose configs describe a
             single-file checkpoint; lets ``.safetensors`` load offline.
+        controlnets: ControlNet sources (``engine.models.controlnet``), in config order.
     """
 
     id: str
@@ -82,6 +83,7 @@ class ModelRequest:
     cache_dir: str | None = None
     local_files_only: bool = False
     single_file_config: str | None = None
+    controlnets: list[str] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, section: Any) -> ModelRequest:
@@ -108,7 +110,8 @@ class ModelRequest:
         for name in ("vae", "prediction_type", "device", "dtype"):
             values[name] = str(getattr(values[name], "value", values[name]))
         loras = [_lora_pair(item) for item in getattr(section, "loras", None) or []]
-        return cls(id=str(section.id), loras=loras, **values)
+        controlnets = [str(getattr(item, "id", item)) for item in getattr(section, "controlnets", None) or []]
+        return cls(id=str(section.id), loras=loras, controlnets=controlnets, **values)
 
 
 def _lora_pair(item: Any) -> tuple[str, float]:
@@ -403,4 +406,26 @@ def load_models(
     )
     bundle.lora_factors = factors
     bundle.lora_scales = [float(scale) for _, scale in request.loras]
+    _load_controlnets(bundle, request, progress)
     return bundle
+
+
+def _load_controlnets(bundle: ModelBundle, request: ModelRequest, progress: Progress | None) -> None:
+    """``request.controlnets`` into ``bundle`` (their identities join the bundle's, for caches)."""
+    from engine.models.controlnet import load_controlnet
+
+    identities = []
+    for source in request.controlnets:
+        _stage(progress, "loading ControlNet %s", source)
+        model, identity = load_controlnet(
+            source,
+            bundle.unet,
+            bundle.device,
+            bundle.dtype,
+            cache_dir=request.cache_dir,
+            local_files_only=request.local_files_only,
+        )
+        bundle.controlnets.append(model)
+        identities.append(identity)
+    if identities:
+        bundle.identity["controlnets"] = identities

@@ -12,6 +12,10 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny", "sd-turbo-shape")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_IDS = tuple(BUILTIN_PREFIX + name for name in BUILTIN_NAMES)
+TINY_CONTROLNET_ID = BUILTIN_PREFIX + "tiny-controlnet"  # random, shaped for the loaded UNet
+TINY_DEPTH_ID = BUILTIN_PREFIX + "tiny-depth"  # a random tiny Depth Anything
+DEFAULT_DEPTH_ID = "depth-anything/Depth-Anything-V2-Small-hf"
+TINY_IP_ADAPTER_ID = BUILTIN_PREFIX + "tiny-ip-adapter"
 ACCEPTED = f"Give a hub id, a diffusers folder, a single .safetensors file or {' / '.join(BUILTIN_IDS)}."
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.ratelimit import RateLimitedLog
 from engine.runtime.builds import Builds
 from engine.runtime.changes import apply_change, open_pipeline, ready_runners
+from engine.runtime.control_sources import ControlFeeds, ControlSource
 from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import EngineState, RuntimeStats
@@ -98,6 +99,7 @@ class Engine:
         options: loss handling, retries, queue sizes.
         backend: gives the runners of new shapes (built in the background) and is closed with
             the engine; ``None``: the pipeline's torch runners serve every shape.
+        control_sources: the ControlNets that have their own source (a thread each).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Engine:
         stats: RuntimeStats | None = None,
         control: ControlState | None = None,
         backend: Backend | None = None,
+        control_sources: Sequence[ControlSource] = (),
     ) -> None:
         self.pipeline = pipeline
         self.backend = backend
@@ -131,6 +134,14 @@ class Engine:
             self.stats,
             self._stop,
             self.options.retry_seconds,
+        )
+        self.control_feeds = ControlFeeds(
+            control_sources,
+            len(pipeline.settings.controlnets),
+            lambda: self._size,
+            pipeline.device,
+            pipeline.dtype,
+            self._stop,
         )
         self.runtime_state: dict[str, Any] = {"bypass": False, "pause": False}
         self.control = control or ControlState()
@@ -213,6 +224,7 @@ class Engine:
         self.post.start()
         self.prompt_worker.start()
         self.source.start()
+        self.control_feeds.start()
 
     def run(
         self,
@@ -266,7 +278,7 @@ class Engine:
             sink.queue.close()
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         self.control.wake()
-        for thread in (self.source, self.prompt_worker, self.post, *self.sinks):
+        for thread in (self.source, *self.control_feeds.workers, self.prompt_worker, self.post, *self.sinks):
             if thread.is_alive():
                 thread.join(max(0.05, deadline - time.monotonic()))
             if thread.is_alive():
@@ -303,8 +315,9 @@ class Engine:
         # 4. the pipeline (txt2img ignores the input; the source only paces the output)
         skipped_before = self.pipeline.stats.skipped
         image = None if self.pipeline.mode is GenerationMode.TXT2IMG else item.tensor
+        controls = self.control_feeds.take()  # the ControlNets' own sources: newest frames
         try:
-            output = self.pipeline(image)
+            output = self.pipeline(image) if controls is None else self.pipeline(image, controls)
         # the frame guard: a failing frame (e.g. out of memory) must not black the screen;
         # the output holds, the error is reported, the next frame tries again
         except (RuntimeError, ValueError) as err:
@@ -514,7 +527,32 @@ def engine_from_config(
         engine_options,
         stats,
         backend=backend,
+        control_sources=control_sources(config),
     )
+
+
+def control_sources(config: Any) -> list[ControlSource]:
+    """The ``model.controlnets`` entries with a bridge ``source`` of their own."""
+    sources = []
+    for index, entry in enumerate(config.model.controlnets):
+        if entry.source is None:
+            continue
+        name, options = source_spec(entry.source)
+
+        def opener(name: str = name, options: dict[str, Any] = options) -> FrameSource:
+            return open_source(name, **options)
+
+        sources.append(
+            ControlSource(
+                index,
+                opener,
+                f"{name} (model.controlnets[{index}].source)",
+                OnLossMode(entry.source.on_loss),
+                entry.source.retry_seconds,
+                entry.source.stall_seconds,
+            )
+        )
+    return sources
 
 
 def _count(outputs: Any, name: str) -> int:

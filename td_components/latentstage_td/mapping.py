@@ -39,6 +39,7 @@ PAGE_BY_GROUP = {
     "scene": "Scene",
     "runtime": "Engine",
     "control": "Engine",
+    "conditioning": "Conditioning",
 }
 LABELS = {
     "t_index_list": "T index list",

@@ -1,0 +1,83 @@
+"""The UNet with its ControlNets and IP-Adapter as one module: the call every backend runs and exports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ConditionedUNet(nn.Module):
+    """``UNet(latents, timesteps, embeddings)`` plus the residuals of K ControlNets and IP tokens.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (attention processors already installed:
+            cross-frame attention on attn1, ``IpAttnProcessor`` on attn2 with an IP-Adapter).
+        controlnets: K diffusers ``ControlNetModel`` s fitting ``unet``; their residuals are summed
+            (as diffusers' ``MultiControlNetModel`` does), each scaled per batch row.
+        ip_tokens: T, the IP-Adapter image tokens at the end of ``embeddings`` (0: none). The
+            ControlNets see the text tokens only, as in diffusers' pipelines.
+
+    ``forward(latents, timesteps, embeddings, *extras, active=None)``:
+        latents ``(B, C, h, w)``, timesteps ``(B,)`` int64, embeddings ``(B, L + T, D)``;
+        ``extras`` in ``UNetShape.io`` order: ``control_images (K, B, 3, H, W)`` in [0, 1] (H =
+        h × VAE factor) and ``control_scales (K, B)`` (a row at 0 adds nothing) when given, then
+        ``ip_scale (1,)`` or ``(B,)`` with an IP-Adapter. ``active``: K host-side bools; a
+        ControlNet whose scales are all 0 is not run at all (eager torch; exported graphs run
+        every ControlNet and take the scales as inputs).
+    Returns the prediction ``(B, C, h, w)``.
+    """
+
+    def __init__(self, unet: Any, controlnets: Sequence[Any] = (), ip_tokens: int = 0) -> None:
+        super().__init__()
+        self.unet = unet
+        self.controlnets = nn.ModuleList(controlnets)
+        self.ip_tokens = int(ip_tokens)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        *extras: torch.Tensor,
+        active: tuple[bool, ...] | None = None,
+    ) -> torch.Tensor:
+        control_images = control_scales = ip_scale = None
+        if len(self.controlnets) and len(extras) >= 2:
+            control_images, control_scales, *rest = extras
+        else:
+            rest = list(extras)
+        if self.ip_tokens and rest:
+            ip_scale = rest[0]
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        if control_images is not None and control_scales is not None:
+            text = embeddings[:, : embeddings.shape[1] - self.ip_tokens] if self.ip_tokens else embeddings
+            for index, controlnet in enumerate(self.controlnets):
+                if active and not active[index]:
+                    continue
+                blocks, middle = controlnet(
+                    latents,
+                    timesteps,
+                    encoder_hidden_states=text,
+                    controlnet_cond=control_images[index],
+                    return_dict=False,
+                )
+                scale = control_scales[index].to(latents.dtype).view(-1, 1, 1, 1)
+                if down is None or mid is None:
+                    down, mid = [block * scale for block in blocks], middle * scale
+                else:
+                    down = [total + block * scale for total, block in zip(down, blocks)]
+                    mid = mid + middle * scale
+        kwargs = {"ip_scale": ip_scale} if self.ip_tokens and ip_scale is not None else None
+        return self.unet(
+            latents,
+            timesteps,
+            encoder_hidden_states=embeddings,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            cross_attention_kwargs=kwargs,
+            return_dict=False,
+        )[0]

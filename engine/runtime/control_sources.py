@@ -1,0 +1,109 @@
+"""The ControlNets' own sources: a source thread each, newest frame wins, each with its own loss handling."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bridges.base import FrameSource
+from engine.runtime.loss import OnLossMode
+from engine.runtime.queues import LatestSlot
+from engine.runtime.stats import RuntimeStats
+from engine.runtime.workers import InputHealth, InputItem, SourceWorker, make_preprocess
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlSource:
+    """Where one ControlNet's frames come from (a ``model.controlnets[index].source`` bridge).
+
+    ``on_loss``: ``hold`` keeps conditioning on its last frame while the source is gone;
+    ``black`` conditions on a black frame until it is back.
+    """
+
+    index: int
+    open_source: Callable[[], FrameSource]
+    label: str
+    on_loss: OnLossMode = OnLossMode.HOLD
+    retry_seconds: float = 1.0
+    stall_seconds: float = 2.0
+
+
+class ControlFeeds:
+    """One ``SourceWorker`` per ControlNet source; ``take`` gives the loop each one's newest frame.
+
+    Frames are converted on the source threads to ``(1, 3, H, W)`` in [-1, 1] at the pipeline's
+    current size (``size()``), like the main input. The workers count into their own stats, so
+    the engine's input figures stay the main input's.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ControlSource],
+        count: int,
+        size: Callable[[], tuple[int, int]],
+        device: torch.device,
+        dtype: torch.dtype,
+        stop: threading.Event,
+    ) -> None:
+        self.sources = list(sources)
+        self.count = count
+        self._size = size
+        self._device, self._dtype = device, dtype
+        self._slots: list[LatestSlot[InputItem]] = [LatestSlot() for _ in self.sources]
+        self._lost = [False] * len(self.sources)
+        preprocess = make_preprocess(size, device, dtype)
+        self.workers = []
+        for source, slot in zip(self.sources, self._slots):
+            worker = SourceWorker(
+                source.open_source, slot, preprocess, RuntimeStats(), stop, source.retry_seconds
+            )
+            worker.name = f"latentstage-control-{source.index}"
+            self.workers.append(worker)
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def take(self) -> list[torch.Tensor | None] | None:
+        """Per ControlNet: its newest frame, or ``None`` (nothing new: the last one stays)."""
+        if not self.sources:
+            return None
+        frames: list[torch.Tensor | None] = [None] * self.count
+        now = time.monotonic()
+        for position, (source, slot, worker) in enumerate(zip(self.sources, self._slots, self.workers)):
+            item = slot.take(timeout=0.0)
+            if item is not None:
+                if self._lost[position]:
+                    logger.info("ControlNet %d source %s is back", source.index, source.label)
+                self._lost[position] = False
+                frames[source.index] = item.tensor
+                continue
+            if worker.health(now, source.stall_seconds) is InputHealth.LIVE or self._lost[position]:
+                continue
+            self._lost[position] = True
+            logger.warning(
+                "ControlNet %d source %s is gone: %s",
+                source.index,
+                source.label,
+                "conditioning on black" if source.on_loss is OnLossMode.BLACK else "holding its last frame",
+            )
+            if source.on_loss is OnLossMode.BLACK:
+                height, width = self._size()
+                frames[source.index] = torch.full(
+                    (1, 3, height, width), -1.0, device=self._device, dtype=self._dtype
+                )
+        return frames
+
+    def join(self, deadline: float) -> None:
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join(max(0.05, deadline - time.monotonic()))
+            if worker.is_alive():
+                logger.warning("thread %s did not stop in time", worker.name)
