@@ -71,6 +71,7 @@ GOOD = [
     (msg("/seed_blend", 1, 0.5, 2, 0.5), {"seed_blend": [(1, 0.5), (2, 0.5)]}),
     (msg("/t_index_list", 0, 16, 32, 45), {"t_index_list": [0, 16, 32, 45]}),
     (msg("/lora_scales", 0.5, -1.0), {"lora_scales": [0.5, -1.0]}),
+    (msg("/controlnet_scales", 0.3, 0.0), {"controlnet_scales": [pytest.approx(0.3), 0.0]}),
     (msg("/strength", 0.6), {"strength": pytest.approx(0.6)}),
     (msg("/resolution", 768, 512), {"resolution": [768, 512]}),
     (msg("/resolution", 512.0, 512.0), {"resolution": [512, 512]}),  # floats from a fader
@@ -135,6 +136,9 @@ BAD = [
     (msg("/seed_blend", 1, -1.0), "weight"),
     (msg("/similarity_filter/threshold", 1.0), "out of range"),
     (msg("/resolution", 512), "1 numbers given; allowed: width and height"),
+    (msg("/controlnet_scales", 2.5), "2.5 is out of range; allowed"),
+    (msg("/controlnet_scales", -0.1), "out of range"),
+    (msg("/controlnet_scales", 0.1, 0.2, 0.3, 0.4, 0.5), "5 items given"),
     (msg("/resolution", 512, 512, 512), "3 numbers given"),
     (msg("/resolution", 500, 512), "500 is not a multiple of 8"),
     (msg("/resolution", 4096, 512), "out of range; allowed: width and height (two integers or 'WxH'), each"),

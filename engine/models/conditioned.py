@@ -71,13 +71,9 @@ class ConditionedUNet(nn.Module):
                 else:
                     down = [total + block * scale for total, block in zip(down, blocks)]
                     mid = mid + middle * scale
-        kwargs = {"ip_scale": ip_scale} if self.ip_tokens and ip_scale is not None else None
-        return self.unet(
-            latents,
-            timesteps,
-            encoder_hidden_states=embeddings,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            cross_attention_kwargs=kwargs,
-            return_dict=False,
-        )[0]
+        extra: dict[str, Any] = {}  # only what is there: the plain call stays the plain UNet call
+        if down is not None:
+            extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if ip_scale is not None:
+            extra["cross_attention_kwargs"] = {"ip_scale": ip_scale}
+        return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
