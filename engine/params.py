@@ -19,6 +19,10 @@ MAX_SEED = 2**31 - 1
 MAX_LORAS = 16
 MAX_CONTROLNETS = 4
 MAX_CONTROLNET_SCALE = 2.0
+IMAGE_FILE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.(?i:png|jpe?g|webp)"
+IMAGE_FILE_TEXT = (
+    "a .png, .jpg or .webp file name in the presets folder (letters, digits, '_', '.', '-'), never a path"
+)
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
 """Output size limits (the same as ``stream.width`` / ``stream.height`` in the config)."""
 
@@ -82,6 +86,8 @@ class ParamSpec:
             prompt blend; ``/t_index_list`` replaces what ``/strength`` made of it).
         config_key: ``section.key`` of its starting value in config.yaml (``None``: none there);
             the config schema takes that field's default and range from this spec.
+        pattern, pattern_text: a regular expression a STRING must match in full, and what it
+            allows in words (e.g. a file name in the presets folder, never a path).
     """
 
     name: str
@@ -103,6 +109,8 @@ class ParamSpec:
     needs_encoding: bool = False
     overridden_by: str | None = None
     config_key: str | None = None
+    pattern: str | None = None
+    pattern_text: str = ""
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -116,7 +124,7 @@ class ParamSpec:
         if self.kind is ParamKind.BOOL:
             return "true | false (or 1 | 0)"
         if self.kind is ParamKind.STRING:
-            return f"text of at most {MAX_PROMPT_CHARS} characters"
+            return self.pattern_text or f"text of at most {MAX_PROMPT_CHARS} characters"
         if self.kind is ParamKind.INT_LIST:
             return (
                 f"1 to {self.max_items} strictly increasing integers "
@@ -207,6 +215,8 @@ def _coerce_string(spec: ParamSpec, value: Any) -> str:
             spec.name,
             f"text of {len(value)} characters is too long; allowed: {spec.allowed_text()}",
         )
+    if spec.pattern is not None and (re.fullmatch(spec.pattern, value) is None or ".." in value):
+        raise ParamError(spec.name, f"{value!r:.80} is not allowed; allowed: {spec.allowed_text()}")
     return value
 
 
@@ -494,6 +504,30 @@ def _specs() -> tuple[ParamSpec, ...]:
             maximum=MAX_CONTROLNET_SCALE,
             max_items=MAX_CONTROLNETS,
             group="conditioning",
+        ),
+        ParamSpec(
+            "ip_adapter_scale",
+            k.FLOAT,
+            None,
+            "How strongly the IP-Adapter reference image steers the style (model.ip_adapter.scale at "
+            "start); 0: not at all.",
+            "/ip_adapter_scale",
+            "f",
+            minimum=0.0,
+            maximum=MAX_CONTROLNET_SCALE,
+            group="conditioning",
+        ),
+        ParamSpec(
+            "ip_adapter_image",
+            k.STRING,
+            None,
+            "The IP-Adapter reference image: a file in the presets folder, encoded off the frame loop.",
+            "/ip_adapter_image",
+            "s",
+            group="conditioning",
+            needs_encoding=True,
+            pattern=IMAGE_FILE_PATTERN,
+            pattern_text=IMAGE_FILE_TEXT,
         ),
         ParamSpec(
             "resolution",

@@ -32,8 +32,17 @@ from engine.models.sources import (
     DEFAULT_DEPTH_ID,
     TINY_CONTROLNET_ID,
     TINY_DEPTH_ID,
+    TINY_IP_ADAPTER_ID,
 )
-from engine.params import MAX_CONTROLNETS, MAX_PROMPT_CHARS, REGISTRY, SIDE_MULTIPLE, ParamSpec
+from engine.params import (
+    IMAGE_FILE_PATTERN,
+    IMAGE_FILE_TEXT,
+    MAX_CONTROLNETS,
+    MAX_PROMPT_CHARS,
+    REGISTRY,
+    SIDE_MULTIPLE,
+    ParamSpec,
+)
 from engine.runtime.loss import OnLossMode
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
 
@@ -80,6 +89,12 @@ def _check_network(value: str) -> str:
             "is not an IP address or network",
             "IP addresses or CIDR networks, e.g. 192.168.1.20 or 10.0.0.0/24",
         ) from None
+    return value
+
+
+def _no_dots(value: str) -> str:
+    if ".." in value:
+        raise _Problem("is not a plain file name", IMAGE_FILE_TEXT)
     return value
 
 
@@ -193,6 +208,9 @@ class ModelSettings(_Section):
         default_factory=list,
         max_length=MAX_CONTROLNETS,
         description="ControlNets steering the structure (several at once; /controlnet_scales live)",
+    )
+    ip_adapter: IpAdapterSpec | None = Field(
+        default=None, description="IP-Adapter: a reference image steering the style (null: none)"
     )
 
     @model_validator(mode="after")
@@ -440,6 +458,50 @@ class ControlNetSpec(_Section):
                 " | ".join(mode.value for mode in _CONTROL_LOSS),
                 key="source.on_loss",
                 value=self.source.on_loss.value,
+                has_value=True,
+            )
+        return self
+
+
+_IP_SCALE = REGISTRY["ip_adapter_scale"]
+ImageFile = Annotated[
+    StrictStr, Field(pattern=f"^{IMAGE_FILE_PATTERN}$"), _Allowed(IMAGE_FILE_TEXT), AfterValidator(_no_dots)
+]
+
+
+class IpAdapterSpec(_Section):
+    """The IP-Adapter: a reference image steering the style (``/ip_adapter_scale``, ``/ip_adapter_image``)."""
+
+    id: Text = Field(
+        description=f"the IP-Adapter weights: a .bin/.safetensors file, a hub file like "
+        f"h94/IP-Adapter/models/ip-adapter_sd15.safetensors, or {TINY_IP_ADAPTER_ID}"
+    )
+    image_encoder: Text | None = Field(
+        default=None,
+        description="CLIP image encoder (hub id or folder; null: the adapter's models/image_encoder)",
+    )
+    scale: StrictFloat = Field(
+        default=0.6,
+        ge=_IP_SCALE.minimum,
+        le=_IP_SCALE.maximum,
+        description="starting scale (/ip_adapter_scale)",
+    )
+    image: ImageFile | None = Field(default=None, description="starting reference image (/ip_adapter_image)")
+    source: InputSettings | None = Field(
+        default=None, description="or a bridge whose newest frame is the reference image"
+    )
+    refresh_seconds: StrictFloat = Field(
+        default=1.0, ge=0.1, le=3600, description="with a source: how often its newest frame is encoded"
+    )
+
+    @model_validator(mode="after")
+    def _one_image(self) -> IpAdapterSpec:
+        if self.image is not None and self.source is not None:
+            raise _Problem(
+                "is given together with image",
+                "image or source, not both",
+                key="source",
+                value="...",
                 has_value=True,
             )
         return self

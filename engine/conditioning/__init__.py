@@ -1,0 +1,1 @@
+"""ControlNet condition images: Canny edges, monocular depth, or the frame itself."""
