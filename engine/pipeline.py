@@ -13,6 +13,7 @@ import torch
 from engine import params
 from engine.accel.base import Conditioning, UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.torch_backend import TorchUNet, TorchVae
+from engine.conditioning.image_prompt import ImagePrompts
 from engine.conditioning.preprocess import Preprocess, make_preprocessor
 from engine.models.bundle import ModelBundle
 from engine.models.kinds import ControlPreprocessor
@@ -85,6 +86,7 @@ class ChangePlan:
     layout_changed: bool
     lora: LoraChange | None
     control: ControlPlan | None = None
+    ip_scale: torch.Tensor | None = None
 
     @property
     def size_changed(self) -> bool:
@@ -167,6 +169,10 @@ class PipelineSettings:
     similarity_filter_threshold: float = field(default_factory=_live("similarity_filter_threshold"))
     similarity_filter_max_skip_frames: int = field(default_factory=_live("similarity_filter_max_skip_frames"))
     controlnets: tuple[ControlNetSettings, ...] = ()
+    ip_adapter_scale: float = 0.6
+    ip_adapter_image: str | None = None
+    image_folder: str | None = None  # where /ip_adapter_image names files (the presets folder)
+    ip_adapter_from_source: bool = False  # the reference comes from a bridge (set_reference_tokens)
 
     @classmethod
     def from_config(cls, config: Any) -> PipelineSettings:
@@ -185,8 +191,23 @@ class PipelineSettings:
             add_noise=stream.add_noise,
             cross_frame_attention=stream.cross_frame_attention,
             controlnets=tuple(ControlNetSettings.from_config(entry) for entry in config.model.controlnets),
+            **_ip_adapter_settings(config.model.ip_adapter),
             **values,
         )
+
+
+def _ip_adapter_settings(section: Any) -> dict[str, Any]:
+    """The starting IP-Adapter values of ``model.ip_adapter`` (none: nothing), images from presets/."""
+    if section is None:
+        return {}
+    from engine.config.files import presets_dir
+
+    return {
+        "ip_adapter_scale": section.scale,
+        "ip_adapter_image": section.image,
+        "image_folder": str(presets_dir()),
+        "ip_adapter_from_source": section.source is not None,
+    }
 
 
 _SETTINGS_FIELDS = frozenset(f.name for f in fields(PipelineSettings))
@@ -244,11 +265,9 @@ class StreamPipeline:
         self._configured_lora_scales = list(models.lora_scales)
         self.state: dict[str, Any] = {name: None for name in PIPELINE_PARAMS}  # registry order
         self.state.update(
-            {
-                name: params.get(name).coerce(getattr(settings, name))
-                for name in PIPELINE_PARAMS
-                if name in _SETTINGS_FIELDS
-            }
+            params.validate_changes(
+                {name: getattr(settings, name) for name in PIPELINE_PARAMS if name in _SETTINGS_FIELDS}
+            )
         )
         self.state["lora_scales"] = list(models.lora_scales) if models.lora_factors else None
         self.state["resolution"] = [int(settings.width), int(settings.height)]
@@ -268,6 +287,15 @@ class StreamPipeline:
             guidance_scale=settings.guidance_scale,
             delta=settings.delta,
         )
+        # IP-Adapter: the reference image's tokens follow the text tokens, its scale is a tensor
+        self.image_prompts = (
+            None if models.ip_adapter is None else ImagePrompts(models.ip_adapter, settings.image_folder)
+        )
+        if self.image_prompts is None:  # no adapter: nothing to scale (scenes save None)
+            self.state["ip_adapter_scale"] = self.state["ip_adapter_image"] = None
+        elif settings.ip_adapter_image is not None:
+            self.image_prompts.path(settings.ip_adapter_image)  # ParamError: not in the presets folder
+        self._ip_scale = self._ip_scale_for(self.state)
         self._positive, self._negative = self._prompt_embeddings(self.state)
         self._embeddings = layout_embeddings(cfg_type, schedule.n, self._positive, self._negative)
         self._transition: tuple[torch.Tensor, float] | None = None
@@ -332,8 +360,12 @@ class StreamPipeline:
         # 4. one UNet call on the stream batch (with each slot's ControlNet conditions) + LCM step
         self.stats.unet_calls += 1
         denoise: Denoiser = self.runners.unet
-        if self._control is not None:
-            conditioning = self._push_conditions(image, controls)
+        if self._control is not None or self._ip_scale is not None:
+            conditioning = (
+                self._push_conditions(image, controls)
+                if self._control is not None
+                else Conditioning(ip_scale=self._ip_scale)
+            )
             unet = self.runners.unet
             denoise = lambda x, t, e: unet(x, t, e, conditioning)  # noqa: E731
         x0 = self.batch.step(latent, denoise, self._embeddings)
@@ -405,6 +437,10 @@ class StreamPipeline:
                 slots = slots.resized(schedule.n, (height, width), cfg_type)
             if layout or state["controlnet_scales"] != self.state["controlnet_scales"] or schedule_changed:
                 control = self._control_plan(state, slots)
+        ip_keys = ("ip_adapter_scale", "ip_adapter_image")
+        ip_scale = None
+        if self.image_prompts is not None and any(state[k] != self.state[k] for k in ip_keys):
+            ip_scale = self._ip_scale_for(state)
         old_scales, new_scales = self.state["lora_scales"], state["lora_scales"]
         lora = None
         if old_scales is not None and new_scales is not None and old_scales != new_scales:
@@ -425,6 +461,7 @@ class StreamPipeline:
             layout_changed=layout_changed,
             lora=lora,
             control=control,
+            ip_scale=ip_scale,
         )
 
     def commit(self, plan: ChangePlan, runners: Runners | None = None) -> dict[str, Any]:
@@ -470,6 +507,8 @@ class StreamPipeline:
         self.state = plan.state
         if plan.control is not None:
             self._control = plan.control
+        if plan.ip_scale is not None:
+            self._ip_scale = plan.ip_scale
         if self._cross_frame is not None:
             self._cross_frame.groups = self._attention_groups()
         self.version += 1
@@ -506,6 +545,9 @@ class StreamPipeline:
         if "controlnet_scales" in accepted:
             scales = self._check_controlnet_scales(accepted["controlnet_scales"])
             state["controlnet_scales"] = accepted["controlnet_scales"] = scales
+        for name in ("ip_adapter_scale", "ip_adapter_image"):
+            if name in accepted:
+                state[name] = accepted[name] = self._check_ip_adapter(name, accepted[name])
         self._check_t_index_list(state["t_index_list"])
         return accepted, state
 
@@ -540,6 +582,31 @@ class StreamPipeline:
                 "(one per model.controlnets entry, in config order)",
             )
         return list(scales)
+
+    def _check_ip_adapter(self, name: str, value: Any) -> Any:
+        if self.image_prompts is None:
+            if value is None:
+                return None
+            raise ParamError(
+                name, "no model.ip_adapter is configured: there is no reference image to steer by"
+            )
+        if name == "ip_adapter_scale":
+            return float(self.settings.ip_adapter_scale) if value is None else value
+        if value is not None and self.settings.ip_adapter_from_source:
+            raise ParamError(
+                name, f"{value!r} refused: the reference image comes from model.ip_adapter.source (a bridge)"
+            )
+        if value is not None:
+            self.image_prompts.path(value)  # ParamError when it is not a file in the presets folder
+        return value
+
+    def _ip_scale_for(self, state: Mapping[str, Any]) -> torch.Tensor | None:
+        """The IP-Adapter scale ``(1,)`` of ``state``: 0 without a reference image."""
+        if self.image_prompts is None:
+            return None
+        referenced = state["ip_adapter_image"] is not None or self.image_prompts.live is not None
+        scale = float(state["ip_adapter_scale"]) if referenced else 0.0
+        return torch.tensor([scale], device=self.device, dtype=self.dtype)
 
     def _control_plan(self, state: Mapping[str, Any], slots: ControlSlots) -> ControlPlan:
         """Each UNet row's ControlNet scales for ``state`` (its schedule, cfg mode and scales)."""
@@ -582,7 +649,7 @@ class StreamPipeline:
                 conditions.append(preprocess(frame))
         slots = self._control.slots
         slots.push(conditions)
-        return Conditioning(slots.unet_images(), self._control.scales, self._control.active)
+        return Conditioning(slots.unet_images(), self._control.scales, self._control.active, self._ip_scale)
 
     # ------------------------------------------------------------------ LoRA scales
     def _check_lora_scales(self, scales: list[float] | None) -> list[float] | None:
@@ -623,6 +690,23 @@ class StreamPipeline:
             return self._positive
         previous, progress = self._transition
         return slerp(previous, self._positive, progress)
+
+    def set_reference_tokens(self, tokens: torch.Tensor) -> None:
+        """Steer by ``tokens`` ``(1, T, D)``: the IP-Adapter image tokens of the newest frame of
+        ``model.ip_adapter.source``, encoded off the frame loop (``engine.runtime.reference_source``).
+
+        Called by the runtime between two frames; tiny tensor work (no encoding). The tokens stay
+        the reference for later prompt changes until the next ones arrive.
+        """
+        if self.image_prompts is None or not self.settings.ip_adapter_from_source:
+            raise ValueError("set_reference_tokens needs model.ip_adapter with a source")
+        tokens = tokens.to(device=self.device, dtype=self._positive.dtype)
+        text = self._positive[:, : self._positive.shape[1] - tokens.shape[1]]
+        self.image_prompts.live = tokens
+        self._positive = torch.cat([text, tokens], dim=1)
+        previous, progress = self._transition or (None, 1.0)  # a running crossfade goes on
+        self.set_prompt_transition(previous, progress)
+        self._ip_scale = self._ip_scale_for(self.state)
 
     def set_prompt_transition(self, previous: torch.Tensor | None, progress: float) -> None:
         """Crossfade from ``previous`` to the current prompt: ``slerp(previous, target, progress)``.
@@ -700,7 +784,12 @@ class StreamPipeline:
         method = BlendMethod(state["prompt_blend_method"])
         blend = state["prompt_blend"]
         positive = self.prompts.encode_blend(blend, method) if blend else self.prompts.encode(state["prompt"])
-        return positive, self.prompts.encode(state["negative_prompt"])
+        negative = self.prompts.encode(state["negative_prompt"])
+        if self.image_prompts is not None:  # the image tokens after the text tokens (IpAttnProcessor)
+            image = self.image_prompts.reference(state["ip_adapter_image"]).to(positive.dtype)
+            empty = self.image_prompts.tokens(None).to(negative.dtype)
+            positive, negative = torch.cat([positive, image], dim=1), torch.cat([negative, empty], dim=1)
+        return positive, negative
 
     def _attention_groups(self) -> tuple[tuple[int, int], ...]:
         return batch_groups_for(self.batch.cfg_type, self.batch.n)

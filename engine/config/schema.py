@@ -376,6 +376,29 @@ _CONTROL_SCALE = REGISTRY["controlnet_scales"]
 _CONTROL_LOSS = (OnLossMode.HOLD, OnLossMode.BLACK)
 
 
+def _bridge_source(value: Any, what: str, other: str = "") -> Any:
+    """A second source's definition: a mapping with a ``type``, like ``input``'s."""
+    if not isinstance(value, Mapping):
+        raise _Problem(
+            f"is not {what}", f"{other}a bridge definition like input's, e.g. {{type: shm, name: depth}}"
+        )
+    if "type" not in value:
+        raise _Problem("has no type", " | ".join(INPUT_TYPES), key="type")
+    return value
+
+
+def _check_source_loss(source: Any, what: str) -> None:
+    """A second source holds its last frame or goes black when lost (no passthrough of nothing)."""
+    if source is not None and source.on_loss not in _CONTROL_LOSS:
+        raise _Problem(
+            f"is not allowed for {what}",
+            " | ".join(mode.value for mode in _CONTROL_LOSS),
+            key="source.on_loss",
+            value=source.on_loss.value,
+            has_value=True,
+        )
+
+
 def _check_controlnet_id(value: str) -> str:
     if not value.strip():
         raise _Problem("is empty", _CONTROLNET_ID_ALLOWED)
@@ -421,14 +444,7 @@ class ControlNetSpec(_Section):
         """``source: input`` (the default) is the frame being diffused; a mapping is a bridge."""
         if value == "input" or value is None:
             return None
-        if not isinstance(value, Mapping):
-            raise _Problem(
-                "is not a ControlNet source",
-                "input, or a bridge definition like input's, e.g. {type: shm, name: depth}",
-            )
-        if "type" not in value:
-            raise _Problem("has no type", " | ".join(INPUT_TYPES), key="type")
-        return value
+        return _bridge_source(value, "a ControlNet source", "input, or ")
 
     @field_serializer("source")
     def _show_source(self, source: Any) -> Any:
@@ -452,14 +468,7 @@ class ControlNetSpec(_Section):
             raise _Problem(
                 "is not below end", f"start < end ({self.end})", key="start", value=self.start, has_value=True
             )
-        if self.source is not None and self.source.on_loss not in _CONTROL_LOSS:
-            raise _Problem(
-                "is not allowed for a ControlNet source",
-                " | ".join(mode.value for mode in _CONTROL_LOSS),
-                key="source.on_loss",
-                value=self.source.on_loss.value,
-                has_value=True,
-            )
+        _check_source_loss(self.source, "a ControlNet source")
         return self
 
 
@@ -488,20 +497,30 @@ class IpAdapterSpec(_Section):
     )
     image: ImageFile | None = Field(default=None, description="starting reference image (/ip_adapter_image)")
     source: InputSettings | None = Field(
-        default=None, description="or a bridge whose newest frame is the reference image"
+        default=None,
+        description="the reference image from a bridge instead (a definition like `input`), e.g. a live TOP",
     )
     refresh_seconds: StrictFloat = Field(
-        default=1.0, ge=0.1, le=3600, description="with a source: how often its newest frame is encoded"
+        default=0.5,
+        ge=0.05,
+        le=60.0,
+        description="source: how often its newest frame is encoded as the reference (off the frame loop)",
     )
 
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_bridge(cls, value: Any) -> Any:
+        return None if value is None else _bridge_source(value, "an IP-Adapter source")
+
     @model_validator(mode="after")
-    def _one_image(self) -> IpAdapterSpec:
-        if self.image is not None and self.source is not None:
+    def _one_reference(self) -> IpAdapterSpec:
+        _check_source_loss(self.source, "an IP-Adapter source")
+        if self.source is not None and self.image is not None:
             raise _Problem(
-                "is given together with image",
-                "image or source, not both",
-                key="source",
-                value="...",
+                "and source exclude each other",
+                "image (a file in presets/) or source (a bridge), not both",
+                key="image",
+                value=self.image,
                 has_value=True,
             )
         return self

@@ -70,6 +70,8 @@ class ModelRequest:
         single_file_config: a local diffusers folder (or hub id) whose configs describe a
             single-file checkpoint; lets ``.safetensors`` load offline.
         controlnets: ControlNet sources (``engine.models.controlnet``), in config order.
+        ip_adapter, ip_image_encoder: the IP-Adapter source and its image encoder
+            (``engine.models.ip_adapter``), or None.
     """
 
     id: str
@@ -84,6 +86,8 @@ class ModelRequest:
     local_files_only: bool = False
     single_file_config: str | None = None
     controlnets: list[str] = field(default_factory=list)
+    ip_adapter: str | None = None
+    ip_image_encoder: str | None = None
 
     @classmethod
     def from_config(cls, section: Any) -> ModelRequest:
@@ -111,7 +115,15 @@ class ModelRequest:
             values[name] = str(getattr(values[name], "value", values[name]))
         loras = [_lora_pair(item) for item in getattr(section, "loras", None) or []]
         controlnets = [str(getattr(item, "id", item)) for item in getattr(section, "controlnets", None) or []]
-        return cls(id=str(section.id), loras=loras, controlnets=controlnets, **values)
+        ip = getattr(section, "ip_adapter", None)
+        return cls(
+            id=str(section.id),
+            loras=loras,
+            controlnets=controlnets,
+            ip_adapter=None if ip is None else str(ip.id),
+            ip_image_encoder=None if ip is None else ip.image_encoder,
+            **values,
+        )
 
 
 def _lora_pair(item: Any) -> tuple[str, float]:
@@ -407,7 +419,29 @@ def load_models(
     bundle.lora_factors = factors
     bundle.lora_scales = [float(scale) for _, scale in request.loras]
     _load_controlnets(bundle, request, progress)
+    if request.ip_adapter is not None:
+        _load_ip_adapter(bundle, request, progress)
     return bundle
+
+
+def _load_ip_adapter(bundle: ModelBundle, request: ModelRequest, progress: Progress | None) -> None:
+    """The IP-Adapter, installed on the UNet's attn2 layers (its weights join the UNet's hash)."""
+    from engine.models.ip_adapter import install_ip_adapter, load_ip_adapter
+
+    assert request.ip_adapter is not None
+    _stage(progress, "loading IP-Adapter %s", request.ip_adapter)
+    adapter = load_ip_adapter(
+        request.ip_adapter,
+        bundle.unet,
+        bundle.device,
+        bundle.dtype,
+        request.ip_image_encoder,
+        cache_dir=request.cache_dir,
+        local_files_only=request.local_files_only,
+    )
+    install_ip_adapter(bundle.unet, adapter)
+    bundle.ip_adapter = adapter
+    bundle.identity["ip_adapter"] = adapter.identity
 
 
 def _load_controlnets(bundle: ModelBundle, request: ModelRequest, progress: Progress | None) -> None:

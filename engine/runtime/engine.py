@@ -30,6 +30,7 @@ from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.control_sources import ControlFeeds, ControlSource
 from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
+from engine.runtime.reference_source import ReferenceFeed, ReferenceSource
 from engine.runtime.stats import EngineState, RuntimeStats
 from engine.runtime.workers import (
     InputHealth,
@@ -100,6 +101,7 @@ class Engine:
         backend: gives the runners of new shapes (built in the background) and is closed with
             the engine; ``None``: the pipeline's torch runners serve every shape.
         control_sources: the ControlNets that have their own source (a thread each).
+        reference_source: the IP-Adapter's reference frames from a bridge (``None``: a file).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class Engine:
         control: ControlState | None = None,
         backend: Backend | None = None,
         control_sources: Sequence[ControlSource] = (),
+        reference_source: ReferenceSource | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.backend = backend
@@ -143,10 +146,24 @@ class Engine:
             pipeline.dtype,
             self._stop,
         )
+        self.reference_feed = None
+        if reference_source is not None:
+            if pipeline.image_prompts is None or not pipeline.settings.ip_adapter_from_source:
+                raise ValueError("reference_source needs a pipeline with model.ip_adapter.source")
+            self.reference_feed = ReferenceFeed(
+                reference_source,
+                pipeline.image_prompts.adapter.encode_image,
+                pipeline.device,
+                pipeline.dtype,
+                self._stop,
+            )
         self.runtime_state: dict[str, Any] = {"bypass": False, "pause": False}
         self.control = control or ControlState()
         self.control.mark_applied({**pipeline.state, **self.runtime_state})
-        self.prompt_worker = PromptWorker(self.control, pipeline.prompts, self._stop, self._report_error)
+        images = None if pipeline.image_prompts is None else pipeline.image_prompts.tokens
+        self.prompt_worker = PromptWorker(
+            self.control, pipeline.prompts, self._stop, self._report_error, images
+        )
         self._transition: tuple[torch.Tensor, float, float] | None = None
         self.builds = None if backend is None else Builds(backend, self._slot.wake, self._report_error)
         self._log = RateLimitedLog(logger, 1.0)
@@ -225,6 +242,8 @@ class Engine:
         self.prompt_worker.start()
         self.source.start()
         self.control_feeds.start()
+        if self.reference_feed is not None:
+            self.reference_feed.start()
 
     def run(
         self,
@@ -278,7 +297,11 @@ class Engine:
             sink.queue.close()
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         self.control.wake()
-        for thread in (self.source, *self.control_feeds.workers, self.prompt_worker, self.post, *self.sinks):
+        if self.reference_feed is not None:
+            self.reference_feed.wake()
+        references = () if self.reference_feed is None else self.reference_feed.threads
+        threads = (self.source, *self.control_feeds.workers, *references, self.prompt_worker, self.post)
+        for thread in (*threads, *self.sinks):
             if thread.is_alive():
                 thread.join(max(0.05, deadline - time.monotonic()))
             if thread.is_alive():
@@ -316,6 +339,9 @@ class Engine:
         skipped_before = self.pipeline.stats.skipped
         image = None if self.pipeline.mode is GenerationMode.TXT2IMG else item.tensor
         controls = self.control_feeds.take()  # the ControlNets' own sources: newest frames
+        reference = None if self.reference_feed is None else self.reference_feed.take()
+        if reference is not None:  # the IP-Adapter source's newest frame, encoded off the loop
+            self.pipeline.set_reference_tokens(reference)
         try:
             output = self.pipeline(image) if controls is None else self.pipeline(image, controls)
         # the frame guard: a failing frame (e.g. out of memory) must not black the screen;
@@ -528,6 +554,7 @@ def engine_from_config(
         stats,
         backend=backend,
         control_sources=control_sources(config),
+        reference_source=reference_source(config),
     )
 
 
@@ -553,6 +580,22 @@ def control_sources(config: Any) -> list[ControlSource]:
             )
         )
     return sources
+
+
+def reference_source(config: Any) -> ReferenceSource | None:
+    """``model.ip_adapter.source``: the IP-Adapter reference frames from a bridge, or ``None``."""
+    section = config.model.ip_adapter
+    if section is None or section.source is None:
+        return None
+    name, options = source_spec(section.source)
+    return ReferenceSource(
+        lambda: open_source(name, **options),
+        f"{name} (model.ip_adapter.source)",
+        section.refresh_seconds,
+        OnLossMode(section.source.on_loss),
+        section.source.retry_seconds,
+        section.source.stall_seconds,
+    )
 
 
 def _count(outputs: Any, name: str) -> int:

@@ -15,6 +15,7 @@ import torch
 from bridges.base import BridgeError, BridgeUnavailable, Frame, FrameSink, FrameSource, SourceClosed
 from engine.control.state import ControlState
 from engine.imageops import frame_to_tensor, tensor_to_frame
+from engine.params import ParamError
 from engine.prompting import PromptEncoder
 from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import DropOldestQueue, LatestSlot
@@ -333,10 +334,10 @@ class PostProcessor(threading.Thread):
 
 
 class PromptWorker(threading.Thread):
-    """Encodes prompt changes off the frame loop, then releases them to the engine.
+    """Encodes prompt (and IP-Adapter image) changes off the frame loop, then releases them.
 
-    The embeddings land in the pipeline's prompt cache, so applying the change at the next
-    frame boundary costs no text-encoder call on the frame loop.
+    The embeddings land in the pipeline's prompt and image caches, so applying the change at
+    the next frame boundary costs no encoder call on the frame loop.
     """
 
     def __init__(
@@ -345,10 +346,12 @@ class PromptWorker(threading.Thread):
         prompts: PromptEncoder,
         stop: threading.Event,
         report_error: Callable[[str], None],
+        images: Callable[[str], object] | None = None,
     ) -> None:
         super().__init__(name="latentstage-prompts", daemon=True)
         self._control = control
         self._prompts = prompts
+        self._images = images
         self._stop_event = stop
         self._report_error = report_error
 
@@ -360,11 +363,17 @@ class PromptWorker(threading.Thread):
             changes, crossfade_s = taken
             texts = [changes.get("prompt"), changes.get("negative_prompt")]
             texts += [prompt for prompt, _ in changes.get("prompt_blend") or []]
+            image = changes.get("ip_adapter_image")
             try:
                 for text in texts:
                     if text is not None:
                         self._prompts.encode(text)
-            # the text encoder is a model call: out of memory or a device error must be
+                if image is not None and self._images is not None:
+                    self._images(image)  # the IP-Adapter reference image, into its cache
+            except ParamError as err:  # e.g. no such image file: refused, the state kept
+                self._report_error(str(err))
+                continue
+            # the encoders are model calls: out of memory or a device error must be
             # reported and must not kill the worker; the change is dropped, the state kept
             except RuntimeError as err:
                 self._report_error(f"prompt: encoding failed: {err}")

@@ -29,6 +29,7 @@ class CrossFrameAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        ip_scale: torch.Tensor | None = None,  # for the IP-Adapter's attn2 layers; not used here
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
