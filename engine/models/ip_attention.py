@@ -98,12 +98,6 @@ class PlainAttnProcessor(AttnProcessor2_0):
     a UNet with an IP-Adapter receive the same ``cross_attention_kwargs`` and would warn per call."""
 
     def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        ip_scale: torch.Tensor | None = None,
+        self, attn: Any, hidden_states: torch.Tensor, *args: Any, ip_scale: Any = None, **kwargs: Any
     ) -> torch.Tensor:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return super().__call__(attn, hidden_states, *args, **kwargs)
