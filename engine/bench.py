@@ -17,6 +17,7 @@ import torch
 from bridges.base import Frame
 from engine import contenders
 from engine.accel.backends import Backend
+from engine.accel.base import Conditioning
 from engine.contenders import Contender, Peer
 from engine.models.bundle import ModelBundle
 from engine.models.kinds import ControlPreprocessor
@@ -254,6 +255,13 @@ def _controlnet_pipeline(
 
 def _sequential_step(pipe: StreamPipeline) -> Callable[[torch.Tensor], object]:
     """The baseline: n UNet calls of batch 1 per frame, one after another (no stream batch)."""
+    added = pipe.added_inputs  # SDXL: each call's row of text_embeds and time_ids
+    rows = [
+        None
+        if added is None or added.text_embeds is None or added.time_ids is None
+        else Conditioning(text_embeds=added.text_embeds[i : i + 1], time_ids=added.time_ids[i : i + 1])
+        for i in range(pipe.batch.n)
+    ]
 
     @torch.inference_mode()
     def step(frame: torch.Tensor) -> torch.Tensor:
@@ -263,7 +271,7 @@ def _sequential_step(pipe: StreamPipeline) -> Callable[[torch.Tensor], object]:
         x0 = x
         _, _, embeddings = pipe.unet_inputs()
         for i in range(b.n):
-            eps = pipe.runners.unet(x, s.timesteps[i : i + 1], embeddings[i : i + 1])
+            eps = pipe.runners.unet(x, s.timesteps[i : i + 1], embeddings[i : i + 1], rows[i])
             x0 = s.c_out[i] * (x - s.beta[i] * eps) / s.alpha[i] + s.c_skip[i] * x
             if i < b.n - 1:
                 x = s.alpha[i + 1] * x0 + s.beta[i + 1] * b.noise[i + 1 : i + 2]
@@ -399,7 +407,7 @@ def _compare(
         full_vae, taesd = (other, models.vae) if contenders.uses_taesd(models) else (models.vae, other)
         entries += contenders.diffusers_pair(models, full_vae, taesd, settings, pipe)
     if Peer.STREAMDIFFUSION in request.peers:
-        reason = contenders.streamdiffusion_unavailable()
+        reason = contenders.streamdiffusion_unavailable(models)
         if reason is not None:
             bench.skipped["streamdiffusion"] = reason
             say(f"skipped the paper's code: {reason}")

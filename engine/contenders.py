@@ -17,6 +17,7 @@ import torch
 
 from engine.models.assemble import sd_pipeline_parts
 from engine.models.bundle import ModelBundle
+from engine.models.kinds import ModelFamily
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.stream.modes import CfgType
 
@@ -92,11 +93,12 @@ def floor(pipe: StreamPipeline) -> Contender:
     latents, timesteps, embeddings = pipe.unet_inputs()
     latents, timesteps, embeddings = latents.clone(), timesteps.clone(), embeddings.clone()
     unet, vae = pipe.runners.unet, pipe.runners.vae
+    added = pipe.added_inputs  # SDXL's text_embeds and time_ids (None for SD)
 
     @torch.inference_mode()
     def step(frame: torch.Tensor) -> torch.Tensor:
         latent = vae.encode(frame)
-        prediction = unet(latents, timesteps, embeddings)
+        prediction = unet(latents, timesteps, embeddings, added)
         return vae.decode(latent + prediction[:1])
 
     vae_name = "TAESD" if uses_taesd(pipe.models) else "VAE"
@@ -106,13 +108,14 @@ def floor(pipe: StreamPipeline) -> Contender:
 
 def _sd_components(models: ModelBundle, vae: Any) -> dict[str, Any]:
     parts = (models.unet, vae, models.text_encoder, models.tokenizer, models.scheduler_config)
-    return sd_pipeline_parts(*parts)
+    return sd_pipeline_parts(*parts, models.family, models.text_encoder_2, models.tokenizer_2)
 
 
 def diffusers_img2img(
     models: ModelBundle, vae: Any, settings: PipelineSettings, timesteps: list[int], key: str, label: str
 ) -> Contender:
-    """diffusers' ``StableDiffusionImg2ImgPipeline`` on the same weights, steps and size.
+    """diffusers' ``StableDiffusionImg2ImgPipeline`` (SDXL: ``StableDiffusionXLImg2ImgPipeline``)
+    on the same weights, steps and size.
 
     Called as a user would: the prompt is encoded on every call, the image is encoded and the
     result decoded by ``vae``; the timesteps are exactly latentstage's (``timesteps`` with
@@ -120,10 +123,15 @@ def diffusers_img2img(
     latentstage guides (cfg_type not none and γ > 1) it gets the same γ, which is full CFG
     (batch 2 per step). Its output stays a tensor on the device (``output_type="pt"``).
     """
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
     logging.getLogger("diffusers.schedulers.scheduling_lcm").addFilter(_CUSTOM_SCHEDULE_NOTICE)
-    pipe: Any = StableDiffusionImg2ImgPipeline(**_sd_components(models, vae))
+    img2img = (
+        StableDiffusionXLImg2ImgPipeline
+        if models.family is ModelFamily.SDXL
+        else StableDiffusionImg2ImgPipeline
+    )
+    pipe: Any = img2img(**_sd_components(models, vae))
     pipe.set_progress_bar_config(disable=True)
     guides = settings.cfg_type is not CfgType.NONE and settings.guidance_scale > 1.0
     guidance = float(settings.guidance_scale) if guides else 1.0
@@ -154,8 +162,10 @@ def diffusers_pair(
     ]
 
 
-def streamdiffusion_unavailable() -> str | None:
+def streamdiffusion_unavailable(models: ModelBundle | None = None) -> str | None:
     """Why the paper's code cannot run here (``None`` when ``import streamdiffusion`` works)."""
+    if models is not None and models.family is ModelFamily.SDXL:
+        return "the paper's code does not run SDXL (it crashes there: its issue #20)"
     try:
         importlib.import_module("streamdiffusion")
     except ImportError as err:

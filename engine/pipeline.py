@@ -26,6 +26,7 @@ from engine.stream.blend import blend_noise, slerp
 from engine.stream.control import ControlSlots, slot_scales
 from engine.stream.guidance import batch_groups_for, layout_embeddings, unet_batch_size
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode
+from engine.stream.pooled import split_pooled, time_ids
 from engine.stream.schedule import StreamSchedule, build_schedule, strength_to_t_index_list
 from engine.stream.similarity import SimilarityFilter
 
@@ -254,10 +255,17 @@ class StreamPipeline:
         self.latent_shape = self.latent_shape_for(settings.width, settings.height)
         self.mode = settings.mode
         self.runners = runners or Runners(
-            TorchUNet(models.unet, controlnets=models.controlnets, ip_tokens=models.ip_tokens),
+            TorchUNet.of(models),
             TorchVae(models.vae, models.vae_scaling_factor),
         )
-        self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
+        self.prompts = PromptEncoder(
+            models.text_encoder,
+            models.tokenizer,
+            self.device,
+            self.dtype,
+            text_encoder_2=models.text_encoder_2,
+            tokenizer_2=models.tokenizer_2,
+        )
         self.stats = PipelineStats()
         self.last_output: torch.Tensor | None = None
         self.version = 0  # commits so far: a plan made before another commit is stale
@@ -297,7 +305,7 @@ class StreamPipeline:
             self.image_prompts.path(settings.ip_adapter_image)  # ParamError: not in the presets folder
         self._ip_scale = self._ip_scale_for(self.state)
         self._positive, self._negative = self._prompt_embeddings(self.state)
-        self._embeddings = layout_embeddings(cfg_type, schedule.n, self._positive, self._negative)
+        self._set_embeddings(layout_embeddings(cfg_type, schedule.n, self._positive, self._negative))
         self._transition: tuple[torch.Tensor, float] | None = None
         self._cross_frame: CrossFrameAttnProcessor | None = None
         if settings.cross_frame_attention:
@@ -360,15 +368,17 @@ class StreamPipeline:
         # 4. one UNet call on the stream batch (with each slot's ControlNet conditions) + LCM step
         self.stats.unet_calls += 1
         denoise: Denoiser = self.runners.unet
-        if self._control is not None or self._ip_scale is not None:
+        if self._control is not None or self._ip_scale is not None or self._added is not None:
             conditioning = (
                 self._push_conditions(image, controls)
                 if self._control is not None
-                else Conditioning(ip_scale=self._ip_scale)
+                else Conditioning(
+                    ip_scale=self._ip_scale, text_embeds=self._text_embeds, time_ids=self._time_ids
+                )
             )
             unet = self.runners.unet
             denoise = lambda x, t, e: unet(x, t, e, conditioning)  # noqa: E731
-        x0 = self.batch.step(latent, denoise, self._embeddings)
+        x0 = self.batch.step(latent, denoise, self._unet_embeddings)
         if x0 is None:
             return None
         # 5. decode the finished (oldest) slot
@@ -444,7 +454,7 @@ class StreamPipeline:
         old_scales, new_scales = self.state["lora_scales"], state["lora_scales"]
         lora = None
         if old_scales is not None and new_scales is not None and old_scales != new_scales:
-            text = any(f.text_encoder for f in self.models.lora_factors)
+            text = any(f.text_encoder or f.text_encoder_2 for f in self.models.lora_factors)
             lora = LoraChange(list(old_scales), list(new_scales), text)
         return ChangePlan(
             accepted=accepted,
@@ -481,7 +491,8 @@ class StreamPipeline:
         positive, negative, embeddings = plan.positive, plan.negative, plan.embeddings
         if plan.lora is not None:
             self.models.lora_scales = list(plan.lora.new)
-            if plan.lora.text_encoder:
+            if plan.lora.text_encoder:  # the cached embeddings are of the old weights
+                self.prompts.clear()
                 positive, negative = self._prompt_embeddings(plan.state)
                 embeddings = layout_embeddings(
                     CfgType(plan.state["cfg_type"]), len(plan.state["t_index_list"]), positive, negative
@@ -498,7 +509,8 @@ class StreamPipeline:
         self.batch.delta = plan.state["delta"]
         if plan.layout_changed or (plan.lora is not None and plan.lora.text_encoder):
             self._transition = None
-        self._positive, self._negative, self._embeddings = positive, negative, embeddings
+        self._positive, self._negative = positive, negative
+        self._set_embeddings(embeddings)
         self.similarity_filter.configure(
             plan.state["similarity_filter_threshold"], plan.state["similarity_filter_max_skip_frames"]
         )
@@ -649,7 +661,14 @@ class StreamPipeline:
                 conditions.append(preprocess(frame))
         slots = self._control.slots
         slots.push(conditions)
-        return Conditioning(slots.unet_images(), self._control.scales, self._control.active, self._ip_scale)
+        return Conditioning(
+            slots.unet_images(),
+            self._control.scales,
+            self._control.active,
+            self._ip_scale,
+            self._text_embeds,
+            self._time_ids,
+        )
 
     # ------------------------------------------------------------------ LoRA scales
     def _check_lora_scales(self, scales: list[float] | None) -> list[float] | None:
@@ -678,10 +697,38 @@ class StreamPipeline:
     def unet_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The latents, timesteps and prompt embeddings of one UNet call of the stream batch now.
 
-        Shapes ``(B, C, h, w)``, ``(B,)``, ``(B, 77, D)`` with B = ``unet_batch_size``.
+        Shapes ``(B, C, h, w)``, ``(B,)``, ``(B, 77, D)`` with B = ``unet_batch_size`` (SDXL's
+        added inputs: ``added_inputs``).
         """
         latents, timesteps = self.batch.unet_inputs()
-        return latents, timesteps, self._embeddings
+        return latents, timesteps, self._unet_embeddings
+
+    @property
+    def added_inputs(self) -> Conditioning | None:
+        """SDXL: ``text_embeds (B, P)`` and ``time_ids (B, 6)`` of the UNet call now; SD: None."""
+        if self._added is None:
+            return None
+        return Conditioning(text_embeds=self._text_embeds, time_ids=self._time_ids)
+
+    def _set_embeddings(self, embeddings: torch.Tensor) -> None:
+        """The laid-out prompt tensor ``(B, L, D)`` (SDXL: pooled token first) and the UNet's
+        inputs from it: the tokens, and for SDXL the pooled embeddings and the size's time ids."""
+        self._embeddings = embeddings
+        pooled_dim = self.models.pooled_dim
+        if not pooled_dim:
+            self._unet_embeddings, self._added = embeddings, None
+            return
+        tokens, pooled = split_pooled(embeddings, pooled_dim)
+        ids = time_ids(self.height, self.width, embeddings.shape[0], self.device, self.dtype)
+        self._unet_embeddings, self._added = tokens, (pooled, ids)
+
+    @property
+    def _text_embeds(self) -> torch.Tensor | None:
+        return None if self._added is None else self._added[0]
+
+    @property
+    def _time_ids(self) -> torch.Tensor | None:
+        return None if self._added is None else self._added[1]
 
     @property
     def current_positive(self) -> torch.Tensor:
@@ -720,7 +767,7 @@ class StreamPipeline:
         else:
             self._transition = (previous, max(0.0, float(progress)))
             mixed = self.current_positive
-        self._embeddings = layout_embeddings(self.batch.cfg_type, self.batch.n, mixed, self._negative)
+        self._set_embeddings(layout_embeddings(self.batch.cfg_type, self.batch.n, mixed, self._negative))
 
     def reset(self) -> None:
         """Empty the stream batch and the filter reference (e.g. after an input cut)."""
@@ -785,6 +832,8 @@ class StreamPipeline:
         blend = state["prompt_blend"]
         positive = self.prompts.encode_blend(blend, method) if blend else self.prompts.encode(state["prompt"])
         negative = self.prompts.encode(state["negative_prompt"])
+        if self.models.pooled_dim and not state["negative_prompt"]:
+            negative = torch.zeros_like(negative)  # SDXL: an empty negative is zeros (as diffusers)
         if self.image_prompts is not None:  # the image tokens after the text tokens (IpAttnProcessor)
             image = self.image_prompts.reference(state["ip_adapter_image"]).to(positive.dtype)
             empty = self.image_prompts.tokens(None).to(negative.dtype)
@@ -809,14 +858,15 @@ class StreamPipeline:
             latent_channels=channels,
             latent_height=height,
             latent_width=width,
-            text_length=int(self._positive.shape[1]),
-            text_dim=int(self._positive.shape[2]),
+            text_length=int(self._unet_embeddings.shape[1]),
+            text_dim=int(self._unet_embeddings.shape[2]),
             cross_frame_groups=(
                 batch_groups_for(cfg_type, n) if self.settings.cross_frame_attention else None
             ),
             controlnets=len(self.models.controlnets),
             image_scale=self.models.vae_scale_factor,
             ip_adapter=self.models.ip_adapter is not None,
+            pooled_dim=self.models.pooled_dim,
         )
 
     def vae_shape(self, width: int | None = None, height: int | None = None) -> VaeShape:

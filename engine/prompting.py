@@ -12,15 +12,21 @@ import torch
 
 from engine.stream.blend import blend_embeddings
 from engine.stream.modes import BlendMethod
+from engine.stream.pooled import pack_pooled
 
 logger = logging.getLogger(__name__)
 
 
 class PromptEncoder:
-    """Encodes prompts with the model's tokenizer and text encoder; thread-safe LRU cache.
+    """Encodes prompts with the model's tokenizer and text encoder(s); thread-safe LRU cache.
 
-    ``encode`` returns ``(1, 77, D)`` in the working dtype on the working device. It may be
-    called from a worker thread while the frame loop runs; the cache is guarded by a lock.
+    SD 1.x / 2.x (one encoder): ``encode`` returns its last hidden state ``(1, 77, D)``.
+    SDXL (``text_encoder_2`` given): the penultimate hidden states of both encoders
+    concatenated, ``(1, 77, D1 + D2)``, with the second encoder's pooled projection ``(1, P)``
+    packed in front as a leading token (``engine.stream.pooled``): ``(1, 78, D1 + D2)``. Both
+    encoders run once per prompt, together. Results are in the working
+    dtype on the working device. ``encode`` may be called from a worker thread while the frame
+    loop runs; the cache is guarded by a lock.
     """
 
     def __init__(
@@ -30,9 +36,13 @@ class PromptEncoder:
         device: torch.device,
         dtype: torch.dtype,
         cache_size: int = 64,
+        text_encoder_2: Any = None,
+        tokenizer_2: Any = None,
     ) -> None:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
         self.device = device
         self.dtype = dtype
         self.cache_size = cache_size
@@ -55,6 +65,11 @@ class PromptEncoder:
                 self._cache.popitem(last=False)
         return embedding
 
+    def clear(self) -> None:
+        """Forget every cached embedding (the text encoder's weights changed: LoRA scales)."""
+        with self._lock:
+            self._cache.clear()
+
     def encode_blend(self, pairs: Sequence[tuple[str, float]], method: BlendMethod) -> torch.Tensor:
         """Weighted mix of several prompts' embeddings (linear or slerp)."""
         embeddings = [self.encode(prompt) for prompt, _ in pairs]
@@ -62,15 +77,21 @@ class PromptEncoder:
 
     @torch.inference_mode()
     def _run(self, prompt: str) -> torch.Tensor:
-        max_length = int(getattr(self.tokenizer, "model_max_length", 77))
-        ids = self.tokenizer(
+        self.encoder_calls += 1
+        logger.debug("encoding prompt %.60r", prompt)
+        if self.text_encoder_2 is None:
+            return self.text_encoder(self._ids(self.tokenizer, prompt), return_dict=False)[0].to(self.dtype)
+        first = self.text_encoder(self._ids(self.tokenizer, prompt), output_hidden_states=True)
+        second = self.text_encoder_2(self._ids(self.tokenizer_2, prompt), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).to(self.dtype)
+        return pack_pooled(hidden, second[0].to(self.dtype))
+
+    def _ids(self, tokenizer: Any, prompt: str) -> torch.Tensor:
+        max_length = int(getattr(tokenizer, "model_max_length", 77))
+        return tokenizer(
             prompt,
             padding="max_length",
             max_length=max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        self.encoder_calls += 1
-        logger.debug("encoding prompt %.60r", prompt)
-        hidden = self.text_encoder(ids, return_dict=False)[0]
-        return hidden.to(self.dtype)

@@ -187,6 +187,15 @@ PRESET_EXPECTATIONS: dict[str, dict[str, Any]] = {
         "model.controlnets.0.source.type": "shm", "model.controlnets.0.source.name": "depth",
         "model.controlnets.0.end": 0.9,
     },
+    "sdxl-turbo-512": {
+        "model.id": "stabilityai/sdxl-turbo", "model.lcm_lora": None, "model.taesd_id": None,
+        "stream.width": 512, "stream.height": 512, "stream.t_index_list": [35, 45],
+    },
+    "sdxl-lcm-4step": {
+        "model.id": "stabilityai/stable-diffusion-xl-base-1.0",
+        "model.lcm_lora": "latent-consistency/lcm-lora-sdxl",
+        "stream.width": 768, "stream.height": 768, "stream.t_index_list": [0, 16, 32, 45],
+    },
 }
 
 

@@ -242,3 +242,33 @@ def test_onnxruntime_says_reexport(lora: str, tmp_path) -> None:
     with pytest.raises(ParamError, match="re-export"):
         apply_change(pipe, {"lora_scales": [0.5]}, backend)
     assert pipe.state == state
+
+
+@pytest.fixture(scope="module")
+def text_lora(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny LoRA on the text encoder's attention (and the UNet's), as style LoRAs often are."""
+    tiny = build_tiny_models()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, tiny.text_encoder)  # transformers' add_adapter wants a newer peft
+    tiny.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("text_lora")
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder),
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(tiny.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(tiny.text_encoder)),
+    )
+    return str(folder)
+
+
+def test_a_text_encoder_lora_change_encodes_the_prompts_again(text_lora: str) -> None:
+    """The prompt cache holds embeddings of the old text-encoder weights: a rescale must not reuse them."""
+    models = load(text_lora, 1.0)
+    assert models.lora_factors[0].text_encoder, "the LoRA reaches the text encoder"
+    pipe = StreamPipeline(models, settings())
+    before = pipe._positive.clone()
+    apply_change(pipe, {"lora_scales": [0.0]})
+    fresh = StreamPipeline(load(text_lora, 0.0), settings())
+    assert not torch.allclose(pipe._positive, before, atol=1e-4)
+    assert torch.allclose(pipe._positive, fresh._positive, atol=1e-5), "encoded with the new weights"

@@ -282,6 +282,7 @@ def test_load_diffusers_folder_full_vae(saved: SimpleNamespace) -> None:
     assert bundle.tokenizer.model_max_length == 77
     assert bundle.identity == {
         "model": str(saved.sd),
+        "family": "sd",
         "vae": "full",
         "lcm_lora": None,
         "loras": [],
@@ -536,6 +537,7 @@ def test_request_from_config_section() -> None:
     assert request == ModelRequest(
         id="builtin:tiny",
         vae="full",
+        taesd_id="madebyollin/taesd",
         loras=[("style.safetensors", 0.7)],
         device="cpu",
         dtype="float32",

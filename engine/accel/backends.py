@@ -127,7 +127,7 @@ class TorchBackend:
             mode = "reduce-overhead" if cuda_graph else None
             unet = torch.compile(unet, mode=mode, dynamic=False, backend=compile_backend)
         self.models = models
-        self._unet = TorchUNet(unet, replays_graphs=cuda_graph)
+        self._unet = TorchUNet.of(models, unet, replays_graphs=cuda_graph)
         self._vae = TorchVae(models.vae, models.vae_scaling_factor)
 
     def unet_for(self, shape: UNetShape) -> UNetRunner:
@@ -301,13 +301,22 @@ class _ExportedBackend:
         """fp16 graphs where the device is CUDA (TensorRT builds strongly typed from them)."""
         return torch.float16 if self.models.device.type == "cuda" else torch.float32
 
+    def _dtype_of(self, component: str) -> torch.dtype:
+        """The graph dtype of ``component``: a VAE kept in float32 (SDXL's, which overflows in
+        float16) is exported in float32 too."""
+        if component != "unet" and next(self.models.vae.parameters()).dtype == torch.float32:
+            return torch.float32
+        return self.export_dtype
+
     def _fingerprint(self, component: str) -> str:
         if component not in self._fingerprints:
             module: torch.nn.Module = self.models.vae
             if component == "unet":
                 module = self.models.unet
-                if self.models.controlnets or self.models.ip_adapter is not None:  # in the UNet graph too
-                    module = ConditionedUNet(module, self.models.controlnets, self.models.ip_tokens)
+                models = self.models
+                if models.controlnets or models.ip_adapter is not None:  # in the UNet graph too
+                    added = models.pooled_dim > 0
+                    module = ConditionedUNet(module, models.controlnets, models.ip_tokens, added)
             started = time.monotonic()
             self._fingerprints[component] = weights_fingerprint(module)
             logger.debug("hashed %s weights in %.1f s", component, time.monotonic() - started)
@@ -330,7 +339,7 @@ class _ExportedBackend:
                 False,
                 "",
             )
-        dtype = self.export_dtype
+        dtype = self._dtype_of(component)
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
         return EngineKey.create(
             component=component,
@@ -368,14 +377,15 @@ class _ExportedBackend:
                 self.export_dtype,
                 controlnets=self.models.controlnets,
                 ip_tokens=self.models.ip_tokens,
+                added=self.models.pooled_dim > 0,
             )
         elif key.component == "vae_encoder":
             onnx_export.export_vae_encoder(
-                self.models.vae, shape, path, self.export_dtype, self.models.vae_scaling_factor
+                self.models.vae, shape, path, self._dtype_of(key.component), self.models.vae_scaling_factor
             )
         else:
             onnx_export.export_vae_decoder(
-                self.models.vae, shape, path, self.export_dtype, self.models.vae_scaling_factor
+                self.models.vae, shape, path, self._dtype_of(key.component), self.models.vae_scaling_factor
             )
         files = {name: name}
         data = path.with_name(name + ".data")

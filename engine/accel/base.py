@@ -11,7 +11,7 @@ import torch
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What a UNet call takes besides latents, timesteps and embeddings (ControlNets, IP-Adapter).
+    """What a UNet call takes besides latents, timesteps and embeddings (SDXL, ControlNets, IP-Adapter).
 
     Attributes:
         control_images: ``(K, B, 3, H, W)`` in [0, 1], each batch row the condition of the frame
@@ -20,19 +20,23 @@ class Conditioning:
         active: K host-side bools: False where a ControlNet's scales are all 0 (eager torch then
             skips it; exported graphs take the scales as inputs and run it anyway).
         ip_scale: ``(1,)``: the IP-Adapter scale (0: the image adds nothing).
+        text_embeds: SDXL's pooled text embeddings ``(B, P)``, laid out like the embeddings.
+        time_ids: SDXL's ``add_time_ids`` ``(B, 6)`` (``engine.stream.pooled.time_ids``).
     """
 
     control_images: torch.Tensor | None = None
     control_scales: torch.Tensor | None = None
     active: tuple[bool, ...] = ()
     ip_scale: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 class UNetRunner(Protocol):
     """``(latents (B, C, h, w), timesteps (B,) int64, embeddings (B, L, D)) -> (B, C, h, w)``.
 
     B is fixed per configuration (n, n + 1 or 2n); the prediction is ε or v as the model's.
-    ``conditioning`` carries the ControlNet and IP-Adapter inputs when the model has them.
+    ``conditioning`` carries the SDXL, ControlNet and IP-Adapter inputs when the model has them.
     """
 
     def __call__(
@@ -56,6 +60,7 @@ class VaeRunner(Protocol):
 
 
 UNET_INPUTS = ("latents", "timesteps", "embeddings")
+ADDED_INPUTS = ("text_embeds", "time_ids")
 CONTROL_INPUTS = ("control_images", "control_scales")
 IP_INPUTS = ("ip_scale",)
 UNET_OUTPUTS = ("prediction",)
@@ -86,6 +91,8 @@ class UNetShape:
         image_scale: control-image pixels per latent pixel (the VAE's factor).
         ip_adapter: an IP-Adapter in the graph (input ``ip_scale``; its tokens are counted in
             ``text_length``).
+        pooled_dim: SDXL: P of the pooled text embeddings (inputs ``text_embeds (B, P)`` and
+            ``time_ids (B, 6)``); 0: SD, no added conditioning.
     """
 
     batch: int
@@ -98,6 +105,7 @@ class UNetShape:
     controlnets: int = 0
     image_scale: int = 8
     ip_adapter: bool = False
+    pooled_dim: int = 0
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -114,11 +122,13 @@ class UNetShape:
 
     @property
     def io(self) -> GraphIO:
-        """``latents, timesteps (batch,) int64, embeddings [, control_images, control_scales]
-        [, ip_scale] -> prediction`` (shape of latents)."""
+        """``latents, timesteps (batch,) int64, embeddings [, text_embeds, time_ids]
+        [, control_images, control_scales] [, ip_scale] -> prediction`` (shape of latents)."""
         inputs: dict[str, tuple[int, ...]] = dict(
             zip(UNET_INPUTS, (self.latents, (self.batch,), self.embeddings))
         )
+        if self.pooled_dim:
+            inputs.update(zip(ADDED_INPUTS, ((self.batch, self.pooled_dim), (self.batch, 6))))
         if self.controlnets:
             inputs.update(zip(CONTROL_INPUTS, (self.control_images, (self.controlnets, self.batch))))
         if self.ip_adapter:
@@ -136,9 +146,13 @@ def unet_feeds(
     """The named inputs of a UNet graph with ``input_names`` (in ``UNetShape.io`` order).
 
     Raises:
-        ValueError: the graph has ControlNets and ``conditioning`` has no control inputs.
+        ValueError: the graph has SDXL's added inputs or ControlNets and ``conditioning`` lacks them.
     """
     feeds = dict(zip(UNET_INPUTS, (latents, timesteps, embeddings)))
+    if ADDED_INPUTS[0] in input_names:
+        if conditioning is None or conditioning.text_embeds is None or conditioning.time_ids is None:
+            raise ValueError("this UNet graph is SDXL's: give its text_embeds and time_ids (Conditioning)")
+        feeds.update(zip(ADDED_INPUTS, (conditioning.text_embeds, conditioning.time_ids)))
     if CONTROL_INPUTS[0] in input_names:
         if conditioning is None or conditioning.control_images is None or conditioning.control_scales is None:
             raise ValueError(

@@ -188,8 +188,11 @@ def export_unet(
     exporter: str = "auto",
     controlnets: Sequence[Any] = (),
     ip_tokens: int = 0,
+    added: bool = False,
 ) -> Path:
     """Export a diffusers ``UNet2DConditionModel`` for one static ``shape``; see the module doc.
+
+    SDXL (``added``, ``shape.pooled_dim``): inputs ``text_embeds (B, P)`` and ``time_ids (B, 6)``.
 
     With ``controlnets`` (``shape.controlnets`` of them) the graph is the UNet and its ControlNets
     in one (``ConditionedUNet``): inputs ``control_images (K, B, 3, H, W)`` and
@@ -219,15 +222,20 @@ def export_unet(
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from engine.stream.attention import CrossFrameAttnProcessor
+    from engine.stream.pooled import time_ids
 
     _check_options(dtype, opset, exporter)
     config = unet.config
     groups = shape.cross_frame_groups
     _check_unet_shape(config, shape)
-    if len(controlnets) != shape.controlnets or (ip_tokens > 0) != shape.ip_adapter:
+    if (
+        len(controlnets) != shape.controlnets
+        or (ip_tokens > 0) != shape.ip_adapter
+        or added != (shape.pooled_dim > 0)
+    ):
         raise ValueError(
-            f"{shape!r} is for {shape.controlnets} ControlNet(s) and ip_adapter={shape.ip_adapter}; "
-            f"given {len(controlnets)} and ip_tokens={ip_tokens}"
+            f"{shape!r} is for {shape.controlnets} ControlNet(s), ip_adapter={shape.ip_adapter} and "
+            f"pooled_dim={shape.pooled_dim}; given {len(controlnets)}, ip_tokens={ip_tokens}, added={added}"
         )
     model = _export_copy(unet, dtype)
     processor: Any = CrossFrameAttnProcessor(groups) if groups is not None else None
@@ -248,6 +256,17 @@ def export_unet(
         torch.randint(0, timestep_count, (shape.batch,), generator=example, dtype=torch.int64),
         torch.randn(shape.embeddings, generator=example).to(dtype),
     )
+    if added:
+        args += (
+            torch.randn((shape.batch, shape.pooled_dim), generator=example).to(dtype),
+            time_ids(
+                shape.latent_height * shape.image_scale,
+                shape.latent_width * shape.image_scale,
+                shape.batch,
+                torch.device("cpu"),
+                dtype,
+            ),
+        )
     if shape.controlnets:
         args += (
             torch.rand(shape.control_images, generator=example).to(dtype),
@@ -260,7 +279,7 @@ def export_unet(
         "cross_frame_groups": repr(groups),
     }
     return _export(
-        ConditionedUNet(model, [_export_copy(net, dtype) for net in controlnets], ip_tokens),
+        ConditionedUNet(model, [_export_copy(net, dtype) for net in controlnets], ip_tokens, added),
         args,
         Path(path),
         kind="unet",

@@ -25,10 +25,23 @@ class TorchUNet:
         replays_graphs: bool = False,
         controlnets: Sequence[Any] = (),
         ip_tokens: int = 0,
+        added: bool = False,
     ) -> None:
         self.unet = unet
         self.replays_graphs = replays_graphs
-        self.conditioned = ConditionedUNet(unet, controlnets, ip_tokens)
+        self.conditioned = ConditionedUNet(unet, controlnets, ip_tokens, added)
+
+    @classmethod
+    def of(cls, models: Any, unet: Any = None, replays_graphs: bool = False) -> TorchUNet:
+        """The runner of a ``ModelBundle``'s UNet with everything it is conditioned on: SDXL's added
+        inputs, the ControlNets, the IP-Adapter (``unet``: another module for it, e.g. compiled)."""
+        return cls(
+            models.unet if unet is None else unet,
+            replays_graphs,
+            controlnets=models.controlnets,
+            ip_tokens=models.ip_tokens,
+            added=models.pooled_dim > 0,
+        )
 
     @torch.inference_mode()
     def __call__(
@@ -43,6 +56,8 @@ class TorchUNet:
         extras: list[torch.Tensor] = []
         active = None
         if conditioning is not None:
+            if conditioning.text_embeds is not None and conditioning.time_ids is not None:
+                extras += [conditioning.text_embeds, conditioning.time_ids]
             if conditioning.control_images is not None and conditioning.control_scales is not None:
                 extras += [conditioning.control_images, conditioning.control_scales]
             if conditioning.ip_scale is not None:
@@ -56,20 +71,24 @@ class TorchVae:
     """``VaeRunner`` over ``AutoencoderTiny`` (TAESD) or ``AutoencoderKL``.
 
     Latents are multiplied by ``scaling_factor`` after encoding and divided before decoding;
-    ``AutoencoderKL`` encodes to its distribution's mode (no per-frame sampling noise).
+    ``AutoencoderKL`` encodes to its distribution's mode (no per-frame sampling noise). A VAE
+    kept in float32 under a float16 pipeline (SDXL's) gets its inputs cast to float32 and
+    gives its outputs back in the caller's dtype; where the dtypes match the casts are no-ops.
     """
 
     def __init__(self, vae: Any, scaling_factor: float) -> None:
         self.vae = vae
         self.scaling_factor = float(scaling_factor)
+        self.dtype = next(vae.parameters()).dtype
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        encoded = self.vae.encode(images, return_dict=False)[0]
+        encoded = self.vae.encode(images.to(self.dtype), return_dict=False)[0]
         # AutoencoderTiny gives the latent tensor; AutoencoderKL a distribution: take its mode
         latents = encoded if isinstance(encoded, torch.Tensor) else encoded.mode()
-        return latents * self.scaling_factor
+        return (latents * self.scaling_factor).to(images.dtype)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype), return_dict=False)[0]
+        return images.to(latents.dtype)

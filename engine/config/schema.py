@@ -188,7 +188,10 @@ class ModelSettings(_Section):
 
     id: ModelId = Field(default="stabilityai/sd-turbo", description=_MODEL_ID_ALLOWED)
     vae: VaeKind = Field(default=VaeKind.TAESD, description="taesd (fast tiny VAE) | full")
-    taesd_id: Text = Field(default="madebyollin/taesd", description="hub id or folder of TAESD")
+    taesd_id: Text | None = Field(
+        default=None,
+        description="hub id or folder of TAESD (null: madebyollin/taesd, for SDXL madebyollin/taesdxl)",
+    )
     lcm_lora: Text | None = Field(default=None, description="LCM-LoRA hub id or file")
     loras: list[LoraSpec] = Field(
         default_factory=list, max_length=16, description="extra LoRAs fused at load"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from engine.models.bundle import ModelBundle
+from engine.models.kinds import ModelFamily
 from engine.models.scheduler import (
     alphas_cumprod_from_config,
     num_train_timesteps_from_config,
@@ -44,22 +45,29 @@ def prepare_module(module: Any, device: torch.device, dtype: torch.dtype) -> Any
 
 
 def sd_pipeline_parts(
-    unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler_config: Mapping[str, Any]
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    scheduler_config: Mapping[str, Any],
+    family: ModelFamily = ModelFamily.SD,
+    text_encoder_2: Any = None,
+    tokenizer_2: Any = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of a diffusers ``StableDiffusion*Pipeline`` built from loaded parts:
-    an ``LCMScheduler`` from ``scheduler_config``, no safety checker."""
+    """Keyword arguments of a diffusers ``StableDiffusion*Pipeline`` (SDXL: ``StableDiffusionXL*``)
+    built from loaded parts: an ``LCMScheduler`` from ``scheduler_config``, no safety checker."""
     from diffusers import LCMScheduler
 
-    return {
+    parts = {
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "unet": unet,
         "scheduler": LCMScheduler.from_config(scheduler_config),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
     }
+    if family is ModelFamily.SDXL:
+        return {**parts, "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}
+    return {**parts, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 def _fit_tokenizer(tokenizer: Any, text_encoder: Any) -> None:
@@ -68,6 +76,18 @@ def _fit_tokenizer(tokenizer: Any, text_encoder: Any) -> None:
     if tokenizer.model_max_length > limit:
         logger.info("tokenizer model_max_length %s capped at %d", tokenizer.model_max_length, limit)
         tokenizer.model_max_length = limit
+
+
+def _vae_dtype(vae: Any, family: ModelFamily, dtype: torch.dtype) -> torch.dtype:
+    """float32 for SDXL's full VAE under float16: it overflows there (black frames), as diffusers'
+    ``force_upcast`` says; TAESDXL and SD VAEs run in ``dtype``."""
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and not hasattr(
+        vae.config, "decoder_block_out_channels"
+    )
+    if family is ModelFamily.SDXL and dtype == torch.float16 and upcast:
+        logger.info("the SDXL VAE overflows in float16: it runs in float32 (vae: taesd is faster)")
+        return torch.float32
+    return dtype
 
 
 def assemble_bundle(
@@ -82,6 +102,9 @@ def assemble_bundle(
     dtype: torch.dtype,
     source: str,
     identity: dict[str, Any],
+    family: ModelFamily = ModelFamily.SD,
+    text_encoder_2: Any = None,
+    tokenizer_2: Any = None,
 ) -> ModelBundle:
     """Move the parts to ``device``/``dtype`` (eval, no grad) and build the ModelBundle.
 
@@ -92,11 +115,17 @@ def assemble_bundle(
         device, dtype: where the weights go.
         source: a human-readable origin.
         identity: facts that identify the weights (cache keys).
+        family: SD, or SDXL with ``text_encoder_2`` and ``tokenizer_2``.
     """
     _fit_tokenizer(tokenizer, text_encoder)
+    if family is ModelFamily.SDXL:
+        if text_encoder_2 is None or tokenizer_2 is None:
+            raise ValueError("an SDXL model needs text_encoder_2 and tokenizer_2")
+        _fit_tokenizer(tokenizer_2, text_encoder_2)
+        text_encoder_2 = prepare_module(text_encoder_2, device, dtype)
     return ModelBundle(
         unet=prepare_module(unet, device, dtype),
-        vae=prepare_module(vae, device, dtype),
+        vae=prepare_module(vae, device, _vae_dtype(vae, family, dtype)),
         text_encoder=prepare_module(text_encoder, device, dtype),
         tokenizer=tokenizer,
         alphas_cumprod=alphas_cumprod_from_config(scheduler_config),
@@ -111,4 +140,7 @@ def assemble_bundle(
         source=source,
         identity=identity,
         scheduler_config=dict(scheduler_config),
+        family=family,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )

@@ -1,4 +1,4 @@
-"""The builtin random-weight models (``builtin:tiny``, ``builtin:sd-turbo-shape``): nothing to download."""
+"""The builtin random-weight models (tiny SD and SDXL, and real architectures): nothing to download."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from engine.models import shapes, tiny
 from engine.models.errors import ModelLoadError
+from engine.models.kinds import ModelFamily
 from engine.models.sources import BUILTIN_NAMES, BUILTIN_PREFIX
 from engine.stream.modes import PredictionType, allowed
 
@@ -30,6 +31,8 @@ class BuiltinSpec:
     vae: Mapping[str, Any]
     text: Mapping[str, Any]
     about: str
+    family: ModelFamily = ModelFamily.SD
+    text_2: Mapping[str, Any] | None = None  # SDXL's second text encoder (with projection)
 
 
 BUILTIN_SPECS: dict[str, BuiltinSpec] = {
@@ -47,10 +50,28 @@ BUILTIN_SPECS: dict[str, BuiltinSpec] = {
         shapes.SD_TURBO_TEXT_CONFIG,
         "stabilityai/sd-turbo's exact architecture with seeded random weights (benchmarks)",
     ),
+    "tiny-sdxl": BuiltinSpec(
+        tiny.SDXL_UNET_CONFIG,
+        tiny.TAESD_CONFIG,
+        tiny.VAE_CONFIG,
+        tiny.TEXT_CONFIG,
+        "tiny random-weight SDXL-style model (two text encoders, pooled + time ids; 256x256)",
+        ModelFamily.SDXL,
+        tiny.SDXL_TEXT_2_CONFIG,
+    ),
+    "sdxl-turbo-shape": BuiltinSpec(
+        shapes.SDXL_TURBO_UNET_CONFIG,
+        shapes.TAESD_REAL_CONFIG,
+        shapes.SDXL_VAE_CONFIG,
+        shapes.SDXL_TEXT_CONFIG,
+        "stabilityai/sdxl-turbo's exact architecture with seeded random weights (benchmarks)",
+        ModelFamily.SDXL,
+        shapes.SDXL_TEXT_2_CONFIG,
+    ),
 }
 assert tuple(BUILTIN_SPECS) == BUILTIN_NAMES, "sources.BUILTIN_NAMES lists the builtin models"
 
-_SEED_OFFSETS = {"unet": 0, "taesd": 1, "vae": 2, "text_encoder": 3}
+_SEED_OFFSETS = {"unet": 0, "taesd": 1, "vae": 2, "text_encoder": 3, "text_encoder_2": 4}
 
 _M = TypeVar("_M")
 
@@ -67,6 +88,8 @@ class BuiltinModels:
         tokenizer: ``CLIPTokenizer`` with ``model_max_length`` 77, vocabulary of 1000.
         scheduler_config: an LCM scheduler config (SD scaled_linear betas, 1000 steps).
         identity: ``{"model": "builtin:<name>", "seed": seed, "vae": vae}``.
+        family: SD, or SDXL with ``text_encoder_2`` (``CLIPTextModelWithProjection``) and
+            ``tokenizer_2`` (the same local tokenizer).
     """
 
     unet: UNet2DConditionModel
@@ -75,6 +98,9 @@ class BuiltinModels:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     identity: dict[str, Any] = field(default_factory=dict)
+    family: ModelFamily = ModelFamily.SD
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 def _seeded(seed: int, factory: Callable[[], _M]) -> _M:
@@ -185,10 +211,11 @@ def build_builtin_models(
     """Build builtin ``name``; same ``seed`` gives the same weights, the global RNG is untouched.
 
     Each part is seeded on its own, so the UNet and text encoder do not depend on ``vae``.
-    ``sd-turbo-shape`` allocates sd-turbo's full size (about 1.3 G parameters, 5 GB in float32).
+    ``sd-turbo-shape`` allocates sd-turbo's full size (about 1.3 G parameters, 5 GB in float32),
+    ``sdxl-turbo-shape`` sdxl-turbo's (about 3.5 G parameters, 14 GB in float32).
 
     Args:
-        name: ``tiny`` or ``sd-turbo-shape`` (without the ``builtin:`` prefix).
+        name: ``tiny``, ``sd-turbo-shape``, ``tiny-sdxl`` or ``sdxl-turbo-shape`` (no ``builtin:``).
         seed: weight seed.
         vae: ``taesd`` (``AutoencoderTiny``, scaling 1.0) or ``full`` (``AutoencoderKL``,
             scaling 0.18215).
@@ -211,6 +238,15 @@ def build_builtin_models(
     text_encoder = _seeded(
         seed + _SEED_OFFSETS["text_encoder"], lambda: CLIPTextModel(CLIPTextConfig(**spec.text))
     )
+    text_2 = spec.text_2
+    text_encoder_2 = (
+        None
+        if text_2 is None
+        else _seeded(
+            seed + _SEED_OFFSETS["text_encoder_2"],
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_2)),
+        )
+    )
     return BuiltinModels(
         unet=unet,
         vae=build_builtin_vae(name, seed, vae),
@@ -218,6 +254,9 @@ def build_builtin_models(
         tokenizer=tiny.load_tiny_tokenizer(),
         scheduler_config=tiny.tiny_scheduler_config(prediction_type),
         identity={"model": BUILTIN_PREFIX + name, "seed": seed, "vae": vae},
+        family=spec.family,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=None if text_encoder_2 is None else tiny.load_tiny_tokenizer(),
     )
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.models.kinds import ModelFamily
 from engine.stream.modes import PredictionType
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ class ModelBundle:
         controlnets: the ``model.controlnets`` ControlNets (diffusers ``ControlNetModel``), in
             config order, on the device and dtype; their identities in ``identity["controlnets"]``.
         ip_adapter: the IP-Adapter (``engine.models.ip_adapter.IpAdapter``) or None.
+        family: SD (one text encoder) or SDXL (with ``text_encoder_2``/``tokenizer_2``).
+        text_encoder_2: SDXL's ``CLIPTextModelWithProjection`` (pooled ``text_embeds`` of
+            ``projection_dim``), else None.
+        tokenizer_2: its tokenizer, else None.
     """
 
     unet: Any
@@ -58,6 +63,16 @@ class ModelBundle:
     lora_scales: list[float] = field(default_factory=list)
     controlnets: list[Any] = field(default_factory=list)
     ip_adapter: Any = None
+    family: ModelFamily = ModelFamily.SD
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def pooled_dim(self) -> int:
+        """P of SDXL's pooled text embeddings (``text_embeds (B, P)``); 0 for SD."""
+        if self.family is not ModelFamily.SDXL:
+            return 0
+        return int(self.text_encoder_2.config.projection_dim)
 
     @property
     def ip_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""The UNet with its ControlNets and IP-Adapter as one module: the call every backend runs and exports."""
+"""The UNet with SDXL inputs, ControlNets and IP-Adapter as one module: what every backend runs."""
 
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ class ConditionedUNet(nn.Module):
             (as diffusers' ``MultiControlNetModel`` does), each scaled per batch row.
         ip_tokens: T, the IP-Adapter image tokens at the end of ``embeddings`` (0: none). The
             ControlNets see the text tokens only, as in diffusers' pipelines.
+        added: SDXL: the UNet (and its ControlNets) also take ``text_embeds`` and ``time_ids``
+            (``added_cond_kwargs``).
 
     ``forward(latents, timesteps, embeddings, *extras, active=None)``:
         latents ``(B, C, h, w)``, timesteps ``(B,)`` int64, embeddings ``(B, L + T, D)``;
-        ``extras`` in ``UNetShape.io`` order: ``control_images (K, B, 3, H, W)`` in [0, 1] (H =
+        ``extras`` in ``UNetShape.io`` order: with ``added`` first ``text_embeds (B, P)`` and
+        ``time_ids (B, 6)``, then ``control_images (K, B, 3, H, W)`` in [0, 1] (H =
         h × VAE factor) and ``control_scales (K, B)`` (a row at 0 adds nothing) when given, then
         ``ip_scale (1,)`` or ``(B,)`` with an IP-Adapter. ``active``: K host-side bools; a
         ControlNet whose scales are all 0 is not run at all (eager torch; exported graphs run
@@ -30,11 +33,14 @@ class ConditionedUNet(nn.Module):
     Returns the prediction ``(B, C, h, w)``.
     """
 
-    def __init__(self, unet: Any, controlnets: Sequence[Any] = (), ip_tokens: int = 0) -> None:
+    def __init__(
+        self, unet: Any, controlnets: Sequence[Any] = (), ip_tokens: int = 0, added: bool = False
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.controlnets = nn.ModuleList(controlnets)
         self.ip_tokens = int(ip_tokens)
+        self.added = bool(added)
 
     def forward(
         self,
@@ -45,6 +51,13 @@ class ConditionedUNet(nn.Module):
         active: tuple[bool, ...] | None = None,
     ) -> torch.Tensor:
         control_images = control_scales = ip_scale = None
+        extra: dict[str, Any] = {}  # only what is there: the plain call stays the plain UNet call
+        if self.added:
+            if len(extras) < 2:
+                raise ValueError("an SDXL UNet needs text_embeds and time_ids (Conditioning)")
+            text_embeds, time_ids, *extras_left = extras
+            extras = tuple(extras_left)
+            extra["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
         if len(self.controlnets) and len(extras) >= 2:
             control_images, control_scales, *rest = extras
         else:
@@ -64,6 +77,7 @@ class ConditionedUNet(nn.Module):
                     encoder_hidden_states=text,
                     controlnet_cond=control_images[index],
                     return_dict=False,
+                    **extra,
                 )
                 scale = control_scales[index].to(latents.dtype).view(-1, 1, 1, 1)
                 if down is None or mid is None:
@@ -71,7 +85,6 @@ class ConditionedUNet(nn.Module):
                 else:
                     down = [total + block * scale for total, block in zip(down, blocks)]
                     mid = mid + middle * scale
-        extra: dict[str, Any] = {}  # only what is there: the plain call stays the plain UNet call
         if down is not None:
             extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if ip_scale is not None:

@@ -1,8 +1,19 @@
-"""The choices of a model request: VAE, prediction type, dtype, ControlNet preprocessor (torch-free)."""
+"""The choices of a model request: family, VAE, prediction type, dtype, preprocessor (torch-free)."""
 
 from __future__ import annotations
 
 from enum import Enum
+
+
+class ModelFamily(str, Enum):
+    """The architecture family: what the UNet is conditioned on besides the text tokens.
+
+    ``sd``: SD 1.x / 2.x (one CLIP text encoder). ``sdxl``: SDXL / SDXL-turbo (two text
+    encoders, their hidden states concatenated; pooled text embeddings and ``add_time_ids``).
+    """
+
+    SD = "sd"
+    SDXL = "sdxl"
 
 
 class VaeKind(str, Enum):

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion 1.x-family model into a ModelBundle from any supported source."""
+"""Load a Stable Diffusion 1.x / 2.x or SDXL model into a ModelBundle from any supported source."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from engine.models.builtin import build_builtin_models, build_builtin_vae
 from engine.models.bundle import ModelBundle
 from engine.models.device import resolve_device, resolve_dtype
 from engine.models.errors import ModelLoadError, short_reason
+from engine.models.family import TAESD_IDS, detect_family, pipeline_class
+from engine.models.kinds import ModelFamily
 from engine.models.lora import LoraFactors, fuse_loras
 from engine.models.sources import ACCEPTED, SourceKind, builtin_name, classify_source, local_path
 from engine.progress import Progress, report
@@ -29,14 +31,6 @@ VAE_KINDS = ("taesd", "full")
 _BASIC_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
 
 
-def _sd_pipeline_class() -> Any:
-    """diffusers' ``StableDiffusionPipeline``, imported on first use (it pulls in transformers'
-    image processors: seconds of start-up that builtin:tiny does not need)."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline
-
-
 def _load_errors() -> tuple[type[BaseException], ...]:
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -48,6 +42,8 @@ def _dtype_kwarg() -> str:
     from diffusers.utils import deprecation_utils
 
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
 _LDM_UNET_PREFIX = "model.diffusion_model."
 
 
@@ -59,7 +55,8 @@ class ModelRequest:
         id: hub id ``org/name``, a diffusers folder, a ``.safetensors``/``.ckpt`` file or
             ``builtin:tiny``.
         vae: ``taesd`` (AutoencoderTiny from ``taesd_id``) or ``full`` (the model's own VAE).
-        taesd_id: hub id or local folder of the TAESD weights.
+        taesd_id: hub id or local folder of the TAESD weights (None: the family's,
+            ``madebyollin/taesd`` for SD, ``madebyollin/taesdxl`` for SDXL).
         lcm_lora: LCM-LoRA to fuse at scale 1.0 (file, folder or hub id), or None.
         loras: ``(source, scale)`` LoRAs to fuse.
         prediction_type: ``auto`` (from the scheduler config), ``epsilon`` or ``v_prediction``.
@@ -76,7 +73,7 @@ class ModelRequest:
 
     id: str
     vae: str = "taesd"
-    taesd_id: str = "madebyollin/taesd"
+    taesd_id: str | None = None
     lcm_lora: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     prediction_type: str = "auto"
@@ -166,19 +163,18 @@ def _check_checkpoint(path_name: str) -> None:
         )
 
 
-def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) -> Any:
-    """A ``StableDiffusionPipeline`` from a single file, a diffusers folder or the hub."""
-    common: dict[str, Any] = {
-        _dtype_kwarg(): dtype,
-        "safety_checker": None,
-        "requires_safety_checker": False,
-    }
+def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype, family: ModelFamily) -> Any:
+    """A ``StableDiffusion(XL)Pipeline`` from a single file, a diffusers folder or the hub."""
+    common: dict[str, Any] = {_dtype_kwarg(): dtype}
+    if family is ModelFamily.SD:
+        common.update(safety_checker=None, requires_safety_checker=False)
+    pipeline = pipeline_class(family)
     if kind is SourceKind.SINGLE_FILE:
         _check_checkpoint(request.id)
     try:
         if kind is SourceKind.SINGLE_FILE:
             extra = {"config": request.single_file_config} if request.single_file_config else {}
-            return _sd_pipeline_class().from_single_file(
+            return pipeline.from_single_file(
                 str(local_path(request.id)),
                 local_files_only=request.local_files_only,
                 cache_dir=request.cache_dir,
@@ -186,8 +182,8 @@ def _load_pipeline(kind: SourceKind, request: ModelRequest, dtype: torch.dtype) 
                 **common,
             )
         if kind is SourceKind.LOCAL_FOLDER:
-            return _sd_pipeline_class().from_pretrained(str(local_path(request.id)), **common)
-        return _sd_pipeline_class().from_pretrained(
+            return pipeline.from_pretrained(str(local_path(request.id)), **common)
+        return pipeline.from_pretrained(
             request.id,
             cache_dir=request.cache_dir,
             local_files_only=request.local_files_only,
@@ -216,10 +212,15 @@ def _pipeline_failure(kind: SourceKind, model_id: str, err: BaseException) -> st
     )
 
 
-def _load_taesd(request: ModelRequest, dtype: torch.dtype) -> AutoencoderTiny:
-    """The TAESD ``AutoencoderTiny`` named by ``request.taesd_id`` (hub id or local folder)."""
-    folder = local_path(request.taesd_id)
-    source = str(folder) if folder.is_dir() else request.taesd_id
+def _taesd_id(request: ModelRequest, family: ModelFamily) -> str:
+    return request.taesd_id or TAESD_IDS[family]
+
+
+def _load_taesd(request: ModelRequest, dtype: torch.dtype, family: ModelFamily) -> AutoencoderTiny:
+    """The TAESD ``AutoencoderTiny`` of ``request.taesd_id`` (hub id or local folder; None: the family's)."""
+    taesd_id = _taesd_id(request, family)
+    folder = local_path(taesd_id)
+    source = str(folder) if folder.is_dir() else taesd_id
     try:
         return AutoencoderTiny.from_pretrained(
             source,
@@ -229,21 +230,22 @@ def _load_taesd(request: ModelRequest, dtype: torch.dtype) -> AutoencoderTiny:
         )
     except _load_errors() as err:
         raise ModelLoadError(
-            f"TAESD {request.taesd_id!r} could not be loaded (offline?): {short_reason(err)}. "
+            f"TAESD {taesd_id!r} could not be loaded (offline?): {short_reason(err)}. "
             "Give a cached hub id or a local AutoencoderTiny folder as taesd_id, or use vae: full."
         ) from err
 
 
-def _identity(request: ModelRequest, kind: SourceKind) -> dict[str, Any]:
-    """Facts that identify the weights, for engine caches."""
+def _identity(request: ModelRequest, kind: SourceKind, family: ModelFamily) -> dict[str, Any]:
+    """Facts that identify the weights (and the architecture), for engine caches."""
     identity: dict[str, Any] = {
         "model": request.id,
+        "family": family.value,
         "vae": request.vae,
         "lcm_lora": request.lcm_lora,
         "loras": [[path, scale] for path, scale in request.loras],
     }
     if request.vae == "taesd" and kind is not SourceKind.BUILTIN:
-        identity["taesd_id"] = request.taesd_id
+        identity["taesd_id"] = _taesd_id(request, family)
     if kind is SourceKind.SINGLE_FILE:
         identity.update(_file_facts(request.id))
     return identity
@@ -276,17 +278,20 @@ def _load_builtin(
         vae=request.vae,
         prediction_type="epsilon" if override == "auto" else override,
     )
-    if request.lcm_lora or request.loras:
-        parts = (built.unet, built.vae, built.text_encoder, built.tokenizer, built.scheduler_config)
-        pipe = _sd_pipeline_class()(**sd_pipeline_parts(*parts))
-        _fuse_requested(pipe, request, progress, factors)
-    return {
+    parts: dict[str, Any] = {
         "unet": built.unet,
         "vae": built.vae,
         "text_encoder": built.text_encoder,
         "tokenizer": built.tokenizer,
         "scheduler_config": built.scheduler_config,
+        "family": built.family,
+        "text_encoder_2": built.text_encoder_2,
+        "tokenizer_2": built.tokenizer_2,
     }
+    if request.lcm_lora or request.loras:
+        pipe = pipeline_class(built.family)(**sd_pipeline_parts(**parts))
+        _fuse_requested(pipe, request, progress, factors)
+    return parts
 
 
 def _load_diffusers(
@@ -298,21 +303,26 @@ def _load_diffusers(
     factors: list[LoraFactors],
 ) -> dict[str, Any]:
     """The parts of a single-file, folder or hub model (LoRAs fused, VAE chosen)."""
-    _stage(progress, "loading %s %s (unet, vae, text encoder)", kind.value, request.id)
-    pipe = _load_pipeline(kind, request, dtype)
+    family = detect_family(kind, request.id, request.cache_dir, request.local_files_only)
+    encoders = "text encoders" if family is ModelFamily.SDXL else "text encoder"
+    _stage(progress, "loading %s %s (%s: unet, vae, %s)", kind.value, request.id, family.value, encoders)
+    pipe = _load_pipeline(kind, request, dtype, family)
     _stage(progress, "moving model to %s", device)
     pipe.to(device)
     _fuse_requested(pipe, request, progress, factors)
     vae = pipe.vae
     if request.vae == "taesd":
-        _stage(progress, "loading TAESD %s", request.taesd_id)
-        vae = _load_taesd(request, dtype)
+        _stage(progress, "loading TAESD %s", _taesd_id(request, family))
+        vae = _load_taesd(request, dtype, family)
     return {
         "unet": pipe.unet,
         "vae": vae,
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
         "scheduler_config": dict(pipe.scheduler.config),
+        "family": family,
+        "text_encoder_2": getattr(pipe, "text_encoder_2", None),
+        "tokenizer_2": getattr(pipe, "tokenizer_2", None),
     }
 
 
@@ -337,7 +347,8 @@ def load_vae(
     if kind is SourceKind.BUILTIN:
         module = build_builtin_vae(builtin_name(request.id), 0, vae)
     elif vae == "taesd":
-        module = _load_taesd(request, dtype)
+        family = detect_family(kind, request.id, request.cache_dir, request.local_files_only)
+        module = _load_taesd(request, dtype, family)
     else:
         try:
             if kind is SourceKind.SINGLE_FILE:
@@ -384,13 +395,9 @@ def load_models(
     if request.vae not in VAE_KINDS:
         raise ModelLoadError(f"unknown vae {request.vae!r}: use {' | '.join(VAE_KINDS)}.")
     kind = classify_source(request.id)
-    torch_device = (
-        device if isinstance(device, torch.device) else resolve_device(device or request.device)
-    )
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device or request.device)
     torch_dtype = (
-        dtype
-        if isinstance(dtype, torch.dtype)
-        else resolve_dtype(dtype or request.dtype, torch_device)
+        dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or request.dtype, torch_device)
     )
     factors: list[LoraFactors] = []
     if kind is SourceKind.BUILTIN:
@@ -405,7 +412,7 @@ def load_models(
         torch_device,
         str(torch_dtype).removeprefix("torch."),
     )
-    identity = _identity(request, kind)
+    identity = _identity(request, kind, parts["family"])
     if kind is SourceKind.BUILTIN:
         identity["seed"] = 0
     bundle = assemble_bundle(

@@ -22,9 +22,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _LORA_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
-def _adapter_plan(
-    lcm_lora: str | None, loras: Sequence[tuple[str, float]]
-) -> list[tuple[str, str, float]]:
+def _adapter_plan(lcm_lora: str | None, loras: Sequence[tuple[str, float]]) -> list[tuple[str, str, float]]:
     """``(adapter_name, source, scale)`` for the LCM-LoRA (scale 1.0) then each LoRA."""
     plan = [(LCM_ADAPTER, lcm_lora, 1.0)] if lcm_lora else []
     plan += [(f"lora_{i}", source, float(scale)) for i, (source, scale) in enumerate(loras)]
@@ -92,7 +90,8 @@ class LowRank:
 class LoraFactors:
     """The low-rank factors of one user LoRA, by module name, per component.
 
-    ``unet`` / ``text_encoder`` map a module name (as in ``named_modules``) to its factors; the
+    ``unet`` / ``text_encoder`` / ``text_encoder_2`` (SDXL) map a module name (as in
+    ``named_modules``) to its factors; the
     fused parameter is ``f"{name}.weight"``. ``unsupported`` names layers that cannot be
     rescaled exactly (DoRA, embeddings): a live rescale is refused when it is not empty.
     """
@@ -100,6 +99,7 @@ class LoraFactors:
     source: str
     unet: dict[str, LowRank] = field(default_factory=dict)
     text_encoder: dict[str, LowRank] = field(default_factory=dict)
+    text_encoder_2: dict[str, LowRank] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
 
 
@@ -125,12 +125,12 @@ def _collect_factors(module: Any, adapter: str, into: dict[str, LowRank], bad: l
 
 
 def capture_factors(pipe: Any, adapter: str, source: str) -> LoraFactors:
-    """The factors of a loaded (not yet fused) peft adapter of ``pipe``'s UNet and text encoder."""
+    """The factors of a loaded (not yet fused) peft adapter of ``pipe``'s UNet and text encoder(s)."""
     factors = LoraFactors(source=source)
-    _collect_factors(getattr(pipe, "unet", None), adapter, factors.unet, factors.unsupported)
-    _collect_factors(
-        getattr(pipe, "text_encoder", None), adapter, factors.text_encoder, factors.unsupported
-    )
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        _collect_factors(
+            getattr(pipe, component, None), adapter, getattr(factors, component), factors.unsupported
+        )
     return factors
 
 
@@ -159,9 +159,7 @@ def rescale_loras(
         The parameter names that changed (sorted).
     """
     if not len(factors) == len(old_scales) == len(new_scales):
-        raise ValueError(
-            f"{len(factors)} LoRAs, {len(old_scales)} old and {len(new_scales)} new scales"
-        )
+        raise ValueError(f"{len(factors)} LoRAs, {len(old_scales)} old and {len(new_scales)} new scales")
     params = dict(module.named_parameters())
     touched: set[str] = set()
     for lora, old, new in zip(factors, old_scales, new_scales, strict=True):
@@ -218,9 +216,7 @@ def fuse_loras(
         _load_adapter(pipe, source, adapter_name, cache_dir, local_files_only)
     names = [name for name, _, _ in plan]
     if factors is not None:
-        factors.extend(
-            capture_factors(pipe, name, source) for name, source, _ in plan if name != LCM_ADAPTER
-        )
+        factors.extend(capture_factors(pipe, name, source) for name, source, _ in plan if name != LCM_ADAPTER)
     pipe.set_adapters(names, adapter_weights=[scale for _, _, scale in plan])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
@@ -237,6 +233,10 @@ def rescale_bundle(models: Any, old_scales: Sequence[float], new_scales: Sequenc
     factors = models.lora_factors
     rescale_loras(models.unet, factors, old_scales, new_scales)
     changed_text = rescale_loras(models.text_encoder, factors, old_scales, new_scales, "text_encoder")
+    if getattr(models, "text_encoder_2", None) is not None:  # SDXL's second text encoder
+        changed_text += rescale_loras(
+            models.text_encoder_2, factors, old_scales, new_scales, "text_encoder_2"
+        )
     models.lora_scales = list(new_scales)
     loras = models.identity.get("loras")
     if isinstance(loras, list) and len(loras) == len(new_scales):

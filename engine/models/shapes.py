@@ -1,4 +1,4 @@
-"""Configs of real architectures for random-weight builtins: stabilityai/sd-turbo's exact shapes."""
+"""Configs of real architectures for random-weight builtins: sd-turbo's and sdxl-turbo's exact shapes."""
 
 from __future__ import annotations
 
@@ -67,3 +67,57 @@ SD_VAE_CONFIG: dict[str, Any] = {
 
 # TAESD (madebyollin/taesd) is ``AutoencoderTiny()`` with its default arguments (2.4 M parameters).
 TAESD_REAL_CONFIG: dict[str, Any] = {}
+
+SDXL_TURBO_SHAPE_ID = "builtin:sdxl-turbo-shape"
+
+# The SDXL UNet as stabilityai/sdxl-turbo ships it (2,567,463,684 parameters): latent (B, 4, 64, 64)
+# at 512x512, cross-attention on (B, 77, 768 + 1280) tokens, "text_time" added embeddings of the
+# pooled (B, 1280) and the 6 time ids (256 each): 1280 + 6 * 256 = 2816.
+SDXL_TURBO_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+# CLIP ViT-L/14's text tower (SDXL's first encoder; its penultimate layer is used).
+SDXL_TEXT_CONFIG: dict[str, Any] = {
+    **SD_TURBO_TEXT_CONFIG,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+# OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's second encoder; pooled 1280).
+SDXL_TEXT_2_CONFIG: dict[str, Any] = {
+    **SD_TURBO_TEXT_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+# The SDXL AutoencoderKL: the SD layout with scaling factor 0.13025.
+SDXL_VAE_CONFIG: dict[str, Any] = {**SD_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025}

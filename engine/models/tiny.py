@@ -1,4 +1,4 @@
-"""Configs of the builtin tiny random-weight SD-style model and its local tokenizer."""
+"""Configs of the builtin tiny random-weight SD-style and SDXL-style models and their local tokenizer."""
 
 from __future__ import annotations
 
@@ -71,6 +71,30 @@ TEXT_CONFIG: dict[str, Any] = {
     "pad_token_id": 999,
 }
 
+
+# builtin:tiny-sdxl: SDXL's layout shrunk (diffusers' SDXL test UNet): cross-attention on the two
+# encoders' concatenated (B, 77, 32 + 32) tokens, "text_time" added embeddings of the second
+# encoder's pooled (B, 32) and the 6 time ids (8 each): 32 + 6 * 8 = 80.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    "projection_class_embeddings_input_dim": 80,
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+}
+
+# The second text encoder (CLIPTextModelWithProjection): its pooled projection is text_embeds.
+SDXL_TEXT_2_CONFIG: dict[str, Any] = {**TEXT_CONFIG, "hidden_act": "gelu"}
 
 
 def load_tiny_tokenizer() -> CLIPTokenizer:
