@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
+import math
 import platform
 import statistics
 import time
@@ -40,6 +42,7 @@ class BenchGroup(str, Enum):
     FILTER = "filter"
     BACKEND = "backend"
     CONTROLNET = "controlnet"
+    FLICKER = "flicker"
     COMPARE = "compare"
 
 
@@ -49,6 +52,7 @@ DEFAULT_GROUPS = (
     BenchGroup.FILTER,
     BenchGroup.BACKEND,
     BenchGroup.CONTROLNET,
+    BenchGroup.FLICKER,
 )
 
 
@@ -93,6 +97,37 @@ class BenchRow:
         }
 
 
+@dataclass(frozen=True)
+class FlickerRow:
+    """Flicker of one input with the feature cache off and on (same seeds, same frames).
+
+    Attributes:
+        input: which input (``slowly moving``, ``static``).
+        off, on: mean absolute difference between consecutive outputs, in 0..255 levels.
+        off_ms, on_ms: milliseconds per frame of each.
+    """
+
+    input: str
+    off: float
+    on: float
+    off_ms: float
+    on_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.on / self.off if self.off > 0 else float("nan")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "mad_off": round(self.off, 4),
+            "mad_on": round(self.on, 4),
+            "ratio": None if math.isnan(self.ratio) else round(self.ratio, 4),
+            "ms_off": round(self.off_ms, 2),
+            "ms_on": round(self.on_ms, 2),
+        }
+
+
 @dataclass
 class Timing:
     """Frames per second of one contender: the median of its rounds, and each round's ms/frame."""
@@ -122,6 +157,7 @@ class BenchReport:
     """
 
     rows: list[BenchRow] = field(default_factory=list)
+    flicker: list[FlickerRow] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -137,6 +173,7 @@ class BenchReport:
             "header": header,
             **facts,
             "rows": [row.as_json() for row in self.rows],
+            "flicker": [row.as_json() for row in self.flicker],
             "ratios": self.ratios(),
             "summary": {key: round(value, 4) for key, value in self.summary.items()},
             "latency": self.latency,
@@ -381,7 +418,12 @@ def run_bench(
         for name, timing in zip(names, rates):
             add("controlnet", name, timing, rates[0])
 
-    # 6. latentstage beside the floor and the tools users would pick instead
+    # 6. flicker: consecutive outputs with the feature cache off and on
+    if BenchGroup.FLICKER in groups:
+        say("flicker: feature cache off / on, slowly moving and static input")
+        bench.flicker = measure_flicker(models, settings, frames + warmup)
+
+    # 7. latentstage beside the floor and the tools users would pick instead
     if BenchGroup.COMPARE in groups:
         request = compare or CompareRequest((), lambda: None)
         _compare(models, settings, moving, warmup, rounds, request, bench, say)
@@ -433,6 +475,46 @@ def _compare(
     if request.latency_frames > 0:
         say(f"end-to-end latency: an engine run of {request.latency_frames} frames")
         bench.latency = measure_latency(models, settings, request.latency_frames)
+
+
+def measure_flicker(models: ModelBundle, settings: PipelineSettings, frames: int) -> list[FlickerRow]:
+    """Mean |Δ| between consecutive outputs (0..255) with the feature cache off and on.
+
+    Two inputs: a picture drifting by one pixel a frame (slowly moving) and a static one, the
+    similarity filter off; the same seed and frames for both settings. The cache's pipeline is
+    made last and runs last: its processors stay on the shared UNet (``fallback`` keeps the
+    cache-off pipeline exact) and come off when it is switched off at the end.
+    """
+    settings = replace(settings, similarity_filter_enabled=False)
+    g = torch.Generator().manual_seed(1)
+    base = (torch.rand((1, 3, settings.height, settings.width), generator=g) * 2 - 1).to(
+        models.device, models.dtype
+    )
+    inputs = {
+        "slowly moving": [torch.roll(base, shifts=k, dims=3) for k in range(frames)],
+        "static (filter off)": [base] * frames,
+    }
+    rows = []
+    for name, sequence in inputs.items():
+        results = []
+        for enabled in (False, True):
+            pipe = StreamPipeline(models, replace(settings, feature_cache_enabled=enabled))
+            outputs, started = [], time.perf_counter()
+            for frame in sequence:
+                out = pipe(frame)
+                if out is not None:
+                    outputs.append(((out.float().clamp(-1, 1) + 1) * 127.5).cpu())
+            _sync(models.device)
+            ms = 1000.0 * (time.perf_counter() - started) / len(sequence)
+            steps = [float((b - a).abs().mean()) for a, b in itertools.pairwise(outputs)]
+            results.append((statistics.fmean(steps) if steps else 0.0, ms))
+            if enabled:
+                from engine.runtime.changes import apply_change
+
+                apply_change(pipe, {"feature_cache_enabled": False})  # its processors come off the UNet
+        (off, off_ms), (on, on_ms) = results
+        rows.append(FlickerRow(name, off, on, off_ms, on_ms))
+    return rows
 
 
 class _CountingSink:
@@ -508,7 +590,7 @@ SUMMARY_LINES = {
 
 def format_report(bench: BenchReport, header: str) -> str:
     """The table, then the compare figures, the latency and what was skipped (one line each)."""
-    lines = [format_rows(bench.rows, header)]
+    lines = [format_rows(bench.rows, header) if bench.rows else header]
     compare = [row for row in bench.rows if row.group == "compare"]
     baselines = [row for row in compare if row.key in BASELINES]
     if baselines:
@@ -528,6 +610,16 @@ def format_report(bench: BenchReport, header: str) -> str:
             f"{lat['mean_ms']:.1f} ms, median {lat['median_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
             f"({lat['fps']:.2f} fps)"
         )
+    if bench.flicker:
+        lines.append("")
+        lines.append("flicker: mean |Δ| between consecutive outputs (0..255 levels), feature cache off vs on")
+        lines.append(f"  {'input':<24}{'off':>10}{'on':>10}{'on÷off':>9}{'ms off':>10}{'ms on':>10}")
+        for flicker in bench.flicker:
+            lines.append(
+                f"  {flicker.input:<24}{flicker.off:>10.3f}{flicker.on:>10.3f}"
+                + ("        -" if math.isnan(flicker.ratio) else f"{flicker.ratio:>8.2f}x")
+                + f"{flicker.off_ms:>10.1f}{flicker.on_ms:>10.1f}"
+            )
     for name, reason in bench.skipped.items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

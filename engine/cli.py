@@ -101,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--groups",
         default=None,
         metavar="GROUPS",
-        help="row groups to run: denoising, guidance, filter, backend, controlnet, compare "
+        help="row groups to run: denoising, guidance, filter, backend, controlnet, flicker, compare "
         "(default: all but compare, and compare with --compare)",
     )
     bench_cmd.add_argument(

@@ -19,6 +19,7 @@ MAX_SEED = 2**31 - 1
 MAX_LORAS = 16
 MAX_CONTROLNETS = 4
 MAX_CONTROLNET_SCALE = 2.0
+MAX_FEATURE_FRAMES = 4
 IMAGE_FILE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.(?i:png|jpe?g|webp)"
 IMAGE_FILE_TEXT = (
     "a .png, .jpg or .webp file name in the presets folder (letters, digits, '_', '.', '-'), never a path"
@@ -574,6 +575,79 @@ def _specs() -> tuple[ParamSpec, ...]:
             maximum=10000,
             group="similarity_filter",
             config_key="similarity_filter.max_skip_frames",
+        ),
+        ParamSpec(
+            "feature_cache_enabled",
+            k.BOOL,
+            False,
+            "Self-attention also attends to features cached from past frames (StreamV2V): less "
+            "flicker; costs attention time and memory.",
+            "/feature_cache/enabled",
+            "T|F|i",
+            group="feature_cache",
+            changes_shape=True,
+            config_key="stream.feature_cache.enabled",
+        ),
+        ParamSpec(
+            "feature_cache_frames",
+            k.INT,
+            2,
+            "Past frames kept in the feature cache (more: steadier, slower).",
+            "/feature_cache/frames",
+            "i",
+            minimum=1,
+            maximum=MAX_FEATURE_FRAMES,
+            group="feature_cache",
+            changes_shape=True,
+            config_key="stream.feature_cache.frames",
+        ),
+        ParamSpec(
+            "feature_cache_interval",
+            k.INT,
+            1,
+            "Refresh the cache with every n-th frame's features (1: every frame).",
+            "/feature_cache/interval",
+            "i",
+            minimum=1,
+            maximum=100,
+            group="feature_cache",
+            config_key="stream.feature_cache.interval",
+        ),
+        ParamSpec(
+            "feature_cache_strength",
+            k.FLOAT,
+            1.0,
+            "How much the cached frames weigh in self-attention (0: not at all, 1: like the current one).",
+            "/feature_cache/strength",
+            "f",
+            minimum=0.0,
+            maximum=1.0,
+            group="feature_cache",
+            config_key="stream.feature_cache.strength",
+        ),
+        ParamSpec(
+            "feature_cache_injection",
+            k.FLOAT,
+            0.0,
+            "Feature injection: pull each feature toward its nearest cached one by this much (0: off).",
+            "/feature_cache/injection",
+            "f",
+            minimum=0.0,
+            maximum=1.0,
+            group="feature_cache",
+            config_key="stream.feature_cache.injection",
+        ),
+        ParamSpec(
+            "feature_cache_threshold",
+            k.FLOAT,
+            0.9,
+            "Feature injection acts where the nearest cached feature's cosine similarity is above this.",
+            "/feature_cache/threshold",
+            "f",
+            minimum=0.0,
+            maximum=1.0,
+            group="feature_cache",
+            config_key="stream.feature_cache.threshold",
         ),
         ParamSpec(
             "bypass",

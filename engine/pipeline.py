@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,7 @@ from engine.stream.attention import CrossFrameAttnProcessor
 from engine.stream.batch import Denoiser, StreamBatch
 from engine.stream.blend import blend_noise, slerp
 from engine.stream.control import ControlSlots, slot_scales
+from engine.stream.feature_bank import FeatureBankAttnProcessor, FeatureCache, feature_layout
 from engine.stream.guidance import batch_groups_for, layout_embeddings, unet_batch_size
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode
 from engine.stream.pooled import split_pooled, time_ids
@@ -66,6 +68,14 @@ class LoraChange:
 
 
 @dataclass
+class FeaturePlan:
+    """The feature-cache part of a change: a new bank (another layout), or forget the old one's slots."""
+
+    cache: FeatureCache | None
+    reset: bool
+
+
+@dataclass
 class ChangePlan:
     """Everything a live change makes, computed by ``StreamPipeline.plan``; nothing is in use yet.
 
@@ -88,6 +98,7 @@ class ChangePlan:
     lora: LoraChange | None
     control: ControlPlan | None = None
     ip_scale: torch.Tensor | None = None
+    feature: FeaturePlan | None = None
 
     @property
     def size_changed(self) -> bool:
@@ -169,6 +180,12 @@ class PipelineSettings:
     similarity_filter_enabled: bool = field(default_factory=_live("similarity_filter_enabled"))
     similarity_filter_threshold: float = field(default_factory=_live("similarity_filter_threshold"))
     similarity_filter_max_skip_frames: int = field(default_factory=_live("similarity_filter_max_skip_frames"))
+    feature_cache_enabled: bool = field(default_factory=_live("feature_cache_enabled"))
+    feature_cache_frames: int = field(default_factory=_live("feature_cache_frames"))
+    feature_cache_interval: int = field(default_factory=_live("feature_cache_interval"))
+    feature_cache_strength: float = field(default_factory=_live("feature_cache_strength"))
+    feature_cache_injection: float = field(default_factory=_live("feature_cache_injection"))
+    feature_cache_threshold: float = field(default_factory=_live("feature_cache_threshold"))
     controlnets: tuple[ControlNetSettings, ...] = ()
     ip_adapter_scale: float = 0.6
     ip_adapter_image: str | None = None
@@ -182,8 +199,8 @@ class PipelineSettings:
         values: dict[str, Any] = {}
         for spec in params.REGISTRY.values():
             if spec.config_key is not None and spec.name in _SETTINGS_FIELDS:
-                section, key = spec.config_key.split(".")
-                values[spec.name] = copy.deepcopy(getattr(getattr(config, section), key))
+                value = functools.reduce(getattr, spec.config_key.split("."), config)
+                values[spec.name] = copy.deepcopy(value)
         return cls(
             width=stream.width,
             height=stream.height,
@@ -310,6 +327,17 @@ class StreamPipeline:
         self._cross_frame: CrossFrameAttnProcessor | None = None
         if settings.cross_frame_attention:
             self._install_cross_frame_attention()
+        # feature cache (StreamV2V): past frames' attn1 features, explicit UNet inputs and output
+        self._bank_processors: list[FeatureBankAttnProcessor] = []
+        self._before_bank: dict[str, Any] | None = None
+        self._feature_cache: FeatureCache | None = None
+        if self.state["feature_cache_enabled"]:
+            self._install_feature_bank()
+            shape = self.unet_shape()
+            self._feature_cache = FeatureCache(
+                shape.feature_frames, shape.batch, shape.feature_size, self.device, self.dtype
+            )
+            self._configure_feature_cache(self.state)
         # ControlNets: a preprocessor each, the newest frame of each own source, the slots
         self._preprocessors: list[Preprocess] = [
             make_preprocessor(
@@ -368,17 +396,15 @@ class StreamPipeline:
         # 4. one UNet call on the stream batch (with each slot's ControlNet conditions) + LCM step
         self.stats.unet_calls += 1
         denoise: Denoiser = self.runners.unet
-        if self._control is not None or self._ip_scale is not None or self._added is not None:
-            conditioning = (
-                self._push_conditions(image, controls)
-                if self._control is not None
-                else Conditioning(
-                    ip_scale=self._ip_scale, text_embeds=self._text_embeds, time_ids=self._time_ids
-                )
-            )
+        conditioning = None
+        cache = self._feature_cache
+        if self._control is not None or self._ip_scale is not None or self._added is not None or cache:
+            conditioning = self._conditioning(image, controls)
             unet = self.runners.unet
             denoise = lambda x, t, e: unet(x, t, e, conditioning)  # noqa: E731
         x0 = self.batch.step(latent, denoise, self._unet_embeddings)
+        if cache is not None and conditioning is not None and conditioning.feature_out:
+            cache.push(conditioning.feature_out[-1])  # this frame's features, for the next frames
         if x0 is None:
             return None
         # 5. decode the finished (oldest) slot
@@ -451,6 +477,7 @@ class StreamPipeline:
         ip_scale = None
         if self.image_prompts is not None and any(state[k] != self.state[k] for k in ip_keys):
             ip_scale = self._ip_scale_for(state)
+        feature = self._feature_plan(state, unet_shape, prompt_changed)
         old_scales, new_scales = self.state["lora_scales"], state["lora_scales"]
         lora = None
         if old_scales is not None and new_scales is not None and old_scales != new_scales:
@@ -472,6 +499,7 @@ class StreamPipeline:
             lora=lora,
             control=control,
             ip_scale=ip_scale,
+            feature=feature,
         )
 
     def commit(self, plan: ChangePlan, runners: Runners | None = None) -> dict[str, Any]:
@@ -521,8 +549,11 @@ class StreamPipeline:
             self._control = plan.control
         if plan.ip_scale is not None:
             self._ip_scale = plan.ip_scale
+        self._commit_feature_cache(plan)
         if self._cross_frame is not None:
             self._cross_frame.groups = self._attention_groups()
+        for processor in self._bank_processors:
+            processor.groups = self._attention_groups() if self.settings.cross_frame_attention else None
         self.version += 1
         logger.debug("committed %s", sorted(plan.accepted))
         return plan.accepted
@@ -567,7 +598,8 @@ class StreamPipeline:
         """The UNet and VAE shapes ``state`` runs at (``ParamError`` when the size does not divide)."""
         width, height = state["resolution"]
         latent_shape = self.latent_shape_for(width, height)
-        unet = self.unet_shape(len(state["t_index_list"]), CfgType(state["cfg_type"]), latent_shape)
+        frames = self._feature_frames(state)
+        unet = self.unet_shape(len(state["t_index_list"]), CfgType(state["cfg_type"]), latent_shape, frames)
         return unet, self.vae_shape(width, height)
 
     def _target(self, unet_shape: UNetShape, vae_shape: VaeShape) -> BuildTarget | None:
@@ -634,8 +666,8 @@ class StreamPipeline:
 
     def _push_conditions(
         self, image: torch.Tensor | None, controls: list[torch.Tensor | None] | None
-    ) -> Conditioning:
-        """This frame's condition of each active ControlNet into slot 0; the UNet call's inputs.
+    ) -> torch.Tensor:
+        """This frame's condition of each active ControlNet into slot 0; the UNet's control images.
 
         A ControlNet switched off (scale 0) is not preprocessed; its slots refill within n
         frames once it is on again. Before its own source sent anything, its condition is black.
@@ -661,14 +693,80 @@ class StreamPipeline:
                 conditions.append(preprocess(frame))
         slots = self._control.slots
         slots.push(conditions)
+        return slots.unet_images()
+
+    def _conditioning(
+        self, image: torch.Tensor | None, controls: list[torch.Tensor | None] | None
+    ) -> Conditioning:
+        """This frame's UNet inputs besides latents, timesteps and embeddings."""
+        control = self._control
+        cache = self._feature_cache
         return Conditioning(
-            slots.unet_images(),
-            self._control.scales,
-            self._control.active,
-            self._ip_scale,
-            self._text_embeds,
-            self._time_ids,
+            control_images=None if control is None else self._push_conditions(image, controls),
+            control_scales=None if control is None else control.scales,
+            active=() if control is None else control.active,
+            ip_scale=self._ip_scale,
+            text_embeds=self._text_embeds,
+            time_ids=self._time_ids,
+            feature_bank=None if cache is None else cache.bank,
+            feature_bias=None if cache is None else cache.bias,
+            feature_injection=None if cache is None else cache.injection,
+            feature_out=None if cache is None else [],
+            injecting=cache is not None and cache.injecting,
         )
+
+    # ------------------------------------------------------------------ feature cache
+    def _feature_plan(
+        self, state: Mapping[str, Any], shape: UNetShape, prompt_changed: bool
+    ) -> FeaturePlan | None:
+        """A new bank when the cache turns on or its layout (F, B, N) changes; otherwise whether
+        a new prompt or seed makes the cached features stale."""
+        if not state["feature_cache_enabled"]:
+            return None
+        layout = (shape.feature_frames, shape.batch, shape.feature_size)
+        current = self._feature_cache
+        if current is None or tuple(current.bank.shape) != layout:
+            return FeaturePlan(FeatureCache(*layout, self.device, self.dtype), reset=False)
+        seed_changed = any(state[k] != self.state[k] for k in ("seed", "seed_blend"))
+        return FeaturePlan(None, reset=prompt_changed or seed_changed)
+
+    def _commit_feature_cache(self, plan: ChangePlan) -> None:
+        enabled = plan.state["feature_cache_enabled"]
+        if enabled and self._before_bank is None:
+            self._install_feature_bank()
+        elif not enabled and self._before_bank is not None:
+            from engine.models.feature_cache import restore
+
+            restore(self.models.unet, self._before_bank)
+            self._before_bank, self._bank_processors = None, []
+        if not enabled:
+            self._feature_cache = None
+            return
+        if plan.feature is not None and plan.feature.cache is not None:
+            self._feature_cache = plan.feature.cache
+        elif plan.feature is not None and plan.feature.reset and self._feature_cache is not None:
+            self._feature_cache.reset()
+        self._configure_feature_cache(plan.state)
+
+    def _configure_feature_cache(self, state: Mapping[str, Any]) -> None:
+        assert self._feature_cache is not None
+        self._feature_cache.configure(
+            state["feature_cache_interval"],
+            state["feature_cache_strength"],
+            state["feature_cache_injection"],
+            state["feature_cache_threshold"],
+        )
+
+    def _install_feature_bank(self) -> None:
+        from engine.models.feature_cache import install_feature_bank  # diffusers: on first use
+
+        groups = self._attention_groups() if self.settings.cross_frame_attention else None
+        self._bank_processors, self._before_bank = install_feature_bank(self.models.unet, groups)
+
+    def _feature_size(self, latent_shape: tuple[int, int, int]) -> int:
+        """N of the feature cache at ``latent_shape``: every attn1 layer's values of one row."""
+        _, height, width = latent_shape
+        return feature_layout(self.models.unet, height, width).total
 
     # ------------------------------------------------------------------ LoRA scales
     def _check_lora_scales(self, scales: list[float] | None) -> list[float] | None:
@@ -848,11 +946,16 @@ class StreamPipeline:
         n: int | None = None,
         cfg_type: CfgType | None = None,
         latent_shape: tuple[int, int, int] | None = None,
+        feature_frames: int | None = None,
     ) -> UNetShape:
-        """The fixed UNet shapes of the current (or a proposed) n, cfg mode and latent size."""
+        """The fixed UNet shapes of the current (or a proposed) n, cfg mode, latent size and
+        feature-cache size (0: none)."""
         n = self.batch.n if n is None else n
         cfg_type = self.batch.cfg_type if cfg_type is None else cfg_type
-        channels, height, width = latent_shape or self.latent_shape
+        latent_shape = latent_shape or self.latent_shape
+        if feature_frames is None:
+            feature_frames = self._feature_frames(self.state)
+        channels, height, width = latent_shape
         return UNetShape(
             batch=unet_batch_size(cfg_type, n),
             latent_channels=channels,
@@ -867,7 +970,13 @@ class StreamPipeline:
             image_scale=self.models.vae_scale_factor,
             ip_adapter=self.models.ip_adapter is not None,
             pooled_dim=self.models.pooled_dim,
+            feature_frames=feature_frames,
+            feature_size=self._feature_size(latent_shape) if feature_frames else 0,
         )
+
+    @staticmethod
+    def _feature_frames(state: Mapping[str, Any]) -> int:
+        return int(state["feature_cache_frames"]) if state["feature_cache_enabled"] else 0
 
     def vae_shape(self, width: int | None = None, height: int | None = None) -> VaeShape:
         """The fixed VAE shapes of the current (or a proposed) output size."""

@@ -97,7 +97,7 @@ def test_bench_refuses_unknown_peers_and_groups(capsys):
     assert main(["bench", "--preset", "demo", "--compare", "automatic1111"]) == 2
     assert "'automatic1111': allowed: diffusers, streamdiffusion" in capsys.readouterr().err
     assert main(["bench", "--preset", "demo", "--groups", "denoising,speed"]) == 2
-    allowed = "'speed': allowed: denoising, guidance, filter, backend, controlnet, compare"
+    allowed = "'speed': allowed: denoising, guidance, filter, backend, controlnet, flicker, compare"
     assert allowed in capsys.readouterr().err
     assert main(["bench", "--preset", "demo", "--groups", ","]) == 2
     assert main(["bench", "--preset", "demo", "--latency-frames", "-1"]) == 2
@@ -158,3 +158,17 @@ def test_the_paper_code_gives_latentstage_frames(cfg, t_index_list):
         error = (theirs.clamp(-1, 1) - mine).norm() / mine.norm()
         assert float(error) < 1e-5, (index, float(error))
 
+
+
+def test_the_flicker_table_compares_the_feature_cache_off_and_on(tmp_path, capsys):
+    out = tmp_path / "flicker.json"
+    args = ["bench", "--preset", "demo", "--groups", "flicker", "--frames", "4", "--warmup", "1", *SMALL]
+    assert main([*args, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "flicker: mean |Δ| between consecutive outputs" in text
+    rows = {row["input"]: row for row in json.loads(out.read_text())["flicker"]}
+    assert set(rows) == {"slowly moving", "static (filter off)"}
+    assert rows["static (filter off)"]["mad_off"] == 0.0, "a static input without the cache: the same frame"
+    assert rows["static (filter off)"]["mad_on"] > 0.0, "the cache fills over the first frames"
+    assert rows["slowly moving"]["mad_off"] > 0.0
+    assert all(row["ms_on"] > 0 and row["ms_off"] > 0 for row in rows.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def test_repository_config_lists_and_comments_every_key() -> None:
                            ("logging", cfg.LoggingSettings), ("input", cfg.PatternInput),
                            ("supervise", cfg.SuperviseSettings)]:
         assert set(data[section]) == set(model.model_fields), section
+    assert set(data["stream"]["feature_cache"]) == set(cfg.FeatureCacheSettings.model_fields)
     assert set(data["outputs"][0]) == set(cfg.PreviewOutput.model_fields)
     for line in text.splitlines():
         if line.startswith("  ") and ":" in line and not line.lstrip().startswith(("#", "-")):
@@ -124,10 +126,11 @@ def test_every_section_key_of_a_live_parameter_exists() -> None:
 
 @pytest.mark.parametrize("spec", LIVE_SPECS, ids=lambda spec: spec.config_key)
 def test_live_defaults_and_ranges_come_from_the_registry(spec: Any) -> None:
-    section, key = spec.config_key.split(".")
-    value = getattr(getattr(Config(), section), key)
+    *sections, key = spec.config_key.split(".")
+    owner = functools.reduce(getattr, sections, Config())
+    value = getattr(owner, key)
     assert getattr(value, "value", value) == spec.default
-    model = type(getattr(Config(), section))
+    model = type(owner)
     ge, le, longest = _bounds(model, key)
     if isinstance(spec.default, list):  # items are checked against num_inference_steps instead
         assert (ge, le, longest) == (None, None, spec.max_items)

@@ -84,6 +84,12 @@ GOOD = [
     (msg("/similarity_filter/max_skip_frames", 5), {"similarity_filter_max_skip_frames": 5}),
     (msg("/bypass", 1), {"bypass": True}),
     (msg("/pause", 1.0), {"pause": True}),  # TouchOSC toggles send floats
+    (msg("/feature_cache/enabled", True), {"feature_cache_enabled": True}),
+    (msg("/feature_cache/frames", 3), {"feature_cache_frames": 3}),
+    (msg("/feature_cache/interval", 2), {"feature_cache_interval": 2}),
+    (msg("/feature_cache/strength", 0.5), {"feature_cache_strength": pytest.approx(0.5)}),
+    (msg("/feature_cache/injection", 0.25), {"feature_cache_injection": pytest.approx(0.25)}),
+    (msg("/feature_cache/threshold", 0.8), {"feature_cache_threshold": pytest.approx(0.8)}),
 ]
 
 
@@ -119,6 +125,8 @@ def test_prompt_with_crossfade_and_bundles(dispatcher, state):
 
 
 BAD = [
+    (msg("/feature_cache/frames", 5), "feature_cache_frames"),
+    (msg("/feature_cache/strength", 2.0), "out of range"),
     (msg("/guidance_scale", "high"), "guidance_scale"),
     (msg("/guidance_scale", float("nan")), "not finite"),
     (msg("/guidance_scale", float("inf")), "not finite"),

@@ -307,3 +307,15 @@ def test_the_engine_cache_key_names_the_controlnets(bundle, tmp_path):
     reseeded = with_controlnets(bundle, 1)
     reseeded.controlnets = [build_random_controlnet(bundle.unet, 9)]
     assert key(reseeded).weights_hash != one.weights_hash, "the ControlNet weights are in the hash"
+
+
+def test_the_torch_backend_runs_the_controlnets(bundle):
+    """`latentstage run` goes through a TorchBackend: its UNet runner must carry the ControlNets."""
+    from engine.accel.backends import TorchBackend
+    from engine.runtime.changes import open_pipeline
+
+    controlled = with_controlnets(bundle, 1)
+    backend = TorchBackend(controlled)
+    off = run(open_pipeline(controlled, settings(ControlNetSettings(scale=0.0)), backend), frames(4))
+    on = run(open_pipeline(controlled, settings(ControlNetSettings(scale=1.0)), backend), frames(4))
+    assert not torch.allclose(on[-1], off[-1], atol=1e-3)

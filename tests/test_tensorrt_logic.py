@@ -1207,3 +1207,22 @@ def test_cuda_graph_capture_keeps_a_graph_only_when_tensorrt_enqueued(
     assert captured and captured[0][1:] == (7, "thread_local")
     assert (runner._graph is not None) is enqueued
     assert runner.use_cuda_graph is enqueued
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        ("text_embeds", "time_ids"),  # SDXL: refused as "not a UNet engine" before
+        ("control_images", "control_scales", "ip_scale"),
+        ("feature_bank", "feature_bias", "feature_injection"),
+    ],
+)
+def test_unet_engine_io_with_each_optional_group(extra: tuple[str, ...]) -> None:
+    inputs = ("latents", "timesteps", "embeddings", *extra)
+    outputs = ("prediction", "features") if "feature_bank" in extra else ("prediction",)
+    trtb.check_unet_io(inputs, outputs)
+    with pytest.raises(trtb.EngineLoadError, match="not a UNet engine"):
+        trtb.check_unet_io((*inputs, "mystery"), outputs)
+    with pytest.raises(trtb.EngineLoadError, match="not a UNet engine"):
+        trtb.check_unet_io(inputs, ("prediction", "other"))

@@ -330,7 +330,9 @@ class _ExportedBackend:
             cfg_mode = f"b{shape.batch}"
             cross_frame = shape.cross_frame_groups is not None
             groups = repr(shape.cross_frame_groups)
+            extra = {"feature_frames": shape.feature_frames} if shape.feature_frames else {}
         else:
+            extra = {}
             batch, height, width, cfg_mode, cross_frame, groups = (
                 1,
                 shape.height,
@@ -343,7 +345,7 @@ class _ExportedBackend:
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
         return EngineKey.create(
             component=component,
-            identity={**self.models.identity, "cross_frame_groups": groups},
+            identity={**self.models.identity, "cross_frame_groups": groups, **extra},
             weights_hash=self._fingerprint("unet" if component == "unet" else "vae"),
             height=height,
             width=width,

@@ -22,6 +22,12 @@ class Conditioning:
         ip_scale: ``(1,)``: the IP-Adapter scale (0: the image adds nothing).
         text_embeds: SDXL's pooled text embeddings ``(B, P)``, laid out like the embeddings.
         time_ids: SDXL's ``add_time_ids`` ``(B, 6)`` (``engine.stream.pooled.time_ids``).
+        feature_bank: the feature cache ``(F, B, N)`` of past frames (``engine.stream.feature_bank``).
+        feature_bias: ``(F,)`` attention bias per cached slot (log strength; empty: -1e4).
+        feature_injection: ``(2,)``: injection strength and cosine threshold.
+        feature_out: where the runner puts this call's features ``(B, N)`` (a list it appends to).
+        injecting: host-side: the injection strength is above 0 (eager torch skips the nearest-
+            neighbour search otherwise; exported graphs take the strength as an input).
     """
 
     control_images: torch.Tensor | None = None
@@ -30,6 +36,11 @@ class Conditioning:
     ip_scale: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    feature_bank: torch.Tensor | None = None
+    feature_bias: torch.Tensor | None = None
+    feature_injection: torch.Tensor | None = None
+    feature_out: list[torch.Tensor] | None = None
+    injecting: bool = True
 
 
 class UNetRunner(Protocol):
@@ -63,7 +74,8 @@ UNET_INPUTS = ("latents", "timesteps", "embeddings")
 ADDED_INPUTS = ("text_embeds", "time_ids")
 CONTROL_INPUTS = ("control_images", "control_scales")
 IP_INPUTS = ("ip_scale",)
-UNET_OUTPUTS = ("prediction",)
+FEATURE_INPUTS = ("feature_bank", "feature_bias", "feature_injection")
+UNET_OUTPUTS = ("prediction", "features")
 VAE_IMAGES, VAE_LATENTS = "images", "latents"
 """IO names of the exported graphs (the VAE encoder maps images → latents, the decoder back);
 the runners bind by these names (``GraphIO``)."""
@@ -93,6 +105,9 @@ class UNetShape:
             ``text_length``).
         pooled_dim: SDXL: P of the pooled text embeddings (inputs ``text_embeds (B, P)`` and
             ``time_ids (B, 6)``); 0: SD, no added conditioning.
+        feature_frames, feature_size: the feature cache's F slots of N values per row (inputs
+            ``feature_bank (F, B, N)``, ``feature_bias (F,)``, ``feature_injection (2,)``; output
+            ``features (B, N)``); 0: no feature cache.
     """
 
     batch: int
@@ -106,6 +121,8 @@ class UNetShape:
     image_scale: int = 8
     ip_adapter: bool = False
     pooled_dim: int = 0
+    feature_frames: int = 0
+    feature_size: int = 0
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -123,7 +140,8 @@ class UNetShape:
     @property
     def io(self) -> GraphIO:
         """``latents, timesteps (batch,) int64, embeddings [, text_embeds, time_ids]
-        [, control_images, control_scales] [, ip_scale] -> prediction`` (shape of latents)."""
+        [, control_images, control_scales] [, ip_scale] [, feature_bank, feature_bias,
+        feature_injection] -> prediction`` (shape of latents) ``[, features]``."""
         inputs: dict[str, tuple[int, ...]] = dict(
             zip(UNET_INPUTS, (self.latents, (self.batch,), self.embeddings))
         )
@@ -133,7 +151,12 @@ class UNetShape:
             inputs.update(zip(CONTROL_INPUTS, (self.control_images, (self.controlnets, self.batch))))
         if self.ip_adapter:
             inputs[IP_INPUTS[0]] = (1,)
-        return GraphIO(inputs, {UNET_OUTPUTS[0]: self.latents})
+        outputs: dict[str, tuple[int, ...]] = {UNET_OUTPUTS[0]: self.latents}
+        if self.feature_frames:
+            frames, size = self.feature_frames, self.feature_size
+            inputs.update(zip(FEATURE_INPUTS, ((frames, self.batch, size), (frames,), (2,))))
+            outputs[UNET_OUTPUTS[1]] = (self.batch, size)
+        return GraphIO(inputs, outputs)
 
 
 def unet_feeds(
@@ -162,6 +185,16 @@ def unet_feeds(
     if IP_INPUTS[0] in input_names:
         ip_scale = None if conditioning is None else conditioning.ip_scale
         feeds[IP_INPUTS[0]] = ip_scale if ip_scale is not None else latents.new_zeros((1,))
+    if FEATURE_INPUTS[0] in input_names:
+        if conditioning is None or conditioning.feature_bank is None:
+            raise ValueError("this UNet graph has a feature cache: give its feature_bank (Conditioning)")
+        assert conditioning.feature_bias is not None and conditioning.feature_injection is not None
+        feeds.update(
+            zip(
+                FEATURE_INPUTS,
+                (conditioning.feature_bank, conditioning.feature_bias, conditioning.feature_injection),
+            )
+        )
     return feeds
 
 

@@ -193,6 +193,8 @@ def export_unet(
     """Export a diffusers ``UNet2DConditionModel`` for one static ``shape``; see the module doc.
 
     SDXL (``added``, ``shape.pooled_dim``): inputs ``text_embeds (B, P)`` and ``time_ids (B, 6)``.
+    A feature cache (``shape.feature_frames``): inputs ``feature_bank (F, B, N)``,
+    ``feature_bias (F,)``, ``feature_injection (2,)`` and the second output ``features (B, N)``.
 
     With ``controlnets`` (``shape.controlnets`` of them) the graph is the UNet and its ControlNets
     in one (``ConditionedUNet``): inputs ``control_images (K, B, 3, H, W)`` and
@@ -221,6 +223,7 @@ def export_unet(
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from engine.models.feature_cache import install_feature_bank
     from engine.stream.attention import CrossFrameAttnProcessor
     from engine.stream.pooled import time_ids
 
@@ -243,11 +246,13 @@ def export_unet(
     for name, current in model.attn_processors.items():
         if name.endswith("attn1.processor") and processor is not None:
             processors[name] = processor
-        elif isinstance(current, CrossFrameAttnProcessor):
+        elif isinstance(current, CrossFrameAttnProcessor):  # a feature bank's processors too
             processors[name] = AttnProcessor2_0()
         else:
             processors[name] = current
     model.set_attn_processor(processors)
+    if shape.feature_frames:
+        install_feature_bank(model, groups)
 
     example = torch.Generator("cpu").manual_seed(0)
     timestep_count = int(getattr(config, "num_train_timesteps", 1000) or 1000)
@@ -274,12 +279,24 @@ def export_unet(
         )
     if shape.ip_adapter:
         args += (torch.ones((1,), dtype=dtype),)
+    if shape.feature_frames:
+        args += (
+            torch.randn((shape.feature_frames, shape.batch, shape.feature_size), generator=example).to(dtype),
+            torch.zeros((shape.feature_frames,), dtype=dtype),
+            torch.tensor([0.5, 0.9], dtype=dtype),
+        )
     metadata = {
         "shape": repr(asdict(shape)),
         "cross_frame_groups": repr(groups),
     }
     return _export(
-        ConditionedUNet(model, [_export_copy(net, dtype) for net in controlnets], ip_tokens, added),
+        ConditionedUNet(
+            model,
+            [_export_copy(net, dtype) for net in controlnets],
+            ip_tokens,
+            added,
+            feature_bank=shape.feature_frames > 0,
+        ),
         args,
         Path(path),
         kind="unet",

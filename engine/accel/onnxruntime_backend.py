@@ -136,10 +136,10 @@ class _OrtGraph:
             providers=[(name, options[name]) for name in chosen],
         )
         self.input_names = tuple(io.inputs)
-        ((self.output_name, self.output_shape),) = io.outputs.items()
+        self.outputs = dict(io.outputs)
         self._check_io({**io.inputs, **io.outputs}, built_for)
         self.input_dtypes = {i.name: _TORCH_DTYPES[i.type] for i in self.session.get_inputs()}
-        self.output_dtype = _TORCH_DTYPES[self.session.get_outputs()[0].type]
+        self.output_dtypes = {o.name: _TORCH_DTYPES[o.type] for o in self.session.get_outputs()}
         self.on_device = self.session.get_providers()[0] in DEVICE_PROVIDERS
         self._binding = self.session.io_binding() if self.on_device and self._stream is not None else None
         logger.info("loaded %s on %s", self.path.name, ", ".join(self.session.get_providers()))
@@ -149,7 +149,7 @@ class _OrtGraph:
         actual = {node.name: tuple(node.shape) for node in nodes}
         wanted = {name: tuple(shape) for name, shape in expected.items()}
         unknown = sorted({node.type for node in nodes} - set(_TORCH_DTYPES))
-        if actual != wanted or unknown or len(self.session.get_outputs()) != 1:
+        if actual != wanted or unknown:
             raise OnnxModelMismatchError(
                 f"ONNX model {self.path} has IO shapes {actual}"
                 + (f" with unsupported types {unknown}" if unknown else "")
@@ -163,20 +163,24 @@ class _OrtGraph:
         self.session = None
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        """Run on ``tensors`` (in ``input_names`` order); the result has the first one's device/dtype."""
+        """Run on ``tensors`` (in ``input_names`` order); the first output, with the first input's
+        device/dtype."""
+        return self.run_all(tensors)[0]
+
+    def run_all(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Every output in graph order, each with the first input's device and dtype."""
         first = tensors[0]
         if first.is_cuda and self._binding is not None:
-            result = self._run_bound(tensors)
+            results = self._run_bound(tensors)
         else:
             feeds = {
                 name: tensor.detach().to(device="cpu", dtype=self.input_dtypes[name]).contiguous().numpy()
                 for name, tensor in zip(self.input_names, tensors)
             }
-            (output,) = self.session.run([self.output_name], feeds)
-            result = torch.from_numpy(output)
-        return result.to(device=first.device, dtype=first.dtype)
+            results = tuple(torch.from_numpy(out) for out in self.session.run(list(self.outputs), feeds))
+        return tuple(result.to(device=first.device, dtype=first.dtype) for result in results)
 
-    def _run_bound(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _run_bound(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """IOBinding on CUDA: inputs and a new output bound at their data pointers, no copies.
 
         ORT runs on its own stream, after the caller's stream's pending work; the caller's
@@ -198,18 +202,16 @@ class _OrtGraph:
             binding.bind_input(
                 name, "cuda", index, _NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
             )
-        output = torch.empty(self.output_shape, device=device, dtype=self.output_dtype)
-        binding.bind_output(
-            self.output_name,
-            "cuda",
-            index,
-            _NUMPY_DTYPES[output.dtype],
-            tuple(output.shape),
-            output.data_ptr(),
-        )
+        outputs = []
+        for name, shape in self.outputs.items():
+            output = torch.empty(shape, device=device, dtype=self.output_dtypes[name])
+            binding.bind_output(
+                name, "cuda", index, _NUMPY_DTYPES[output.dtype], tuple(output.shape), output.data_ptr()
+            )
+            outputs.append(output)
         self.session.run_with_iobinding(binding)
         caller.wait_stream(stream)
-        return output
+        return tuple(outputs)
 
 
 class OrtUNet:
@@ -246,7 +248,10 @@ class OrtUNet:
         conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         feeds = unet_feeds(self.graph.input_names, latents, timesteps, embeddings, conditioning)
-        return self.graph(*feeds.values())
+        prediction, *features = self.graph.run_all(list(feeds.values()))
+        if features and conditioning is not None and conditioning.feature_out is not None:
+            conditioning.feature_out.append(features[0])
+        return prediction
 
     def close(self) -> None:
         """Release the session; safe twice."""

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from engine.accel.base import (
+    ADDED_INPUTS,
     CONTROL_INPUTS,
+    FEATURE_INPUTS,
     IP_INPUTS,
     UNET_INPUTS,
     UNET_OUTPUTS,
@@ -543,19 +545,30 @@ class TrtRunner:
         self.invalidate_graph()
 
 
+def check_unet_io(input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    """A UNet engine's IO: the core inputs, any of the optional groups, ``features`` out with a bank.
+
+    Raises:
+        EngineLoadError: naming what the engine has and what a UNet engine has.
+    """
+    optional = {*ADDED_INPUTS, *CONTROL_INPUTS, *IP_INPUTS, *FEATURE_INPUTS}
+    core = set(input_names) - optional
+    outputs = set(UNET_OUTPUTS) if FEATURE_INPUTS[0] in input_names else {UNET_OUTPUTS[0]}
+    if core != set(UNET_INPUTS) or set(output_names) != outputs:
+        raise EngineLoadError(
+            f"not a UNet engine: inputs {tuple(input_names)}, outputs {tuple(output_names)}; "
+            f"expected {UNET_INPUTS} (+ {sorted(optional)}) → {sorted(outputs)}"
+        )
+
+
 class TrtUNet(TrtRunner):
-    """``UNetRunner`` over a UNet engine with inputs ``latents, timesteps, embeddings``."""
+    """``UNetRunner`` over a UNet engine with inputs ``latents, timesteps, embeddings`` (and those
+    of SDXL, ControlNets, an IP-Adapter, a feature cache: ``UNetShape.io``)."""
 
     def __init__(self, plan: Path | bytes, **kwargs: Any) -> None:
         kwargs.setdefault("copy_outputs", True)
         super().__init__(plan, **kwargs)
-        optional = {*CONTROL_INPUTS, *IP_INPUTS}
-        core = set(self.input_names) - optional
-        if core != set(UNET_INPUTS) or set(self.output_names) != set(UNET_OUTPUTS):
-            raise EngineLoadError(
-                f"not a UNet engine: inputs {self.input_names}, outputs {self.output_names}; "
-                f"expected {UNET_INPUTS} (+ {sorted(optional)}) → {UNET_OUTPUTS}"
-            )
+        check_unet_io(self.input_names, self.output_names)
 
     def __call__(
         self,
@@ -565,7 +578,10 @@ class TrtUNet(TrtRunner):
         conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         feeds = unet_feeds(self.input_names, latents, timesteps, embeddings, conditioning)
-        return self.run(feeds)[UNET_OUTPUTS[0]]
+        outputs = self.run(feeds)
+        if conditioning is not None and conditioning.feature_out is not None and UNET_OUTPUTS[1] in outputs:
+            conditioning.feature_out.append(outputs[UNET_OUTPUTS[1]])
+        return outputs[UNET_OUTPUTS[0]]
 
 
 class TrtVae:

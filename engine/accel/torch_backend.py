@@ -30,6 +30,7 @@ class TorchUNet:
         self.unet = unet
         self.replays_graphs = replays_graphs
         self.conditioned = ConditionedUNet(unet, controlnets, ip_tokens, added)
+        self.banked = ConditionedUNet(unet, controlnets, ip_tokens, added, feature_bank=True)
 
     @classmethod
     def of(cls, models: Any, unet: Any = None, replays_graphs: bool = False) -> TorchUNet:
@@ -63,7 +64,21 @@ class TorchUNet:
             if conditioning.ip_scale is not None:
                 extras.append(conditioning.ip_scale)
             active = conditioning.active
+            if conditioning.feature_bank is not None:
+                assert conditioning.feature_bias is not None and conditioning.feature_injection is not None
+                extras += [
+                    conditioning.feature_bank,
+                    conditioning.feature_bias,
+                    conditioning.feature_injection,
+                ]
+                prediction, features = self.banked(
+                    latents, timesteps, embeddings, *extras, active=active, injecting=conditioning.injecting
+                )
+                if conditioning.feature_out is not None:
+                    conditioning.feature_out.append(features.clone() if self.replays_graphs else features)
+                return prediction.clone() if self.replays_graphs else prediction
         out = self.conditioned(latents, timesteps, embeddings, *extras, active=active)
+        assert isinstance(out, torch.Tensor)
         return out.clone() if self.replays_graphs else out
 
 

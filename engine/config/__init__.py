@@ -16,6 +16,7 @@ from engine.config.files import (
 from engine.config.schema import (
     AccelerationSettings,
     Config,
+    FeatureCacheSettings,
     LoggingSettings,
     ModelSettings,
     OscSettings,
@@ -35,6 +36,7 @@ __all__ = [
     "AccelerationSettings",
     "Config",
     "ConfigError",
+    "FeatureCacheSettings",
     "LoggingSettings",
     "ModelSettings",
     "OscSettings",

@@ -234,6 +234,17 @@ class ModelSettings(_Section):
         return self
 
 
+class FeatureCacheSettings(_Section):
+    """StreamV2V-style feature cache: self-attention also attends to past frames' features."""
+
+    enabled: StrictBool = _live("stream.feature_cache.enabled", "attend to cached past frames")
+    frames: StrictInt = _live("stream.feature_cache.frames", "past frames kept")
+    interval: StrictInt = _live("stream.feature_cache.interval", "refresh every n-th frame")
+    strength: StrictFloat = _live("stream.feature_cache.strength", "weight of the cached frames")
+    injection: StrictFloat = _live("stream.feature_cache.injection", "pull toward nearest cached (0: off)")
+    threshold: StrictFloat = _live("stream.feature_cache.threshold", "cosine similarity for injection")
+
+
 class StreamSettings(_Section):
     """The stream batch and the starting values of the live parameters."""
 
@@ -253,6 +264,7 @@ class StreamSettings(_Section):
     seed: StrictInt = _live("stream.seed", "seed of the cached noise")
     add_noise: StrictBool = Field(default=True, description="re-noise the buffer between slots")
     cross_frame_attention: StrictBool = Field(default=False, description="attend across the batch")
+    feature_cache: FeatureCacheSettings = Field(default_factory=lambda: FeatureCacheSettings())
 
     @model_validator(mode="after")
     def _check_t_index_list(self) -> StreamSettings:

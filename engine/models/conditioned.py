@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.stream.feature_bank import FeatureLayout, feature_layout
+
 
 class ConditionedUNet(nn.Module):
     """``UNet(latents, timesteps, embeddings)`` plus the residuals of K ControlNets and IP tokens.
@@ -21,26 +23,38 @@ class ConditionedUNet(nn.Module):
             ControlNets see the text tokens only, as in diffusers' pipelines.
         added: SDXL: the UNet (and its ControlNets) also take ``text_embeds`` and ``time_ids``
             (``added_cond_kwargs``).
+        feature_bank: the UNet's attn1 layers carry ``FeatureBankAttnProcessor`` s (the feature
+            cache, ``engine.stream.feature_bank``): the call takes the bank and gives the features.
 
     ``forward(latents, timesteps, embeddings, *extras, active=None)``:
         latents ``(B, C, h, w)``, timesteps ``(B,)`` int64, embeddings ``(B, L + T, D)``;
         ``extras`` in ``UNetShape.io`` order: with ``added`` first ``text_embeds (B, P)`` and
         ``time_ids (B, 6)``, then ``control_images (K, B, 3, H, W)`` in [0, 1] (H =
         h × VAE factor) and ``control_scales (K, B)`` (a row at 0 adds nothing) when given, then
-        ``ip_scale (1,)`` or ``(B,)`` with an IP-Adapter. ``active``: K host-side bools; a
-        ControlNet whose scales are all 0 is not run at all (eager torch; exported graphs run
-        every ControlNet and take the scales as inputs).
-    Returns the prediction ``(B, C, h, w)``.
+        ``ip_scale (1,)`` or ``(B,)`` with an IP-Adapter, then with ``feature_bank``
+        ``feature_bank (F, B, N)``, ``feature_bias (F,)`` and ``feature_injection (2,)``.
+        ``active``: K host-side bools; a ControlNet whose scales are all 0 is not run at all
+        (eager torch; exported graphs run every ControlNet and take the scales as inputs);
+        ``injecting`` False skips the feature injection likewise (its strength is 0).
+    Returns the prediction ``(B, C, h, w)``; with ``feature_bank`` the prediction and this
+    call's attn1 features ``(B, N)``.
     """
 
     def __init__(
-        self, unet: Any, controlnets: Sequence[Any] = (), ip_tokens: int = 0, added: bool = False
+        self,
+        unet: Any,
+        controlnets: Sequence[Any] = (),
+        ip_tokens: int = 0,
+        added: bool = False,
+        feature_bank: bool = False,
     ) -> None:
         super().__init__()
         self.unet = unet
         self.controlnets = nn.ModuleList(controlnets)
         self.ip_tokens = int(ip_tokens)
         self.added = bool(added)
+        self.feature_bank = bool(feature_bank)
+        self._layouts: dict[tuple[int, int], FeatureLayout] = {}  # by latent size: not per frame
 
     def forward(
         self,
@@ -49,8 +63,16 @@ class ConditionedUNet(nn.Module):
         embeddings: torch.Tensor,
         *extras: torch.Tensor,
         active: tuple[bool, ...] | None = None,
-    ) -> torch.Tensor:
+        injecting: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         control_images = control_scales = ip_scale = None
+        bank_inputs: tuple[torch.Tensor, ...] = ()
+        if self.feature_bank:
+            if len(extras) < 3:
+                raise ValueError(
+                    "a UNet with a feature cache needs feature_bank, feature_bias, feature_injection"
+                )
+            extras, bank_inputs = extras[:-3], extras[-3:]
         extra: dict[str, Any] = {}  # only what is there: the plain call stays the plain UNet call
         if self.added:
             if len(extras) < 2:
@@ -87,6 +109,30 @@ class ConditionedUNet(nn.Module):
                     mid = mid + middle * scale
         if down is not None:
             extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        attention: dict[str, Any] = {}
         if ip_scale is not None:
-            extra["cross_attention_kwargs"] = {"ip_scale": ip_scale}
-        return self.unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
+            attention["ip_scale"] = ip_scale
+        captured: list[torch.Tensor | None] = []
+        if bank_inputs:
+            bank, bias, injection = bank_inputs
+            size = (int(latents.shape[-2]), int(latents.shape[-1]))
+            layout = self._layouts.get(size)
+            if layout is None:
+                layout = self._layouts[size] = feature_layout(self.unet, *size)
+            captured = [None] * len(layout.names)
+            attention.update(
+                feature_bank=layout.split(bank),
+                feature_bias=bias,
+                feature_injection=injection if injecting else None,
+                captured=captured,
+            )
+        if attention:
+            extra["cross_attention_kwargs"] = attention
+        prediction = self.unet(
+            latents, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra
+        )[0]
+        if not bank_inputs:
+            return prediction
+        if any(c is None for c in captured):
+            raise ValueError("the UNet's attn1 layers do not all carry FeatureBankAttnProcessor")
+        return prediction, torch.cat([c for c in captured if c is not None], dim=1)

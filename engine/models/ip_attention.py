@@ -37,7 +37,10 @@ class IpAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         ip_scale: torch.Tensor | None = None,
-        **kwargs: Any,
+        feature_bank: Any = None,
+        feature_bias: Any = None,
+        feature_injection: Any = None,
+        captured: Any = None,
     ) -> torch.Tensor:
         if encoder_hidden_states is None:
             raise ValueError("IpAttnProcessor serves cross-attention (attn2) layers only")
@@ -94,10 +97,20 @@ class IpAttnProcessor(nn.Module):
 
 
 class PlainAttnProcessor(AttnProcessor2_0):
-    """``AttnProcessor2_0`` that also takes (and ignores) ``ip_scale``: the self-attention layers of
-    a UNet with an IP-Adapter receive the same ``cross_attention_kwargs`` and would warn per call."""
+    """``AttnProcessor2_0`` that also takes (and ignores) ``ip_scale`` and the feature cache's
+    arguments: every layer of a UNet receives the same ``cross_attention_kwargs``, and diffusers
+    warns on each call of a processor that does not name them."""
 
     def __call__(
-        self, attn: Any, hidden_states: torch.Tensor, *args: Any, ip_scale: Any = None, **kwargs: Any
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        *args: Any,
+        ip_scale: Any = None,
+        feature_bank: Any = None,
+        feature_bias: Any = None,
+        feature_injection: Any = None,
+        captured: Any = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, *args, **kwargs)

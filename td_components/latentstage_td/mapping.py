@@ -31,7 +31,17 @@ ABS_TOLERANCE = 1e-6
 #: Registry name -> TD name where the rule would collide or read badly (none needed today).
 TD_NAME_OVERRIDES: dict[str, str] = {}
 
-PAGES = ("Stream", "Guidance", "Similarity filter", "Conditioning", "Scene", "Engine", "Bridges", "Status")
+PAGES = (
+    "Stream",
+    "Guidance",
+    "Similarity filter",
+    "Feature cache",
+    "Conditioning",
+    "Scene",
+    "Engine",
+    "Bridges",
+    "Status",
+)
 PAGE_BY_NAME = {"guidance_scale": "Guidance", "delta": "Guidance", "cfg_type": "Guidance"}
 PAGE_BY_GROUP = {
     "stream": "Stream",
@@ -40,6 +50,7 @@ PAGE_BY_GROUP = {
     "runtime": "Engine",
     "control": "Engine",
     "conditioning": "Conditioning",
+    "feature_cache": "Feature cache",
 }
 LABELS = {
     "t_index_list": "T index list",
