@@ -1,4 +1,5 @@
-"""Preview sink: an HTTP page with the live output as MJPEG and the engine's stats."""
+"""Preview sink: an HTTP page with the live output as MJPEG and the engine's stats; with an operator,
+the operator page (input and output, every live parameter, scenes, a plot of fps and latency)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -34,6 +35,25 @@ DROPPED_CLIENT_ERRORS: tuple[type[OSError], ...] = (
 )
 
 BOUNDARY = "frame"
+MAX_REQUEST_BYTES = 64 * 1024  # a parameter change; prompts are at most 2000 characters
+
+
+class OperatorApi(Protocol):
+    """What the operator page reads and writes (``engine.control.operator.Operator``).
+
+    ``apply`` validates exactly as OSC does and returns ``(accepted, JSON body)``; the reads
+    raise ``RuntimeError`` while the engine's control service is not running yet.
+    """
+
+    def spec(self) -> Mapping[str, Any]: ...
+
+    def state(self) -> Mapping[str, Any]: ...
+
+    def history(self) -> Mapping[str, Any]: ...
+
+    def apply(self, name: Any, value: Any, client: str) -> tuple[bool, Mapping[str, Any]]: ...
+
+
 _CLIENT_SOCKET_TIMEOUT_S = 10.0  # a stalled browser is dropped after this long
 _CLOSE_TIMEOUT_S = 2.0
 
@@ -129,9 +149,7 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels[..., :3])).save(
-        buffer, format="JPEG", quality=quality
-    )
+    Image.fromarray(np.ascontiguousarray(pixels[..., :3])).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -187,16 +205,25 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         sink = cast(_Server, self.server).sink
         path = urlsplit(self.path).path
+        if not self._allowed(sink):
+            return
         try:
             if path in ("/", "/index.html"):
+                self._reply(HTTPStatus.OK, "text/html; charset=utf-8", sink._page())
+            elif path == "/preview":
                 self._reply(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
             elif path == "/stream.mjpg":
                 self._stream(sink)
+            elif path == "/input.mjpg":
+                self._stream(sink, source=True)
+            elif path in ("/api/spec", "/api/state", "/api/history"):
+                self._api_get(sink, path.removeprefix("/api/"))
             elif path == "/frame.jpg":
                 latest = sink._latest_jpeg()
                 if latest is None:
-                    self._reply(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8",
-                                b"no frame yet\n")
+                    self._reply(
+                        HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", b"no frame yet\n"
+                    )
                 else:
                     self._reply(HTTPStatus.OK, "image/jpeg", latest[1])
             elif path == "/stats.json":
@@ -207,6 +234,69 @@ class _Handler(BaseHTTPRequestHandler):
         except DROPPED_CLIENT_ERRORS as error:
             logger.debug("preview client %s went away: %s", self.client_address, error)
             self.close_connection = True
+
+    def do_POST(self) -> None:
+        """``/api/param``: one change ``{"name": ..., "value": ...}`` through the OSC validation."""
+        sink = cast(_Server, self.server).sink
+        if not self._allowed(sink):
+            return
+        if urlsplit(self.path).path != "/api/param" or sink._operator is None:
+            self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "not found"})
+            return
+        refusal = self._write_refusal()
+        if refusal is not None:
+            self._json(refusal[0], {"ok": False, "error": refusal[1]})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if 0 < length <= MAX_REQUEST_BYTES else None
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or "name" not in body or "value" not in body:
+            allowed = f'a JSON object {{"name": ..., "value": ...}} of at most {MAX_REQUEST_BYTES} bytes'
+            self._json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": f"bad request; allowed: {allowed}"})
+            return
+        try:
+            accepted, reply = sink._operator.apply(body["name"], body["value"], self.client_address[0])
+        except RuntimeError as err:  # the control service is not up yet
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
+            return
+        self._json(HTTPStatus.OK if accepted else HTTPStatus.BAD_REQUEST, dict(reply))
+
+    def _write_refusal(self) -> tuple[HTTPStatus, str] | None:
+        """Writes come from the page itself: same origin (a browser sends ``Origin`` with every
+        cross-site POST) and a JSON body (a form or ``no-cors`` request cannot send one)."""
+        origin = self.headers.get("Origin")
+        host = self.headers.get("Host", "")
+        if origin is not None and urlsplit(origin).netloc != host:
+            return HTTPStatus.FORBIDDEN, f"cross-origin write from {origin[:100]!r} refused"
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "writes must be Content-Type: application/json"
+        return None
+
+    def _allowed(self, sink: PreviewSink) -> bool:
+        """A client outside the allow-list (when bound beyond this machine) gets 403."""
+        client = self.client_address[0]
+        if sink._client_allowed(client):
+            return True
+        self._reply(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", b"not in the allow-list\n")
+        logger.warning("preview request from %s refused: not in the allow-list", client)
+        return False
+
+    def _api_get(self, sink: PreviewSink, what: str) -> None:
+        operator = sink._operator
+        if operator is None:
+            self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "this preview has no operator page"})
+            return
+        try:
+            body = {"spec": operator.spec, "state": operator.state, "history": operator.history}[what]()
+        except RuntimeError as err:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
+            return
+        self._json(HTTPStatus.OK, _jsonable(body))
+
+    def _json(self, status: HTTPStatus, body: Any) -> None:
+        self._reply(status, "application/json", json.dumps(body, allow_nan=False).encode())
 
     def _headers(self, status: HTTPStatus, content_type: str) -> None:
         self.send_response(status)
@@ -221,7 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _stream(self, sink: PreviewSink) -> None:
+    def _stream(self, sink: PreviewSink, source: bool = False) -> None:
         self.close_connection = True
         self._headers(HTTPStatus.OK, f"multipart/x-mixed-replace; boundary={BOUNDARY}")
         self.send_header("Connection", "close")
@@ -230,18 +320,17 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             seen = 0
             next_allowed = 0.0
-            while sink._wait_for_newer(seen):
+            while sink._wait_for_newer(seen, source):
                 delay = next_allowed - time.monotonic()
                 if delay > 0 and sink._closed_event.wait(delay):
                     break
-                latest = sink._latest_jpeg()
+                latest = sink._latest_jpeg(source)
                 if latest is None:
                     continue
                 seen, data = latest
                 next_allowed = time.monotonic() + sink._min_interval
                 header = (
-                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-                    f"Content-Length: {len(data)}\r\n\r\n"
+                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
                 ).encode("ascii")
                 self.wfile.write(header + data + b"\r\n")
             self.wfile.write(f"--{BOUNDARY}--\r\n".encode("ascii"))  # the sink was closed
@@ -265,7 +354,14 @@ class PreviewSink(Closing):
     only when a client asks. After ``close`` (safe to call twice) ``send`` is a no-op, so a
     runtime that is shutting down never sees an error from here.
 
-    Raises ``BridgeError`` when ``host:port`` cannot be bound (e.g. the port is in use).
+    With an ``operator`` (``OperatorApi``) ``/`` is the operator page instead (the plain page
+    stays at ``/preview``): input (``/input.mjpg``, from ``send_input``) and output side by side,
+    every live parameter, scenes, the state and a plot; ``/api/spec``, ``/api/state``,
+    ``/api/history`` read and ``POST /api/param`` writes through the operator. Bound beyond
+    this machine, only clients in ``allow`` (addresses or networks, as ``osc.allow``) are served.
+
+    Raises ``BridgeError`` when ``host:port`` cannot be bound (e.g. the port is in use), and
+    ``ValueError`` for a host beyond this machine without an ``allow`` list or a bad entry in it.
     ``port=0`` picks a free port; the one chosen is ``.port`` and the page is ``.url``.
     """
 
@@ -276,6 +372,8 @@ class PreviewSink(Closing):
         stats: Callable[[], Mapping[str, Any]] | None = None,
         jpeg_quality: int = 80,
         max_fps: float = 30.0,
+        operator: OperatorApi | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
         reason = unavailable_reason()
         if reason is not None:
@@ -286,6 +384,18 @@ class PreviewSink(Closing):
             raise ValueError(f"preview jpeg_quality must be 1..100, got {jpeg_quality}")
         if not max_fps > 0 or not math.isfinite(max_fps):
             raise ValueError(f"preview max_fps must be a positive number, got {max_fps}")
+        try:
+            self._allow = [ipaddress.ip_network(entry, strict=False) for entry in allow]
+        except ValueError as err:
+            raise ValueError(
+                f"preview allow: {err}; allowed: IP addresses or networks like 192.168.1.0/24"
+            ) from err
+        if not is_loopback(host) and host != "localhost" and not self._allow:
+            raise ValueError(
+                f"preview host {host!r} is reachable from other machines: give the addresses allowed "
+                "to see and steer it (osc.allow, e.g. [192.168.1.0/24]), or use host 127.0.0.1"
+            )
+        self._operator = operator
         self._stats = stats
         self._quality = int(jpeg_quality)
         self._min_interval = 1.0 / float(max_fps)
@@ -298,6 +408,9 @@ class PreviewSink(Closing):
         self._closed_event = threading.Event()
         self._encode_lock = threading.Lock()  # one encoder at a time; guards the cache
         self._jpeg: tuple[int, bytes] | None = None
+        self._source: Frame | None = None  # the newest input frame (the operator page shows it)
+        self._source_version = 0
+        self._source_jpeg: tuple[int, bytes] | None = None
 
         server_class = _Server6 if ":" in host else _Server
         try:
@@ -330,7 +443,8 @@ class PreviewSink(Closing):
             logger.warning(
                 "preview bound to %s:%d is visible on the network: anyone who can reach this "
                 "machine can watch the output (use host 127.0.0.1 to keep it local)",
-                host, self.port,
+                host,
+                self.port,
             )
 
     @staticmethod
@@ -353,6 +467,15 @@ class PreviewSink(Closing):
             self._frames_sent += 1
             self._cond.notify_all()
 
+    def send_input(self, frame: Frame) -> None:
+        """Make ``frame`` the newest input frame (``/input.mjpg``); cheap, like ``send``."""
+        with self._cond:
+            if self._closed:
+                return
+            self._source = frame
+            self._source_version += 1
+            self._cond.notify_all()
+
     def _release(self) -> None:
         """Stop serving, end the streams and release the port."""
         with self._cond:  # wakes the streams: they see ``_closed`` and end
@@ -365,9 +488,8 @@ class PreviewSink(Closing):
             logger.warning("preview server thread did not stop within %.0f s", _CLOSE_TIMEOUT_S)
         with self._cond:  # give streaming handlers a moment to leave their loops
             self._cond.wait_for(lambda: self._clients == 0, timeout=_CLOSE_TIMEOUT_S)
-        self._jpeg = None
+        self._jpeg = self._source_jpeg = None
         logger.debug("preview on port %d closed", self.port)
-
 
     @property
     def closed(self) -> bool:
@@ -375,23 +497,49 @@ class PreviewSink(Closing):
 
     # -- used by the HTTP threads ----------------------------------------------------------
 
-    def _wait_for_newer(self, seen: int) -> bool:
-        """Block until a frame newer than version ``seen`` exists; ``False`` once closed."""
+    def _wait_for_newer(self, seen: int, source: bool = False) -> bool:
+        """Block until an output (``source``: input) frame newer than version ``seen`` exists;
+        ``False`` once closed."""
         with self._cond:
-            while not self._closed and self._version <= seen:
+            while not self._closed and (self._source_version if source else self._version) <= seen:
                 self._cond.wait(1.0)
             return not self._closed
 
-    def _latest_jpeg(self) -> tuple[int, bytes] | None:
-        """``(version, jpeg)`` of the newest frame, encoded at most once per frame."""
+    def _latest_jpeg(self, source: bool = False) -> tuple[int, bytes] | None:
+        """``(version, jpeg)`` of the newest output (``source``: input) frame, encoded at most once."""
         with self._encode_lock:
             with self._cond:
-                frame, version = self._frame, self._version
+                frame, version = (
+                    (self._source, self._source_version) if source else (self._frame, self._version)
+                )
             if frame is None:
                 return None
-            if self._jpeg is None or self._jpeg[0] != version:
-                self._jpeg = (version, encode_jpeg(frame.pixels, self._quality))
-            return self._jpeg
+            cached = self._source_jpeg if source else self._jpeg
+            if cached is None or cached[0] != version:
+                cached = (version, encode_jpeg(frame.pixels, self._quality))
+                if source:
+                    self._source_jpeg = cached
+                else:
+                    self._jpeg = cached
+            return cached
+
+    def _page(self) -> bytes:
+        if self._operator is None:
+            return PAGE.encode()
+        from bridges.operator_page import OPERATOR_PAGE
+
+        return OPERATOR_PAGE.encode()
+
+    def _client_allowed(self, client: str) -> bool:
+        if is_loopback(client) or not self._allow:  # bound to this machine: nobody else gets here
+            return True
+        try:
+            address = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._allow)
 
     def _stats_snapshot(self) -> dict[str, Any]:
         extra = dict(self._stats()) if self._stats is not None else {}

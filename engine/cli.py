@@ -504,16 +504,22 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
     )
     if link is not None and link.stop_requested.is_set():
         return EXIT_OK
+    from engine.control.operator import Operator
+
+    operator = Operator() if config.osc.enabled else None  # the preview's operator page steers too
     try:
         backend = _make_backend(config, models)
-        engine = engine_from_config(config, models, backend=backend, keep_recordings=args.resume)
+        extra = {"preview": {"operator": operator}} if operator is not None else None
+        engine = engine_from_config(
+            config, models, sink_extra=extra, backend=backend, keep_recordings=args.resume
+        )
     except BackendUnavailableError as error:
         print(f"latentstage: {error}", file=sys.stderr)
         return EXIT_BACKEND_UNAVAILABLE
     engine.stats.restarts = args.restart_count
     print(f"  .. running on {backend.describe()}", file=sys.stderr)
     try:
-        control = _start_control(config, args.config, engine)
+        control = _start_control(config, args.config, engine, operator)
     except OSError as error:  # the start check found the port free; another program took it since
         engine.close()
         print(f"latentstage: cannot start: {error}", file=sys.stderr)
@@ -630,15 +636,16 @@ def _stopped_by_signals(stop: Callable[[], None], doing: str) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _start_control(config: Any, config_path: str | None, engine: Any) -> Any:
-    """The OSC control service for a running engine (None when ``osc.enabled`` is false)."""
+def _start_control(config: Any, config_path: str | None, engine: Any, operator: Any = None) -> Any:
+    """The OSC control service for a running engine (None when ``osc.enabled`` is false); it
+    serves the preview's operator page too."""
     from engine.config import presets_dir
     from engine.control.service import ControlService, ControlSettings
 
     if not config.osc.enabled:
         return None
     settings = ControlSettings.from_config(config.osc, presets_dir(config_path) / "scenes")
-    service = ControlService(settings, engine.control, engine.submit, engine.stats.snapshot)
+    service = ControlService(settings, engine.control, engine.submit, engine.stats.snapshot, operator)
     engine.on_applied = service.echo
     engine.on_error = service.error
     service.start()

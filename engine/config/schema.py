@@ -553,7 +553,10 @@ class PreviewOutput(_OutputBase):
     """MJPEG preview in a browser."""
 
     type: Literal["preview"] = "preview"
-    host: Host = Field(default="127.0.0.1", description="address the preview server binds")
+    host: Host = Field(
+        default="127.0.0.1",
+        description="address the preview / operator page binds; non-loopback needs osc.allow",
+    )
     port: Port = Field(default=8080, description="HTTP port")
 
 
@@ -711,6 +714,23 @@ class Config(_Section):
                     has_value=True,
                 )
             seen[(output.type, value)] = index
+        return self
+
+    @model_validator(mode="after")
+    def _wide_preview_needs_allow(self) -> Config:
+        """The preview's operator page steers the show: bound beyond this machine it takes the
+        same allow-list as OSC."""
+        for index, output in enumerate(self.outputs):
+            if isinstance(output, PreviewOutput) and not self.osc.allow and not _is_loopback(output.host):
+                raise _Problem(
+                    "is reachable from other machines while osc.allow is empty: anyone on that network "
+                    "could watch and steer the show from the operator page",
+                    "127.0.0.1 (this machine), or set osc.allow to the addresses allowed, "
+                    "e.g. [192.168.1.0/24]",
+                    key=f"outputs[{index}].host",
+                    value=output.host,
+                    has_value=True,
+                )
         return self
 
 

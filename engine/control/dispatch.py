@@ -111,6 +111,18 @@ class OscDispatcher:
 
     def handle_message(self, address: str, args: Sequence[Any], sender: tuple[str, int]) -> list[Reply]:
         """Handle one message; a refused one changes nothing and answers ``/engine/error``."""
+        replies, error = self.handle_request(address, args, sender)
+        if error is None:
+            return replies
+        if not self._may_answer(address if address in params.BY_ADDRESS else "<unknown address>"):
+            return []
+        return [Reply("/engine/error", [error], to_sender=True, to_feedback=True)]
+
+    def handle_request(
+        self, address: str, args: Sequence[Any], sender: tuple[str, int]
+    ) -> tuple[list[Reply], str | None]:
+        """``handle_message`` for a caller that answers itself (the operator page's HTTP endpoint):
+        the replies, or the error text an OSC sender would get (``None``: accepted)."""
         self.counters.messages += 1
         spec = params.BY_ADDRESS.get(address)
         try:
@@ -121,9 +133,11 @@ class OscDispatcher:
                 )
             replies = self._handle(spec, list(args), sender)
         except ParamError as err:
-            return self._reject(address, str(err))
+            message = str(err)[:500]
+            self._count_rejection(address, message)
+            return [], message
         self.counters.accepted += 1
-        return replies
+        return replies, None
 
     # ------------------------------------------------------------------ handlers
     def _handle(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> list[Reply]:
@@ -200,15 +214,11 @@ class OscDispatcher:
         return [Reply(spec.osc_address, [args[0]])]
 
     # ------------------------------------------------------------------ errors
-    def _reject(self, address: str, message: str) -> list[Reply]:
+    def _count_rejection(self, address: str, message: str) -> None:
         self.counters.rejected += 1
-        known = address in params.BY_ADDRESS
-        key = address if known else "<unknown address>"
+        key = address if address in params.BY_ADDRESS else "<unknown address>"
         self.counters.by_error[key] = self.counters.by_error.get(key, 0) + 1
-        self._log(logging.WARNING, key, "OSC %s refused: %s", address[:80], message)
-        if not self._may_answer(key):
-            return []
-        return [Reply("/engine/error", [message[:500]], to_sender=True, to_feedback=True)]
+        self._log(logging.WARNING, key, "%s refused: %s", address[:80], message)
 
     def _malformed(self, sender: tuple[str, int], why: str) -> list[Reply]:
         self.counters.malformed += 1
@@ -228,6 +238,18 @@ class OscDispatcher:
             start, count = now, 0
         self._answers[key] = (start, count + 1)
         return count < MAX_ERRORS_PER_S
+
+
+def json_args(spec: ParamSpec, value: Any) -> list[Any]:
+    """A value as JSON sends it (lists, pairs, scalars) as the OSC arguments of ``spec``'s address,
+    unchecked: the dispatcher validates them exactly as it validates OSC."""
+    if spec.kind in (params.ParamKind.PROMPT_BLEND, params.ParamKind.SEED_BLEND) and isinstance(value, list):
+        return [item for pair in value for item in (pair if isinstance(pair, list) else [pair])]
+    if isinstance(value, list):
+        return list(value)
+    if spec.kind is ParamKind.ACTION and value is None:
+        return []
+    return [value]
 
 
 def osc_args(spec: ParamSpec, value: Any) -> list[Any]:

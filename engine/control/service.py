@@ -11,6 +11,7 @@ from typing import Any
 
 from engine import params
 from engine.control.dispatch import OscDispatcher, osc_args
+from engine.control.operator import Operator
 from engine.control.oscquery import OscQueryServer
 from engine.control.scenes import SceneError, SceneStore
 from engine.control.state import ControlState
@@ -53,6 +54,8 @@ class ControlService:
         control: the ControlState the engine reads at frame boundaries.
         submit: queues validated changes into the engine (``Engine.submit``).
         engine_status: a snapshot of the runtime stats (state, fps, latency_ms, skip_rate, error).
+        operator: the preview's operator page (``engine.control.operator``): attached here, and
+            sampled for its plot by the status loop.
     """
 
     def __init__(
@@ -61,11 +64,13 @@ class ControlService:
         control: ControlState,
         submit: Callable[[Mapping[str, Any], float], Any],
         engine_status: Callable[[], Mapping[str, Any]],
+        operator: Operator | None = None,
     ) -> None:
         self.settings = settings
         self.control = control
         self._submit = submit
-        self._engine_status = engine_status
+        self.engine_status = engine_status
+        self.operator = operator
         self.scenes = SceneStore(settings.scenes_dir)
         self.feedback = FeedbackSender([parse_target(t) for t in settings.feedback])
         self.dispatcher = OscDispatcher(control, control.applied, self._scene)
@@ -82,7 +87,7 @@ class ControlService:
             try:
                 self.oscquery = OscQueryServer(
                     control.applied,
-                    engine_status,
+                    self.engine_status,
                     self.server.host,
                     self.server.port,
                     host=settings.host,
@@ -95,6 +100,8 @@ class ControlService:
             target=self._status_loop, name="latentstage-status", daemon=True
         )
         self._closed = False
+        if operator is not None:
+            operator.attach(self)
 
     @property
     def port(self) -> int:
@@ -152,7 +159,9 @@ class ControlService:
     def _status_loop(self) -> None:
         interval = 1.0 / self.settings.status_hz
         while not self._stop.wait(interval):
-            status = {"state": "unknown", **self._engine_status()}
+            status = {"state": "unknown", **self.engine_status()}
+            if self.operator is not None:
+                self.operator.sample(status)
             for spec in params.STATUS:
                 if spec.periodic:
                     self.feedback.send(spec.address, [spec.osc_value(status.get(spec.name))])

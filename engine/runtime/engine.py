@@ -330,7 +330,7 @@ class Engine:
             return
         # 2. bypass: the input goes straight through
         if self.runtime_state["bypass"]:
-            self._emit(OutputItem(OutputKind.FRAME, frame.timestamp, frame=frame))
+            self._emit(OutputItem(OutputKind.FRAME, frame.timestamp, frame=frame, source=frame))
             return
         # 3. a running prompt crossfade moves one step
         if self._transition is not None:
@@ -356,7 +356,7 @@ class Engine:
         self.stats.set_state(EngineState.RUNNING)
         skipped = self.pipeline.stats.skipped != skipped_before
         self.stats.record_skip(skipped)
-        self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output))
+        self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output, source=frame))
 
     def _input_missing(self, health: InputHealth, now: float) -> None:
         """The source is lost or stalled: say so once; ``on_loss`` applies until it is back."""
@@ -530,6 +530,7 @@ def engine_from_config(
         extra = dict((sink_extra or {}).get(name, {}))
         if name == "preview":
             extra.setdefault("stats", stats.snapshot)
+            extra.setdefault("allow", list(config.osc.allow))  # the same allow-list as OSC
         if name == "record":
             from bridges.record import RecordingOpener  # the bridge module, imported when configured
 

@@ -53,6 +53,7 @@ class OutputItem:
     tensor: torch.Tensor | None = None
     frame: Frame | None = None
     measure_latency: bool = True
+    source: Frame | None = None  # the input frame it was made from (the operator page shows it)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SinkItem:
 
     frame: Frame
     measure_latency: bool
+    source: Frame | None = None
 
 
 class InputHealth(str, Enum):
@@ -257,6 +259,9 @@ class SinkWorker(threading.Thread):
     def _send(self, item: SinkItem) -> None:
         assert self._sink is not None
         try:
+            show_input = getattr(self._sink, "send_input", None)  # the preview's operator page
+            if show_input is not None and item.source is not None:
+                show_input(item.source)
             self._sink.send(item.frame)
         # A sink is third-party I/O (SDKs, sockets, encoders): whatever it raises must not
         # take the engine down. Log it with its traceback, reopen, keep the others running.
@@ -307,7 +312,7 @@ class PostProcessor(threading.Thread):
             if frame is not None:
                 self._stats.output_frame(time.monotonic())
                 for sink in self._sinks:
-                    sink.put(SinkItem(frame, item.measure_latency))
+                    sink.put(SinkItem(frame, item.measure_latency, item.source))
             if not len(self.queue):
                 self._idle.set()
         self._idle.set()

@@ -1,0 +1,227 @@
+"""The operator page's HTTP side: the same validation as OSC, echoes, two-way state, security."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from pythonosc.osc_message import OscMessage
+
+from bridges.base import Frame
+from bridges.preview import PreviewSink
+from engine.control.operator import Operator
+from engine.control.service import ControlService, ControlSettings
+from engine.control.transport import build_message
+from engine.pipeline import StreamPipeline
+from engine.runtime.engine import Engine
+from scripts.osc_peer import free_port
+from tests.fakes import FakeSource, pipeline_settings, wait_until
+
+
+class Listener:
+    """A UDP socket collecting OSC messages (the feedback port, or an OSC sender's own port)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.messages: list[tuple[str, list]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.socket.recv(65536)
+            except OSError:
+                continue
+            message = OscMessage(data)
+            self.messages.append((message.address, list(message.params)))
+
+    def seen(self, address: str, predicate=lambda args: True) -> bool:
+        return any(a == address and predicate(args) for a, args in list(self.messages))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.socket.close()
+
+
+class Show:
+    """An engine whose output is a preview with an operator page, its control service, feedback."""
+
+    def __init__(self, bundle, tmp_path) -> None:
+        self.operator = Operator()
+        self.preview = PreviewSink(port=0, operator=self.operator)
+        self.pipeline = StreamPipeline(bundle, pipeline_settings(prompt="start", negative_prompt=""))
+        self.engine = Engine(self.pipeline, lambda: FakeSource(fps=30), [("preview", lambda: self.preview)])
+        self.feedback = Listener()
+        settings = ControlSettings(
+            port=0, feedback=[f"127.0.0.1:{self.feedback.port}"], status_hz=20, scenes_dir=str(tmp_path)
+        )
+        self.service = ControlService(
+            settings, self.engine.control, self.engine.submit, self.engine.stats.snapshot, self.operator
+        )
+        self.engine.on_applied = self.service.echo
+        self.thread = threading.Thread(target=self.engine.run, daemon=True)
+
+    def __enter__(self) -> Show:
+        self.service.start()
+        self.thread.start()
+        assert wait_until(lambda: self.preview._frames_sent >= 2, 20)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.stop()
+        self.thread.join(10)
+        self.engine.close()
+        self.service.close()
+        self.feedback.close()
+        self.preview.close()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.preview.port}{path}"
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url(path), timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def post(self, body: object, headers: dict | None = None) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.url("/api/param"),
+            data=data,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def osc_error(self, address: str, args: list) -> str:
+        """The ``/engine/error`` text an OSC sender gets back for ``address args``."""
+        sender = Listener()
+        try:
+            sender.socket.sendto(build_message(address, args), ("127.0.0.1", self.service.port))
+            assert wait_until(lambda: sender.seen("/engine/error"), 5)
+            return next(args for a, args in sender.messages if a == "/engine/error")[0]
+        finally:
+            sender.close()
+
+
+BAD = [
+    ("guidance_scale", "high", "/guidance_scale", ["high"]),
+    ("guidance_scale", 99.0, "/guidance_scale", [99.0]),
+    ("t_index_list", [45, 32], "/t_index_list", [45, 32]),
+    ("resolution", [65, 64], "/resolution", [65, 64]),
+    ("cfg_type", "sometimes", "/cfg_type", ["sometimes"]),
+    ("prompt_blend", [["a", -1.0]], "/prompt_blend", ["a", -1.0]),
+    ("preset_load", "../etc/passwd", "/preset/load", ["../etc/passwd"]),
+]
+
+
+def test_bad_values_get_exactly_the_error_text_osc_gets(bundle, tmp_path):
+    with Show(bundle, tmp_path) as show:
+        before = show.get("/api/state")["values"]
+        for name, value, address, args in BAD:
+            status, body = show.post({"name": name, "value": value})
+            assert status == 400 and body["ok"] is False, name
+            assert body["error"] == show.osc_error(address, args), name
+        status, body = show.post({"name": "no_such_thing", "value": 1})
+        assert status == 400 and "'no_such_thing' is not a parameter; allowed: prompt" in body["error"]
+        time.sleep(0.3)
+        assert show.get("/api/state")["values"] == before, "nothing changed"
+
+
+def test_a_change_on_the_page_is_applied_echoed_and_the_page_follows_osc(bundle, tmp_path):
+    with Show(bundle, tmp_path) as show:
+        assert show.post({"name": "guidance_scale", "value": 1.7}) == (
+            200,
+            {"ok": True, "accepted": {"guidance_scale": 1.7}},
+        )
+        assert wait_until(lambda: show.pipeline.state["guidance_scale"] == pytest.approx(1.7), 10)
+        assert wait_until(
+            lambda: show.feedback.seen("/guidance_scale", lambda a: a[0] == pytest.approx(1.7)), 5
+        )
+        assert show.post({"name": "t_index_list", "value": [20, 40]})[0] == 200
+        assert wait_until(lambda: show.feedback.seen("/t_index_list", lambda a: a == [20, 40]), 10)
+        # and the other way: a change over OSC shows in the page's state
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.sendto(build_message("/seed", [77]), ("127.0.0.1", show.service.port))
+        sender.close()
+        assert wait_until(lambda: show.get("/api/state")["values"]["seed"] == 77, 10)
+        state = show.get("/api/state")
+        assert state["status"]["state"] in ("running", "warming") and "scenes" in state
+        assert show.post({"name": "preset_save", "value": "intro"})[0] == 200
+        assert "intro" in show.get("/api/state")["scenes"]
+        assert show.feedback.seen("/preset/save", lambda a: a == ["intro"])
+
+
+def test_writes_from_another_origin_or_without_json_are_refused(bundle, tmp_path):
+    with Show(bundle, tmp_path) as show:
+        status, body = show.post({"name": "seed", "value": 5}, {"Origin": "http://evil.example"})
+        assert status == 403 and "cross-origin" in body["error"]
+        request = urllib.request.Request(
+            show.url("/api/param"),
+            data=b"name=seed&value=5",
+            method="POST",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=5)
+        assert caught.value.code == 415
+        assert show.post(b"{not json")[0] == 400
+        same_origin = {"Origin": f"http://127.0.0.1:{show.preview.port}"}
+        assert show.post({"name": "seed", "value": 5}, same_origin)[0] == 200
+        time.sleep(0.3)
+        assert wait_until(lambda: show.pipeline.state["seed"] == 5, 10)
+
+
+def test_the_page_spec_history_and_both_streams(bundle, tmp_path):
+    with Show(bundle, tmp_path) as show:
+        with urllib.request.urlopen(show.url("/"), timeout=5) as reply:
+            page = reply.read().decode()
+        assert "/api/spec" in page and "/input.mjpg" in page and "/stream.mjpg" in page
+        names = [entry["name"] for entry in show.get("/api/spec")["params"]]
+        from engine import params
+
+        assert names == list(params.REGISTRY)
+        assert wait_until(lambda: len(show.get("/api/history")["samples"]) >= 3, 5)
+        sample = show.get("/api/history")["samples"][-1]
+        assert set(sample) == {"t", "fps", "latency_ms", "skip_rate"}
+        for stream in ("/input.mjpg", "/stream.mjpg"):
+            with urllib.request.urlopen(show.url(stream), timeout=5) as reply:
+                head = reply.read(4096)
+            assert b"Content-Type: image/jpeg" in head and b"\xff\xd8" in head, stream
+
+
+def test_before_the_control_service_runs_the_api_says_so():
+    operator = Operator()
+    with PreviewSink(port=0, operator=operator) as preview:
+        preview.send_input(Frame(np.zeros((8, 8, 4), dtype=np.uint8)))
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{preview.port}/api/state", timeout=5)
+        assert caught.value.code == 503
+        with urllib.request.urlopen(f"http://127.0.0.1:{preview.port}/api/spec", timeout=5) as reply:
+            assert json.loads(reply.read())["params"]
+
+
+def test_binding_wider_needs_an_allow_list():
+    with pytest.raises(ValueError, match=r"osc\.allow"):
+        PreviewSink(host="0.0.0.0", port=0)
+    with pytest.raises(ValueError, match="allowed: IP addresses or networks"):
+        PreviewSink(host="0.0.0.0", port=0, allow=["not-a-network"])
+    with PreviewSink(host="0.0.0.0", port=free_port(), allow=["192.168.1.0/24"]) as preview:
+        assert preview._client_allowed("127.0.0.1") and preview._client_allowed("192.168.1.44")
+        assert preview._client_allowed("::ffff:192.168.1.7")
+        assert not preview._client_allowed("10.0.0.5") and not preview._client_allowed("bogus")
