@@ -161,6 +161,19 @@ def is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+def _known_host(host: str) -> bool:
+    """An IP literal, localhost or this machine's own name, plain, fully qualified or mDNS
+    (``name.local``): what a browser on stage shows for us."""
+    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    if host in names or host.removesuffix(".local") in names:
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _jsonable(value: Any) -> Any:
     """Stats values as strict JSON: NaN/inf → null, numpy scalars → numbers, the rest → str."""
     if isinstance(value, np.generic):
@@ -275,12 +288,19 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _allowed(self, sink: PreviewSink) -> bool:
-        """A client outside the allow-list (when bound beyond this machine) gets 403."""
+        """A client outside the allow-list (when bound beyond this machine) gets 403, and so does
+        a request for a host name other than an address, localhost or this machine's name (a DNS
+        rebinding page would otherwise be "same origin")."""
         client = self.client_address[0]
-        if sink._client_allowed(client):
+        host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
+        if not _known_host(host):
+            why = f"Host {host[:100]!r} is not this machine's address or name"
+        elif not sink._client_allowed(client):
+            why = "not in the allow-list"
+        else:
             return True
-        self._reply(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", b"not in the allow-list\n")
-        logger.warning("preview request from %s refused: not in the allow-list", client)
+        self._reply(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", f"{why}\n".encode())
+        logger.warning("preview request from %s refused: %s", client, why)
         return False
 
     def _api_get(self, sink: PreviewSink, what: str) -> None:

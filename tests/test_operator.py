@@ -106,7 +106,8 @@ class Show:
             with urllib.request.urlopen(request, timeout=5) as reply:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+            body = err.read()
+            return err.code, json.loads(body) if err.headers.get("Content-Type") == "application/json" else {}
 
     def osc_error(self, address: str, args: list) -> str:
         """The ``/engine/error`` text an OSC sender gets back for ``address args``."""
@@ -225,3 +226,19 @@ def test_binding_wider_needs_an_allow_list():
         assert preview._client_allowed("127.0.0.1") and preview._client_allowed("192.168.1.44")
         assert preview._client_allowed("::ffff:192.168.1.7")
         assert not preview._client_allowed("10.0.0.5") and not preview._client_allowed("bogus")
+
+
+def test_a_request_for_a_foreign_host_name_is_refused(bundle, tmp_path):
+    """DNS rebinding: evil.example resolving to 127.0.0.1 would make its page "same origin"."""
+    with Show(bundle, tmp_path) as show:
+        foreign = {
+            "Host": f"evil.example:{show.preview.port}",
+            "Origin": f"http://evil.example:{show.preview.port}",
+        }
+        status, _ = show.post({"name": "seed", "value": 9}, foreign)
+        assert status == 403
+        request = urllib.request.Request(show.url("/api/state"), headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=5)
+        assert caught.value.code == 403
+        assert show.get("/api/state")["values"]["seed"] != 9
