@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 
 import numpy as np
@@ -319,3 +320,27 @@ def test_the_torch_backend_runs_the_controlnets(bundle):
     off = run(open_pipeline(controlled, settings(ControlNetSettings(scale=0.0)), backend), frames(4))
     on = run(open_pipeline(controlled, settings(ControlNetSettings(scale=1.0)), backend), frames(4))
     assert not torch.allclose(on[-1], off[-1], atol=1e-3)
+
+
+def test_a_second_source_is_reported_gone_once_and_back_once(caplog):
+    from engine.runtime.control_sources import LossWatch
+    from engine.runtime.loss import OnLossMode
+    from engine.runtime.workers import InputHealth
+
+    class Worker:
+        health_now = InputHealth.LIVE
+
+        def health(self, now, stall):
+            return self.health_now
+
+    caplog.set_level(logging.INFO, logger="engine.runtime.control_sources")
+    worker, watch = Worker(), LossWatch("ControlNet 0 source shm", OnLossMode.BLACK, "holding", "on black")
+    assert not watch.gone(worker, 2.0), "live: nothing to do"
+    worker.health_now = InputHealth.STALLED
+    assert watch.gone(worker, 2.0) and not watch.gone(worker, 2.0), "gone exactly once"
+    watch.seen()
+    watch.seen()
+    assert [r.getMessage() for r in caplog.records] == [
+        "ControlNet 0 source shm is gone: on black",
+        "ControlNet 0 source shm is back",
+    ]

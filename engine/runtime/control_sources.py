@@ -35,6 +35,33 @@ class ControlSource:
     stall_seconds: float = 2.0
 
 
+class LossWatch:
+    """Says once when a second source goes (lost or stalled) and once when it is back.
+
+    ``gone`` is True exactly once per loss: the moment the owner applies its ``on_loss``.
+    """
+
+    def __init__(self, what: str, on_loss: OnLossMode, holding: str, black: str) -> None:
+        self.what = what
+        self.on_loss = on_loss
+        self._doing = black if on_loss is OnLossMode.BLACK else holding
+        self.lost = False
+
+    def seen(self) -> None:
+        """A new frame arrived."""
+        if self.lost:
+            logger.info("%s is back", self.what)
+        self.lost = False
+
+    def gone(self, worker: SourceWorker, stall_seconds: float) -> bool:
+        """No new frame: whether the source has just now gone (logged once)."""
+        if self.lost or worker.health(time.monotonic(), stall_seconds) is InputHealth.LIVE:
+            return False
+        self.lost = True
+        logger.warning("%s is gone: %s", self.what, self._doing)
+        return True
+
+
 class ControlFeeds:
     """One ``SourceWorker`` per ControlNet source; ``take`` gives the loop each one's newest frame.
 
@@ -57,7 +84,15 @@ class ControlFeeds:
         self._size = size
         self._device, self._dtype = device, dtype
         self._slots: list[LatestSlot[InputItem]] = [LatestSlot() for _ in self.sources]
-        self._lost = [False] * len(self.sources)
+        self._watches = [
+            LossWatch(
+                f"ControlNet {s.index} source {s.label}",
+                s.on_loss,
+                "holding its last frame",
+                "conditioning on black",
+            )
+            for s in self.sources
+        ]
         preprocess = make_preprocess(size, device, dtype)
         self.workers = []
         for source, slot in zip(self.sources, self._slots):
@@ -76,34 +111,14 @@ class ControlFeeds:
         if not self.sources:
             return None
         frames: list[torch.Tensor | None] = [None] * self.count
-        now = time.monotonic()
-        for position, (source, slot, worker) in enumerate(zip(self.sources, self._slots, self.workers)):
+        for source, slot, worker, watch in zip(self.sources, self._slots, self.workers, self._watches):
             item = slot.take(timeout=0.0)
             if item is not None:
-                if self._lost[position]:
-                    logger.info("ControlNet %d source %s is back", source.index, source.label)
-                self._lost[position] = False
+                watch.seen()
                 frames[source.index] = item.tensor
-                continue
-            if worker.health(now, source.stall_seconds) is InputHealth.LIVE or self._lost[position]:
-                continue
-            self._lost[position] = True
-            logger.warning(
-                "ControlNet %d source %s is gone: %s",
-                source.index,
-                source.label,
-                "conditioning on black" if source.on_loss is OnLossMode.BLACK else "holding its last frame",
-            )
-            if source.on_loss is OnLossMode.BLACK:
+            elif watch.gone(worker, source.stall_seconds) and source.on_loss is OnLossMode.BLACK:
                 height, width = self._size()
                 frames[source.index] = torch.full(
                     (1, 3, height, width), -1.0, device=self._device, dtype=self._dtype
                 )
         return frames
-
-    def join(self, deadline: float) -> None:
-        for worker in self.workers:
-            if worker.is_alive():
-                worker.join(max(0.05, deadline - time.monotonic()))
-            if worker.is_alive():
-                logger.warning("thread %s did not stop in time", worker.name)

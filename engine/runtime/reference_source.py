@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from bridges.base import FrameSource
+from engine.runtime.control_sources import LossWatch
 from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import RuntimeStats
-from engine.runtime.workers import InputHealth, InputItem, SourceWorker, make_preprocess
+from engine.runtime.workers import InputItem, SourceWorker, make_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,12 @@ class ReferenceFeed:
         self._frames: LatestSlot[InputItem] = LatestSlot()
         self._tokens: LatestSlot[torch.Tensor] = LatestSlot()
         self._stop = stop
-        self._lost = False
+        self._watch = LossWatch(
+            f"IP-Adapter source {source.label}",
+            source.on_loss,
+            "keeping the last reference",
+            "steering by a black frame",
+        )
         self.encodes = 0
         preprocess = make_preprocess(lambda: (REFERENCE_SIDE, REFERENCE_SIDE), device, dtype)
         self.reader = SourceWorker(
@@ -99,21 +105,14 @@ class ReferenceFeed:
     def _image(self, item: InputItem | None) -> torch.Tensor | None:
         """The frame to encode now: a new one, a black one once the source is lost (``black``)."""
         if item is not None:
-            if self._lost:
-                logger.info("IP-Adapter source %s is back", self.source.label)
-            self._lost = False
+            self._watch.seen()
             return item.tensor
-        health = self.reader.health(time.monotonic(), self.source.stall_seconds)
-        if health is InputHealth.LIVE or self._lost:
-            return None
-        self._lost = True
-        black = self.source.on_loss is OnLossMode.BLACK
-        logger.warning(
-            "IP-Adapter source %s is gone: %s",
-            self.source.label,
-            "steering by a black frame" if black else "keeping the last reference",
-        )
-        return self._black if black else None
+        if (
+            self._watch.gone(self.reader, self.source.stall_seconds)
+            and self.source.on_loss is OnLossMode.BLACK
+        ):
+            return self._black
+        return None
 
     def _encode_one(self, image: torch.Tensor) -> None:
         try:
@@ -123,11 +122,3 @@ class ReferenceFeed:
             return
         self.encodes += 1
         self._tokens.put(tokens)
-
-    def join(self, deadline: float) -> None:
-        self.wake()
-        for thread in self.threads:
-            if thread.is_alive():
-                thread.join(max(0.05, deadline - time.monotonic()))
-            if thread.is_alive():
-                logger.warning("thread %s did not stop in time", thread.name)
