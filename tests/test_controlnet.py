@@ -344,3 +344,25 @@ def test_a_second_source_is_reported_gone_once_and_back_once(caplog):
         "ControlNet 0 source shm is gone: on black",
         "ControlNet 0 source shm is back",
     ]
+
+
+def test_second_sources_are_read_from_the_config():
+    from engine.config import load_config
+    from engine.runtime.engine import control_sources, reference_source
+    from engine.runtime.loss import OnLossMode
+
+    config = load_config(
+        overrides=[
+            "model.controlnets=[{id: builtin:tiny-controlnet}, "
+            "{id: builtin:tiny-controlnet, source: {type: shm, name: depth, on_loss: black}}]",
+            "model.ip_adapter={id: builtin:tiny-ip-adapter, source: {type: shm, name: style}, "
+            "refresh_seconds: 2}",
+        ]
+    )
+    (depth,) = control_sources(config)
+    assert depth.index == 1 and depth.label == "shm (model.controlnets[1].source)"
+    assert depth.on_loss is OnLossMode.BLACK
+    style = reference_source(config)
+    assert style is not None and style.label == "shm (model.ip_adapter.source)"
+    assert style.refresh_seconds == 2.0 and style.on_loss is OnLossMode.HOLD
+    assert reference_source(load_config()) is None and control_sources(load_config()) == []

@@ -561,26 +561,11 @@ def engine_from_config(
 
 def control_sources(config: Any) -> list[ControlSource]:
     """The ``model.controlnets`` entries with a bridge ``source`` of their own."""
-    sources = []
-    for index, entry in enumerate(config.model.controlnets):
-        if entry.source is None:
-            continue
-        name, options = source_spec(entry.source)
-
-        def opener(name: str = name, options: dict[str, Any] = options) -> FrameSource:
-            return open_source(name, **options)
-
-        sources.append(
-            ControlSource(
-                index,
-                opener,
-                f"{name} (model.controlnets[{index}].source)",
-                OnLossMode(entry.source.on_loss),
-                entry.source.retry_seconds,
-                entry.source.stall_seconds,
-            )
-        )
-    return sources
+    return [
+        ControlSource(index, **_second_source(entry.source, f"model.controlnets[{index}].source"))
+        for index, entry in enumerate(config.model.controlnets)
+        if entry.source is not None
+    ]
 
 
 def reference_source(config: Any) -> ReferenceSource | None:
@@ -588,15 +573,21 @@ def reference_source(config: Any) -> ReferenceSource | None:
     section = config.model.ip_adapter
     if section is None or section.source is None:
         return None
-    name, options = source_spec(section.source)
     return ReferenceSource(
-        lambda: open_source(name, **options),
-        f"{name} (model.ip_adapter.source)",
-        section.refresh_seconds,
-        OnLossMode(section.source.on_loss),
-        section.source.retry_seconds,
-        section.source.stall_seconds,
+        refresh_seconds=section.refresh_seconds, **_second_source(section.source, "model.ip_adapter.source")
     )
+
+
+def _second_source(source: Any, key: str) -> dict[str, Any]:
+    """The opener, label and loss handling of a second bridge configured at ``key``."""
+    name, options = source_spec(source)
+    return {
+        "open_source": lambda: open_source(name, **options),
+        "label": f"{name} ({key})",
+        "on_loss": OnLossMode(source.on_loss),
+        "retry_seconds": source.retry_seconds,
+        "stall_seconds": source.stall_seconds,
+    }
 
 
 def _count(outputs: Any, name: str) -> int:
