@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import socket
 import sys
 import threading
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
+from bridges.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ DROPPED_CLIENT_ERRORS: tuple[type[OSError], ...] = (
 
 BOUNDARY = "frame"
 MAX_REQUEST_BYTES = 64 * 1024  # a parameter change; prompts are at most 2000 characters
+#: How deep ``[`` and ``{`` may nest in a request body. The API's deepest body is 3 levels
+#: (``{"name": "prompt_blend", "value": [["a", 1.0], ...]}``); 16 leaves room for any change to the
+#: API and stays far below the depth at which ``json.loads`` recurses out of the stack.
+MAX_JSON_DEPTH = 16
 
 
 class OperatorApi(Protocol):
@@ -56,6 +62,57 @@ class OperatorApi(Protocol):
 
 _CLIENT_SOCKET_TIMEOUT_S = 10.0  # a stalled browser is dropped after this long
 _CLOSE_TIMEOUT_S = 2.0
+_LOG_INTERVAL_S = 1.0  # a failure or refusal that repeats is logged at most this often (per kind)
+
+# A JSON string (escapes included; one left open runs to the end of the text), and what is left.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = np.zeros(256, dtype=np.int64)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+class JsonTooDeep(ValueError):
+    """A request body nested deeper than ``MAX_JSON_DEPTH``; its text says how deep and what is allowed."""
+
+
+def json_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest in JSON ``text``; brackets inside strings (escaped quotes
+    included) do not count, stray closing brackets never make it negative. No recursion, and a
+    few milliseconds for the largest body (the scan runs in ``re`` and numpy, not per character)."""
+    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    if not brackets:
+        return 0
+    levels = np.cumsum(_BRACKET_STEP[np.frombuffer(brackets, dtype=np.uint8)])
+    floors = np.minimum.accumulate(np.minimum(levels, 0))  # how far stray closers went below 0
+    return int((levels - floors).max())
+
+
+def json_depth_error(text: str, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """What is wrong with JSON ``text`` nested deeper than ``limit`` (``None`` when it is not)."""
+    depth = json_depth(text)
+    if depth <= limit:
+        return None
+    return f"bad request: JSON nested {depth} deep; allowed: at most {limit} levels of [ ] and {{ }}"
+
+
+def parse_json_body(raw: bytes, limit: int = MAX_JSON_DEPTH) -> Any:
+    """A request body parsed as ``json.loads`` parses bytes (UTF-8, -16 or -32), after refusing
+    nesting deeper than ``limit`` (the parser recurses once per level: a deep body would exhaust
+    the stack). Raises ``JsonTooDeep``, or ``ValueError`` for anything else that is not JSON."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    problem = json_depth_error(text, limit)
+    if problem is not None:
+        raise JsonTooDeep(problem)
+    try:
+        return json.loads(text)
+    except RecursionError as err:  # not below the limit; kept so that no body can crash a request
+        raise JsonTooDeep(f"bad request: JSON nested too deep; allowed: at most {limit} levels") from err
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -197,14 +254,25 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], sink: PreviewSink) -> None:
         self.sink = sink
+        self.log = RateLimitedLog(logger, _LOG_INTERVAL_S)  # failures, refusals: no client fills the disk
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        """What escaped a handler outside ``do_GET``/``do_POST`` (reading the request line, the
+        final flush): one line per kind a second, the traceback only at DEBUG."""
         error = sys.exc_info()[1]
         if isinstance(error, DROPPED_CLIENT_ERRORS):
             logger.debug("preview client %s went away: %s", client_address, error)
         else:
-            logger.exception("preview request from %s failed", client_address)
+            self.report_failure(f"request from {client_address[0]}", error)
+
+    def report_failure(self, what: str, error: BaseException | None, where: str = "server") -> None:
+        """One ERROR line a second per ``where`` (a bounded name, never the client's text) and kind
+        of failure, saying how many more there were; the traceback at DEBUG alongside it."""
+        kind = type(error).__name__
+        message = "preview %s failed: %s: %s (traceback at DEBUG)"
+        if self.log(logging.ERROR, f"failure:{where}:{kind}", message, what, kind, _clip(str(error))):
+            logger.debug("preview %s failed", what, exc_info=error)
 
 
 class _Server6(_Server):
@@ -214,41 +282,78 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "latentstage-preview"
     timeout = _CLIENT_SOCKET_TIMEOUT_S
+    _responded = False  # whether this request's status line was queued or sent
 
     def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True
+        super().send_response(code, message)
+
+    def _guarded(self, handle: Callable[[], None]) -> None:
+        """Run one request: a client that went away is a DEBUG line; anything else is a 500 (or,
+        once the response has begun, a closed connection) and one rate-limited line."""
+        self._responded = False
+        try:
+            handle()
+        except DROPPED_CLIENT_ERRORS as error:
+            logger.debug("preview client %s went away: %s", self.client_address, error)
+            self.close_connection = True
+        # The request boundary: the input is a stranger's, and the code under it (the operator,
+        # the encoder, the stats callback) is the engine's. Whatever they raise must cost this
+        # request only, and no client may make the log grow by a traceback per request.
+        except Exception as error:
+            self.close_connection = True
+            server = cast(_Server, self.server)
+            path = _clip(urlsplit(self.path).path, 100)
+            what = f"{self.command} {path!r} from {self.client_address[0]}"
+            server.report_failure(what, error, where=self.command)  # only GET or POST get here
+            if self._responded:
+                return  # headers (a stream's) are out: closing is all that is left to say
+            reply = {
+                "ok": False,
+                "error": f"internal error ({type(error).__name__}) in {self.command} {path}; "
+                "the engine's log has the details",
+            }
+            try:
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, reply)
+            except OSError as gone:  # the client is gone as well
+                logger.debug("preview client %s went away: %s", self.client_address, gone)
+
+    def _get(self) -> None:
         sink = cast(_Server, self.server).sink
         path = urlsplit(self.path).path
         if not self._allowed(sink):
             return
-        try:
-            if path in ("/", "/index.html"):
-                self._reply(HTTPStatus.OK, "text/html; charset=utf-8", sink._page())
-            elif path == "/preview":
-                self._reply(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
-            elif path == "/stream.mjpg":
-                self._stream(sink)
-            elif path == "/input.mjpg":
-                self._stream(sink, source=True)
-            elif path in ("/api/spec", "/api/state", "/api/history"):
-                self._api_get(sink, path.removeprefix("/api/"))
-            elif path == "/frame.jpg":
-                latest = sink._latest_jpeg()
-                if latest is None:
-                    self._reply(
-                        HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", b"no frame yet\n"
-                    )
-                else:
-                    self._reply(HTTPStatus.OK, "image/jpeg", latest[1])
-            elif path == "/stats.json":
-                body = json.dumps(sink._stats_snapshot(), allow_nan=False).encode()
-                self._reply(HTTPStatus.OK, "application/json", body)
+        if path in ("/", "/index.html"):
+            self._reply(HTTPStatus.OK, "text/html; charset=utf-8", sink._page())
+        elif path == "/preview":
+            self._reply(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
+        elif path == "/stream.mjpg":
+            self._stream(sink)
+        elif path == "/input.mjpg":
+            self._stream(sink, source=True)
+        elif path in ("/api/spec", "/api/state", "/api/history"):
+            self._api_get(sink, path.removeprefix("/api/"))
+        elif path == "/frame.jpg":
+            latest = sink._latest_jpeg()
+            if latest is None:
+                self._reply(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", b"no frame yet\n"
+                )
             else:
-                self._reply(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
-        except DROPPED_CLIENT_ERRORS as error:
-            logger.debug("preview client %s went away: %s", self.client_address, error)
-            self.close_connection = True
+                self._reply(HTTPStatus.OK, "image/jpeg", latest[1])
+        elif path == "/stats.json":
+            body = json.dumps(sink._stats_snapshot(), allow_nan=False).encode()
+            self._reply(HTTPStatus.OK, "application/json", body)
+        else:
+            self._reply(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         """``/api/param``: one change ``{"name": ..., "value": ...}`` through the OSC validation."""
         sink = cast(_Server, self.server).sink
         if not self._allowed(sink):
@@ -260,14 +365,17 @@ class _Handler(BaseHTTPRequestHandler):
         if refusal is not None:
             self._json(refusal[0], {"ok": False, "error": refusal[1]})
             return
+        allowed = f'a JSON object {{"name": ..., "value": ...}} of at most {MAX_REQUEST_BYTES} bytes'
+        error = f"bad request; allowed: {allowed}"
         try:
             length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if 0 < length <= MAX_REQUEST_BYTES else None
-        except (ValueError, UnicodeDecodeError):
+            body = parse_json_body(self.rfile.read(length)) if 0 < length <= MAX_REQUEST_BYTES else None
+        except JsonTooDeep as err:
+            body, error = None, str(err)
+        except ValueError:  # not a number, not text, not JSON (UnicodeDecodeError is a ValueError)
             body = None
         if not isinstance(body, dict) or "name" not in body or "value" not in body:
-            allowed = f'a JSON object {{"name": ..., "value": ...}} of at most {MAX_REQUEST_BYTES} bytes'
-            self._json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": f"bad request; allowed: {allowed}"})
+            self._json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": error})
             return
         try:
             accepted, reply = sink._operator.apply(body["name"], body["value"], self.client_address[0])
@@ -294,13 +402,14 @@ class _Handler(BaseHTTPRequestHandler):
         client = self.client_address[0]
         host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
         if not _known_host(host):
-            why = f"Host {host[:100]!r} is not this machine's address or name"
+            kind, why = "host", f"Host {host[:100]!r} is not this machine's address or name"
         elif not sink._client_allowed(client):
-            why = "not in the allow-list"
+            kind, why = "client", "not in the allow-list"
         else:
             return True
         self._reply(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", f"{why}\n".encode())
-        logger.warning("preview request from %s refused: %s", client, why)
+        log = cast(_Server, self.server).log  # a scan of the network must not fill the disk either
+        log(logging.WARNING, f"refused:{kind}", "preview request from %s refused: %s", client, why)
         return False
 
     def _api_get(self, sink: PreviewSink, what: str) -> None:

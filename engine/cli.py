@@ -565,6 +565,7 @@ def _restore_and_autosave(engine: Any, state_file: str, resume: bool) -> Any:
     from engine.runtime.autosave import Autosaver, LiveStateFile
 
     file = LiveStateFile(state_file)
+    file.remove_stale_temporaries()  # what writes killed mid-way (a crash, a power cut) left behind
     if resume:
         values = file.read()
         restored = engine.restore(values) if values else {}

@@ -20,6 +20,10 @@ MAX_LORAS = 16
 MAX_CONTROLNETS = 4
 MAX_CONTROLNET_SCALE = 2.0
 MAX_FEATURE_FRAMES = 4
+MAX_BUNDLE_AHEAD_S = 60.0
+"""A bundle may be stamped at most this far in the future (cue software fires within a minute)."""
+MAX_TIMED_WAITING = 256
+"""At most this many messages of future-stamped bundles wait at once (a flood stays bounded)."""
 IMAGE_FILE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.(?i:png|jpe?g|webp)"
 IMAGE_FILE_TEXT = (
     "a .png, .jpg or .webp file name in the presets folder (letters, digits, '_', '.', '-'), never a path"
@@ -907,7 +911,8 @@ def as_markdown() -> str:
         "The engine listens on `127.0.0.1:9000` (config `osc.host`, `osc.port`) and sends feedback to",
         "`127.0.0.1:9001` (`osc.feedback`). Binding to another address needs `osc.allow` (addresses or",
         "networks); messages from anywhere else are dropped and counted. Ints are accepted where floats are",
-        "meant, bundles are unpacked, and changes apply at the next frame boundary.",
+        "meant, bundles are unpacked, and changes apply at the next frame boundary (a bundle stamped in",
+        "the future: at its time, see below).",
         "",
         "## Parameters and actions",
         "",
@@ -943,7 +948,25 @@ def as_markdown() -> str:
         f"longer than {MAX_PROMPT_CHARS} characters, a blend of more than {MAX_BLEND_ITEMS} pairs",
         "or a bundle nested deeper than 8 changes nothing. The engine answers `/engine/error`",
         "with the parameter, the bad value and what is allowed (at most 10 answers per address",
-        "and second) and logs it once per address per second.",
+        "and second) and logs it once per address per second. A message whose data is shorter than",
+        "its type tags promise (`/guidance_scale ,f` with no float, or with one byte of it) is refused",
+        "as malformed: nothing is filled in with zeros.",
+        "",
+        "## Timed bundles",
+        "",
+        "Bundles are honoured by their OSC time tag, so cue software can send a change ahead of time:",
+        "",
+        "- \"immediately\" (time tag 1) and a time in the past apply at once, as plain messages do;",
+        "- a time in the future applies at the first frame boundary at or after it (it lands in the",
+        "  engine's state at that time; the frame loop picks it up with the next frame; a prompt is",
+        "  encoded from that time, a few milliseconds on a GPU, as an untimed one is). Each message",
+        "  is validated when it arrives, so a bad value is answered at once; a scene that is gone by",
+        "  the time its `/preset/load` is due answers then;",
+        f"- at most {MAX_BUNDLE_AHEAD_S:g} s ahead and at most {MAX_TIMED_WAITING} messages waiting at once;",
+        "  beyond that the message is refused with `/engine/error` and nothing changes.",
+        "",
+        "Time tags are wall-clock (NTP) times: the sender's clock and this machine's must agree (NTP or",
+        "the same machine). Held messages are not saved: a restart forgets them.",
         "",
         "## Changes that change shapes",
         "",

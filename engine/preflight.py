@@ -35,7 +35,8 @@ def check_start(
 ) -> list[StartProblem]:
     """Everything about ``config`` that can be checked before the first frame.
 
-    Ports (OSC, OSCQuery, preview) must be free, the log file, recordings and the live-state
+    Ports (OSC, OSCQuery, preview) must be free, the log file, recordings (a video container by
+    their extension and an encoder PyAV can write into it) and the live-state
     file (``state_file``, when the engine autosaves) writable, their folders creatable, the
     engine cache writable for a backend that builds engines, and a video input readable.
     A scenes folder that cannot be written is only a warning: scenes still load.
@@ -64,7 +65,8 @@ def check_start(
         if output.type == "preview":
             tcp(f"outputs[{index}].port", output.host, output.port)
         elif output.type == "record":
-            problems.extend(_file_problem(f"outputs[{index}].path", output.path))
+            problems.extend(_recording_problem(f"outputs[{index}]", output.path, output.codec, output.fps)
+                            or _file_problem(f"outputs[{index}].path", output.path))
     if config.logging.file:
         problems.extend(_file_problem("logging.file", config.logging.file))
     if state_file is not None:
@@ -242,6 +244,20 @@ def _video_problem(key: str, path: str) -> list[StartProblem]:
             StartProblem(key, f"{path!r} cannot be read as video ({error})", "give a video file PyAV reads")
         ]
     return []
+
+
+def _recording_problem(key: str, path: str, codec: str, fps: float) -> list[StartProblem]:
+    """A recording's container (from the extension) and encoder, tried as the sink will run them."""
+    from bridges.base import BridgeUnavailable
+    from bridges.record import check_recording
+
+    try:
+        problem = check_recording(path, codec, fps)
+    except BridgeUnavailable:  # no PyAV: reported as an unavailable bridge before this check
+        return []
+    if problem is None:
+        return []
+    return [StartProblem(f"{key}.{problem.option}", problem.problem, f"allowed: {problem.allowed}")]
 
 
 def _reason(error: OSError) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -137,3 +140,23 @@ def playing(pipe, seconds: float, errors: list[str] | None = None, backend: Any 
         finally:
             engine.stop()
             thread.join(10)
+
+
+def record_durability(monkeypatch: Any) -> list[tuple[str, str]]:
+    """Record, in order, each ``os.fsync`` as ``("fsync", "file" | "folder")`` and each
+    ``os.replace`` as ``("replace", target name)``; both still do their work."""
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: Any) -> None:
+        number = fd if isinstance(fd, int) else fd.fileno()
+        calls.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(number).st_mode) else "file"))
+        fsync(fd)
+
+    def recording_replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        calls.append(("replace", Path(dst).name))
+        replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return calls

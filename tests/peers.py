@@ -86,6 +86,20 @@ def decoded_frames(path: Path) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
+def wait_for_recording(path: Path, timeout: float = 90.0) -> None:
+    """Until ``path`` holds at least one frame a decoder can read (the first fragment of a
+    fragmented MP4 is complete): what a crash after this point must not lose."""
+    import av
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(av.error.FFmpegError, OSError):
+            if path.exists() and decoded_frames(path) > 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never held a decodable frame")
+
+
 def start_engine(args: list[str], **popen) -> subprocess.Popen[str]:
     """``python -m engine.cli ARGS`` (what the console script runs), stderr captured."""
     popen.setdefault("stdout", subprocess.PIPE)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import time
 import urllib.request
 
 import pytest
 from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from engine import params
 from engine.control.dispatch import MAX_BUNDLE_DEPTH, OscDispatcher, osc_args
 from engine.control.oscquery import OscQueryServer, build_namespace, find_node
 from engine.control.scenes import SceneError, SceneStore, scene_params
+from engine.control.service import ControlService, ControlSettings
 from engine.control.state import ControlState
 from engine.control.transport import build_message
+from tests.fakes import record_durability
 
 SENDER = ("127.0.0.1", 50000)
 DEFAULTS = {
@@ -246,6 +251,32 @@ def test_scene_round_trip_and_refusals(tmp_path):
         store.load("odd")
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows cannot fsync a folder")
+def test_a_scene_save_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A power cut after /preset/save could leave an empty scene: its data were never fsynced."""
+    calls = record_durability(monkeypatch)
+    SceneStore(tmp_path / "scenes").save("intro", dict(DEFAULTS, prompt="a forest"))
+    assert calls == [("fsync", "file"), ("replace", "intro.yaml"), ("fsync", "folder")]
+
+
+def test_the_control_service_removes_what_killed_scene_saves_left(tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    stale = [folder / ".intro.yaml.0123abcd.tmp", folder / ".intro.k2_x9qzw.tmp"]  # now, and mkstemp's
+    fresh = folder / ".outro.yaml.89abcdef.tmp"  # another engine on this folder is saving it now
+    kept = [folder / "intro.yaml", folder / "notes.txt", folder / ".nul.yaml.0123abcd.tmp", fresh]
+    then = time.time() - 60
+    for path in [*stale, *kept]:
+        path.write_text("")
+        if path != fresh:
+            os.utime(path, (then, then))
+    service = ControlService(
+        ControlSettings(port=0, feedback=[], scenes_dir=str(folder)), ControlState(), lambda *a: None, dict
+    )
+    service.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in kept)
+
+
 def test_oscquery_namespace_follows_the_proposal():
     values = dict(DEFAULTS, prompt="hello", t_index_list=[32, 45])
     root = build_namespace(values, {"state": "running", "fps": 12.5}, "127.0.0.1", 9000)
@@ -349,3 +380,141 @@ def test_status_reaches_a_sender_that_is_also_a_feedback_target():
         finally:
             server.close()
             feedback.close()
+
+
+# --------------------------------------------------------------------------- truncated arguments
+
+_FLOAT_TAGS = b"/guidance_scale\x00,f\x00\x00"
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (_FLOAT_TAGS, "argument 1 ('f') is cut short (4 bytes, 0 present)"),  # was 0.0
+        (_FLOAT_TAGS + b"\x3f", "(4 bytes, 1 present)"),  # was 0.5
+        (msg("/prompt", "a cat").replace(b",s\x00\x00", b",sf\x00"), "argument 2 ('f')"),  # crossfade
+        (msg("/seed", 3)[:-2], "argument 1 ('i')"),
+        (msg("/delta", 0.5, types="d")[:-1], "argument 1 ('d')"),
+        (b"/prompt\x00,s\x00\x00a cat", "without its terminator"),
+        (b"/prompt\x00,s\x00\x00dark\x00", "without its terminator or padding"),
+        (b"/t_index_list\x00\x00\x00,ib\x00\x00\x00\x00\x14\x00\x00\x00\x10ab", "a blob of 16 bytes"),
+    ],
+)
+def test_a_truncated_argument_is_refused_not_invented(dispatcher, state, data, needle):
+    """python-osc pads a float cut short with zeros: `/guidance_scale ,f` with no data set 0.0."""
+    replies = dispatcher.handle_datagram(data, SENDER)
+    assert [r.address for r in replies] == ["/engine/error"]
+    assert needle in replies[0].args[0], replies[0].args[0]
+    assert pending(state) == {} and state.take_for_encoding(0.0) is None
+    assert dispatcher.counters.malformed == 1 and dispatcher.counters.accepted == 0
+
+
+def test_a_truncated_message_inside_a_bundle_refuses_the_bundle(dispatcher, state):
+    good = msg("/seed", 7)
+    short = _FLOAT_TAGS + b"\x3f\x00"
+    data = b"#bundle\x00" + struct.pack(">Q", 1)
+    for element in (good, short):
+        data += struct.pack(">i", len(element)) + element
+    replies = dispatcher.handle_datagram(data, SENDER)
+    assert [r.address for r in replies] == ["/engine/error"] and "/guidance_scale" in replies[0].args[0]
+    assert pending(state) == {}
+
+
+def test_complete_messages_still_parse(dispatcher, state):
+    """Every argument present: strings, blobs and T/F (no data) are walked, nothing refused."""
+    assert dispatcher.handle_datagram(msg("/prompt", "a cat", 2.0), SENDER) == []
+    assert dispatcher.handle_datagram(msg("/similarity_filter/enabled", True), SENDER) == []  # T: no data
+    assert dispatcher.handle_datagram(msg("/resolution", 320, 192), SENDER) == []
+    assert state.take_for_encoding(0.0) == ({"prompt": "a cat"}, 2.0)
+    assert pending(state) == {"similarity_filter_enabled": True, "resolution": [320, 192]}
+
+
+# --------------------------------------------------------------------------- timed bundles
+
+
+def bundle_at(when: float, *messages: bytes) -> bytes:
+    """A bundle stamped ``when`` (Unix seconds) holding ``messages``."""
+    builder = OscBundleBuilder(when)
+    for data in messages:
+        builder.add_content(OscMessage(data))
+    return bytes(builder.build().dgram)
+
+
+def test_a_bundle_stamped_ahead_applies_at_its_time(dispatcher, state):
+    """Timetags were ignored: a bundle stamped 30 s ahead applied at once."""
+
+    sent = time.monotonic()
+    assert dispatcher.handle_datagram(bundle_at(time.time() + 2.0, msg("/guidance_scale", 3.0)), SENDER) == []
+    assert pending(state) == {} and dispatcher.counters.timed == 1
+    wait = dispatcher.seconds_to_next_due()
+    assert wait is not None and 1.5 < wait <= 2.0
+    assert dispatcher.run_due(sent + 1.9) == [] and pending(state) == {}  # not early
+    assert dispatcher.run_due(sent + 2.1) == []
+    assert pending(state) == {"guidance_scale": pytest.approx(3.0)}
+    assert dispatcher.seconds_to_next_due() is None and dispatcher.counters.accepted == 1
+
+
+def test_timed_messages_apply_in_time_order_and_past_ones_at_once(dispatcher, state):
+
+    now_wall, now = time.time(), time.monotonic()
+    dispatcher.handle_datagram(bundle_at(now_wall + 3.0, msg("/seed", 3)), SENDER)
+    dispatcher.handle_datagram(bundle_at(now_wall + 1.0, msg("/seed", 1), msg("/delta", 0.5)), SENDER)
+    dispatcher.handle_datagram(bundle_at(now_wall - 5.0, msg("/guidance_scale", 2.0)), SENDER)  # past
+    assert pending(state) == {"guidance_scale": pytest.approx(2.0)}
+    dispatcher.run_due(now + 1.5)
+    assert pending(state) == {"seed": 1, "delta": pytest.approx(0.5)}
+    dispatcher.run_due(now + 3.5)
+    assert pending(state) == {"seed": 3}
+
+
+def test_timed_bundles_are_bounded(dispatcher, state):
+
+    far = dispatcher.handle_datagram(bundle_at(time.time() + 75.0, msg("/seed", 9)), SENDER)
+    assert [r.address for r in far] == ["/engine/error"]
+    assert "ahead; allowed: at most 60 s ahead" in far[0].args[0]
+    bad = dispatcher.handle_datagram(bundle_at(time.time() + 5.0, msg("/guidance_scale", 99.0)), SENDER)
+    assert "out of range" in bad[0].args[0]  # validated on arrival, answered at once
+    for seed in range(params.MAX_TIMED_WAITING):
+        assert dispatcher.handle_datagram(bundle_at(time.time() + 30.0, msg("/seed", seed)), SENDER) == []
+    full = dispatcher.handle_datagram(bundle_at(time.time() + 30.0, msg("/seed", 1)), SENDER)
+    assert "already waiting; allowed: at most 256" in full[0].args[0]
+    assert dispatcher.run_due(time.monotonic()) == [] and pending(state) == {}
+    assert dispatcher.counters.timed == params.MAX_TIMED_WAITING
+
+
+def test_a_timed_scene_load_runs_at_its_time_and_answers_then(dispatcher):
+
+    now = time.monotonic()
+    dispatcher.handle_datagram(bundle_at(time.time() + 1.0, msg("/preset/load", "missing")), SENDER)
+    assert dispatcher.scenes == []
+    answers = dispatcher.run_due(now + 2.0)
+    assert dispatcher.scenes == [("preset_load", "missing")]
+    assert [(reply.address, to) for reply, to in answers] == [("/engine/error", SENDER)]
+
+
+def test_the_udp_server_applies_a_timed_bundle_not_before_its_time():
+    """Over a real socket: held by the server thread, written into the state at its time."""
+    import socket as socketlib
+
+    from engine.control.transport import FeedbackSender, OscUdpServer
+
+    state = ControlState(applied=dict(DEFAULTS))
+    feedback = FeedbackSender([])
+    server = OscUdpServer(OscDispatcher(state, state.applied), feedback, port=0)
+    server.start()
+    try:
+        with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) as client:
+            stamped = time.time() + 0.5
+            client.sendto(bundle_at(stamped, msg("/seed", 42)), ("127.0.0.1", server.port))
+            deadline = time.monotonic() + 30
+            while server.dispatcher.counters.timed == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert server.dispatcher.counters.timed == 1
+            while state.version == 0 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            applied_at = time.time()
+        assert pending(state) == {"seed": 42}
+        assert applied_at >= stamped - 0.01  # never early (late only by the machine's load)
+    finally:
+        server.close()
+        feedback.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ from pythonosc.osc_message import OscMessage
 from bridges.base import Frame
 from bridges.preview import PreviewSink
 from engine.control.operator import Operator
+from engine.control.oscquery import OscQueryServer
 from engine.control.service import ControlService, ControlSettings
 from engine.control.transport import build_message
 from engine.pipeline import StreamPipeline
@@ -242,3 +245,41 @@ def test_a_request_for_a_foreign_host_name_is_refused(bundle, tmp_path):
             urllib.request.urlopen(request, timeout=5)
         assert caught.value.code == 403
         assert show.get("/api/state")["values"]["seed"] != 9
+
+
+def test_oscquery_answers_500_for_an_unexpected_failure_and_logs_one_line(caplog, capsys):
+    """OSCQuery is the other HTTP server: a failure while answering costs that request a 500,
+    and a flood of them a line a second, never a traceback per request (socketserver's default
+    prints one to stderr)."""
+
+    def values():
+        raise KeyError("state")
+
+    caplog.set_level(logging.DEBUG)
+    server = OscQueryServer(values, lambda: {}, "127.0.0.1", 9000, port=0)
+    server.start()
+    caplog.clear()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        start = time.monotonic()
+        statuses, errors = [], []
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(base + "/prompt", timeout=5) as reply:
+                    statuses.append(reply.status)
+            except urllib.error.HTTPError as err:
+                statuses.append(err.code)
+                errors.append(json.loads(err.read())["error"])
+            except (http.client.HTTPException, OSError):
+                statuses.append(0)  # no HTTP answer at all
+        elapsed = time.monotonic() - start
+        assert "Traceback" not in capsys.readouterr().err
+        records = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert all(r.exc_info is None for r in records), records[0].getMessage()
+        assert 1 <= len(records) <= elapsed + 1, f"{len(records)} lines for 100 failures"
+        assert "KeyError" in records[0].getMessage()
+        assert statuses == [500] * 100 and "KeyError" in errors[0]
+        with urllib.request.urlopen(base + "/?HOST_INFO", timeout=5) as reply:
+            assert reply.status == 200  # and it still serves
+    finally:
+        server.close()

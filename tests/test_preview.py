@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -322,3 +323,217 @@ def test_loopback_detection() -> None:
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("::")
     assert not is_loopback("192.168.1.20")
+
+
+# -- hostile input: the answer is 400 or 500, never a silent drop, never a traceback per request --
+
+
+class FakeOperator:
+    """An ``OperatorApi`` that accepts everything, or raises ``fail`` from every call."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail = fail
+        self.applied: list[tuple[Any, Any]] = []
+
+    def _check(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    def spec(self) -> dict[str, Any]:
+        self._check()
+        return {"params": []}
+
+    def state(self) -> dict[str, Any]:
+        self._check()
+        return {"values": {}}
+
+    def history(self) -> dict[str, Any]:
+        self._check()
+        return {"samples": []}
+
+    def apply(self, name: Any, value: Any, client: str) -> tuple[bool, dict[str, Any]]:
+        self._check()
+        self.applied.append((name, value))
+        return True, {"ok": True, "accepted": {name: value}}
+
+
+def post(sink: PreviewSink, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST ``body`` to ``/api/param`` as the page does: ``(status, JSON body or None)``."""
+    conn = http.client.HTTPConnection("127.0.0.1", sink.port, timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/api/param", body, {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        is_json = resp.getheader("Content-Type") == "application/json"
+        return resp.status, json.loads(data) if is_json else None
+    finally:
+        conn.close()
+
+
+def try_post(sink: PreviewSink, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """``post``, with ``(0, None)`` for a request that got no HTTP answer at all."""
+    try:
+        return post(sink, body, headers)
+    except (http.client.HTTPException, OSError):
+        return 0, None
+
+
+def try_get(sink: PreviewSink, path: str) -> int:
+    """``get``'s status, 0 for a request that got no HTTP answer at all."""
+    try:
+        return get(sink, path)[0]
+    except (http.client.HTTPException, OSError):
+        return 0
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The records at INFO and above (DEBUG may say more, e.g. one traceback)."""
+    return [record for record in caplog.records if record.levelno >= logging.INFO]
+
+
+DEEP_BODIES = [
+    b"[" * 60000,
+    b'{"name": "prompt", "value": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"name": "prompt", "value": ' + b"{" * 20000,
+]
+
+
+@pytest.fixture()
+def operated() -> Iterator[PreviewSink]:
+    with PreviewSink(port=0, operator=FakeOperator()) as s:
+        yield s
+
+
+def test_deeply_nested_json_gets_400_naming_the_depth(operated: PreviewSink) -> None:
+    for body in DEEP_BODIES:
+        status, reply = try_post(operated, body)
+        assert status == 400, body[:40]
+        assert reply["ok"] is False
+        limit = preview_module.MAX_JSON_DEPTH
+        assert "nested" in reply["error"] and f"allowed: at most {limit} levels" in reply["error"]
+    assert "60000 deep" in post(operated, DEEP_BODIES[0])[1]["error"]
+    assert "5001 deep" in post(operated, DEEP_BODIES[1])[1]["error"]
+    # the server is still there, and still takes a real change
+    valid = {"name": "prompt_blend", "value": [["a sunset", 0.7], ["a forest", 0.3]]}
+    assert post(operated, json.dumps(valid).encode()) == (
+        200, {"ok": True, "accepted": {"prompt_blend": [["a sunset", 0.7], ["a forest", 0.3]]}}
+    )
+
+
+def test_a_flood_of_deep_json_writes_no_traceback_and_few_lines(
+    operated: PreviewSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    statuses = [try_post(operated, DEEP_BODIES[i % 2])[0] for i in range(300)]
+    elapsed = time.monotonic() - start
+    records = logged(caplog)
+    assert all(record.exc_info is None for record in records), records[0].getMessage()
+    assert len(records) <= elapsed + 1, f"{len(records)} lines for 300 requests"
+    assert statuses == [400] * 300
+    assert get(operated, "/api/spec")[0] == 200
+
+
+def test_an_unexpected_error_in_the_operator_is_a_500_and_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    operator = FakeOperator(fail=KeyError("boom"))
+    with PreviewSink(port=0, operator=operator) as failing:
+        caplog.clear()  # "preview at ..."
+        start = time.monotonic()
+        replies = [try_post(failing, b'{"name": "seed", "value": 5}') for _ in range(50)]
+        replies += [(try_get(failing, "/api/state"), None) for _ in range(50)]
+        elapsed = time.monotonic() - start
+        records = logged(caplog)
+        assert all(record.exc_info is None for record in records), records[0].getMessage()
+        assert 1 <= len(records) <= 2 * (elapsed + 1), f"{len(records)} lines for 100 requests"
+        assert "KeyError" in records[0].getMessage()
+        status, reply = replies[0]
+        assert status == 500 and reply["ok"] is False and "KeyError" in reply["error"]
+        assert [status for status, _ in replies] == [500] * 100
+        operator.fail = None  # the server kept serving
+        assert post(failing, b'{"name": "seed", "value": 5}')[0] == 200
+        assert get(failing, "/api/spec")[0] == 200
+
+
+def test_a_failure_after_the_headers_closes_the_stream_quietly(
+    sink: PreviewSink, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    def broken(source: bool = False) -> tuple[int, bytes] | None:
+        raise ValueError("encoder broke")
+
+    monkeypatch.setattr(sink, "_latest_jpeg", broken)
+    sink.send(solid((255, 0, 0)))
+    start = time.monotonic()
+    for _ in range(20):
+        conn = http.client.HTTPConnection("127.0.0.1", sink.port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", "/stream.mjpg")
+            resp = conn.getresponse()
+            assert resp.status == 200  # the headers went out before the failure
+            assert b"image/jpeg" not in resp.read()  # then the connection was closed
+        finally:
+            conn.close()
+    assert try_get(sink, "/frame.jpg") == 500  # nothing sent yet: a proper answer
+    elapsed = time.monotonic() - start
+    records = logged(caplog)
+    assert all(record.exc_info is None for record in records), records[0].getMessage()
+    assert 1 <= len(records) <= 2 * (elapsed + 1)
+    assert get(sink, "/stats.json")[0] == 200
+
+
+def test_refused_requests_are_answered_but_logged_rate_limited(
+    operated: PreviewSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    statuses = [try_post(operated, b"{}", {"Host": "evil.example"})[0] for _ in range(100)]
+    elapsed = time.monotonic() - start
+    assert statuses == [403] * 100
+    records = logged(caplog)
+    assert 1 <= len(records) <= elapsed + 1, f"{len(records)} lines for 100 refusals"
+    assert "evil.example" in records[0].getMessage()
+
+
+def test_json_depth_ignores_brackets_in_strings() -> None:
+    depth = preview_module.json_depth
+    assert depth("") == 0 and depth("5") == 0 and depth('"x"') == 0
+    assert depth("[]") == 1 and depth("[[], {}]") == 2 and depth('{"a": [{"b": []}]}') == 4
+    assert depth(r'"[\"["') == 0  # an escaped quote does not end the string
+    assert depth(r'["[\"[", "]]]"]') == 1
+    assert depth(r'["a\\", ["b"]]') == 2  # an escaped backslash does: the quote after it ends it
+    assert depth('"[[[[ never closed') == 0
+    assert depth("]]]]" + "[" * 3) == 3  # stray closers do not hide openers
+    assert depth("[" * 60000) == 60000
+
+
+def test_json_depth_error_passes_the_api_bodies_and_names_the_limit() -> None:
+    limit = preview_module.MAX_JSON_DEPTH
+    error = preview_module.json_depth_error
+    for value in ("a sunset", 1.5, True, None, [20, 40], [512, 512], [["a", 0.5], ["b", 0.5]], [[1, 1.0]]):
+        assert error(json.dumps({"name": "x", "value": value})) is None, value
+    assert error("[" * limit + "]" * limit) is None
+    message = error("[" * (limit + 1))
+    assert message is not None
+    assert f"nested {limit + 1} deep" in message and f"allowed: at most {limit} levels" in message
+    assert limit >= 8  # well above the API's 3 levels
+
+
+def test_parse_json_body_reads_what_json_reads_and_refuses_depth() -> None:
+    parse = preview_module.parse_json_body
+    body = {"name": "prompt_blend", "value": [["ä sunset", 1.0]]}
+    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-32"):
+        assert parse(json.dumps(body, ensure_ascii=False).encode(encoding)) == body, encoding
+    with pytest.raises(preview_module.JsonTooDeep, match="nested 60000 deep"):
+        parse(b"[" * 60000)
+    # in UTF-16 a non-ASCII character can contain the byte of a quote: depth is counted on text
+    hidden = ('["\u2200", ' + "[" * 3000).encode("utf-16-le")
+    with pytest.raises(preview_module.JsonTooDeep):
+        parse(hidden)
+    with pytest.raises(ValueError):
+        parse(b"{not json")
+    with pytest.raises(ValueError):
+        parse(b"\xff\xfe\xfd")

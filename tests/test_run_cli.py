@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import uuid
@@ -14,11 +15,12 @@ from engine.cli import main
 from tests.peers import ShmWatcher, demo_args
 
 
-def test_demo_run_60_frames_into_record_and_shm(tmp_path, capsys):
+def test_demo_run_60_frames_into_record_and_shm(tmp_path, capsys, caplog):
     shm_name = f"ls_e2e_{uuid.uuid4().hex[:8]}"
     watcher = ShmWatcher(shm_name)
     watcher.start()
-    status = main(demo_args(tmp_path, shm_name, frames=60))
+    with caplog.at_level(logging.INFO, logger="bridges.record"):
+        status = main(demo_args(tmp_path, shm_name, frames=60))
     watcher.stop.set()
     watcher.join(5)
     assert status == 0
@@ -29,7 +31,14 @@ def test_demo_run_60_frames_into_record_and_shm(tmp_path, capsys):
     assert frames_out == 60 and frames_in >= 60 and 0 < latency < 10_000
     with av.open(str(tmp_path / "demo.mp4")) as container:
         decoded = list(container.decode(video=0))
-    assert len(decoded) == 60
+    # the file plays at the speed of the show, whatever rate this machine ran the engine at:
+    # it lasts the wall time it covers (half a frame either way, plus the frame at the end)
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    timing = re.search(r": ([\d.]+) s covering ([\d.]+) s of wall time, (\d+) frames", wrote[-1])
+    assert timing, wrote
+    seconds, covered, written = float(timing[1]), float(timing[2]), int(timing[3])
+    assert len(decoded) == written and seconds == pytest.approx(written / 30, abs=0.006)
+    assert -0.5 / 30 - 0.01 <= seconds - covered <= 1.5 / 30 + 0.01, (seconds, covered)
     assert (decoded[0].width, decoded[0].height) == (64, 64)
     assert watcher.sequences == sorted(set(watcher.sequences)), "shm frames arrive in order"
     assert len(watcher.sequences) >= 30, f"reader saw {len(watcher.sequences)} of 60"

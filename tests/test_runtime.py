@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -31,11 +32,6 @@ def run_engine(engine: Engine, seconds: float) -> None:
     assert not thread.is_alive()
 
 
-def fps_between(sink: RecordingSink, start: float, stop: float) -> float:
-    count = sum(1 for t in sink.times if start <= t < stop)
-    return count / (stop - start)
-
-
 def test_queues_newest_wins_and_drop_oldest():
     slot: LatestSlot[int] = LatestSlot()
     for i in range(5):
@@ -52,6 +48,23 @@ def test_queues_newest_wins_and_drop_oldest():
     assert meter.rate(11.0) == pytest.approx(10.0)
 
 
+@pytest.mark.parametrize(
+    "samples",
+    [[1600.0] + [55.5] * 19, list(np.random.default_rng(3).exponential(40.0, 240)), [7.0], [3.0, 1.0]],
+)
+def test_latency_p95_is_the_interpolated_95th_percentile(samples):
+    """p95 was the nearest rank below: with one slow first frame among 20 it was the second
+    slowest (55.5 ms) and under half the mean (132 ms), and a test comparing them failed."""
+    from engine.runtime.stats import RuntimeStats
+
+    stats = RuntimeStats()
+    for ms in samples:
+        stats.latency(ms)
+    snapshot = stats.snapshot()
+    assert snapshot["latency_p95_ms"] == pytest.approx(round(float(np.percentile(samples, 95)), 1))
+    assert snapshot["latency_p95_ms"] >= round(float(np.median(samples)), 1)
+
+
 def test_frames_flow_and_stats_are_sane(bundle):
     sink = RecordingSink()
     engine = Engine(pipeline(bundle), lambda: FakeSource(fps=30), [("rec", lambda: sink)])
@@ -62,7 +75,11 @@ def test_frames_flow_and_stats_are_sane(bundle):
     assert all(f.pixels.shape == (SIZE, SIZE, 4) and f.pixels.dtype == np.uint8 for f in sink.frames)
     stats = engine.stats.snapshot()
     assert stats["frames_out"] == 20 and stats["frames_in"] >= 20
-    assert 0 < stats["latency_ms"] < 5000 and stats["latency_p95_ms"] >= stats["latency_ms"] * 0.5
+    # properties that hold under any load (a busy machine makes one frame slow, not these false)
+    latencies = engine.stats.latencies_ms()
+    assert len(latencies) == 20 and all(math.isfinite(ms) and ms > 0 for ms in latencies)
+    assert stats["latency_ms"] == pytest.approx(float(np.mean(latencies)), abs=0.05)
+    assert float(np.median(latencies)) - 0.05 <= stats["latency_p95_ms"] <= max(latencies) + 0.05
     assert stats["state"] == EngineState.STOPPED.value
     assert stats["outputs"]["rec"]["sent"] == 20
     assert sink.closed == 1
@@ -126,17 +143,12 @@ def test_one_failing_and_one_stalled_sink_do_not_slow_the_others(bundle):
         [("good", lambda: good), ("failing", lambda: failing), ("stalled", lambda: stalled)],
         EngineOptions(retry_seconds=0.05),
     )
-    start = time.monotonic()
     with engine:
         run_engine(engine, 3.0)
-    alone_sink = RecordingSink()
-    reference = Engine(pipeline(bundle), lambda: FakeSource(fps=20), [("alone", lambda: alone_sink)])
-    ref_start = time.monotonic()
-    with reference:
-        run_engine(reference, 3.0)
-    good_fps = fps_between(good, start + 1.0, start + 3.0)
-    alone_fps = fps_between(alone_sink, ref_start + 1.0, ref_start + 3.0)
-    assert good_fps >= 0.8 * alone_fps, (good_fps, alone_fps)
+    # within one run, so a busy machine slows both sides alike (the speed itself is the bench's):
+    # the good sink got what the engine made, and the engine was not held to the stalled pace
+    assert len(good.frames) >= 0.8 * engine.frames_emitted, (len(good.frames), engine.frames_emitted)
+    assert engine.frames_emitted > 3 * len(stalled.frames), (engine.frames_emitted, len(stalled.frames))
     assert engine.stats.snapshot()["outputs"]["failing"]["failures"] >= 3
     assert len(failing.frames) > 5  # reopened and kept sending
     assert len(stalled.frames) <= 6  # 1 s per frame over ~3-5 s
@@ -187,3 +199,72 @@ def test_slow_engine_supersedes_inputs_and_says_so(bundle):
     assert stats["frames_in"] > stats["frames_out"]
     assert stats["input_superseded"] > 0, "a source faster than the engine is not backlogged"
     assert stats["input_superseded"] <= stats["frames_in"]
+
+
+def test_a_sink_that_opens_but_cannot_send_is_reopened_with_backoff_not_per_frame():
+    """A recording whose file could never be created was reopened once per output frame (and
+    its opener logged a line each time: 2.6 M lines a day at 30 fps)."""
+    from bridges.base import BridgeError, Frame
+    from engine.runtime.stats import RuntimeStats
+    from engine.runtime.workers import SinkItem, SinkWorker
+
+    opened: list[float] = []
+
+    class Unwritable:
+        def send(self, frame: Frame) -> None:
+            raise BridgeError("cannot create video file 'out/take.mp4': read-only file system")
+
+        def close(self) -> None:
+            pass
+
+    def open_sink() -> Unwritable:
+        opened.append(time.monotonic())
+        return Unwritable()
+
+    stop = threading.Event()
+    stats = RuntimeStats()
+    worker = SinkWorker("rec", open_sink, 2, stats, stop, retry_s=0.5)
+    worker.start()
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    start = time.monotonic()
+    try:
+        for index in range(120):  # 60 frames a second for 2 s
+            worker.put(SinkItem(Frame(pixels, time.monotonic(), index), measure_latency=False))
+            time.sleep(1 / 60)
+    finally:
+        stop.set()
+        worker.join(5)
+    elapsed = time.monotonic() - start
+    # opens at 0, then >= 0.5 s after each failure, doubling: 0, 0.5, 1.5, 3.5 ... (a busy
+    # machine only opens less often)
+    assert 1 <= len(opened) <= 1 + math.ceil(math.log2(elapsed / 0.5 + 1)), (len(opened), elapsed)
+    gaps = np.diff(opened)
+    assert all(gap >= 0.5 for gap in gaps), gaps
+    assert stats.sink("rec").failures == len(opened)
+
+
+def test_a_recording_lasts_as_long_as_the_show_it_recorded(bundle, tmp_path):
+    """Frames were stamped by a counter: a run at 3.5 fps into a 30 fps file played back 8x
+    too fast. Now the file covers the wall time from its opening to the show's end, to a frame,
+    whatever rate the engine ran at on this machine."""
+    av = pytest.importorskip("av")
+    from bridges.record import RecordingOpener, RecordSink
+
+    opener = RecordingOpener({"path": str(tmp_path / "show.mp4"), "fps": 30.0, "codec": "libx264"}, {})
+    opened: list[RecordSink] = []
+
+    def open_recording() -> RecordSink:
+        opened.append(opener())
+        return opened[-1]
+
+    engine = Engine(pipeline(bundle), lambda: FakeSource(fps=20), [("rec", open_recording)])
+    with engine:
+        engine.run(duration=2.0)
+    sink = opened[0]
+    assert sink.origin is not None and engine.ended_at is not None
+    covered = engine.ended_at - sink.origin  # the sink opened at the start, the run ended by --duration
+    # the last frame may straddle the end: half a frame either way, plus that frame
+    assert -0.5 / 30 - 1e-6 <= sink.seconds - covered <= 1.5 / 30 + 1e-6, (sink.seconds, covered)
+    with av.open(str(tmp_path / "show.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == sink.frames_written
+    assert sink.frames_written > engine.frames_emitted  # a 20 fps source: frames were repeated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -10,10 +11,12 @@ import textwrap
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import psutil
 
 from bridges.shm import segment_exists
+from engine.cli import _restore_and_autosave
 from engine.exitcodes import EXIT_SUPERVISOR_GAVE_UP
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.autosave import Autosaver, LiveStateFile
@@ -29,8 +32,8 @@ from engine.runtime.supervisor import (
 )
 from engine.stream.modes import CfgType
 from scripts.osc_peer import FeedbackListener, free_port, osc_flags
-from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
-from tests.peers import decoded_frames, demo_args, kill_quietly, start_engine
+from tests.fakes import SIZE, FakeSource, RecordingSink, record_durability, wait_until
+from tests.peers import decoded_frames, demo_args, kill_quietly, start_engine, wait_for_recording
 
 RESTART_TARGET_S = 10.0
 
@@ -259,6 +262,27 @@ def test_live_state_round_trip_is_atomic_and_validated(tmp_path):
     assert file.read() == {}
 
 
+def test_the_live_state_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+    calls = record_durability(monkeypatch)
+    LiveStateFile(tmp_path / "live.json").write({"seed": 7})
+    folder_synced = [] if os.name == "nt" else [("fsync", "folder")]  # Windows cannot fsync a folder
+    assert calls == [("fsync", "file"), ("replace", "live.json"), *folder_synced]
+
+
+def test_autosaving_starts_by_removing_what_killed_writes_of_the_state_file_left(tmp_path):
+    """The state file may sit in a user's folder: only its own old temporaries go."""
+    stale = [tmp_path / ".live.json.k2_x9qzw.tmp", tmp_path / ".live.json.0123abcd.tmp"]
+    kept = [tmp_path / ".thesis.docx.0123abcd.tmp", tmp_path / "notes.txt"]
+    then = time.time() - 60
+    for path in [*stale, *kept]:
+        path.write_text("")
+        os.utime(path, (then, then))
+    engine = SimpleNamespace(control=SimpleNamespace(applied=lambda: {"seed": 3}), on_applied=None)
+    _restore_and_autosave(engine, str(tmp_path / "live.json"), resume=False).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["live.json", *(p.name for p in kept)])
+    assert LiveStateFile(tmp_path / "live.json").read() == {"seed": 3}
+
+
 def test_the_autosaver_coalesces_and_writes_the_last_change(tmp_path):
     file = LiveStateFile(tmp_path / "live.json")
     with Autosaver(file, min_interval_s=0.5) as saver:
@@ -316,7 +340,8 @@ def test_a_killed_engine_comes_back_with_its_prompt(tmp_path):
 
             osc.sendto(build_message("/prompt", ["a red cube"]), ("127.0.0.1", osc_port))
         assert wait_until(lambda: state.exists() and "a red cube" in state.read_text(), 20)
-        time.sleep(3.0)  # a recording keeps what is older than ~1 s: let the first one hold frames
+        # a recording keeps what is older than ~1 s: let the first one hold frames before the kill
+        wait_for_recording(tmp_path / "demo.mp4", 60)
         children = psutil.Process(supervisor.pid).children()
         assert len(children) == 1
         children[0].kill()

@@ -30,6 +30,7 @@ from engine.accel.cache import (
 )
 from engine.stream.guidance import unet_batch_size
 from engine.stream.modes import CfgType
+from tests.fakes import record_durability
 
 SDK_REASON = trtb.unavailable_reason()
 sdk = pytest.mark.sdk
@@ -397,6 +398,15 @@ def test_atomic_write_leaves_the_old_file_when_the_rename_fails(
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.plan"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows cannot fsync a folder")
+def test_atomic_write_fsyncs_the_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_durability(monkeypatch)
+    atomic_write_bytes(tmp_path / "unet.plan", b"PLAN")
+    assert calls == [("fsync", "file"), ("replace", "unet.plan"), ("fsync", "folder")]
 
 
 # =========================================================================== shapes & dtypes

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
 import re
 import shutil
 import time
 import unicodedata
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.atomicfile import atomic_write_bytes as atomic_write_bytes  # re-exported for the builders
+from engine.atomicfile import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -266,33 +266,6 @@ class EngineKey:
         """File name of the timing cache shared by engines of one TensorRT version and GPU."""
         gpu = model_slug(self.gpu_name, max_length=24)
         return windows_safe_name(f"timing_trt{self.tensorrt_version}_{self.compute_capability}_{gpu}.cache")
-
-
-# --------------------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    A reader sees the old file or the whole new one, never half of it; a crash leaves at most a
-    hidden ``.tmp`` file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """``atomic_write_bytes`` of UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- cache

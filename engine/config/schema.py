@@ -131,7 +131,7 @@ Dim = Annotated[
     _Allowed(f"a multiple of {SIDE_MULTIPLE} between {_SIZE.minimum} and {_SIZE.maximum}"),
 ]
 SourceDim = Annotated[StrictInt, Field(ge=16, le=8192)]
-Codec = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_]+$"), _Allowed("an FFmpeg encoder name")]
+Codec = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]+$"), _Allowed("an FFmpeg encoder name")]
 Prompt = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
 Fps = Annotated[StrictFloat, Field(gt=0, le=240)]
 QueueSize = Annotated[StrictInt, Field(ge=1, le=64)]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,11 +14,12 @@ from typing import Any
 
 from pythonosc import osc_packet
 
+from bridges.ratelimit import RateLimitedLog
 from engine import params
+from engine.control.oscwire import truncation_error
 from engine.control.scenes import NAME_RULE, is_scene_name
 from engine.control.state import ControlState
 from engine.params import ParamError, ParamKind, ParamSpec
-from engine.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,23 @@ class Reply:
     to_feedback: bool = True
 
 
+Effect = Callable[[], list[Reply]]
+"""What a validated message does when it applies: writes ControlState (or runs an action)
+and returns the replies. Validation happens before; an effect only fails for a reason that
+needs the moment it applies (a scene file that is gone)."""
+
+
+@dataclass(order=True)
+class _Timed:
+    """A validated message of a bundle stamped in the future, waiting for its time."""
+
+    due: float  # time.monotonic() at which it applies
+    order: int  # arrival order among messages due at the same time
+    address: str = field(compare=False)
+    effect: Effect = field(compare=False)
+    sender: tuple[str, int] = field(compare=False)
+
+
 @dataclass
 class DispatchCounters:
     """What the dispatcher saw (for tests, the status line and /engine/*)."""
@@ -53,6 +73,7 @@ class DispatchCounters:
     rejected: int = 0
     malformed: int = 0
     disallowed: int = 0
+    timed: int = 0  # messages of future-stamped bundles held until their time
     by_error: dict[str, int] = field(default_factory=dict)
 
 
@@ -71,6 +92,13 @@ class OscDispatcher:
 
     ``handle_datagram`` returns the replies the transport must send (errors, ``/status``),
     so handlers are tested by feeding datagrams. Scene actions call ``scene_handler``.
+
+    Bundles are honoured by their time tag: "immediately" and past times apply at once; a
+    message of a bundle stamped in the future is validated when it arrives (a bad one is
+    answered at once) and held until its time, at most ``params.MAX_BUNDLE_AHEAD_S`` ahead
+    and ``params.MAX_TIMED_WAITING`` at once. The transport calls ``run_due`` when
+    ``seconds_to_next_due`` says one is due; the change then lands in ControlState and the
+    frame loop applies it at the first frame boundary after that.
     """
 
     def __init__(
@@ -87,26 +115,44 @@ class OscDispatcher:
         self.counters = DispatchCounters()
         self._log = RateLimitedLog(logger, 1.0)
         self._answers: dict[str, tuple[float, int]] = {}
+        self._timed: list[_Timed] = []  # a heap by due time
+        self._timed_lock = threading.Lock()
+        self._timed_order = 0
         root = logging.getLogger()
         if _QUIET not in root.filters:
             root.addFilter(_QUIET)
 
     # ------------------------------------------------------------------ entry point
     def handle_datagram(self, data: bytes, sender: tuple[str, int]) -> list[Reply]:
-        """Parse one UDP datagram (message or bundle) and handle every message in it."""
+        """Parse one UDP datagram (message or bundle) and handle every message in it.
+
+        Messages of a bundle stamped in the future are validated now and held (``run_due``).
+        """
         if data.count(b"#bundle\x00") > MAX_BUNDLE_DEPTH:
             return self._malformed(sender, f"bundle nested deeper than {MAX_BUNDLE_DEPTH}")
         # a string longer than any allowed value is refused before the (slow) parser sees it
         if max(map(len, data.split(b"\x00"))) > 4 * self.max_string:
             return self._malformed(sender, f"a string longer than {self.max_string} characters")
+        # the parser pads a float cut short with zeros: an invented value must be refused first
+        short = truncation_error(data)
+        if short is not None:
+            return self._malformed(sender, short)
         try:
             packet = osc_packet.OscPacket(data)
-            messages = [(timed.message.address, list(timed.message.params)) for timed in packet.messages]
+            messages = [
+                (timed.time, timed.message.address, list(timed.message.params)) for timed in packet.messages
+            ]
         except _PARSE_ERRORS as err:
             return self._malformed(sender, f"not an OSC packet ({type(err).__name__})")
+        # python-osc stamps "immediately" and past times with its own time.time() before ours
+        wall, now = time.time(), time.monotonic()
         replies: list[Reply] = []
-        for address, args in messages:
-            replies.extend(self.handle_message(address, args, sender))
+        for when, address, args in messages:
+            ahead = when - wall
+            if ahead > 0:
+                replies.extend(self._hold(address, args, sender, ahead, now))
+            else:
+                replies.extend(self.handle_message(address, args, sender))
         return replies
 
     def handle_message(self, address: str, args: Sequence[Any], sender: tuple[str, int]) -> list[Reply]:
@@ -114,15 +160,72 @@ class OscDispatcher:
         replies, error = self.handle_request(address, args, sender)
         if error is None:
             return replies
-        if not self._may_answer(address if address in params.BY_ADDRESS else "<unknown address>"):
-            return []
-        return [Reply("/engine/error", [error], to_sender=True, to_feedback=True)]
+        return self._error_replies(address, error)
 
     def handle_request(
         self, address: str, args: Sequence[Any], sender: tuple[str, int]
     ) -> tuple[list[Reply], str | None]:
         """``handle_message`` for a caller that answers itself (the operator page's HTTP endpoint):
         the replies, or the error text an OSC sender would get (``None``: accepted)."""
+        effect, error = self._validate(address, args, sender)
+        if effect is None:
+            return [], error
+        return self._apply(address, effect)
+
+    # ------------------------------------------------------------------ timed bundles
+    def seconds_to_next_due(self, now: float | None = None) -> float | None:
+        """Seconds until the next held message is due (0 when one is due), None when none waits."""
+        now = time.monotonic() if now is None else now
+        with self._timed_lock:
+            return max(0.0, self._timed[0].due - now) if self._timed else None
+
+    def run_due(self, now: float | None = None) -> list[tuple[Reply, tuple[str, int]]]:
+        """Apply every held message whose time has come, in time order; the replies and whom
+        they answer (the sender of each message)."""
+        now = time.monotonic() if now is None else now
+        with self._timed_lock:
+            due = []
+            while self._timed and self._timed[0].due <= now:
+                due.append(heapq.heappop(self._timed))
+        answers: list[tuple[Reply, tuple[str, int]]] = []
+        for timed in due:
+            replies, error = self._apply(timed.address, timed.effect)
+            if error is not None:
+                replies = self._error_replies(timed.address, error)
+            answers.extend((reply, timed.sender) for reply in replies)
+        return answers
+
+    def _hold(
+        self, address: str, args: list[Any], sender: tuple[str, int], ahead: float, now: float
+    ) -> list[Reply]:
+        """Validate a message stamped ``ahead`` seconds in the future and hold it until then."""
+        with self._timed_lock:
+            waiting = len(self._timed)
+        if ahead > params.MAX_BUNDLE_AHEAD_S or waiting >= params.MAX_TIMED_WAITING:
+            self.counters.messages += 1
+            if ahead > params.MAX_BUNDLE_AHEAD_S:
+                error = (f"{address[:80]}: bundle time {ahead:.1f} s ahead; allowed: at most "
+                         f"{params.MAX_BUNDLE_AHEAD_S:g} s ahead (or immediately)")
+            else:
+                error = (f"{address[:80]}: {waiting} timed messages already waiting; allowed: at "
+                         f"most {params.MAX_TIMED_WAITING} at once")
+            self._count_rejection(address, error)
+            return self._error_replies(address, error)
+        effect, invalid = self._validate(address, args, sender)
+        if effect is None:
+            assert invalid is not None
+            return self._error_replies(address, invalid)
+        with self._timed_lock:
+            self._timed_order += 1
+            heapq.heappush(self._timed, _Timed(now + ahead, self._timed_order, address, effect, sender))
+        self.counters.timed += 1
+        return []
+
+    # ------------------------------------------------------------------ validate, then apply
+    def _validate(
+        self, address: str, args: Sequence[Any], sender: tuple[str, int]
+    ) -> tuple[Effect | None, str | None]:
+        """The effect of a valid message, or the error text (counted and logged)."""
         self.counters.messages += 1
         spec = params.BY_ADDRESS.get(address)
         try:
@@ -131,16 +234,30 @@ class OscDispatcher:
                     address,
                     f"unknown address; see {len(params.BY_ADDRESS)} addresses in docs/osc.md",
                 )
-            replies = self._handle(spec, list(args), sender)
+            return self._handle(spec, list(args), sender), None
         except ParamError as err:
+            message = str(err)[:500]
+            self._count_rejection(address, message)
+            return None, message
+
+    def _apply(self, address: str, effect: Effect) -> tuple[list[Reply], str | None]:
+        try:
+            replies = effect()
+        except ParamError as err:  # only what needs the moment: a scene that cannot be loaded
             message = str(err)[:500]
             self._count_rejection(address, message)
             return [], message
         self.counters.accepted += 1
         return replies, None
 
+    def _error_replies(self, address: str, error: str) -> list[Reply]:
+        if not self._may_answer(address if address in params.BY_ADDRESS else "<unknown address>"):
+            return []
+        return [Reply("/engine/error", [error], to_sender=True, to_feedback=True)]
+
     # ------------------------------------------------------------------ handlers
-    def _handle(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> list[Reply]:
+    def _handle(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> Effect:
+        """Validate ``args`` for ``spec``; raise ParamError, or return what applying it does."""
         for arg in args:
             if isinstance(arg, str) and len(arg) > self.max_string:
                 raise ParamError(
@@ -165,10 +282,16 @@ class OscDispatcher:
             if len(args) != 1:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: one ({spec.osc_args})")
             value = spec.coerce(args[0])
-        self.state.write({spec.name: value})
-        return []
+        return self._writes({spec.name: value})
 
-    def _prompt(self, spec: ParamSpec, args: list[Any]) -> list[Reply]:
+    def _writes(self, changes: dict[str, Any], crossfade_s: float = 0.0) -> Effect:
+        def write() -> list[Reply]:
+            self.state.write(changes, crossfade_s=crossfade_s)
+            return []
+
+        return write
+
+    def _prompt(self, spec: ParamSpec, args: list[Any]) -> Effect:
         if not 1 <= len(args) <= 2:
             raise ParamError(spec.name, f"{len(args)} arguments; allowed: s [f] (prompt, crossfade seconds)")
         text = spec.coerce(args[0])
@@ -186,32 +309,41 @@ class OscDispatcher:
                     f"crossfade {seconds!r} is out of range; allowed: 0..{MAX_CROSSFADE_S:g} s",
                 )
             crossfade = float(seconds)
-        self.state.write({spec.name: text}, crossfade_s=crossfade)
-        return []
+        return self._writes({spec.name: text}, crossfade)
 
-    def _action(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> list[Reply]:
+    def _action(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> Effect:
         if spec.name == "status":
             if args:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
-            return [
+            return self._status_replies
+        if len(args) != 1 or not is_scene_name(args[0]):
+            shown = args[0] if len(args) == 1 else args
+            raise ParamError(spec.name, f"{shown!r} is not a scene name; allowed: {NAME_RULE} (no paths)")
+        scene_handler = self.scene_handler
+        if scene_handler is None:
+            raise ParamError(spec.name, "scenes are not available in this engine")
+        name = args[0]
+
+        def scene_action() -> list[Reply]:
+            problem = scene_handler(spec.name, name)
+            if problem is not None:
+                raise ParamError(spec.name, problem)
+            return [Reply(spec.osc_address, [name])]
+
+        return scene_action
+
+    def _status_replies(self) -> list[Reply]:
+        """Every current value, to the sender only."""
+        return [
                 Reply(
                     params.REGISTRY[name].osc_address,
                     osc_args(params.REGISTRY[name], value),
                     to_sender=True,
                     to_feedback=False,
                 )
-                for name, value in self.status_values().items()
-                if name in params.REGISTRY and value is not None
-            ]
-        if len(args) != 1 or not is_scene_name(args[0]):
-            shown = args[0] if len(args) == 1 else args
-            raise ParamError(spec.name, f"{shown!r} is not a scene name; allowed: {NAME_RULE} (no paths)")
-        if self.scene_handler is None:
-            raise ParamError(spec.name, "scenes are not available in this engine")
-        problem = self.scene_handler(spec.name, args[0])
-        if problem is not None:
-            raise ParamError(spec.name, problem)
-        return [Reply(spec.osc_address, [args[0]])]
+            for name, value in self.status_values().items()
+            if name in params.REGISTRY and value is not None
+        ]
 
     # ------------------------------------------------------------------ errors
     def _count_rejection(self, address: str, message: str) -> None:

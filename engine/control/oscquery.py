@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from bridges.ratelimit import RateLimitedLog
 from engine import params
 from engine.control.dispatch import osc_args
 from engine.params import ParamKind, ParamSpec
 
 logger = logging.getLogger(__name__)
+
+#: What a client that goes away mid-answer makes a write raise (not worth more than a DEBUG line).
+DROPPED_CLIENT_ERRORS: tuple[type[OSError], ...] = (
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    TimeoutError,
+)
 
 ACCESS_NONE, ACCESS_READ, ACCESS_WRITE, ACCESS_READ_WRITE = 0, 1, 2, 3
 ATTRIBUTES = ("FULL_PATH", "CONTENTS", "TYPE", "ACCESS", "VALUE", "RANGE", "DESCRIPTION", "CLIPMODE")
@@ -156,24 +167,47 @@ class OscQueryServer:
         self._values, self._engine = values, engine
         self.osc_host, self.osc_port = osc_host, osc_port
         outer = self
+        self._log = RateLimitedLog(logger, 1.0)  # failures: a client must not fill the disk
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "latentstage-oscquery"
 
             def do_GET(self) -> None:
-                status, body = outer.respond(self.path)
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    status, body = outer.respond(self.path)
+                    data = json.dumps(body).encode() if body is not None else b""
+                # The request boundary: the path is a stranger's and the namespace is built from
+                # the engine's live state; whatever fails costs this request a 500 and the log a
+                # line a second, never a traceback per request.
+                except Exception as err:
+                    outer._failed(f"GET {self.path[:100]!r}", err, "GET")
+                    status = HTTPStatus.INTERNAL_SERVER_ERROR
+                    data = json.dumps({"error": f"internal error ({type(err).__name__})"}).encode()
+                    self.close_connection = True
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except DROPPED_CLIENT_ERRORS as err:
+                    logger.debug("oscquery client %s went away: %s", self.client_address, err)
+                    self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("oscquery: " + format, *args)
 
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                """What escaped outside ``do_GET`` (reading the request line, the last flush)."""
+                error = sys.exc_info()[1]
+                if isinstance(error, DROPPED_CLIENT_ERRORS):
+                    logger.debug("oscquery client %s went away: %s", client_address, error)
+                else:
+                    outer._failed(f"request from {client_address[0]}", error, "server")
+
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = Server((host, port), Handler)
         except OSError as err:
             raise OSError(f"OSCQuery cannot listen on {host}:{port} ({err.strerror})") from err
         self._server.daemon_threads = True
@@ -204,6 +238,18 @@ class OscQueryServer:
         if query not in node:
             return HTTPStatus.NO_CONTENT, None
         return HTTPStatus.OK, {query: node[query]}
+
+    def _failed(self, what: str, error: BaseException | None, where: str) -> None:
+        """One ERROR line a second per ``where`` and kind of failure (then how many more there
+        were); the traceback at DEBUG, as rarely."""
+        kind = type(error).__name__
+        text = str(error)
+        text = text if len(text) <= 200 else text[:200] + "..."
+        key = f"{where}:{kind}"
+        self._log(logging.ERROR, key, "OSCQuery %s failed: %s: %s (traceback at DEBUG)", what, kind, text)
+        if error is not None and logger.isEnabledFor(logging.DEBUG):
+            trace = "".join(traceback.format_exception(error))
+            self._log(logging.DEBUG, f"{key}:traceback", "OSCQuery %s failed:\n%s", what, trace)
 
     def close(self) -> None:
         if self._closed:

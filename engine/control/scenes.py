@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from engine import params
+from engine.atomicfile import STALE_AFTER_S, atomic_write_text, remove_stale_temporaries
 from engine.params import ParamError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ def scene_params() -> list[str]:
     return [spec.name for spec in params.REGISTRY.values() if spec.in_scene]
 
 
+def is_scene_temporary_target(target: str) -> bool:
+    """Whether a temporary file of ``target`` belongs to a scene save (``NAME.yaml``, or ``NAME`` before)."""
+    return is_scene_name(target.removesuffix(".yaml"))
+
+
 class SceneStore:
     """Reads and writes ``<folder>/<name>.yaml``; names are plain words, never paths."""
 
@@ -61,24 +66,33 @@ class SceneStore:
         return sorted(p.stem for p in self.folder.glob("*.yaml") if is_scene_name(p.stem))
 
     def save(self, name: str, values: Mapping[str, Any], crossfade_s: float = DEFAULT_CROSSFADE_S) -> Path:
-        """Write the scene atomically (a crash mid-write never leaves half a file)."""
+        """Write the scene atomically (``engine.atomicfile.atomic_write_text``).
+
+        A reader (a ``load``, another engine) sees the old scene or the whole new one, never part
+        of it, and once this returns the new scene survives a power cut (POSIX). A kill mid-write
+        leaves at most a hidden ``.NAME.yaml.XXXXXXXX.tmp``, removed by ``remove_stale_temporaries``.
+        """
         target = self.path(name)
         data = {
             "latentstage_scene": 1,
             "crossfade_seconds": crossfade_s,
             "values": {k: params.to_plain(values[k]) for k in scene_params() if k in values},
         }
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                yaml.safe_dump(data, stream, sort_keys=False, allow_unicode=True)
-            os.replace(temporary, target)
+            atomic_write_text(target, text)
         except OSError as err:
-            Path(temporary).unlink(missing_ok=True)
             raise SceneError(f"scene {name!r} could not be saved: {err.strerror}") from err
         logger.info("scene %s saved to %s", name, target)
         return target
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_AFTER_S) -> int:
+        """Delete what interrupted saves left in the folder; the number removed (call it at start).
+
+        Only ``.NAME.yaml.XXXXXXXX.tmp`` (and the older ``.NAME.XXXXXXXX.tmp``) of a valid scene
+        name older than ``older_than_s`` go: a younger one may be another engine's save in progress.
+        """
+        return remove_stale_temporaries(self.folder, is_scene_temporary_target, older_than_s)
 
     def load(self, name: str) -> tuple[dict[str, Any], float]:
         """Validated values and the crossfade seconds of scene ``name``."""

@@ -72,6 +72,7 @@ class ControlService:
         self.engine_status = engine_status
         self.operator = operator
         self.scenes = SceneStore(settings.scenes_dir)
+        self.scenes.remove_stale_temporaries()  # what saves killed mid-write left behind
         self.feedback = FeedbackSender([parse_target(t) for t in settings.feedback])
         self.dispatcher = OscDispatcher(control, control.applied, self._scene)
         self.server = OscUdpServer(

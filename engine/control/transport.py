@@ -11,14 +11,18 @@ from typing import Any
 
 from pythonosc.osc_message_builder import OscMessageBuilder
 
+from bridges.ratelimit import RateLimitedLog
 from engine.control.dispatch import OscDispatcher, Reply
-from engine.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+POLL_S = 0.2
+"""The receiving thread looks at its stop flag at least this often."""
+MIN_WAIT_S = 0.0005
+"""The shortest socket wait before a timed message is due (a zero timeout would not block)."""
 
 
 def parse_allow(entries: Sequence[str]) -> tuple[IpNetwork, ...]:
@@ -113,7 +117,7 @@ class OscUdpServer:
             ) from err
         # room for bursts (a fader flood, a bundle storm) while the engine holds the GIL
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-        self._socket.settimeout(0.2)
+        self._socket.settimeout(POLL_S)
         self.host, self.port = self._socket.getsockname()[:2]
         self.disallowed = 0
         self._log = RateLimitedLog(logger, 5.0)
@@ -143,9 +147,13 @@ class OscUdpServer:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
+            # wake for the next message of a timed bundle, or now and then to see the stop flag
+            due = self.dispatcher.seconds_to_next_due()
+            self._socket.settimeout(POLL_S if due is None else min(POLL_S, max(MIN_WAIT_S, due)))
             try:
                 data, sender = self._socket.recvfrom(self.max_datagram)
             except TimeoutError:
+                self.run_due()
                 continue
             except OSError as err:
                 if self._stop.is_set():
@@ -153,6 +161,12 @@ class OscUdpServer:
                 self._log(logging.WARNING, "recv", "OSC receive failed: %s", err)
                 continue
             self.handle(data, (sender[0], sender[1]))
+            self.run_due()
+
+    def run_due(self) -> None:
+        """Apply the messages of timed bundles whose time has come; answer their senders."""
+        for reply, sender in self.dispatcher.run_due():
+            self._send_reply(reply, sender)
 
     def handle(self, data: bytes, sender: tuple[str, int]) -> None:
         """One datagram: allow-list, dispatch, replies."""

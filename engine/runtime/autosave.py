@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import params
+from engine.atomicfile import STALE_AFTER_S, atomic_write_text, remove_stale_temporaries
 from engine.params import ParamError
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,10 @@ MIN_INTERVAL_S = 0.2
 class LiveStateFile:
     """``values`` of every restorable live parameter as JSON at ``path``.
 
-    ``write`` replaces the file atomically (a temporary file, flushed to disk, renamed over
-    it): a crash or power cut mid-write leaves the previous state, never half a file.
+    ``write`` replaces the file atomically (``engine.atomicfile``: a temporary file fsynced, renamed
+    over it, the folder fsynced): a reader sees the previous state or the whole new one, a crash or
+    power cut mid-write leaves the previous state, never half a file, and once ``write`` returns
+    the new state survives a power cut (POSIX).
     ``read`` never raises: a missing, unreadable or corrupt file gives ``{}`` (the config
     values then apply), and a value the registry refuses (an older version, a hand edit) is
     dropped with a warning while the others are kept.
@@ -37,7 +39,7 @@ class LiveStateFile:
         self.path = Path(path)
 
     def write(self, values: Mapping[str, Any]) -> None:
-        """Replace the saved state with the restorable parameters in ``values``."""
+        """Replace the saved state with the restorable parameters in ``values`` (``OSError`` on failure)."""
         data = {
             "latentstage_live_state": FORMAT,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -45,19 +47,15 @@ class LiveStateFile:
                 name: params.to_plain(values[name]) for name in params.live_state_params() if name in values
             },
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(data, stream, indent=1, ensure_ascii=False)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-        except OSError:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(data, indent=1, ensure_ascii=False))
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_AFTER_S) -> int:
+        """Delete the temporary files interrupted writes of this file left (call it at start).
+
+        Only ``.{name}.XXXXXXXX.tmp`` of this file's own name, older than ``older_than_s``: the
+        folder may be a user's, and a younger one may be another engine's write in progress.
+        """
+        return remove_stale_temporaries(self.path.parent, [self.path.name], older_than_s)
 
     def read(self) -> dict[str, Any]:
         """The saved values, each validated against the registry (``{}`` when there are none)."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from bridges.base import FrameSink, FrameSource, open_sink, open_source
+from bridges.ratelimit import RateLimitedLog
 from engine.accel.backends import Backend
 from engine.control.state import ControlState
 from engine.models.bundle import ModelBundle
@@ -24,7 +25,6 @@ from engine.params import (
     validate_changes,
 )
 from engine.pipeline import PipelineSettings, StreamPipeline
-from engine.ratelimit import RateLimitedLog
 from engine.runtime.builds import Builds
 from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.control_sources import ControlFeeds, ControlSource
@@ -176,6 +176,9 @@ class Engine:
         self._started = False
         self._closed = False
         self.frames_emitted = 0
+        self.ended_at: float | None = None
+        """When the show ended: the ``duration`` deadline, the stop request or the last of
+        ``max_frames`` (``time.monotonic()``); a recording holds its last frame until then."""
         self.on_applied: Callable[[dict[str, Any]], None] | None = None
         self.on_error: Callable[[str], None] | None = None
 
@@ -222,6 +225,8 @@ class Engine:
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
+        if self.ended_at is None:
+            self.ended_at = time.monotonic()
         self._stop.set()
         self._slot.wake()
 
@@ -261,8 +266,10 @@ class Engine:
         while not self._stop.is_set():
             self.loop_iterations += 1
             if max_frames is not None and self.frames_emitted >= max_frames:
+                self.ended_at = time.monotonic()
                 break
             if deadline is not None and time.monotonic() >= deadline:
+                self.ended_at = deadline  # the frame in progress at the deadline still goes out
                 break
             if tick is not None:
                 tick()
@@ -281,6 +288,8 @@ class Engine:
                 self._input_back(now)
             next_keepalive = now + self._keepalive_interval()
             self._process(item)
+        for sink in self.sinks:
+            sink.show_ended(self.ended_at if self.ended_at is not None else time.monotonic())
         self._drain(max_frames is not None or duration is not None)
         return self.frames_emitted
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from bridges.base import BridgeError, BridgeUnavailable, Frame, FrameSink, FrameSource, SourceClosed
+from bridges.ratelimit import RateLimitedLog
 from engine.control.state import ControlState
 from engine.imageops import frame_to_tensor, tensor_to_frame
 from engine.params import ParamError
 from engine.prompting import PromptEncoder
-from engine.ratelimit import RateLimitedLog
 from engine.runtime.queues import DropOldestQueue, LatestSlot
 from engine.runtime.stats import RuntimeStats
 
@@ -200,11 +200,19 @@ class SinkWorker(threading.Thread):
         self._counters = stats.sink(label)
         self._stop_event = stop
         self._retry_s = retry_s
+        self._backoff = retry_s
+        self._retry_at = 0.0
         self._sink: FrameSink | None = None
         self._log = RateLimitedLog(logger, 5.0)
         self._idle = threading.Event()
         self._idle.set()
         self.sink_opened = threading.Event()
+        self._ended_at: float | None = None
+
+    def show_ended(self, at: float) -> None:
+        """The show ended at ``at`` (``time.monotonic()``): a sink that keeps a timeline (a
+        recording, ``hold_until``) ends it there, not when its thread gets to close it."""
+        self._ended_at = at
 
     def put(self, item: SinkItem) -> None:
         self._idle.clear()
@@ -216,16 +224,10 @@ class SinkWorker(threading.Thread):
         return self._idle.wait(timeout)
 
     def run(self) -> None:
-        backoff = self._retry_s
-        retry_at = 0.0
         try:
             while not self._stop_event.is_set():
-                if self._sink is None and time.monotonic() >= retry_at:
-                    if self._connect():
-                        backoff = self._retry_s
-                    else:
-                        retry_at = time.monotonic() + backoff
-                        backoff = min(backoff * 2, MAX_BACKOFF_S)
+                if self._sink is None and time.monotonic() >= self._retry_at and not self._connect():
+                    self._back_off()
                 item = self.queue.get(POLL_S)
                 if item is None:
                     if not len(self.queue):
@@ -256,6 +258,11 @@ class SinkWorker(threading.Thread):
         self.sink_opened.set()
         return True
 
+    def _back_off(self) -> None:
+        """The next open waits ``backoff`` seconds, and the one after twice as long (to 10 s)."""
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+
     def _send(self, item: SinkItem) -> None:
         assert self._sink is not None
         try:
@@ -269,7 +276,11 @@ class SinkWorker(threading.Thread):
             self._counters.failures += 1
             self._log(logging.ERROR, "send", "output %s failed: %s; reopening", self.label, err)
             self._close_sink()
+            # a sink that opens but cannot send (a file that cannot be created) is reopened
+            # with the same backoff as one that cannot open, not once per frame
+            self._back_off()
             return
+        self._backoff = self._retry_s
         self._counters.sent += 1
         if item.measure_latency:
             self._stats.latency(1000.0 * (time.monotonic() - item.frame.timestamp))
@@ -277,6 +288,9 @@ class SinkWorker(threading.Thread):
     def _close_sink(self) -> None:
         sink, self._sink = self._sink, None
         self._counters.connected = False
+        hold_until = getattr(sink, "hold_until", None)  # the record sink's timeline
+        if hold_until is not None and self._ended_at is not None:
+            hold_until(self._ended_at)
         _close_bridge(sink, f"output {self.label}")
 
 
