@@ -25,16 +25,9 @@ import numpy as np
 
 from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 from bridges.ratelimit import RateLimitedLog
+from bridges.serving import DROPPED_CLIENT_ERRORS, clip, report_failure
 
 logger = logging.getLogger(__name__)
-
-#: What a browser that goes away mid-response (tab closed, laptop asleep) makes a write raise.
-DROPPED_CLIENT_ERRORS: tuple[type[OSError], ...] = (
-    BrokenPipeError,
-    ConnectionResetError,
-    ConnectionAbortedError,
-    TimeoutError,  # socket.timeout is an alias of TimeoutError since Python 3.10
-)
 
 BOUNDARY = "frame"
 MAX_REQUEST_BYTES = 64 * 1024  # a parameter change; prompts are at most 2000 characters
@@ -108,10 +101,6 @@ def parse_json_body(raw: bytes, limit: int = MAX_JSON_DEPTH) -> Any:
         return json.loads(text)
     except RecursionError as err:  # not below the limit; kept so that no body can crash a request
         raise JsonTooDeep(f"bad request: JSON nested too deep; allowed: at most {limit} levels") from err
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 PAGE = """<!doctype html>
@@ -267,12 +256,8 @@ class _Server(ThreadingHTTPServer):
             self.report_failure(f"request from {client_address[0]}", error)
 
     def report_failure(self, what: str, error: BaseException | None, where: str = "server") -> None:
-        """One ERROR line a second per ``where`` (a bounded name, never the client's text) and kind
-        of failure, saying how many more there were; the traceback at DEBUG alongside it."""
-        kind = type(error).__name__
-        message = "preview %s failed: %s: %s (traceback at DEBUG)"
-        if self.log(logging.ERROR, f"failure:{where}:{kind}", message, what, kind, _clip(str(error))):
-            logger.debug("preview %s failed", what, exc_info=error)
+        """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
+        report_failure(self.log, "preview", what, error, where)
 
 
 class _Server6(_Server):
@@ -309,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as error:
             self.close_connection = True
             server = cast(_Server, self.server)
-            path = _clip(urlsplit(self.path).path, 100)
+            path = clip(urlsplit(self.path).path, 100)
             what = f"{self.command} {path!r} from {self.client_address[0]}"
             server.report_failure(what, error, where=self.command)  # only GET or POST get here
             if self._responded:

@@ -12,7 +12,7 @@ class RateLimitedLog:
     """Logs a message at most once per ``interval`` seconds per key (then counts repeats)."""
 
     def __init__(self, log: logging.Logger, interval: float = 1.0) -> None:
-        self._log = log
+        self.logger = log
         self._interval = interval
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
@@ -28,5 +28,5 @@ class RateLimitedLog:
             self._last[key] = now
             repeats = self._suppressed.pop(key, 0)
         suffix = f" (and {repeats} more like it)" if repeats else ""
-        self._log.log(level, message + suffix, *args)
+        self.logger.log(level, message + suffix, *args)
         return True

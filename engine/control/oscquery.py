@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,19 +13,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from bridges.ratelimit import RateLimitedLog
+from bridges.serving import DROPPED_CLIENT_ERRORS, report_failure
 from engine import params
 from engine.control.dispatch import osc_args
 from engine.params import ParamKind, ParamSpec
 
 logger = logging.getLogger(__name__)
-
-#: What a client that goes away mid-answer makes a write raise (not worth more than a DEBUG line).
-DROPPED_CLIENT_ERRORS: tuple[type[OSError], ...] = (
-    BrokenPipeError,
-    ConnectionResetError,
-    ConnectionAbortedError,
-    TimeoutError,
-)
 
 ACCESS_NONE, ACCESS_READ, ACCESS_WRITE, ACCESS_READ_WRITE = 0, 1, 2, 3
 ATTRIBUTES = ("FULL_PATH", "CONTENTS", "TYPE", "ACCESS", "VALUE", "RANGE", "DESCRIPTION", "CLIPMODE")
@@ -240,16 +232,8 @@ class OscQueryServer:
         return HTTPStatus.OK, {query: node[query]}
 
     def _failed(self, what: str, error: BaseException | None, where: str) -> None:
-        """One ERROR line a second per ``where`` and kind of failure (then how many more there
-        were); the traceback at DEBUG, as rarely."""
-        kind = type(error).__name__
-        text = str(error)
-        text = text if len(text) <= 200 else text[:200] + "..."
-        key = f"{where}:{kind}"
-        self._log(logging.ERROR, key, "OSCQuery %s failed: %s: %s (traceback at DEBUG)", what, kind, text)
-        if error is not None and logger.isEnabledFor(logging.DEBUG):
-            trace = "".join(traceback.format_exception(error))
-            self._log(logging.DEBUG, f"{key}:traceback", "OSCQuery %s failed:\n%s", what, trace)
+        """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
+        report_failure(self._log, "OSCQuery", what, error, where)
 
     def close(self) -> None:
         if self._closed:
