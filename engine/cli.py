@@ -101,8 +101,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--groups",
         default=None,
         metavar="GROUPS",
-        help="row groups to run: denoising, guidance, filter, backend, controlnet, flicker, compare "
-        "(default: all but compare, and compare with --compare)",
+        help="row groups to run: denoising, guidance, filter, backend, controlnet, flicker, compare, "
+        "claims (the paper's claims judged, on builtin:shapes; default: all but compare and claims, "
+        "and compare with --compare)",
     )
     bench_cmd.add_argument(
         "--latency-frames",

@@ -42,6 +42,13 @@ def fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     )
 
 
+def upsample(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """``(1, C, H, W)`` → ``(1, C, scale·H, scale·W)``, bilinear (``scale`` 1: the same tensor)."""
+    if scale == 1:
+        return image
+    return F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 def tensor_to_frame(image: torch.Tensor, alpha: bool = True) -> torch.Tensor:
     """``(1, 3, H, W)`` in [-1, 1] → uint8 ``(H, W, 4)`` opaque RGBA or ``(H, W, 3)``."""
     rgb = ((image[0].float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)

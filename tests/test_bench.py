@@ -75,8 +75,8 @@ def test_compare_with_diffusers_writes_ratios_overhead_and_latency(tmp_path, cap
     assert ratios["floor"]["floor"] == 1.0
     assert rows["diffusers"]["ratio"] == pytest.approx(1.0)  # the compare group's baseline
     assert data["latency"]["frames"] >= 3 and data["latency"]["mean_ms"] > 0
-    assert data["settings"]["t_index_list"] == [32, 45]
-    assert data["device"] == "cpu" and data["model"] == "builtin:tiny"
+    assert data["settings"]["t_index_list"] == [40, 45]
+    assert data["device"] == "cpu" and data["model"] == "builtin:shapes"
 
 
 def test_a_missing_paper_code_is_one_skip_line(tmp_path, capsys, monkeypatch):

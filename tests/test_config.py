@@ -159,9 +159,9 @@ def test_output_size_comes_from_the_registry() -> None:
 
 PRESET_EXPECTATIONS: dict[str, dict[str, Any]] = {
     "demo": {
-        "model.id": "builtin:tiny", "model.device": "auto",
-        "stream.width": 256, "stream.height": 256, "stream.t_index_list": [32, 45],
-        "input.type": "pattern", "input.width": 256, "input.height": 256, "input.fps": 30.0,
+        "model.id": "builtin:shapes", "model.device": "auto",
+        "stream.width": 128, "stream.height": 128, "stream.output_scale": 4, "stream.t_index_list": [40, 45],
+        "input.type": "pattern", "input.width": 128, "input.height": 128, "input.fps": 30.0,
         "outputs.0.type": "preview", "outputs.1.type": "record", "outputs.1.path": "out/demo.mp4",
     },
     "sd-turbo-512": {
@@ -255,19 +255,19 @@ def test_presets_merge_in_order(elsewhere: Path) -> None:
     assert config.model.id == "stabilityai/sd-turbo"
     assert config.stream.width == 512
     assert [o.type for o in config.outputs] == ["preview", "record"]  # from demo, untouched
-    assert load_config(presets=["sd-turbo-512", "demo"]).stream.width == 256
+    assert load_config(presets=["sd-turbo-512", "demo"]).stream.width == 128
 
 
 def test_local_presets_dir_then_repository(tmp_path: Path) -> None:
     path = _write(tmp_path, "stream:\n  seed: 7\n")
     (tmp_path / "presets").mkdir()
-    _write(tmp_path / "presets", "stream:\n  prompt: a local look\n", "mine.yaml")
+    _write(tmp_path / "presets", "stream:\n  delta: 0.7\n", "mine.yaml")
     assert cfg_files.presets_dir(path) == tmp_path / "presets"
     assert {"mine", "demo"} <= set(cfg_files.list_presets(path))
     config = load_config(path, presets=["mine", "demo"])
-    assert config.stream.prompt == "a local look"
+    assert config.stream.delta == 0.7
     assert config.stream.seed == 7
-    assert config.model.id == "builtin:tiny"
+    assert config.model.id == "builtin:shapes"
 
 
 def test_preset_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
@@ -362,7 +362,7 @@ def test_overrides_set_whole_lists_and_switch_input_type(tmp_path: Path) -> None
 def test_overrides_apply_after_presets(elsewhere: Path) -> None:
     config = load_config(presets=["demo"], overrides=["stream.width=320"])
     assert config.stream.width == 320
-    assert config.model.id == "builtin:tiny"
+    assert config.model.id == "builtin:shapes"
 
 
 def test_parse_override_nests() -> None:
@@ -613,9 +613,9 @@ def test_cli_config_error_exits_2(elsewhere: Path, capsys: pytest.CaptureFixture
 def test_cli_config_prints_merged_yaml(elsewhere: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--preset", "demo"]) == 0
     out = capsys.readouterr().out
-    assert "builtin:tiny" in out
+    assert "builtin:shapes" in out
     data = yaml.safe_load(out)
-    assert data["model"]["id"] == "builtin:tiny"
+    assert data["model"]["id"] == "builtin:shapes"
     assert cfg_files.config_from_dict(data) == load_config(presets=["demo"])
 
 

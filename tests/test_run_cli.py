@@ -39,7 +39,8 @@ def test_demo_run_60_frames_into_record_and_shm(tmp_path, capsys, caplog):
     seconds, covered, written = float(timing[1]), float(timing[2]), int(timing[3])
     assert len(decoded) == written and seconds == pytest.approx(written / 30, abs=0.006)
     assert -0.5 / 30 - 0.01 <= seconds - covered <= 1.5 / 30 + 0.01, (seconds, covered)
-    assert (decoded[0].width, decoded[0].height) == (64, 64)
+    # 64x64 upsampled by the demo's output_scale 4
+    assert (decoded[0].width, decoded[0].height) == (256, 256)
     assert watcher.sequences == sorted(set(watcher.sequences)), "shm frames arrive in order"
     assert len(watcher.sequences) >= 30, f"reader saw {len(watcher.sequences)} of 60"
     assert not segment_exists(shm_name), "the writer's segment is released at exit"

@@ -264,6 +264,13 @@ class StreamSettings(_Section):
     seed: StrictInt = _live("stream.seed", "seed of the cached noise")
     add_noise: StrictBool = Field(default=True, description="re-noise the buffer between slots")
     cross_frame_attention: StrictBool = Field(default=False, description="attend across the batch")
+    output_scale: StrictInt = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="upsample every output by this factor (bilinear) before the outputs: a small "
+        "model's pictures at a size worth watching (builtin:shapes draws 128x128)",
+    )
     feature_cache: FeatureCacheSettings = Field(default_factory=lambda: FeatureCacheSettings())
 
     @model_validator(mode="after")

@@ -1,17 +1,18 @@
-"""The builtin random-weight models (tiny SD and SDXL, and real architectures): nothing to download."""
+"""The builtin models: random-weight tiny SD/SDXL and real architectures, and the trained ``shapes``."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from engine.models import shapes, tiny
+from engine.models import shapes, tiny, trained
 from engine.models.errors import ModelLoadError
 from engine.models.kinds import ModelFamily
 from engine.models.sources import BUILTIN_NAMES, BUILTIN_PREFIX
@@ -33,6 +34,7 @@ class BuiltinSpec:
     about: str
     family: ModelFamily = ModelFamily.SD
     text_2: Mapping[str, Any] | None = None  # SDXL's second text encoder (with projection)
+    weights: Path | None = None  # trained weights shipped in the package (else seeded random)
 
 
 BUILTIN_SPECS: dict[str, BuiltinSpec] = {
@@ -67,6 +69,14 @@ BUILTIN_SPECS: dict[str, BuiltinSpec] = {
         "stabilityai/sdxl-turbo's exact architecture with seeded random weights (benchmarks)",
         ModelFamily.SDXL,
         shapes.SDXL_TEXT_2_CONFIG,
+    ),
+    "shapes": BuiltinSpec(
+        trained.SHAPES_UNET_CONFIG,
+        trained.SHAPES_TAESD_CONFIG,
+        tiny.VAE_CONFIG,
+        trained.SHAPES_TEXT_CONFIG,
+        "trained here on drawn shapes, patterns and colours (128x128; follows colour/pattern prompts)",
+        weights=trained.SHAPES_WEIGHTS,
     ),
 }
 assert tuple(BUILTIN_SPECS) == BUILTIN_NAMES, "sources.BUILTIN_NAMES lists the builtin models"
@@ -190,12 +200,19 @@ def _spec(name: str) -> BuiltinSpec:
 def build_builtin_vae(name: str, seed: int = 0, vae: str = "taesd") -> AutoencoderTiny | AutoencoderKL:
     """Only the VAE of builtin ``name`` (the same weights ``build_builtin_models`` gives it).
 
+    A trained builtin (``shapes``) has a trained TAESD only; its ``full`` VAE is random, for the
+    bench's diffusers peer, which times one (``build_builtin_models`` refuses it).
+
     Raises:
         ModelLoadError: unknown ``name`` or ``vae``.
     """
     spec = _spec(name)
     if vae not in VAE_CHOICES:
         raise ModelLoadError(f"unknown vae {vae!r} for {BUILTIN_PREFIX}{name}: use taesd | full.")
+    if spec.weights is not None and vae == "taesd":
+        return _trained_vae(name, spec)
+    if spec.weights is not None:  # the bench's diffusers peer times a full VAE: random, for speed only
+        logger.info("%s%s has no trained full VAE: a random one (for timing only)", BUILTIN_PREFIX, name)
     image_vae: AutoencoderTiny | AutoencoderKL
     if vae == "taesd":
         image_vae = _seeded(seed + _SEED_OFFSETS["taesd"], lambda: AutoencoderTiny(**spec.taesd))
@@ -233,6 +250,8 @@ def build_builtin_models(
         raise ModelLoadError(
             f"unknown prediction_type {prediction_type!r}: use {allowed(PredictionType)}."
         ) from err
+    if spec.weights is not None:
+        return _trained_models(name, spec, vae, prediction_type)
     logger.info("building %s%s (seed %d, vae %s, %s)", BUILTIN_PREFIX, name, seed, vae, prediction_type)
     unet = _seeded(seed + _SEED_OFFSETS["unet"], lambda: UNet2DConditionModel(**spec.unet))
     text_encoder = _seeded(
@@ -263,3 +282,65 @@ def build_builtin_models(
 def build_tiny_models(seed: int = 0, vae: str = "taesd", prediction_type: str = "epsilon") -> BuiltinModels:
     """``builtin:tiny`` (see ``build_builtin_models``)."""
     return build_builtin_models("tiny", seed, vae, prediction_type)
+
+
+def _trained_state(name: str, weights: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """The trained parts' float32 state dicts by part (``unet``, ``vae``, ``text_encoder``) and the
+    file's metadata.
+
+    Raises:
+        ModelLoadError: the weights file is missing or unreadable.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            parts: dict[str, dict[str, torch.Tensor]] = {}
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                part, _, rest = key.partition(".")
+                parts.setdefault(part, {})[rest] = handle.get_tensor(key).float()
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(
+            f"the trained weights of {BUILTIN_PREFIX}{name} cannot be read at {weights}: {err}. "
+            "Reinstall latentstage, or train them with scripts/train_builtin.py."
+        ) from err
+    return parts, metadata
+
+
+def _loaded(module: _M, state: dict[str, torch.Tensor]) -> _M:
+    prepared: Any = module
+    prepared.load_state_dict(state)
+    prepared.eval()
+    prepared.requires_grad_(False)
+    return module
+
+
+def _trained_vae(name: str, spec: BuiltinSpec) -> AutoencoderTiny:
+    """The trained TAESD of ``name``, its scaling factor from the weights file."""
+    assert spec.weights is not None
+    parts, metadata = _trained_state(name, spec.weights)
+    config = {**spec.taesd, "scaling_factor": float(metadata.get("vae_scaling_factor", 1.0))}
+    return _loaded(AutoencoderTiny(**config), parts["vae"])
+
+
+def _trained_models(name: str, spec: BuiltinSpec, vae: str, prediction_type: str) -> BuiltinModels:
+    """``name``'s trained parts (its TAESD and epsilon prediction only: that is what it learned)."""
+    if vae != "taesd":
+        raise ModelLoadError(f"{BUILTIN_PREFIX}{name} has only its trained TAESD: use vae: taesd.")
+    if prediction_type != PredictionType.EPSILON.value:
+        raise ModelLoadError(
+            f"{BUILTIN_PREFIX}{name} predicts epsilon; prediction_type {prediction_type!r} does not fit it."
+        )
+    assert spec.weights is not None
+    logger.info("loading %s%s (trained weights, %s)", BUILTIN_PREFIX, name, spec.weights.name)
+    parts, _metadata = _trained_state(name, spec.weights)
+    return BuiltinModels(
+        unet=_loaded(UNet2DConditionModel(**spec.unet), parts["unet"]),
+        vae=_trained_vae(name, spec),
+        text_encoder=_loaded(CLIPTextModel(CLIPTextConfig(**spec.text)), parts["text_encoder"]),
+        tokenizer=tiny.load_tiny_tokenizer(),
+        scheduler_config=tiny.tiny_scheduler_config(prediction_type),
+        identity={"model": BUILTIN_PREFIX + name, "weights": trained.file_sha256(spec.weights), "vae": vae},
+        family=spec.family,
+    )

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors import SafetensorError, safe_open
 
 from engine.models.assemble import assemble_bundle, prepare_module, sd_pipeline_parts
-from engine.models.builtin import build_builtin_models, build_builtin_vae
+from engine.models.builtin import BUILTIN_SPECS, build_builtin_models, build_builtin_vae
 from engine.models.bundle import ModelBundle
 from engine.models.device import resolve_device, resolve_dtype
 from engine.models.errors import ModelLoadError, short_reason
@@ -270,7 +270,9 @@ def _load_builtin(
     request: ModelRequest, progress: Progress | None, factors: list[LoraFactors]
 ) -> dict[str, Any]:
     """A builtin model's parts (LoRAs fused if asked) and its scheduler config."""
-    _stage(progress, "building %s (random weights)", request.id)
+    trained = BUILTIN_SPECS[builtin_name(request.id)].weights is not None
+    what = "loading %s (trained weights)" if trained else "building %s (random weights)"
+    _stage(progress, what, request.id)
     override = request.prediction_type
     built = build_builtin_models(
         builtin_name(request.id),

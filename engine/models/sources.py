@@ -9,7 +9,7 @@ from pathlib import Path
 from engine.models.errors import ModelLoadError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_NAMES = ("tiny", "sd-turbo-shape", "tiny-sdxl", "sdxl-turbo-shape")
+BUILTIN_NAMES = ("tiny", "sd-turbo-shape", "tiny-sdxl", "sdxl-turbo-shape", "shapes")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 BUILTIN_IDS = tuple(BUILTIN_PREFIX + name for name in BUILTIN_NAMES)
 TINY_CONTROLNET_ID = BUILTIN_PREFIX + "tiny-controlnet"  # random, shaped for the loaded UNet

@@ -82,6 +82,7 @@ class EngineOptions:
     stall_seconds: float = 2.0  # no new frame this long = lost (0: never)
     keepalive_fps: float = KEEPALIVE_FPS  # the fastest rate on_loss frames are sent at
     sink_queue_sizes: list[int] = field(default_factory=list)
+    output_scale: int = 1  # outputs upsampled by this factor (bilinear) on the post thread
 
 
 class Engine:
@@ -127,7 +128,7 @@ class Engine:
             SinkWorker(label, opener, size, self.stats, self._stop, self.options.retry_seconds)
             for (label, opener), size in zip(sink_openers, sizes, strict=True)
         ]
-        self.post = PostProcessor(self.sinks, self.stats, self._stop)
+        self.post = PostProcessor(self.sinks, self.stats, self._stop, self.options.output_scale)
         self._size = (pipeline.height, pipeline.width)  # one tuple: read whole by the source thread
         self._preprocess = make_preprocess(lambda: self._size, pipeline.device, pipeline.dtype)
         self.source = SourceWorker(
@@ -555,6 +556,7 @@ def engine_from_config(
         retry_seconds=config.input.retry_seconds,
         stall_seconds=config.input.stall_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
+        output_scale=config.stream.output_scale,
     )
     return Engine(
         pipeline,

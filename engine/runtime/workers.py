@@ -15,7 +15,7 @@ import torch
 from bridges.base import BridgeError, BridgeUnavailable, Frame, FrameSink, FrameSource, SourceClosed
 from bridges.ratelimit import RateLimitedLog
 from engine.control.state import ControlState
-from engine.imageops import frame_to_tensor, tensor_to_frame
+from engine.imageops import frame_to_tensor, tensor_to_frame, upsample
 from engine.params import ParamError
 from engine.prompting import PromptEncoder
 from engine.runtime.queues import DropOldestQueue, LatestSlot
@@ -295,10 +295,14 @@ class SinkWorker(threading.Thread):
 
 
 class PostProcessor(threading.Thread):
-    """Turns engine outputs into uint8 RGBA frames once and fans them out to every sink."""
+    """Turns engine outputs into uint8 RGBA frames once (upsampled ``scale`` times) and fans them
+    out to every sink."""
 
-    def __init__(self, sinks: list[SinkWorker], stats: RuntimeStats, stop: threading.Event) -> None:
+    def __init__(
+        self, sinks: list[SinkWorker], stats: RuntimeStats, stop: threading.Event, scale: int = 1
+    ) -> None:
         super().__init__(name="latentstage-post", daemon=True)
+        self.scale = scale
         self.queue: DropOldestQueue[OutputItem] = DropOldestQueue(2)
         self._sinks = sinks
         self._stats = stats
@@ -345,7 +349,7 @@ class PostProcessor(threading.Thread):
             pixels = item.frame.pixels
         else:
             assert item.tensor is not None
-            pixels = tensor_to_frame(item.tensor).cpu().numpy()
+            pixels = tensor_to_frame(upsample(item.tensor, self.scale)).cpu().numpy()
         self._sequence += 1
         frame = Frame(pixels, item.timestamp, self._sequence)
         self._last = frame
