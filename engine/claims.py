@@ -359,10 +359,12 @@ def measure_claims(
     frames: int = 24,
     say: Callable[[str], None] = lambda _text: None,
 ) -> ClaimsReport:
-    """Every claim, on ``settings`` (its size and t_index_list; img2img on the test pattern)."""
+    """Every claim, on ``settings`` (its size and t_index_list; img2img on the test pattern), with
+    ``frames`` frames per row (at least ``len(TXT2IMG_T_INDEX) + 2``)."""
     settings = replace(
         settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False, feature_cache_enabled=False
     )
+    frames = max(frames, len(TXT2IMG_T_INDEX) + 2)  # every row finishes a few outputs
     report = ClaimsReport()
     say("claims: prompt alignment per guidance mode (judge)")
     report.alignment = measure_alignment(models, settings, judge, frames)

@@ -378,7 +378,7 @@ def test_dump_round_trips_with_plain_strings(tmp_path: Path, elsewhere: Path) ->
     text = cfg_files.dump_config(config)
     assert "!!python" not in text
     assert "cfg_type: onetime" in text
-    assert "t_index_list: [32, 45]" in text
+    assert "t_index_list: [40, 45]" in text
     assert load_config(_write(tmp_path, text, "dumped.yaml")) == config
 
 
