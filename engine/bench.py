@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import math
 import platform
@@ -19,7 +18,14 @@ import torch
 from bridges.base import Frame
 from engine import contenders
 from engine.accel.backends import Backend
-from engine.claims import ClaimsReport, format_claims, measure_claims, sequential_step
+from engine.claims import (
+    ClaimsReport,
+    finished_outputs,
+    format_claims,
+    mean_step,
+    measure_claims,
+    sequential_step,
+)
 from engine.contenders import Contender, Peer
 from engine.models.bundle import ModelBundle
 from engine.models.kinds import ControlPreprocessor
@@ -482,15 +488,11 @@ def measure_flicker(models: ModelBundle, settings: PipelineSettings, frames: int
         results = []
         for enabled in (False, True):
             pipe = StreamPipeline(models, replace(settings, feature_cache_enabled=enabled))
-            outputs, started = [], time.perf_counter()
-            for frame in sequence:
-                out = pipe(frame)
-                if out is not None:
-                    outputs.append(((out.float().clamp(-1, 1) + 1) * 127.5).cpu())
+            started = time.perf_counter()
+            outputs = finished_outputs(pipe, sequence)
             _sync(models.device)
             ms = 1000.0 * (time.perf_counter() - started) / len(sequence)
-            steps = [float((b - a).abs().mean()) for a, b in itertools.pairwise(outputs)]
-            results.append((statistics.fmean(steps) if steps else 0.0, ms))
+            results.append((mean_step(outputs), ms))
             if enabled:
                 from engine.runtime.changes import apply_change
 

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from bridges.pattern import PatternSource
 from engine.accel.base import Conditioning
+from engine.imageops import frame_to_tensor
 from engine.judge.classifier import Judge
 from engine.models.bundle import ModelBundle
 from engine.pipeline import PipelineSettings, StreamPipeline
@@ -111,17 +111,15 @@ def pattern_frames(
 ) -> list[torch.Tensor]:
     """The engine's own test pattern: ``count`` frames ``(1, 3, H, W)`` in [-1, 1], frame indices
     ``start, start + step, ...`` (``step`` 0: a still picture)."""
-    source = PatternSource(fps=30.0, width=settings.width, height=settings.height)
-    frames = []
-    for k in range(count):
-        rgba = source.render(start + k * step)
-        image = torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1).float()
-        frames.append((image / 127.5 - 1.0).unsqueeze(0).to(models.device, models.dtype))
-    source.close()
-    return frames
+    with PatternSource(fps=30.0, width=settings.width, height=settings.height) as source:
+        pictures = [torch.from_numpy(source.render(start + k * step)) for k in range(count)]
+    return [
+        frame_to_tensor(rgba, settings.height, settings.width).to(models.device, models.dtype)
+        for rgba in pictures
+    ]
 
 
-def _outputs(
+def finished_outputs(
     step: Callable[[Any], torch.Tensor | None], frames: Sequence[torch.Tensor | None]
 ) -> list[torch.Tensor]:
     """The finished outputs ``(1, 3, H, W)`` in [0, 1] on the CPU (float32), in order."""
@@ -137,7 +135,8 @@ def _score(judge: Judge, outputs: Sequence[torch.Tensor], prompt: str) -> float:
     return float(judge.score(torch.cat(list(outputs)), prompt).mean())
 
 
-def _mad(outputs: Sequence[torch.Tensor]) -> float:
+def mean_step(outputs: Sequence[torch.Tensor]) -> float:
+    """Mean |Δ| between consecutive pictures in [0, 1], in 0..255 levels (0 for fewer than two)."""
     steps = [float((b - a).abs().mean()) * 255.0 for a, b in itertools.pairwise(outputs)]
     return statistics.fmean(steps) if steps else 0.0
 
@@ -168,7 +167,7 @@ def _alignment_row(
     scores = []
     for prompt in PROMPTS:
         pipe = StreamPipeline(models, replace(settings, prompt=prompt))
-        scores.append(_score(judge, _outputs(pipe, frames), prompt))
+        scores.append(_score(judge, finished_outputs(pipe, frames), prompt))
     return AlignmentRow(name, statistics.fmean(scores), tuple(scores))
 
 
@@ -231,8 +230,10 @@ def measure_batch(
     stream_scores, sequential_scores, psnrs = [], [], []
     for prompt in PROMPTS:
         plain = replace(settings, prompt=prompt, cfg_type=CfgType.NONE)
-        stream = _outputs(StreamPipeline(models, plain), inputs)
-        sequential = _outputs(sequential_step(StreamPipeline(models, plain)), inputs[: len(inputs) - (n - 1)])
+        stream = finished_outputs(StreamPipeline(models, plain), inputs)
+        sequential = finished_outputs(
+            sequential_step(StreamPipeline(models, plain)), inputs[: len(inputs) - (n - 1)]
+        )
         stream_scores.append(_score(judge, stream, prompt))
         sequential_scores.append(_score(judge, sequential, prompt))
         psnrs += [min(psnr(a, b), 99.0) for a, b in zip(stream, sequential)]
@@ -271,10 +272,12 @@ def measure_flicker(
         for setting, change in variants.items():
             with _attention_restored(models):
                 pipe = StreamPipeline(models, replace(base, **change))
-                outputs = _outputs(pipe, sequence)
+                outputs = finished_outputs(pipe, sequence)
                 if change.get("feature_cache_enabled"):
                     apply_change(pipe, {"feature_cache_enabled": False})
-            rows.append(FlickerClaim(input_name, setting, _mad(outputs), _score(judge, outputs, PROMPTS[0])))
+            rows.append(
+                FlickerClaim(input_name, setting, mean_step(outputs), _score(judge, outputs, PROMPTS[0]))
+            )
     return rows
 
 

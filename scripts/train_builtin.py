@@ -38,7 +38,6 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a shared CPU
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -47,6 +46,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 
 from bridges.pattern import PatternSource  # noqa: E402
+from engine.imageops import frame_to_tensor  # noqa: E402
 from engine.judge.classifier import JUDGE_WEIGHTS, Judge  # noqa: E402
 from engine.judge.drawings import (  # noqa: E402
     COLOR_NAMES,
@@ -96,8 +96,8 @@ class Foreign:
     def picture(self, rng: random.Random) -> torch.Tensor:
         """``(3, SIZE, SIZE)`` in [0, 1]."""
         if rng.random() < 0.6:
-            rgba = self.pattern.render(rng.randrange(0, 200_000))
-            return torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1).float() / 255.0
+            rgba = torch.from_numpy(self.pattern.render(rng.randrange(0, 200_000)))
+            return (frame_to_tensor(rgba, SIZE, SIZE)[0] + 1.0) / 2.0
         return smooth_noise(SIZE, rng)
 
 
@@ -146,8 +146,7 @@ def train_judge(work: Path, steps: int, seed: int, started: float) -> None:
         patterns = torch.tensor([e[1] for e in examples])
         colors = torch.stack([e[2] for e in examples])
         lr = cosine_lr(step, steps, 2e-3, warmup=50)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         pattern_logits, color_logits = judge(images)
         loss = F.cross_entropy(
             pattern_logits, patterns, ignore_index=-1
@@ -512,8 +511,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, started: float) ->
         x_t = a * z_in + b * noise
         eps_target = (x_t - a * z_target) / b  # = noise where input and target agree
         lr = cosine_lr(step, steps, 3e-4)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         embeddings = text(tokens)[0]
         predicted = unet(x_t, t, embeddings).sample
         weights = (abar[t] / (1 - abar[t])).clamp(max=5.0) / (abar[t] / (1 - abar[t]))  # min-SNR-5

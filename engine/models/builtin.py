@@ -118,6 +118,11 @@ def _seeded(seed: int, factory: Callable[[], _M]) -> _M:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = factory()
+    return _frozen(module)
+
+
+def _frozen(module: _M) -> _M:
+    """``module`` in eval mode without gradients."""
     prepared: Any = module
     prepared.eval()
     prepared.requires_grad_(False)
@@ -210,7 +215,7 @@ def build_builtin_vae(name: str, seed: int = 0, vae: str = "taesd") -> Autoencod
     if vae not in VAE_CHOICES:
         raise ModelLoadError(f"unknown vae {vae!r} for {BUILTIN_PREFIX}{name}: use taesd | full.")
     if spec.weights is not None and vae == "taesd":
-        return _trained_vae(name, spec)
+        return _trained_vae(spec, *_trained_state(name, spec.weights))
     if spec.weights is not None:  # the bench's diffusers peer times a full VAE: random, for speed only
         logger.info("%s%s has no trained full VAE: a random one (for timing only)", BUILTIN_PREFIX, name)
     image_vae: AutoencoderTiny | AutoencoderKL
@@ -311,15 +316,13 @@ def _trained_state(name: str, weights: Path) -> tuple[dict[str, dict[str, torch.
 def _loaded(module: _M, state: dict[str, torch.Tensor]) -> _M:
     prepared: Any = module
     prepared.load_state_dict(state)
-    prepared.eval()
-    prepared.requires_grad_(False)
-    return module
+    return _frozen(module)
 
 
-def _trained_vae(name: str, spec: BuiltinSpec) -> AutoencoderTiny:
-    """The trained TAESD of ``name``, its scaling factor from the weights file."""
-    assert spec.weights is not None
-    parts, metadata = _trained_state(name, spec.weights)
+def _trained_vae(
+    spec: BuiltinSpec, parts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]
+) -> AutoencoderTiny:
+    """The trained TAESD from ``_trained_state``'s parts, its scaling factor from the metadata."""
     config = {**spec.taesd, "scaling_factor": float(metadata.get("vae_scaling_factor", 1.0))}
     return _loaded(AutoencoderTiny(**config), parts["vae"])
 
@@ -334,10 +337,10 @@ def _trained_models(name: str, spec: BuiltinSpec, vae: str, prediction_type: str
         )
     assert spec.weights is not None
     logger.info("loading %s%s (trained weights, %s)", BUILTIN_PREFIX, name, spec.weights.name)
-    parts, _metadata = _trained_state(name, spec.weights)
+    parts, metadata = _trained_state(name, spec.weights)  # the file is read once for every part
     return BuiltinModels(
         unet=_loaded(UNet2DConditionModel(**spec.unet), parts["unet"]),
-        vae=_trained_vae(name, spec),
+        vae=_trained_vae(spec, parts, metadata),
         text_encoder=_loaded(CLIPTextModel(CLIPTextConfig(**spec.text)), parts["text_encoder"]),
         tokenizer=tiny.load_tiny_tokenizer(),
         scheduler_config=tiny.tiny_scheduler_config(prediction_type),

@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from engine.models.tiny import TEXT_CONFIG
+
 SHAPES_MODEL_ID = "builtin:shapes"
 SHAPES_WEIGHTS = Path(__file__).with_name("weights") / "shapes.safetensors"
 SHAPES_SIZE = 128  # trained on 128x128 pictures (16x16 latents)
@@ -37,18 +39,12 @@ SHAPES_TAESD_CONFIG: dict[str, Any] = {
     "scaling_factor": 1.0,
 }
 
+# The tiny model's text encoder, wider: the same local tokenizer (vocabulary, special ids, 77 tokens).
 SHAPES_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 1000,
+    **TEXT_CONFIG,
     "hidden_size": 64,
     "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
     "projection_dim": 64,
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 998,
-    "eos_token_id": 999,
-    "pad_token_id": 999,
 }
 
 # Prefixes of the parts in the one safetensors file.
