@@ -477,8 +477,9 @@ class ShmReader(Closing):
     writer's frame number (1, 2, ...). When the writer replaces the segment (new size,
     restart) the reader re-attaches by name on its own; the first read after any (re)attach
     returns the current frame whatever ``last_sequence`` says, since the new segment counts
-    from 1 again (``segment_id`` tells segments apart). ``BridgeError`` when the segment is
-    gone for good.
+    from 1 again (``segment_id`` tells segments apart). A segment still being created (its name
+    exists, its size is not set yet) is attached on a later read. ``BridgeError`` when the
+    segment is gone for good.
     """
 
     def __init__(self, name: str) -> None:
@@ -490,13 +491,23 @@ class ShmReader(Closing):
         self._last_activity = time.monotonic()
         self._last_probe = self._last_activity
         try:
-            self._use(_attach(name))
+            shm = _attach(name)
         except FileNotFoundError:
             raise BridgeError(
                 f"no shared-memory segment named {name!r} (is its writer running?)"
             ) from None
-        except (ValueError, OSError) as exc:
+        except ValueError:
+            # Empty: its writer is between creating the name and sizing it. Attach on a
+            # later read; a segment that stays empty is gone after the grace period.
+            self._gone_since = self._last_activity
+            return
+        except OSError as exc:
             raise BridgeError(f"cannot attach to shared-memory segment {name!r}: {exc}") from exc
+        if shm.size == 0:  # the same, where mapping an empty file succeeds
+            shm.close()
+            self._gone_since = self._last_activity
+            return
+        self._use(shm)
 
     def __repr__(self) -> str:
         return f"ShmReader({self.name!r})"

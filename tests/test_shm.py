@@ -138,6 +138,37 @@ def test_reader_without_segment_raises(name: str) -> None:
         ShmReader(name)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX shm_open/ftruncate are two steps")
+def test_reader_started_while_the_writer_creates_the_segment_attaches_later(name, monkeypatch):
+    """A reader that found the name between the writer's shm_open and ftruncate (size 0) raised
+    'cannot mmap an empty file' and gave up: the SIGKILL fault test's watcher lost every frame."""
+    import _posixshmem
+
+    import bridges.shm as shm
+
+    os.close(_posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    reader = ShmReader(name)  # an empty segment is one being created, not an error
+    try:
+        assert reader.read() is None and reader.header is None
+        with ShmWriter(name, 8, 8) as writer:  # replaces the empty name (as a real writer's
+            writer.write(_pixels(8, 8, 5))     # ftruncate would fill it)
+            got = reader.read()
+            assert got is not None and got[1] == 1
+            assert np.array_equal(got[0], _pixels(8, 8, 5))
+    finally:
+        reader.close()
+    # a name that stays empty is a writer that died creating it: gone after the grace period
+    os.close(_posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    try:
+        monkeypatch.setattr(shm, "_GONE_GRACE_S", 0.0)
+        with ShmReader(name) as stuck:
+            time.sleep(0.01)
+            with pytest.raises(BridgeError, match="gone"):
+                stuck.read()
+    finally:
+        _posixshmem.shm_unlink("/" + name)
+
+
 def test_reader_follows_resize_and_writer_close(name: str) -> None:
     writer = ShmWriter(name, 8, 8)
     reader = ShmReader(name)
