@@ -16,6 +16,7 @@ import torch
 
 from bridges.pattern import PatternSource
 from engine.accel.base import Conditioning
+from engine.extensions.sdxl import sdxl_inputs
 from engine.imageops import frame_to_tensor
 from engine.judge.classifier import Judge
 from engine.models.bundle import ModelBundle
@@ -173,11 +174,9 @@ def _alignment_row(
 
 def sequential_step(pipe: StreamPipeline) -> Callable[[torch.Tensor], torch.Tensor]:
     """The baseline: n UNet calls of batch 1 per frame, one after another (no stream batch)."""
-    added = pipe.added_inputs  # SDXL: each call's row of text_embeds and time_ids
+    added = sdxl_inputs(pipe)  # SDXL: each call's row of text_embeds and time_ids
     rows = [
-        None
-        if added is None or added.text_embeds is None or added.time_ids is None
-        else Conditioning(text_embeds=added.text_embeds[i : i + 1], time_ids=added.time_ids[i : i + 1])
+        None if added is None else Conditioning({name: t[i : i + 1] for name, t in added.inputs.items()})
         for i in range(pipe.batch.n)
     ]
 

@@ -442,7 +442,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     keys = [*backend.unet_keys([pipeline.unet_shape()]), *backend.vae_keys()]
     for width, height in sizes:
         try:
-            latent = pipeline.latent_shape_for(width, height)
+            latent = pipeline.models.latent_shape(width, height)
         except params.ParamError as err:
             print(f"latentstage: --size {err}", file=sys.stderr)
             return EXIT_CONFIG_ERROR

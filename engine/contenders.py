@@ -15,6 +15,7 @@ from unittest import mock
 
 import torch
 
+from engine.extensions.sdxl import sdxl_inputs
 from engine.models.assemble import sd_pipeline_parts
 from engine.models.bundle import ModelBundle
 from engine.models.kinds import ModelFamily
@@ -93,7 +94,7 @@ def floor(pipe: StreamPipeline) -> Contender:
     latents, timesteps, embeddings = pipe.unet_inputs()
     latents, timesteps, embeddings = latents.clone(), timesteps.clone(), embeddings.clone()
     unet, vae = pipe.runners.unet, pipe.runners.vae
-    added = pipe.added_inputs  # SDXL's text_embeds and time_ids (None for SD)
+    added = sdxl_inputs(pipe)  # SDXL's text_embeds and time_ids (None for SD)
 
     @torch.inference_mode()
     def step(frame: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.stream.blend import blend_embeddings
-from engine.stream.modes import BlendMethod
+from engine.stream.blend import blend_embeddings, slerp
+from engine.stream.guidance import layout_embeddings
+from engine.stream.modes import BlendMethod, CfgType
 from engine.stream.pooled import pack_pooled
+
+if TYPE_CHECKING:
+    from engine.extensions.base import Extension
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +99,65 @@ class PromptEncoder:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
+
+
+class PromptLayout:
+    """The prompt embeddings a pipeline plays, and what the UNet gets of them.
+
+    ``positive`` and ``negative`` ``(1, L, D)``: the encoded prompts with what the extensions
+    append (e.g. IP-Adapter image tokens); ``transition``: a running crossfade ``(previous,
+    progress)``; ``embeddings`` ``(B, L, D)``: both laid out for the cfg mode
+    (``engine.stream.guidance``); ``unet_embeddings``: the UNet's tokens of them, after the
+    extensions took their parts (e.g. SDXL's pooled embeddings).
+    """
+
+    def __init__(self, encoder: PromptEncoder, extensions: Mapping[str, Extension]) -> None:
+        self.encoder = encoder
+        self.extensions = extensions
+        self.transition: tuple[torch.Tensor, float] | None = None
+        self.positive = self.negative = self.embeddings = self.unet_embeddings = torch.empty(0)
+
+    def encode(self, state: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positive and negative embeddings of ``state``'s prompts (encoder cache first)."""
+        method = BlendMethod(state["prompt_blend_method"])
+        blend = state["prompt_blend"]
+        positive = self.encoder.encode_blend(blend, method) if blend else self.encoder.encode(state["prompt"])
+        negative = self.encoder.encode(state["negative_prompt"])
+        for extension in self.extensions.values():
+            positive, negative = extension.extend_prompt(state, positive, negative)
+        return positive, negative
+
+    def play(
+        self, positive: torch.Tensor, negative: torch.Tensor, embeddings: torch.Tensor, size: tuple[int, int]
+    ) -> None:
+        """Play these prompts, laid out as ``embeddings``, at frame ``size`` ``(height, width)``."""
+        self.positive, self.negative = positive, negative
+        self.lay_out(embeddings, size)
+
+    def lay_out(self, embeddings: torch.Tensor, size: tuple[int, int]) -> None:
+        """``embeddings`` ``(B, L, D)`` and the UNet's tokens of them."""
+        self.embeddings = tokens = embeddings
+        for extension in self.extensions.values():
+            tokens = extension.take_embeddings(tokens, size)
+        self.unet_embeddings = tokens
+
+    @property
+    def current_positive(self) -> torch.Tensor:
+        """The positive embedding ``(1, L, D)`` in use now (mid-crossfade: the mix)."""
+        if self.transition is None:
+            return self.positive
+        previous, progress = self.transition
+        return slerp(previous, self.positive, progress)
+
+    def crossfade(
+        self, previous: torch.Tensor | None, progress: float, cfg_type: CfgType, n: int, size: tuple[int, int]
+    ) -> None:
+        """``slerp(previous, positive, progress)`` laid out; ``previous=None`` or ``progress >= 1``
+        ends it."""
+        if previous is None or progress >= 1.0:
+            self.transition = None
+            mixed = self.positive
+        else:
+            self.transition = (previous, max(0.0, float(progress)))
+            mixed = self.current_positive
+        self.lay_out(layout_embeddings(cfg_type, n, mixed, self.negative), size)

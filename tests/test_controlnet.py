@@ -12,6 +12,7 @@ import torch
 
 from engine.accel.base import Conditioning
 from engine.accel.torch_backend import TorchUNet
+from engine.extensions.controlnet import ControlNetPart
 from engine.models.conditioned import ConditionedUNet
 from engine.models.controlnet import build_random_controlnet, load_controlnet
 from engine.models.errors import ModelLoadError
@@ -60,7 +61,7 @@ def test_two_controlnets_add_the_sum_of_their_residuals(bundle):
     images = torch.rand((2, 2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(2))
     scales = torch.tensor([[0.5, 1.0], [1.5, 0.25]])
     with torch.inference_mode():
-        both = ConditionedUNet(bundle.unet, nets)(latents, timesteps, text, images, scales)
+        both = ConditionedUNet(bundle.unet, [ControlNetPart(nets)])(latents, timesteps, text, images, scales)
         down_total = mid_total = None
         for k, net in enumerate(nets):
             down, mid = net(
@@ -86,13 +87,16 @@ def test_an_inactive_controlnet_is_not_run_and_a_zero_row_adds_nothing(bundle):
     net = build_random_controlnet(bundle.unet)
     calls = []
     net.register_forward_hook(lambda *_: calls.append(1))
-    runner = TorchUNet(bundle.unet, controlnets=[net])
+    runner = TorchUNet(bundle.unet, parts=[ControlNetPart([net])])
     latents, t, text = torch.randn((2, 4, 8, 8)), torch.tensor([700, 400]), torch.randn((2, 77, 32))
     images = torch.rand((1, 2, 3, SIZE, SIZE))
     plain = TorchUNet(bundle.unet)(latents, t, text)
-    off = runner(latents, t, text, Conditioning(images, torch.zeros((1, 2)), (False,)))
+    def conditioning(scales, active):
+        return Conditioning({"control_images": images, "control_scales": scales}, {"active": active})
+
+    off = runner(latents, t, text, conditioning(torch.zeros((1, 2)), (False,)))
     assert torch.equal(off, plain) and calls == []
-    half = runner(latents, t, text, Conditioning(images, torch.tensor([[0.0, 1.0]]), (True,)))
+    half = runner(latents, t, text, conditioning(torch.tensor([[0.0, 1.0]]), (True,)))
     assert calls == [1]
     assert torch.allclose(half[0], plain[0], atol=1e-6) and not torch.allclose(half[1], plain[1], atol=1e-4)
 
@@ -178,9 +182,10 @@ def test_live_scales_are_validated_echoed_and_switch_one_off_without_new_runners
         assert pipe.state["controlnet_scales"] == [0.8, 0.5]
     accepted = apply_change(pipe, {"controlnet_scales": [0.0, 1.5]})
     assert accepted == {"controlnet_scales": [0.0, 1.5]}
-    assert pipe.runners.unet is runner and pipe._control is not None
-    assert pipe._control.active == (False, True)
-    assert pipe._control.scales[1].tolist() == [1.5, 1.5]
+    control = pipe.extensions["controlnet"].control
+    assert pipe.runners.unet is runner and control is not None
+    assert control.active == (False, True)
+    assert control.scales[1].tolist() == [1.5, 1.5]
 
 
 def test_controlnet_scales_without_controlnets_say_so(bundle):
@@ -252,7 +257,7 @@ def _engine_output(controlled, shm_name: str, pixels: np.ndarray) -> torch.Tenso
     try:
         with engine:
             thread.start()
-            assert wait_until(lambda: pipe._control_frames[0] is not None)
+            assert wait_until(lambda: pipe.extensions["controlnet"].control_frames[0] is not None)
             count = len(sink.frames)
             assert wait_until(lambda: len(sink.frames) >= count + 3)
             engine.stop()

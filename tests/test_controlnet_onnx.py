@@ -11,10 +11,11 @@ pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install latentstage[onnx])")
 
 from engine.accel.backends import AccelSettings, BackendKind, OnnxRuntimeBackend
-from engine.accel.base import CONTROL_INPUTS, Conditioning, VaeShape
+from engine.accel.base import Conditioning, VaeShape
 from engine.accel.onnx_export import export_unet
 from engine.accel.onnxruntime_backend import OrtUNet
 from engine.accel.torch_backend import TorchUNet
+from engine.extensions.controlnet import CONTROL_INPUTS, ControlNetPart, control_images_shape
 from engine.models.controlnet import build_random_controlnet
 from engine.pipeline import ControlNetSettings, StreamPipeline
 from engine.runtime.changes import apply_change, open_pipeline
@@ -39,7 +40,7 @@ def inputs(shape):
         torch.randn(shape.latents, generator=g),
         torch.tensor([700, 400][: shape.batch]),
         torch.randn(shape.embeddings, generator=g),
-        torch.rand(shape.control_images, generator=g),
+        torch.rand(control_images_shape(shape), generator=g),
     )
 
 
@@ -47,12 +48,13 @@ def test_the_scales_are_graph_inputs_and_the_graph_equals_torch(controlled, tmp_
     pipe = StreamPipeline(controlled, settings())
     shape = pipe.unet_shape()
     assert shape.controlnets == 2 and set(CONTROL_INPUTS) <= set(shape.io.inputs)
-    path = export_unet(controlled.unet, shape, tmp_path / "unet.onnx", controlnets=controlled.controlnets)
-    ort, torch_runner = OrtUNet(path, shape), TorchUNet(controlled.unet, controlnets=controlled.controlnets)
+    parts = [ControlNetPart(controlled.controlnets)]
+    path = export_unet(controlled.unet, shape, tmp_path / "unet.onnx", parts=parts)
+    ort, torch_runner = OrtUNet(path, shape), TorchUNet(controlled.unet, parts=parts)
     latents, timesteps, embeddings, images = inputs(shape)
     results = {}
     for scales in ([[1.0, 1.0], [0.5, 0.5]], [[0.0, 0.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 1.0]]):
-        conditioning = Conditioning(images, torch.tensor(scales))
+        conditioning = Conditioning({"control_images": images, "control_scales": torch.tensor(scales)})
         got = ort(latents, timesteps, embeddings, conditioning)
         want = torch_runner(latents, timesteps, embeddings, conditioning)
         assert torch.allclose(got, want, atol=1e-4), f"ORT equals torch at scales {scales}"
@@ -65,7 +67,8 @@ def test_the_scales_are_graph_inputs_and_the_graph_equals_torch(controlled, tmp_
 
 def test_the_graph_refuses_a_call_without_its_control_inputs(controlled, tmp_path):
     shape = StreamPipeline(controlled, settings()).unet_shape()
-    path = export_unet(controlled.unet, shape, tmp_path / "unet.onnx", controlnets=controlled.controlnets)
+    parts = [ControlNetPart(controlled.controlnets)]
+    path = export_unet(controlled.unet, shape, tmp_path / "unet.onnx", parts=parts)
     latents, timesteps, embeddings, _ = inputs(shape)
     with pytest.raises(ValueError, match="control_images and control_scales"):
         OrtUNet(path, shape)(latents, timesteps, embeddings)
@@ -74,7 +77,8 @@ def test_the_graph_refuses_a_call_without_its_control_inputs(controlled, tmp_pat
 def test_export_refuses_a_shape_for_other_controlnets(controlled, tmp_path):
     shape = StreamPipeline(controlled, settings()).unet_shape()
     with pytest.raises(ValueError, match="2 ControlNet"):
-        export_unet(controlled.unet, shape, tmp_path / "u.onnx", controlnets=controlled.controlnets[:1])
+        parts = [ControlNetPart(controlled.controlnets[:1])]
+        export_unet(controlled.unet, shape, tmp_path / "u.onnx", parts=parts)
 
 
 def test_a_live_scale_change_on_onnxruntime_reuses_the_graph(controlled, tmp_path):

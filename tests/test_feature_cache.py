@@ -35,6 +35,11 @@ def run(pipe: StreamPipeline, frames) -> list[torch.Tensor]:
     return [out.clone() for out in (pipe(f) for f in frames) if out is not None]
 
 
+def bank_of(pipe: StreamPipeline):
+    """The pipeline's feature cache (None while it is off)."""
+    return pipe.extensions["feature_cache"].cache
+
+
 def drifting(count: int) -> list[torch.Tensor]:
     return [torch.roll(image(0), shifts=2 * k, dims=3) for k in range(count)]
 
@@ -115,22 +120,22 @@ def test_strength_zero_is_off_and_injection_changes_the_picture(bundle, own):
 def test_the_cache_resets_on_prompt_seed_and_size_and_takes_live_settings(own):
     pipe = StreamPipeline(own, settings(feature_cache_enabled=True, feature_cache_frames=3))
     run(pipe, drifting(4))
-    cache = pipe._feature_cache
+    cache = bank_of(pipe)
     assert cache is not None and cache.filled == [True, True, True]
     for change in ({"prompt": "another picture"}, {"seed": 9}):
         run(pipe, drifting(2))
         apply_change(pipe, change)
-        assert pipe._feature_cache is cache and cache.filled == [False, False, False], change
+        assert bank_of(pipe) is cache and cache.filled == [False, False, False], change
     apply_change(pipe, {"feature_cache_interval": 4, "feature_cache_strength": 0.5})
-    assert pipe._feature_cache is cache and cache.interval == 4
+    assert bank_of(pipe) is cache and cache.interval == 4
     apply_change(pipe, {"resolution": [96, 64]})
     assert (
-        pipe._feature_cache is not cache
-        and pipe._feature_cache.bank.shape[-1] == pipe.unet_shape().feature_size
+        bank_of(pipe) is not cache
+        and bank_of(pipe).bank.shape[-1] == pipe.unet_shape().feature_size
     )
-    assert pipe._feature_cache.filled == [False] * 3
+    assert bank_of(pipe).filled == [False] * 3
     apply_change(pipe, {"t_index_list": [10, 20, 30]})
-    assert pipe._feature_cache.bank.shape[:2] == (3, 3)
+    assert bank_of(pipe).bank.shape[:2] == (3, 3)
     out = pipe(torch.rand((1, 3, 64, 96)) * 2 - 1)
     assert out is None or out.shape == (1, 3, 64, 96)
 
@@ -164,7 +169,7 @@ def test_with_cross_frame_attention_and_full_cfg(own):
     )
     outputs = run(pipe, drifting(4))
     assert len(outputs) == 3 and all(torch.isfinite(o).all() for o in outputs)
-    assert pipe._feature_cache is not None and pipe._feature_cache.bank.shape[1] == 4
+    assert bank_of(pipe) is not None and bank_of(pipe).bank.shape[1] == 4
 
 
 def test_sdxl_with_the_cache():
@@ -181,10 +186,10 @@ def test_the_onnx_graph_takes_the_bank_and_gives_the_features(own, tmp_path):
     pytest.importorskip(
         "onnxruntime", reason="the onnx extra is not installed (pip install latentstage[onnx])"
     )
-    from engine.accel.base import FEATURE_INPUTS
     from engine.accel.onnx_export import export_unet
     from engine.accel.onnxruntime_backend import OrtUNet
     from engine.accel.torch_backend import TorchUNet
+    from engine.extensions.feature_cache import FEATURE_INPUTS
 
     pipe = StreamPipeline(
         own, settings(feature_cache_enabled=True, feature_cache_injection=0.5, feature_cache_threshold=0.0)
@@ -197,12 +202,13 @@ def test_the_onnx_graph_takes_the_bank_and_gives_the_features(own, tmp_path):
     ]
     ort = OrtUNet(export_unet(own.unet, shape, tmp_path / "unet.onnx"), shape)
     latents, timesteps, embeddings = pipe.unet_inputs()
-    got, want = pipe._conditioning(None, None), pipe._conditioning(None, None)
+    got, want = pipe.conditioning(), pipe.conditioning()
     ours = ort(latents, timesteps, embeddings, got)
     theirs = TorchUNet.of(own)(latents, timesteps, embeddings, want)
     assert torch.allclose(ours, theirs, atol=1e-4)
-    assert got.feature_out and want.feature_out
-    assert torch.allclose(got.feature_out[0], want.feature_out[0], atol=1e-4)
+    assert got is not None and want is not None
+    assert got.outputs["features"] and want.outputs["features"]
+    assert torch.allclose(got.outputs["features"][0], want.outputs["features"][0], atol=1e-4)
     with pytest.raises(ValueError, match="feature_bank"):
         ort(latents, timesteps, embeddings)
 
@@ -225,7 +231,7 @@ def test_the_pipeline_on_onnxruntime_with_the_cache_matches_torch(bundle, own, t
         assert (expected is None) == (actual is None)
         if expected is not None:
             assert float((actual - expected).abs().max()) <= 1e-3
-    assert ort._feature_cache is not None and ort._feature_cache.pushes == 6
+    assert bank_of(ort) is not None and bank_of(ort).pushes == 6
     backend.close()
 
 
@@ -237,7 +243,8 @@ def test_the_engine_key_and_the_tensorrt_profile_carry_the_cache(own, tmp_path):
     accel = AccelSettings(backend=BackendKind.ONNXRUNTIME, engine_dir=str(tmp_path))
     backend = OnnxRuntimeBackend(own, VaeShape(SIZE, SIZE), accel)
     pipe = StreamPipeline(own, settings())
-    plain, cached = pipe.unet_shape(), pipe.unet_shape(feature_frames=3)
+    with_cache = {**pipe.state, "feature_cache_enabled": True, "feature_cache_frames": 3}
+    plain, cached = pipe.unet_shape(), pipe.unet_shape(state=with_cache)
     assert backend.unet_keys([plain])[0].digest() != backend.unet_keys([cached])[0].digest()
     profile = trtb.static_profile(cached, "unet")
     assert profile["feature_bank"] == ((3, cached.batch, cached.feature_size),) * 3

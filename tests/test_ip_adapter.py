@@ -73,11 +73,13 @@ def test_scale_zero_equals_the_plain_unet_exactly(bundle, adapted):
     embeddings = torch.cat([shape_text, image.expand(2, -1, -1)], dim=1)
     latents, t = torch.randn((2, 4, 8, 8)), torch.tensor([700, 400])
     plain = TorchUNet(bundle.unet)(latents, t, shape_text)
-    runner = TorchUNet(adapted.unet, ip_tokens=adapted.ip_tokens)
     from engine.accel.base import Conditioning
+    from engine.extensions.ip_adapter import IpScalePart
 
-    off = runner(latents, t, embeddings, Conditioning(ip_scale=torch.zeros(1)))
-    on = runner(latents, t, embeddings, Conditioning(ip_scale=torch.ones(1)))
+    runner = TorchUNet(adapted.unet, parts=[IpScalePart(adapted.ip_tokens)])
+
+    off = runner(latents, t, embeddings, Conditioning({"ip_scale": torch.zeros(1)}))
+    on = runner(latents, t, embeddings, Conditioning({"ip_scale": torch.ones(1)}))
     assert torch.equal(off, plain)
     assert (on - plain).abs().mean() > 1e-4, "the image tokens steer the prediction"
 
@@ -164,9 +166,9 @@ def test_live_scale_and_image_change_the_output_and_bad_values_keep_the_state(ad
         with pytest.raises(ParamError, match=words):
             apply_change(pipe, change)
         assert pipe.state["ip_adapter_image"] == "a.png" and pipe.state["ip_adapter_scale"] == 1.0
-    encodes = pipe.image_prompts.encodes
+    encodes = pipe.extensions["ip_adapter"].image_prompts.encodes
     assert apply_change(pipe, {"ip_adapter_image": "b.png"}) == {"ip_adapter_image": "b.png"}
-    assert pipe.image_prompts.encodes == encodes + 1 and pipe.runners.unet is runner
+    assert pipe.extensions["ip_adapter"].image_prompts.encodes == encodes + 1 and pipe.runners.unet is runner
     other = run(pipe)[-1]
     assert not torch.allclose(first, other, atol=1e-3), "another reference image, another picture"
     assert apply_change(pipe, {"ip_adapter_scale": 0.0}) == {"ip_adapter_scale": 0.0}
@@ -174,12 +176,13 @@ def test_live_scale_and_image_change_the_output_and_bad_values_keep_the_state(ad
     plain = run(StreamPipeline(adapted, settings(folder, ip_adapter_scale=0.0)))[-1]
     assert torch.equal(run(pipe)[-1], plain), "scale 0 live equals no image"
     apply_change(pipe, {"ip_adapter_image": "a.png"})
-    assert pipe.image_prompts.encodes == encodes + 1, "a.png was encoded before: from the cache"
+    prompts = pipe.extensions["ip_adapter"].image_prompts
+    assert prompts.encodes == encodes + 1, "a.png was encoded before: from the cache"
 
 
 def test_a_changed_file_is_encoded_again_and_a_broken_one_refused(adapted, folder):
     pipe = StreamPipeline(adapted, settings(folder, ip_adapter_image="a.png"))
-    prompts = pipe.image_prompts
+    prompts = pipe.extensions["ip_adapter"].image_prompts
     before = prompts.tokens("a.png").clone()
     _write_image(folder / "a.png", 7)
     stat = os.stat(folder / "a.png")
@@ -258,7 +261,8 @@ def test_reference_tokens_from_a_source_steer_and_a_file_is_refused(bundle, adap
     steered = run(pipe)[-1]
     assert pipe.runners.unet is runner and not torch.allclose(steered, plain[-1], atol=1e-3)
     apply_change(pipe, {"prompt": "another prompt"})
-    assert torch.equal(pipe.image_prompts.reference(None), tokens), "a prompt change keeps the reference"
+    reference = pipe.extensions["ip_adapter"].image_prompts.reference(None)
+    assert torch.equal(reference, tokens), "a prompt change keeps the reference"
     with_file = StreamPipeline(adapted, settings(folder))
     with pytest.raises(ValueError, match="with a source"):
         with_file.set_reference_tokens(tokens)
@@ -303,7 +307,7 @@ def _engine_output(adapted, folder, shm_name: str, pixels: np.ndarray) -> torch.
     try:
         with engine:
             thread.start()
-            assert wait_until(lambda: pipe.image_prompts.live is not None)
+            assert wait_until(lambda: pipe.extensions["ip_adapter"].image_prompts.live is not None)
             count = len(sink.frames)
             assert wait_until(lambda: len(sink.frames) >= count + 3)
             assert engine.reference_feed is not None and engine.reference_feed.encodes >= 1

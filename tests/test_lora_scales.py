@@ -267,8 +267,9 @@ def test_a_text_encoder_lora_change_encodes_the_prompts_again(text_lora: str) ->
     models = load(text_lora, 1.0)
     assert models.lora_factors[0].text_encoder, "the LoRA reaches the text encoder"
     pipe = StreamPipeline(models, settings())
-    before = pipe._positive.clone()
+    before = pipe.layout.positive.clone()
     apply_change(pipe, {"lora_scales": [0.0]})
     fresh = StreamPipeline(load(text_lora, 0.0), settings())
-    assert not torch.allclose(pipe._positive, before, atol=1e-4)
-    assert torch.allclose(pipe._positive, fresh._positive, atol=1e-5), "encoded with the new weights"
+    assert not torch.allclose(pipe.layout.positive, before, atol=1e-4)
+    positive = pipe.layout.positive
+    assert torch.allclose(positive, fresh.layout.positive, atol=1e-5), "encoded with the new weights"

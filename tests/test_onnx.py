@@ -15,7 +15,7 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install latentstage[onnx])")
 
 from engine.accel import onnx_export, onnxruntime_backend  # noqa: E402
-from engine.accel.base import UNET_INPUTS, UNET_OUTPUTS, UNetShape, VaeShape  # noqa: E402
+from engine.accel.base import PREDICTION, UNET_INPUTS, UNetShape, VaeShape  # noqa: E402
 from engine.accel.onnx_export import (  # noqa: E402
     OnnxExportError,
     OnnxUnavailableError,
@@ -222,7 +222,7 @@ def test_graph_io_names_shapes_and_opset(unet_onnx, vae_onnx, onnx_dir):
         (UNET_INPUTS[1], (shape.batch,), int64),
         (UNET_INPUTS[2], shape.embeddings, float_),
     ]
-    assert io(model.graph.output) == [(UNET_OUTPUTS[0], shape.latents, float_)]
+    assert io(model.graph.output) == [(PREDICTION, shape.latents, float_)]
     assert all(d.HasField("dim_value") for v in model.graph.input for d in v.type.tensor_type.shape.dim)
     assert model.ir_version <= 13  # onnxruntime 1.31 refuses IR 14
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]

@@ -79,7 +79,7 @@ def sequential(pipe: StreamPipeline, frame: torch.Tensor, guidance: float) -> to
     b = pipe.batch
     s = b.schedule
     unet = pipe.runners.unet.inner
-    cond, uncond = pipe._positive, pipe._negative
+    cond, uncond = pipe.layout.positive, pipe.layout.negative
     with torch.inference_mode():
         z = pipe.runners.vae.inner.encode(frame)
         x = s.alpha[0] * z + s.beta[0] * b.noise[:1]
@@ -129,9 +129,9 @@ def test_one_step_equals_diffusers_lcm_scheduler_step(bundle):
     pipe.runners = dataclasses.replace(pipe.runners, unet=spy)
     with torch.inference_mode():
         z = pipe.runners.vae.inner.encode(frame)
-        x0_ours = pipe.batch.step(pipe.batch.noised_input(z), spy, pipe._embeddings)
+        x0_ours = pipe.batch.step(pipe.batch.noised_input(z), spy, pipe.layout.embeddings)
         x = latents["x"]
-        eps = unet(x, torch.tensor([t]), pipe._positive)
+        eps = unet(x, torch.tensor([t]), pipe.layout.positive)
         reference = scheduler.step(eps, t, x, return_dict=True).denoised
     assert pipe.batch.schedule.timesteps.tolist() == [t]
     assert x0_ours is not None
@@ -171,7 +171,7 @@ def test_prompt_change_calls_text_encoder_once(bundle):
         PipelineSettings(width=SIZE, height=SIZE, prompt="a", negative_prompt="b", t_index_list=[32]),
     )
     assert counting.calls == 2  # prompt + negative prompt at start
-    before = pipe._embeddings.clone()
+    before = pipe.layout.embeddings.clone()
     apply_change(pipe, {"prompt": "a glowing forest"})
     assert counting.calls == 3
     for k in range(3):
@@ -179,9 +179,9 @@ def test_prompt_change_calls_text_encoder_once(bundle):
     apply_change(pipe, {"guidance_scale": 1.3, "seed": 5})  # no prompt change: no encoding
     apply_change(pipe, {"prompt": "a glowing forest"})  # same prompt: no encoding
     assert counting.calls == 3
-    assert not torch.equal(before, pipe._embeddings)
+    assert not torch.equal(before, pipe.layout.embeddings)
     apply_change(pipe, {"prompt": "a"})  # cached from the start
-    assert counting.calls == 3 and torch.equal(before, pipe._embeddings)
+    assert counting.calls == 3 and torch.equal(before, pipe.layout.embeddings)
 
 
 def test_prompt_change_reaches_the_next_output(bundle):
@@ -238,7 +238,7 @@ def test_bad_changes_are_refused_and_change_nothing(bundle):
     for _ in range(3):
         pipe(frame)
     state = dict(pipe.state)
-    embeddings = pipe._embeddings.clone()
+    embeddings = pipe.layout.embeddings.clone()
     bad = [
         {"guidance_scale": float("nan")},
         {"cfg_type": "bogus"},
@@ -256,7 +256,7 @@ def test_bad_changes_are_refused_and_change_nothing(bundle):
         with pytest.raises(ParamError):
             apply_change(pipe, change)
         assert pipe.state == state
-        assert torch.equal(pipe._embeddings, embeddings)
+        assert torch.equal(pipe.layout.embeddings, embeddings)
     assert pipe(frame) is not None
 
 
@@ -274,7 +274,7 @@ def test_prompt_and_seed_blends(bundle):
     pipe = make_pipeline(bundle, t_index_list=[32])
     apply_change(pipe, {"prompt_blend": [("a cat", 1.0), ("a dog", 1.0)], "prompt_blend_method": "linear"})
     cat, dog = pipe.prompts.encode("a cat"), pipe.prompts.encode("a dog")
-    assert torch.allclose(pipe._positive, (cat + dog) / 2, atol=1e-6)
+    assert torch.allclose(pipe.layout.positive, (cat + dog) / 2, atol=1e-6)
     apply_change(pipe, {"seed_blend": [(1, 1.0), (2, 0.0)]})
     solo = torch.randn(pipe.batch.noise.shape, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(pipe.batch.noise, solo)

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from engine.accel.base import ADDED_INPUTS, Conditioning
+from engine.accel.base import Conditioning
 from engine.accel.torch_backend import TorchUNet
+from engine.extensions.sdxl import ADDED_INPUTS
 from engine.models.errors import ModelLoadError
 from engine.models.family import detect_family, family_of_class
 from engine.models.kinds import ModelFamily
@@ -66,6 +67,11 @@ class CountingEncoder(torch.nn.Module):
         return self.inner(*args, **kwargs)
 
 
+def pooled(pipe: StreamPipeline) -> torch.Tensor:
+    """The pooled text embeddings ``(B, P)`` of the pipeline's UNet call now."""
+    return pipe.extensions["sdxl"].text_embeds
+
+
 def make(models, **overrides) -> StreamPipeline:
     values = {"prompt": "a neon jellyfish", "negative_prompt": "blurry", "guidance_scale": 1.0, **overrides}
     pipe = StreamPipeline(models, pipeline_settings(**values))
@@ -85,10 +91,10 @@ def test_prompts_equal_diffusers_encode_prompt(sdxl):
         embeds, negative, pooled, negative_pooled = reference.encode_prompt(
             "a neon jellyfish", device=torch.device("cpu"), negative_prompt="blurry"
         )
-    tokens, ours_pooled = split_pooled(pipe._positive, sdxl.pooled_dim)
+    tokens, ours_pooled = split_pooled(pipe.layout.positive, sdxl.pooled_dim)
     assert tokens.shape == (1, 77, 64) and ours_pooled.shape == (1, 32)
     assert torch.allclose(tokens, embeds, atol=1e-6) and torch.allclose(ours_pooled, pooled, atol=1e-6)
-    neg_tokens, neg_pooled = split_pooled(pipe._negative, sdxl.pooled_dim)
+    neg_tokens, neg_pooled = split_pooled(pipe.layout.negative, sdxl.pooled_dim)
     assert torch.allclose(neg_tokens, negative, atol=1e-6) and torch.allclose(
         neg_pooled, negative_pooled, atol=1e-6
     )
@@ -96,7 +102,7 @@ def test_prompts_equal_diffusers_encode_prompt(sdxl):
 
 def test_an_empty_negative_prompt_is_zeros_as_in_diffusers(sdxl):
     pipe = StreamPipeline(sdxl, pipeline_settings(negative_prompt=""))
-    assert not pipe._negative.any()
+    assert not pipe.layout.negative.any()
 
 
 def test_pack_split_and_time_ids():
@@ -116,15 +122,15 @@ def test_a_prompt_change_runs_both_encoders_once(sdxl):
     models = dataclasses.replace(sdxl, text_encoder=first, text_encoder_2=second)
     pipe = StreamPipeline(models, pipeline_settings(prompt="a", negative_prompt="b"))
     assert (first.calls, second.calls) == (2, 2)  # prompt and negative prompt at start
-    before = pipe._unet_embeddings.clone(), pipe._text_embeds.clone()
+    before = pipe.layout.unet_embeddings.clone(), pooled(pipe).clone()
     apply_change(pipe, {"prompt": "a glowing forest"})
     assert (first.calls, second.calls) == (3, 3)
-    assert not torch.equal(before[0], pipe._unet_embeddings)
-    assert not torch.equal(before[1], pipe._text_embeds), "the pooled embeddings follow the prompt"
+    assert not torch.equal(before[0], pipe.layout.unet_embeddings)
+    assert not torch.equal(before[1], pooled(pipe)), "the pooled embeddings follow the prompt"
     apply_change(pipe, {"seed": 5, "guidance_scale": 1.3})
     apply_change(pipe, {"prompt": "a"})  # cached: neither encoder runs
     assert (first.calls, second.calls) == (3, 3)
-    assert torch.equal(before[1], pipe._text_embeds)
+    assert torch.equal(before[1], pooled(pipe))
 
 
 # ---------------------------------------------------------------- the stream batch
@@ -178,12 +184,13 @@ def test_unet_batch_and_added_inputs_per_cfg_mode(sdxl, cfg, batch):
     calls = pipe.runners.unet.calls
     assert [b for b, _ in calls] == [batch] * 3 and pipe.unet_batch_size == batch
     conditioning = calls[-1][1]
-    assert conditioning is not None and conditioning.text_embeds is not None
-    assert conditioning.text_embeds.shape == (batch, 32) and conditioning.time_ids.shape == (batch, 6)
+    assert conditioning is not None and "text_embeds" in conditioning.inputs
+    text_embeds, ids = conditioning.inputs["text_embeds"], conditioning.inputs["time_ids"]
+    assert text_embeds.shape == (batch, 32) and ids.shape == (batch, 6)
     if cfg == "full":  # the unconditional half carries the negative prompt's pooled embeddings
-        _, negative_pooled = split_pooled(pipe._negative, 32)
-        assert torch.equal(conditioning.text_embeds[0], negative_pooled[0])
-        assert not torch.equal(conditioning.text_embeds[0], conditioning.text_embeds[-1])
+        _, negative_pooled = split_pooled(pipe.layout.negative, 32)
+        assert torch.equal(text_embeds[0], negative_pooled[0])
+        assert not torch.equal(text_embeds[0], text_embeds[-1])
 
 
 def test_blends_crossfade_cross_frame_filter_and_resolution(sdxl):
@@ -197,9 +204,9 @@ def test_blends_crossfade_cross_frame_filter_and_resolution(sdxl):
     previous = pipe.current_positive.clone()
     apply_change(pipe, {"prompt": "a forest"})
     pipe.set_prompt_transition(previous, 0.5)  # a /prompt crossfade halfway
-    halfway = pipe._text_embeds.clone()
+    halfway = pooled(pipe).clone()
     pipe.set_prompt_transition(None, 1.0)
-    assert not torch.equal(halfway, pipe._text_embeds), "the pooled embeddings crossfade too"
+    assert not torch.equal(halfway, pooled(pipe)), "the pooled embeddings crossfade too"
     apply_change(pipe, {"similarity_filter_enabled": True, "similarity_filter_threshold": 0.5})
     pipe(frame)
     skipped = pipe.stats.skipped
@@ -209,7 +216,8 @@ def test_blends_crossfade_cross_frame_filter_and_resolution(sdxl):
     apply_change(pipe, {"resolution": [96, 64]})
     out = pipe(torch.rand((1, 3, 64, 96)) * 2 - 1)
     assert out is not None and out.shape == (1, 3, 64, 96)
-    assert pipe._time_ids[0].tolist() == [64.0, 96.0, 0.0, 0.0, 64.0, 96.0], "time ids follow the size"
+    ids = pipe.extensions["sdxl"].time_ids
+    assert ids[0].tolist() == [64.0, 96.0, 0.0, 0.0, 64.0, 96.0], "time ids follow the size"
 
 
 def test_a_controlnet_steers_sdxl_and_scale_zero_adds_nothing(sdxl):
@@ -239,18 +247,17 @@ def test_the_onnx_graph_takes_the_added_inputs_and_equals_torch(sdxl, tmp_path):
     pipe = StreamPipeline(sdxl, pipeline_settings(t_index_list=[20, 35], cfg_type=CfgType.ONETIME))
     shape = pipe.unet_shape()
     assert shape.pooled_dim == 32 and list(shape.io.inputs)[3:5] == list(ADDED_INPUTS)
-    path = export_unet(sdxl.unet, shape, tmp_path / "unet.onnx", added=True)
+    path = export_unet(sdxl.unet, shape, tmp_path / "unet.onnx")
     ort, torch_runner = OrtUNet(path, shape), TorchUNet.of(sdxl)
     latents, timesteps, embeddings = pipe.unet_inputs()
-    added = pipe.added_inputs
+    added = pipe.extensions["sdxl"].conditioning()
     got, want = (
         ort(latents, timesteps, embeddings, added),
         torch_runner(latents, timesteps, embeddings, added),
     )
     assert torch.allclose(got, want, atol=1e-4)
-    other = Conditioning(
-        text_embeds=added.text_embeds, time_ids=time_ids(128, 64, shape.batch, latents.device, latents.dtype)
-    )
+    ids = time_ids(128, 64, shape.batch, latents.device, latents.dtype)
+    other = Conditioning({"text_embeds": added.inputs["text_embeds"], "time_ids": ids})
     assert not torch.allclose(ort(latents, timesteps, embeddings, other), got, atol=1e-4), (
         "time_ids are inputs"
     )
@@ -380,13 +387,13 @@ def test_an_sdxl_lora_reaching_both_text_encoders_is_fused_and_rescaled(tmp_path
     factors = models.lora_factors[0]
     assert factors.unet and factors.text_encoder and factors.text_encoder_2
     pipe = StreamPipeline(models, pipeline_settings())
-    before = pipe._text_embeds.clone()
+    before = pooled(pipe).clone()
     apply_change(pipe, {"lora_scales": [0.0]})
     plain = StreamPipeline(
         load_models(ModelRequest(id="builtin:tiny-sdxl", device="cpu", dtype="float32")), pipeline_settings()
     )
-    assert not torch.allclose(before, pipe._text_embeds, atol=1e-5)
-    assert torch.allclose(pipe._text_embeds, plain._text_embeds, atol=1e-5), "scale 0 is the model without it"
+    assert not torch.allclose(before, pooled(pipe), atol=1e-5)
+    assert torch.allclose(pooled(pipe), pooled(plain), atol=1e-5), "scale 0 is the model without it"
 
 
 def test_sdxl_takes_taesdxl_by_default(tmp_path):

@@ -18,6 +18,8 @@ from engine.accel.base import UNetRunner, UNetShape, VaeRunner, VaeShape
 from engine.accel.cache import EngineCache, EngineKey, weights_fingerprint
 from engine.accel.kinds import BackendKind
 from engine.accel.torch_backend import TorchUNet, TorchVae
+from engine.extensions import graph_parts
+from engine.extensions import identity as extension_identity
 from engine.models.bundle import ModelBundle
 from engine.models.conditioned import ConditionedUNet
 from engine.models.lora import rescale_bundle, rescaled_unet_weights
@@ -313,10 +315,9 @@ class _ExportedBackend:
             module: torch.nn.Module = self.models.vae
             if component == "unet":
                 module = self.models.unet
-                models = self.models
-                if models.controlnets or models.ip_adapter is not None:  # in the UNet graph too
-                    added = models.pooled_dim > 0
-                    module = ConditionedUNet(module, models.controlnets, models.ip_tokens, added)
+                weighted = [p for p in graph_parts(None, self.models) if any(True for _ in p.parameters())]
+                if weighted:  # extensions with weights of their own (ControlNets) are in the graph
+                    module = ConditionedUNet(module, weighted)
             started = time.monotonic()
             self._fingerprints[component] = weights_fingerprint(module)
             logger.debug("hashed %s weights in %.1f s", component, time.monotonic() - started)
@@ -329,23 +330,15 @@ class _ExportedBackend:
             width = shape.latent_width * self.models.vae_scale_factor
             cfg_mode = f"b{shape.batch}"
             cross_frame = shape.cross_frame_groups is not None
-            groups = repr(shape.cross_frame_groups)
-            extra = {"feature_frames": shape.feature_frames} if shape.feature_frames else {}
+            extra = extension_identity(shape)
         else:
-            extra = {}
-            batch, height, width, cfg_mode, cross_frame, groups = (
-                1,
-                shape.height,
-                shape.width,
-                "none",
-                False,
-                "",
-            )
+            extra = {"cross_frame_groups": ""}
+            batch, height, width, cfg_mode, cross_frame = 1, shape.height, shape.width, "none", False
         dtype = self._dtype_of(component)
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
         return EngineKey.create(
             component=component,
-            identity={**self.models.identity, "cross_frame_groups": groups, **extra},
+            identity={**self.models.identity, **extra},
             weights_hash=self._fingerprint("unet" if component == "unet" else "vae"),
             height=height,
             width=width,
@@ -373,13 +366,7 @@ class _ExportedBackend:
         _say(progress, f"exporting {key.component} to ONNX ({key.folder_name()})")
         if isinstance(shape, UNetShape):
             onnx_export.export_unet(
-                self.models.unet,
-                shape,
-                path,
-                self.export_dtype,
-                controlnets=self.models.controlnets,
-                ip_tokens=self.models.ip_tokens,
-                added=self.models.pooled_dim > 0,
+                self.models.unet, shape, path, self.export_dtype, parts=graph_parts(shape, self.models)
             )
         elif key.component == "vae_encoder":
             onnx_export.export_vae_encoder(

@@ -3,51 +3,50 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass
 class Conditioning:
-    """What a UNet call takes besides latents, timesteps and embeddings (SDXL, ControlNets, IP-Adapter).
+    """What a UNet call takes besides latents, timesteps and embeddings, by graph input name.
+
+    The extensions (``engine.extensions``) fill it once per frame: SDXL's ``text_embeds (B, P)``
+    and ``time_ids (B, 6)``, the ControlNets' ``control_images (K, B, 3, H, W)`` in [0, 1] and
+    ``control_scales (K, B)``, the IP-Adapter's ``ip_scale (1,)``, the feature cache's
+    ``feature_bank (F, B, N)``, ``feature_bias (F,)`` and ``feature_injection (2,)``, ...
 
     Attributes:
-        control_images: ``(K, B, 3, H, W)`` in [0, 1], each batch row the condition of the frame
-            that row came from (``engine.stream.control``).
-        control_scales: ``(K, B)``: each ControlNet's scale per batch row (0: adds nothing).
-        active: K host-side bools: False where a ControlNet's scales are all 0 (eager torch then
-            skips it; exported graphs take the scales as inputs and run it anyway).
-        ip_scale: ``(1,)``: the IP-Adapter scale (0: the image adds nothing).
-        text_embeds: SDXL's pooled text embeddings ``(B, P)``, laid out like the embeddings.
-        time_ids: SDXL's ``add_time_ids`` ``(B, 6)`` (``engine.stream.pooled.time_ids``).
-        feature_bank: the feature cache ``(F, B, N)`` of past frames (``engine.stream.feature_bank``).
-        feature_bias: ``(F,)`` attention bias per cached slot (log strength; empty: -1e4).
-        feature_injection: ``(2,)``: injection strength and cosine threshold.
-        feature_out: where the runner puts this call's features ``(B, N)`` (a list it appends to).
-        injecting: host-side: the injection strength is above 0 (eager torch skips the nearest-
-            neighbour search otherwise; exported graphs take the strength as an input).
+        inputs: graph input name → tensor (the names and shapes of ``UNetShape.io``).
+        flags: host-side values for eager torch only (e.g. ``active``: which ControlNets run;
+            ``injecting``: whether the feature injection has a strength); exported graphs take
+            the tensors and run everything.
+        outputs: graph output name → the list a runner appends that output to (one per call);
+            only the outputs asked for (``want``) are kept.
     """
 
-    control_images: torch.Tensor | None = None
-    control_scales: torch.Tensor | None = None
-    active: tuple[bool, ...] = ()
-    ip_scale: torch.Tensor | None = None
-    text_embeds: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
-    feature_bank: torch.Tensor | None = None
-    feature_bias: torch.Tensor | None = None
-    feature_injection: torch.Tensor | None = None
-    feature_out: list[torch.Tensor] | None = None
-    injecting: bool = True
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    flags: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def want(self, name: str) -> list[torch.Tensor]:
+        """Ask the runner for the graph output ``name``; the list it will append to."""
+        return self.outputs.setdefault(name, [])
+
+    def give(self, name: str, tensor: torch.Tensor) -> None:
+        """A runner hands back the graph output ``name`` (kept where it was asked for)."""
+        wanted = self.outputs.get(name)
+        if wanted is not None:
+            wanted.append(tensor)
 
 
 class UNetRunner(Protocol):
     """``(latents (B, C, h, w), timesteps (B,) int64, embeddings (B, L, D)) -> (B, C, h, w)``.
 
     B is fixed per configuration (n, n + 1 or 2n); the prediction is ε or v as the model's.
-    ``conditioning`` carries the SDXL, ControlNet and IP-Adapter inputs when the model has them.
+    ``conditioning`` carries the extensions' inputs (``engine.extensions``) by graph input name.
     """
 
     def __call__(
@@ -71,11 +70,7 @@ class VaeRunner(Protocol):
 
 
 UNET_INPUTS = ("latents", "timesteps", "embeddings")
-ADDED_INPUTS = ("text_embeds", "time_ids")
-CONTROL_INPUTS = ("control_images", "control_scales")
-IP_INPUTS = ("ip_scale",)
-FEATURE_INPUTS = ("feature_bank", "feature_bias", "feature_injection")
-UNET_OUTPUTS = ("prediction", "features")
+PREDICTION = "prediction"
 VAE_IMAGES, VAE_LATENTS = "images", "latents"
 """IO names of the exported graphs (the VAE encoder maps images → latents, the decoder back);
 the runners bind by these names (``GraphIO``)."""
@@ -108,6 +103,10 @@ class UNetShape:
         feature_frames, feature_size: the feature cache's F slots of N values per row (inputs
             ``feature_bank (F, B, N)``, ``feature_bias (F,)``, ``feature_injection (2,)``; output
             ``features (B, N)``); 0: no feature cache.
+        options: what other registered extensions add, ``(name, value)`` pairs (``option``).
+
+    The fields after the text's are the built-in extensions' (``engine.extensions``); each
+    extension reads its own and declares its graph inputs and outputs from them.
     """
 
     batch: int
@@ -123,6 +122,11 @@ class UNetShape:
     pooled_dim: int = 0
     feature_frames: int = 0
     feature_size: int = 0
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value an extension called ``name`` put in ``options`` (``default``: it is absent)."""
+        return dict(self.options).get(name, default)
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -133,29 +137,19 @@ class UNetShape:
         return (self.batch, self.text_length, self.text_dim)
 
     @property
-    def control_images(self) -> tuple[int, int, int, int, int]:
-        f = self.image_scale
-        return (self.controlnets, self.batch, 3, self.latent_height * f, self.latent_width * f)
-
-    @property
     def io(self) -> GraphIO:
-        """``latents, timesteps (batch,) int64, embeddings [, text_embeds, time_ids]
-        [, control_images, control_scales] [, ip_scale] [, feature_bank, feature_bias,
-        feature_injection] -> prediction`` (shape of latents) ``[, features]``."""
+        """``latents, timesteps (batch,) int64, embeddings`` and each registered extension's inputs,
+        in registration order ``-> prediction`` (shape of latents) and the extensions' outputs."""
+        from engine.extensions import registered  # the extensions import this module
+
         inputs: dict[str, tuple[int, ...]] = dict(
             zip(UNET_INPUTS, (self.latents, (self.batch,), self.embeddings))
         )
-        if self.pooled_dim:
-            inputs.update(zip(ADDED_INPUTS, ((self.batch, self.pooled_dim), (self.batch, 6))))
-        if self.controlnets:
-            inputs.update(zip(CONTROL_INPUTS, (self.control_images, (self.controlnets, self.batch))))
-        if self.ip_adapter:
-            inputs[IP_INPUTS[0]] = (1,)
-        outputs: dict[str, tuple[int, ...]] = {UNET_OUTPUTS[0]: self.latents}
-        if self.feature_frames:
-            frames, size = self.feature_frames, self.feature_size
-            inputs.update(zip(FEATURE_INPUTS, ((frames, self.batch, size), (frames,), (2,))))
-            outputs[UNET_OUTPUTS[1]] = (self.batch, size)
+        outputs: dict[str, tuple[int, ...]] = {PREDICTION: self.latents}
+        for extension in registered():
+            part = extension.graph_io(self)
+            inputs.update(part.inputs)
+            outputs.update(part.outputs)
         return GraphIO(inputs, outputs)
 
 
@@ -169,32 +163,20 @@ def unet_feeds(
     """The named inputs of a UNet graph with ``input_names`` (in ``UNetShape.io`` order).
 
     Raises:
-        ValueError: the graph has SDXL's added inputs or ControlNets and ``conditioning`` lacks them.
+        ValueError: ``conditioning`` lacks an input the graph has (naming it).
     """
     feeds = dict(zip(UNET_INPUTS, (latents, timesteps, embeddings)))
-    if ADDED_INPUTS[0] in input_names:
-        if conditioning is None or conditioning.text_embeds is None or conditioning.time_ids is None:
-            raise ValueError("this UNet graph is SDXL's: give its text_embeds and time_ids (Conditioning)")
-        feeds.update(zip(ADDED_INPUTS, (conditioning.text_embeds, conditioning.time_ids)))
-    if CONTROL_INPUTS[0] in input_names:
-        if conditioning is None or conditioning.control_images is None or conditioning.control_scales is None:
-            raise ValueError(
-                "this UNet graph has ControlNets: give its control_images and control_scales (Conditioning)"
-            )
-        feeds.update(zip(CONTROL_INPUTS, (conditioning.control_images, conditioning.control_scales)))
-    if IP_INPUTS[0] in input_names:
-        ip_scale = None if conditioning is None else conditioning.ip_scale
-        feeds[IP_INPUTS[0]] = ip_scale if ip_scale is not None else latents.new_zeros((1,))
-    if FEATURE_INPUTS[0] in input_names:
-        if conditioning is None or conditioning.feature_bank is None:
-            raise ValueError("this UNet graph has a feature cache: give its feature_bank (Conditioning)")
-        assert conditioning.feature_bias is not None and conditioning.feature_injection is not None
-        feeds.update(
-            zip(
-                FEATURE_INPUTS,
-                (conditioning.feature_bank, conditioning.feature_bias, conditioning.feature_injection),
-            )
+    given = {} if conditioning is None else conditioning.inputs
+    missing = [name for name in input_names if name not in feeds and name not in given]
+    if missing:
+        names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+        raise ValueError(
+            f"this UNet graph takes {names} too: give them in the Conditioning (its extensions' "
+            f"inputs; given: {sorted(given) or 'none'})"
         )
+    for name in input_names:
+        if name not in feeds:
+            feeds[name] = given[name]
     return feeds
 
 

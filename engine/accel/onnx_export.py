@@ -9,8 +9,9 @@ UNet (``export_unet``), B = ``shape.batch`` (n, n + 1 or 2n by cfg mode):
             ``timesteps``   (B,)          int64  UNet timesteps in [0, num_train_timesteps)
             ``embeddings``  (B, L, D)     float  prompt embeddings laid out for the cfg mode
     output  ``prediction``  (B, C, h, w)  float  ε or v, as the model predicts
-    With ``shape.cross_frame_groups`` the self-attention (``attn1``) layers run
-    ``CrossFrameAttnProcessor`` with those groups baked into the graph.
+    then each registered extension's inputs and outputs (``engine.extensions``: SDXL's added
+    conditioning, ControlNets, IP-Adapter, the feature cache; cross-frame attention bakes its
+    groups into the graph).
 
 VAE encoder (``export_vae_encoder``), f = ``shape.scale_factor``:
     input   ``images``   (1, 3, H, W)         float  in [-1, 1]
@@ -53,7 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.accel.base import GraphIO, UNetShape, VaeShape
+from engine.accel.base import UNET_INPUTS, GraphIO, UNetShape, VaeShape
+from engine.extensions.base import GraphPart
 from engine.models.conditioned import ConditionedUNet
 
 logger = logging.getLogger(__name__)
@@ -186,28 +188,22 @@ def export_unet(
     opset: int = 18,
     *,
     exporter: str = "auto",
-    controlnets: Sequence[Any] = (),
-    ip_tokens: int = 0,
-    added: bool = False,
+    parts: Sequence[GraphPart] | None = None,
 ) -> Path:
     """Export a diffusers ``UNet2DConditionModel`` for one static ``shape``; see the module doc.
 
-    SDXL (``added``, ``shape.pooled_dim``): inputs ``text_embeds (B, P)`` and ``time_ids (B, 6)``.
-    A feature cache (``shape.feature_frames``): inputs ``feature_bank (F, B, N)``,
-    ``feature_bias (F,)``, ``feature_injection (2,)`` and the second output ``features (B, N)``.
+    The graph is the UNet with its extensions' parts in one (``ConditionedUNet``): its inputs and
+    outputs are ``shape.io`` (each registered extension's, ``engine.extensions``), so a live
+    scale or strength is an input and never re-exports. ``parts``: the extensions' modules for
+    ``shape`` (``graph_parts(shape, models)``); None: the ones the shape alone makes (an
+    extension with weights, e.g. ControlNets, must be given).
 
-    With ``controlnets`` (``shape.controlnets`` of them) the graph is the UNet and its ControlNets
-    in one (``ConditionedUNet``): inputs ``control_images (K, B, 3, H, W)`` and
-    ``control_scales (K, B)`` are engine inputs, so a scale change never re-exports; with an
-    IP-Adapter (``ip_tokens`` > 0, ``shape.ip_adapter``) the input ``ip_scale (1,)`` likewise.
-
-    The caller's UNet is never changed: the export runs on a CPU copy in ``dtype`` whose
-    ``attn1`` processors are ``CrossFrameAttnProcessor(shape.cross_frame_groups)`` or, without
-    groups, plain attention (a cross-frame processor the caller installed is replaced).
+    The caller's UNet is never changed: the export runs on a CPU copy in ``dtype`` that each
+    extension prepares for ``shape`` (cross-frame attention's processors, the feature bank's).
 
     Args:
         unet: the UNet (any device and dtype).
-        shape: batch, latent and text shapes, and the cross-frame groups or ``None``.
+        shape: batch, latent and text shapes, and what the extensions add.
         path: the ``.onnx`` file to write (its folder is created).
         dtype: float dtype of the graph's weights and float IO.
         opset: 18, 19 or 20.
@@ -218,89 +214,43 @@ def export_unet(
         ``path``.
 
     Raises:
-        ValueError: the shape does not fit the UNet, or a bad dtype/opset/exporter.
+        ValueError: the shape does not fit the UNet or the parts, or a bad dtype/opset/exporter.
         OnnxUnavailableError: ``onnx`` is not installed.
     """
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from engine.models.feature_cache import install_feature_bank
-    from engine.stream.attention import CrossFrameAttnProcessor
-    from engine.stream.pooled import time_ids
+    from engine.extensions import graph_parts, registered
 
     _check_options(dtype, opset, exporter)
     config = unet.config
-    groups = shape.cross_frame_groups
     _check_unet_shape(config, shape)
-    if (
-        len(controlnets) != shape.controlnets
-        or (ip_tokens > 0) != shape.ip_adapter
-        or added != (shape.pooled_dim > 0)
-    ):
-        raise ValueError(
-            f"{shape!r} is for {shape.controlnets} ControlNet(s), ip_adapter={shape.ip_adapter} and "
-            f"pooled_dim={shape.pooled_dim}; given {len(controlnets)}, ip_tokens={ip_tokens}, added={added}"
-        )
+    parts = graph_parts(shape) if parts is None else list(parts)
+    io = shape.io
+    taken = [name for part in parts for name in part.inputs]
+    if taken != list(io.inputs)[len(UNET_INPUTS) :]:
+        raise ValueError(f"{shape!r} takes {list(io.inputs)}; the given parts take {taken}")
+    for part in parts:
+        part.check(shape)
     model = _export_copy(unet, dtype)
-    processor: Any = CrossFrameAttnProcessor(groups) if groups is not None else None
-    processors = {}
-    for name, current in model.attn_processors.items():
-        if name.endswith("attn1.processor") and processor is not None:
-            processors[name] = processor
-        elif isinstance(current, CrossFrameAttnProcessor):  # a feature bank's processors too
-            processors[name] = AttnProcessor2_0()
-        else:
-            processors[name] = current
-    model.set_attn_processor(processors)
-    if shape.feature_frames:
-        install_feature_bank(model, groups)
-
     example = torch.Generator("cpu").manual_seed(0)
     timestep_count = int(getattr(config, "num_train_timesteps", 1000) or 1000)
-    args: tuple[torch.Tensor, ...] = (
+    args: list[torch.Tensor] = [
         torch.randn(shape.latents, generator=example).to(dtype),
         torch.randint(0, timestep_count, (shape.batch,), generator=example, dtype=torch.int64),
         torch.randn(shape.embeddings, generator=example).to(dtype),
-    )
-    if added:
-        args += (
-            torch.randn((shape.batch, shape.pooled_dim), generator=example).to(dtype),
-            time_ids(
-                shape.latent_height * shape.image_scale,
-                shape.latent_width * shape.image_scale,
-                shape.batch,
-                torch.device("cpu"),
-                dtype,
-            ),
-        )
-    if shape.controlnets:
-        args += (
-            torch.rand(shape.control_images, generator=example).to(dtype),
-            torch.ones((shape.controlnets, shape.batch), dtype=dtype),
-        )
-    if shape.ip_adapter:
-        args += (torch.ones((1,), dtype=dtype),)
-    if shape.feature_frames:
-        args += (
-            torch.randn((shape.feature_frames, shape.batch, shape.feature_size), generator=example).to(dtype),
-            torch.zeros((shape.feature_frames,), dtype=dtype),
-            torch.tensor([0.5, 0.9], dtype=dtype),
-        )
+    ]
+    for extension in registered():
+        extension.prepare_export(model, shape)
+        if extension.graph_io(shape).inputs:
+            args += extension.example_inputs(shape, example, dtype)
     metadata = {
         "shape": repr(asdict(shape)),
-        "cross_frame_groups": repr(groups),
+        "cross_frame_groups": repr(shape.cross_frame_groups),
     }
     return _export(
-        ConditionedUNet(
-            model,
-            [_export_copy(net, dtype) for net in controlnets],
-            ip_tokens,
-            added,
-            feature_bank=shape.feature_frames > 0,
-        ),
-        args,
+        ConditionedUNet(model, [_export_copy(part, dtype) for part in parts]),
+        tuple(args),
         Path(path),
         kind="unet",
-        io=shape.io,
+        io=io,
         dtype=dtype,
         opset=opset,
         exporter=exporter,
@@ -561,7 +511,7 @@ def _export_copy(module: Any, dtype: torch.dtype) -> Any:
 
 
 def _check_unet_shape(config: Any, shape: UNetShape) -> None:
-    """The shape fits the UNet config, and the cross-frame groups tile ``[0, batch)``."""
+    """The shape fits the UNet config (latent channels, text width, a batch)."""
     facts = {
         "latent_channels": getattr(config, "in_channels", shape.latent_channels),
         "text_dim": getattr(config, "cross_attention_dim", shape.text_dim),
@@ -571,18 +521,6 @@ def _check_unet_shape(config: Any, shape: UNetShape) -> None:
             raise ValueError(f"{shape!r} has {name}={getattr(shape, name)} but the UNet has {value}")
     if shape.batch < 1:
         raise ValueError(f"{shape!r}: batch must be at least 1")
-    groups = shape.cross_frame_groups
-    if groups is None:
-        return
-    edge, tiles = 0, bool(groups)
-    for start, stop in groups:
-        tiles = tiles and start == edge and stop > start
-        edge = stop
-    if not (tiles and edge == shape.batch):
-        raise ValueError(
-            f"cross_frame_groups {groups} must be consecutive (start, stop) ranges covering "
-            f"[0, {shape.batch})"
-        )
 
 
 def _check_latent_channels(vae: Any, shape: VaeShape) -> None:

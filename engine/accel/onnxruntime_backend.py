@@ -248,9 +248,10 @@ class OrtUNet:
         conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         feeds = unet_feeds(self.graph.input_names, latents, timesteps, embeddings, conditioning)
-        prediction, *features = self.graph.run_all(list(feeds.values()))
-        if features and conditioning is not None and conditioning.feature_out is not None:
-            conditioning.feature_out.append(features[0])
+        prediction, *more = self.graph.run_all(list(feeds.values()))
+        if conditioning is not None:
+            for name, tensor in zip(list(self.graph.outputs)[1:], more):
+                conditioning.give(name, tensor)
         return prediction
 
     def close(self) -> None:

@@ -14,12 +14,8 @@ import numpy as np
 import torch
 
 from engine.accel.base import (
-    ADDED_INPUTS,
-    CONTROL_INPUTS,
-    FEATURE_INPUTS,
-    IP_INPUTS,
+    PREDICTION,
     UNET_INPUTS,
-    UNET_OUTPUTS,
     VAE_IMAGES,
     VAE_LATENTS,
     Conditioning,
@@ -546,24 +542,29 @@ class TrtRunner:
 
 
 def check_unet_io(input_names: Sequence[str], output_names: Sequence[str]) -> None:
-    """A UNet engine's IO: the core inputs, any of the optional groups, ``features`` out with a bank.
+    """A UNet engine's IO: the core inputs, whole input groups of registered extensions, and
+    ``prediction`` plus exactly those extensions' outputs (``engine.extensions``).
 
     Raises:
         EngineLoadError: naming what the engine has and what a UNet engine has.
     """
-    optional = {*ADDED_INPUTS, *CONTROL_INPUTS, *IP_INPUTS, *FEATURE_INPUTS}
-    core = set(input_names) - optional
-    outputs = set(UNET_OUTPUTS) if FEATURE_INPUTS[0] in input_names else {UNET_OUTPUTS[0]}
-    if core != set(UNET_INPUTS) or set(output_names) != outputs:
+    from engine.extensions import registered
+
+    present = [e for e in registered() if set(e.inputs) & set(input_names)]
+    groups_whole = all(set(e.inputs) <= set(input_names) for e in present)
+    inputs = {*UNET_INPUTS, *(name for e in present for name in e.inputs)}
+    outputs = {PREDICTION, *(name for e in present for name in e.outputs)}
+    if not groups_whole or set(input_names) != inputs or set(output_names) != outputs:
+        optional = sorted(name for e in registered() for name in e.inputs)
         raise EngineLoadError(
             f"not a UNet engine: inputs {tuple(input_names)}, outputs {tuple(output_names)}; "
-            f"expected {UNET_INPUTS} (+ {sorted(optional)}) → {sorted(outputs)}"
+            f"expected {UNET_INPUTS} (+ {optional}) → {sorted(outputs)}"
         )
 
 
 class TrtUNet(TrtRunner):
-    """``UNetRunner`` over a UNet engine with inputs ``latents, timesteps, embeddings`` (and those
-    of SDXL, ControlNets, an IP-Adapter, a feature cache: ``UNetShape.io``)."""
+    """``UNetRunner`` over a UNet engine with inputs ``latents, timesteps, embeddings`` and its
+    extensions' (``UNetShape.io``)."""
 
     def __init__(self, plan: Path | bytes, **kwargs: Any) -> None:
         kwargs.setdefault("copy_outputs", True)
@@ -579,9 +580,11 @@ class TrtUNet(TrtRunner):
     ) -> torch.Tensor:
         feeds = unet_feeds(self.input_names, latents, timesteps, embeddings, conditioning)
         outputs = self.run(feeds)
-        if conditioning is not None and conditioning.feature_out is not None and UNET_OUTPUTS[1] in outputs:
-            conditioning.feature_out.append(outputs[UNET_OUTPUTS[1]])
-        return outputs[UNET_OUTPUTS[0]]
+        if conditioning is not None:
+            for name, tensor in outputs.items():
+                if name != PREDICTION:
+                    conditioning.give(name, tensor)
+        return outputs[PREDICTION]
 
 
 class TrtVae:

@@ -8,41 +8,48 @@ from typing import Any
 import torch
 
 from engine.accel.base import Conditioning
+from engine.extensions import graph_parts
+from engine.extensions.base import GraphPart
 from engine.models.conditioned import ConditionedUNet
 
 
 class TorchUNet:
     """``UNetRunner`` over a diffusers ``UNet2DConditionModel`` (or its ``torch.compile`` wrapper).
 
+    ``parts``: the extensions' graph parts it may run (``engine.extensions.graph_parts``); each
+    call runs the ones whose inputs its ``Conditioning`` gives, and hands their outputs back.
+
     ``replays_graphs``: the module is compiled with ``mode="reduce-overhead"`` and replays CUDA
     graphs, whose output buffers the next replay overwrites; each call then marks a new step
     and hands back a copy (``(B, 4, h, w)``, a few hundred KB), so the stream batch may keep it.
     """
 
-    def __init__(
-        self,
-        unet: Any,
-        replays_graphs: bool = False,
-        controlnets: Sequence[Any] = (),
-        ip_tokens: int = 0,
-        added: bool = False,
-    ) -> None:
+    def __init__(self, unet: Any, replays_graphs: bool = False, parts: Sequence[GraphPart] = ()) -> None:
         self.unet = unet
         self.replays_graphs = replays_graphs
-        self.conditioned = ConditionedUNet(unet, controlnets, ip_tokens, added)
-        self.banked = ConditionedUNet(unet, controlnets, ip_tokens, added, feature_bank=True)
+        self.parts = list(parts)
+        self._image_tokens = sum(part.image_tokens for part in self.parts)
+        self._modules: dict[frozenset[str], ConditionedUNet] = {}  # by the inputs a call gives
 
     @classmethod
     def of(cls, models: Any, unet: Any = None, replays_graphs: bool = False) -> TorchUNet:
-        """The runner of a ``ModelBundle``'s UNet with everything it is conditioned on: SDXL's added
-        inputs, the ControlNets, the IP-Adapter (``unet``: another module for it, e.g. compiled)."""
-        return cls(
-            models.unet if unet is None else unet,
-            replays_graphs,
-            controlnets=models.controlnets,
-            ip_tokens=models.ip_tokens,
-            added=models.pooled_dim > 0,
-        )
+        """The runner of a ``ModelBundle``'s UNet with every extension part its models have (SDXL's
+        added inputs, the ControlNets, the IP-Adapter, the feature bank; ``unet``: another module
+        for it, e.g. compiled)."""
+        return cls(models.unet if unet is None else unet, replays_graphs, graph_parts(None, models))
+
+    def _module(self, given: frozenset[str]) -> ConditionedUNet:
+        module = self._modules.get(given)
+        if module is None:
+            chosen = [p for p in self.parts if p.inputs and set(p.inputs) <= given]
+            known = {name for part in chosen for name in part.inputs}
+            if known != given:
+                raise ValueError(
+                    f"this UNet runs no extension that takes {sorted(given - known)}; its parts take "
+                    f"{sorted(name for part in self.parts for name in part.inputs)}"
+                )
+            module = self._modules[given] = ConditionedUNet(self.unet, chosen, self._image_tokens)
+        return module
 
     @torch.inference_mode()
     def __call__(
@@ -54,32 +61,19 @@ class TorchUNet:
     ) -> torch.Tensor:
         if self.replays_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        extras: list[torch.Tensor] = []
-        active = None
-        if conditioning is not None:
-            if conditioning.text_embeds is not None and conditioning.time_ids is not None:
-                extras += [conditioning.text_embeds, conditioning.time_ids]
-            if conditioning.control_images is not None and conditioning.control_scales is not None:
-                extras += [conditioning.control_images, conditioning.control_scales]
-            if conditioning.ip_scale is not None:
-                extras.append(conditioning.ip_scale)
-            active = conditioning.active
-            if conditioning.feature_bank is not None:
-                assert conditioning.feature_bias is not None and conditioning.feature_injection is not None
-                extras += [
-                    conditioning.feature_bank,
-                    conditioning.feature_bias,
-                    conditioning.feature_injection,
-                ]
-                prediction, features = self.banked(
-                    latents, timesteps, embeddings, *extras, active=active, injecting=conditioning.injecting
-                )
-                if conditioning.feature_out is not None:
-                    conditioning.feature_out.append(features.clone() if self.replays_graphs else features)
-                return prediction.clone() if self.replays_graphs else prediction
-        out = self.conditioned(latents, timesteps, embeddings, *extras, active=active)
-        assert isinstance(out, torch.Tensor)
-        return out.clone() if self.replays_graphs else out
+        given = conditioning.inputs if conditioning is not None else {}
+        module = self._module(frozenset(given))
+        extras = [given[name] for name in module.input_names]
+        flags = conditioning.flags if conditioning is not None else None
+        out = module(latents, timesteps, embeddings, *extras, flags=flags)
+        if isinstance(out, torch.Tensor):
+            return out.clone() if self.replays_graphs else out
+        prediction, *more = out
+        assert conditioning is not None
+        names = module.output_names
+        for name, tensor in zip(names, more):
+            conditioning.give(name, tensor.clone() if self.replays_graphs else tensor)
+        return prediction.clone() if self.replays_graphs else prediction
 
 
 class TorchVae:

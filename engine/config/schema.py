@@ -18,6 +18,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
@@ -692,6 +693,11 @@ class Config(_Section):
     osc: OscSettings = Field(default_factory=OscSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     supervise: SuperviseSettings = Field(default_factory=SuperviseSettings)
+    extensions: dict[Name, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="settings of registered UNet extensions by name (engine.extensions); the built-in "
+        "ones (ControlNet, IP-Adapter, SDXL, feature cache, cross-frame attention) have their own keys",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -721,6 +727,38 @@ class Config(_Section):
                     has_value=True,
                 )
             seen[(output.type, value)] = index
+        return self
+
+    @model_validator(mode="after")
+    def _known_extensions(self) -> Config:
+        """Each ``extensions`` entry names a registered extension that takes settings, and they fit."""
+        if not self.extensions:
+            return self
+        from engine.extensions import registered  # torch: only where extensions are configured
+
+        takes = {kind.name: kind.config_model for kind in registered() if kind.config_model is not None}
+        for name, values in self.extensions.items():
+            model = takes.get(name)
+            if model is None:
+                raise _Problem(
+                    "is not a registered extension that takes settings",
+                    " | ".join(sorted(takes)) or "none is registered",
+                    key=f"extensions.{name}",
+                    value=name,
+                    has_value=True,
+                )
+            try:
+                model.model_validate(values)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise _Problem(
+                    f"is refused by the {name} extension: {first['msg']}",
+                    f"the settings of {model.__name__}: {sorted(model.model_fields)}",
+                    key=f"extensions.{name}" + (f".{where}" if where else ""),
+                    value=first.get("input"),
+                    has_value=True,
+                ) from None
         return self
 
     @model_validator(mode="after")

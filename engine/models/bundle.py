@@ -9,6 +9,7 @@ import torch
 
 from engine.models.kinds import ModelFamily
 from engine.stream.modes import PredictionType
+from engine.stream.schedule import StreamSchedule, build_schedule
 
 if TYPE_CHECKING:
     from engine.models.lora import LoraFactors
@@ -78,3 +79,41 @@ class ModelBundle:
     def ip_tokens(self) -> int:
         """IP-Adapter image tokens appended to the text embeddings (0: no IP-Adapter)."""
         return 0 if self.ip_adapter is None else int(self.ip_adapter.num_tokens)
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """Latent ``(C, h, w)`` of a ``width`` x ``height`` frame; ``ParamError`` if it does not divide."""
+        from engine.params import ParamError
+
+        factor = self.vae_scale_factor
+        if width % factor or height % factor:
+            raise ParamError(
+                "resolution",
+                f"{width}x{height} does not divide into this model's {factor}x{factor} latent pixels; "
+                f"allowed: multiples of {factor}",
+            )
+        return (self.latent_channels, height // factor, width // factor)
+
+    def check_t_index_list(self, t_index_list: list[int], num_inference_steps: int) -> None:
+        """``ParamError`` when an index of ``t_index_list`` is ``num_inference_steps`` or more."""
+        from engine.params import ParamError
+
+        steps = num_inference_steps
+        if max(t_index_list) >= steps:
+            raise ParamError(
+                "t_index_list",
+                f"{t_index_list} has an index >= num_inference_steps ({steps}); "
+                f"allowed: strictly increasing integers in [0, {steps - 1}]",
+            )
+
+    def schedule(self, t_index_list: list[int], num_inference_steps: int) -> StreamSchedule:
+        """The stream schedule of these weights' scheduler for ``t_index_list`` of
+        ``num_inference_steps`` (``ParamError``: see ``check_t_index_list``)."""
+        self.check_t_index_list(t_index_list, num_inference_steps)
+        return build_schedule(
+            self.alphas_cumprod,
+            t_index_list,
+            num_inference_steps=num_inference_steps,
+            original_inference_steps=max(num_inference_steps, self.original_inference_steps),
+            device=self.device,
+            dtype=self.dtype,
+        )

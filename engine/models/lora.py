@@ -264,3 +264,35 @@ def rescaled_unet_weights(
                 value = value + (float(new) - float(old)) * low.delta().to(value.device)
         weights[name] = value.to(current[name].dtype)
     return weights
+
+
+def check_lora_scales(
+    factors: Sequence[LoraFactors], configured: Sequence[float], scales: list[float] | None
+) -> list[float] | None:
+    """The canonical ``/lora_scales`` value for the loaded LoRAs (None: the configured scales).
+
+    Raises:
+        ParamError: no LoRAs, another count, or layers that cannot be rescaled live.
+    """
+    from engine.params import ParamError
+
+    if scales is None and not factors:
+        return None  # "the configured scales" of no LoRAs (e.g. a scene): nothing to do
+    if not factors:
+        raise ParamError("lora_scales", "no model.loras are configured: there is nothing to scale")
+    if scales is None:
+        return list(configured)
+    if len(scales) != len(factors):
+        raise ParamError(
+            "lora_scales",
+            f"{len(scales)} scales given; allowed: exactly {len(factors)} "
+            f"(one per model.loras entry, in config order)",
+        )
+    unsupported = [name for f in factors for name in f.unsupported]
+    if unsupported:
+        raise ParamError(
+            "lora_scales",
+            f"these LoRA layers cannot be rescaled live (DoRA or embeddings): {unsupported[:4]}; "
+            "set the scales in model.loras and restart",
+        )
+    return list(scales)

@@ -15,6 +15,7 @@ from bridges.base import FrameSink, FrameSource, open_sink, open_source
 from bridges.ratelimit import RateLimitedLog
 from engine.accel.backends import Backend
 from engine.control.state import ControlState
+from engine.extensions.ip_adapter import IpAdapter
 from engine.models.bundle import ModelBundle
 from engine.params import (
     ENCODED_PARAMS,
@@ -148,12 +149,14 @@ class Engine:
             self._stop,
         )
         self.reference_feed = None
+        adapter = pipeline.extensions.get("ip_adapter")
+        image_prompts = adapter.image_prompts if isinstance(adapter, IpAdapter) else None
         if reference_source is not None:
-            if pipeline.image_prompts is None or not pipeline.settings.ip_adapter_from_source:
+            if image_prompts is None or not pipeline.settings.ip_adapter_from_source:
                 raise ValueError("reference_source needs a pipeline with model.ip_adapter.source")
             self.reference_feed = ReferenceFeed(
                 reference_source,
-                pipeline.image_prompts.adapter.encode_image,
+                image_prompts.adapter.encode_image,
                 pipeline.device,
                 pipeline.dtype,
                 self._stop,
@@ -161,7 +164,7 @@ class Engine:
         self.runtime_state: dict[str, Any] = {"bypass": False, "pause": False}
         self.control = control or ControlState()
         self.control.mark_applied({**pipeline.state, **self.runtime_state})
-        images = None if pipeline.image_prompts is None else pipeline.image_prompts.tokens
+        images = None if image_prompts is None else image_prompts.tokens
         self.prompt_worker = PromptWorker(
             self.control, pipeline.prompts, self._stop, self._report_error, images
         )

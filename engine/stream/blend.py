@@ -78,3 +78,15 @@ def _check(items: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
         raise ValueError(f"weights {list(weights)} must be >= 0 and not all 0")
     if any(x.shape != items[0].shape for x in items):
         raise ValueError("blended tensors must share one shape")
+
+
+def seeded_noise(
+    seeds: Sequence[tuple[int, float]], method: BlendMethod, shape: Sequence[int]
+) -> torch.Tensor:
+    """Unit-variance noise of ``shape`` from ``(seed, weight)`` pairs (CPU RNG, reproducible on
+    any device): one seed's own noise, or several blended with ``blend_noise``."""
+    size = tuple(shape)
+    noises = [torch.randn(size, generator=torch.Generator("cpu").manual_seed(seed)) for seed, _ in seeds]
+    if len(noises) == 1:
+        return noises[0]
+    return blend_noise(noises, [w for _, w in seeds], method)
