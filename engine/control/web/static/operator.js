@@ -59,7 +59,7 @@ function request(url, options) {
   }
   return fetch(url, opts).then(function (response) {
     return response.text().then(function (text) {
-      var body = null;
+      var body;
       try { body = text ? JSON.parse(text) : null; } catch { body = null; }
       if (!response.ok) {
         var err = new Error(isObj(body) && typeof body.error === "string" && body.error
@@ -784,7 +784,7 @@ function connectSocket() {
   var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
   var socket = new WebSocket(scheme + window.location.host + API.socket);
   socket.addEventListener("message", function (event) {
-    var body = null;
+    var body;
     try { body = JSON.parse(event.data); } catch { return; }
     if (!isObj(body)) { return; }
     if (body.type === "state") { showState(body); }
