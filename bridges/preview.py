@@ -375,8 +375,8 @@ class PreviewSink(Closing):
     async def _route(self, request: web.Request) -> web.StreamResponse:
         if request.method == "POST":
             return await self._post(request)
-        if request.method not in ("GET", "HEAD"):
-            return _text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and POST\n")
+        if request.method != "GET":
+            return _text(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} not served; allowed: GET and POST\n")
         path = request.path
         operator = self._operator
         if operator is not None and path in ("/", "/index.html"):

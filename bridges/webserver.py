@@ -12,6 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from bridges.ratelimit import RateLimitedLog
+from bridges.serving import DROPPED_CLIENT_ERRORS, report_failure
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +23,26 @@ _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 3.0
 #: How long ``close`` lets handlers finish after the shutdown hooks ended streams and sockets.
 SHUTDOWN_TIMEOUT_S = 1.0
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's own server log, kept as quiet as the request boundary: a malformed request
+    (already answered 400) or a client gone is a DEBUG line; any other failure one ERROR line a
+    second per kind, the traceback at DEBUG. No client can make the log grow by a traceback."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logger, {})
+        self._name = name
+        self._limited = RateLimitedLog(logger, 1.0)
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        error = sys.exc_info()[1] if exc_info is True else exc_info
+        if isinstance(error, (HttpProcessingError, *DROPPED_CLIENT_ERRORS)) or not isinstance(
+            error, BaseException
+        ):
+            logger.debug("%s: " + str(msg) + ": %s", self._name, *args, error)
+            return
+        report_failure(self._limited, self._name, str(msg) % args if args else str(msg), error, "protocol")
 
 
 class WebServer:
@@ -39,6 +63,7 @@ class WebServer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._server_log = _ServerLog(f"{name} web server")
 
     def listen(self, app: web.Application, host: str, port: int) -> int:
         """Bind ``host:port`` for ``app`` now; the port bound. Raises ``OSError`` when it cannot."""
@@ -110,7 +135,9 @@ class WebServer:
 
     async def _start_sites(self) -> None:
         for app, sock in self._listeners:
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            runner = web.AppRunner(
+                app, access_log=None, logger=self._server_log, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            )
             await runner.setup()
             await web.SockSite(runner, sock).start()
             self._runners.append(runner)

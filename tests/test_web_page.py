@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -100,3 +102,23 @@ def test_eslint_passes_on_the_pages_javascript():
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+MALFORMED = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n",
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+]
+
+
+def test_malformed_requests_get_400_and_no_traceback_in_the_log(caplog: pytest.LogCaptureFixture):
+    """aiohttp's own server log says ERROR with a traceback for each; ours keeps it to DEBUG."""
+    caplog.set_level(logging.DEBUG)
+    with PreviewSink(port=0) as sink:
+        caplog.clear()  # "preview at ..."
+        for payload in MALFORMED * 10:
+            with socket.create_connection(("127.0.0.1", sink.port), timeout=10) as client:
+                client.sendall(payload)
+                assert client.recv(12) == b"HTTP/1.0 400"
+        assert fetch(sink.port, "/")[0] == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
