@@ -376,7 +376,9 @@ class PreviewSink(Closing):
         if request.method == "POST":
             return await self._post(request)
         if request.method != "GET":
-            return _text(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} not served; allowed: GET and POST\n")
+            return _text(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} not served; allowed: GET and POST\n"
+            )
         path = request.path
         operator = self._operator
         if operator is not None and path in ("/", "/index.html"):
