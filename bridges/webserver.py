@@ -91,7 +91,11 @@ class WebServer:
         """Serve every bound app (returns once they accept connections)."""
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-web", daemon=True)
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start_sites(), self.loop).result(_START_TIMEOUT_S)
+        try:
+            asyncio.run_coroutine_threadsafe(self._start_sites(), self.loop).result(_START_TIMEOUT_S)
+        except BaseException:
+            self.close()  # no thread and no port left behind
+            raise
 
     def call(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the server's loop soon; from any thread, never blocking."""

@@ -139,6 +139,7 @@ def test_a_bad_command_is_ignored_and_the_socket_keeps_working(stage: Stage) -> 
                 '{"COMMAND": "LISTEN"}',
                 '{"COMMAND": "LISTEN", "DATA": "/no/such/address"}',
                 "[1, 2]",
+                "[" * 4000,  # deeper than the JSON parser recurses
             ):
                 await ws.send_str(bad)
             await ws.send_bytes(b"\x00\x01")
@@ -227,3 +228,25 @@ def test_close_with_a_listener_connected_is_clean_twice_and_frees_the_port() -> 
     assert wait_until(lambda: web_threads() <= before, 5), web_threads() - before
     again = OscQueryServer(lambda: {}, lambda: {}, "127.0.0.1", 9000, port=port)  # the port is free again
     again.close()
+
+
+def test_the_page_socket_says_offline_before_the_service_and_closes_with_the_sink() -> None:
+    before = web_threads()
+    sink = PreviewSink(port=0, operator=Operator())
+
+    async def main() -> aiohttp.WSMessage:
+        url = f"http://127.0.0.1:{sink.port}/api/ws"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            body = json.loads((await ws.receive(TIMEOUT)).data)
+            assert body == {"type": "offline", "error": "the control service is not running yet"}
+            start = time.monotonic()
+            await asyncio.to_thread(sink.close)
+            assert time.monotonic() - start < 3.0
+            message = await ws.receive(TIMEOUT)
+            while message.type is aiohttp.WSMsgType.TEXT:  # what was pushed before the close
+                message = await ws.receive(TIMEOUT)
+            return message
+
+    assert asyncio.run(main()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    sink.close()
+    assert wait_until(lambda: web_threads() <= before, 5), web_threads() - before

@@ -337,7 +337,7 @@ class OscQueryServer:
         """One ``{"COMMAND": ..., "DATA": ...}``; a bad one is logged (a line a second) and ignored."""
         try:
             command = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             self._bad(listener, f"{clip(text, 100)!r} (not JSON)")
             return
         if not isinstance(command, dict) or command.get("COMMAND") not in ("LISTEN", "IGNORE"):
