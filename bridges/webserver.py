@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 3.0
+#: A connection that sends no request for this long (a stalled or idle client) is dropped.
+IDLE_TIMEOUT_S = 10.0
 #: How long ``close`` lets handlers finish after the shutdown hooks ended streams and sockets.
 SHUTDOWN_TIMEOUT_S = 1.0
 
@@ -140,7 +142,11 @@ class WebServer:
     async def _start_sites(self) -> None:
         for app, sock in self._listeners:
             runner = web.AppRunner(
-                app, access_log=None, logger=self._server_log, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+                app,
+                access_log=None,
+                logger=self._server_log,
+                keepalive_timeout=IDLE_TIMEOUT_S,
+                shutdown_timeout=SHUTDOWN_TIMEOUT_S,
             )
             await runner.setup()
             await web.SockSite(runner, sock).start()

@@ -85,6 +85,16 @@ async def next_osc(ws: aiohttp.ClientWebSocketResponse, timeout: float = TIMEOUT
     return OscMessage(message.data)
 
 
+async def listened(server: OscQueryServer | None, paths: set[str]) -> None:
+    """Wait until the server has read the commands: its one websocket listens to exactly ``paths``."""
+    assert server is not None
+
+    def current() -> set[str]:
+        return {path for listener in list(server._listeners.values()) for path in listener.paths}
+
+    assert await asyncio.to_thread(wait_until, lambda: current() == paths, TIMEOUT), current()
+
+
 def test_host_info_announces_listen(stage: Stage) -> None:
     async def main() -> dict[str, Any]:
         async with (
@@ -105,7 +115,7 @@ def test_listen_sends_changes_made_over_osc_as_binary_osc_and_ignore_stops_them(
         ):
             await ws.send_str(json.dumps({"COMMAND": "LISTEN", "DATA": "/guidance_scale"}))
             await ws.send_str(json.dumps({"COMMAND": "LISTEN", "DATA": "/seed"}))
-            await asyncio.sleep(0.3)  # the commands are read before the change arrives
+            await listened(stage.service.oscquery, {"/guidance_scale", "/seed"})
             stage.osc("/guidance_scale", [1.7])
             message = await next_osc(ws)
             assert message.address == "/guidance_scale"
@@ -115,7 +125,7 @@ def test_listen_sends_changes_made_over_osc_as_binary_osc_and_ignore_stops_them(
             assert (message.address, message.params) == ("/seed", [77])
 
             await ws.send_str(json.dumps({"COMMAND": "IGNORE", "DATA": "/guidance_scale"}))
-            await asyncio.sleep(0.3)
+            await listened(stage.service.oscquery, {"/seed"})
             stage.osc("/guidance_scale", [2.5])
             assert await asyncio.to_thread(
                 wait_until, lambda: stage.applied("guidance_scale") == pytest.approx(2.5), TIMEOUT
@@ -144,7 +154,7 @@ def test_a_bad_command_is_ignored_and_the_socket_keeps_working(stage: Stage) -> 
                 await ws.send_str(bad)
             await ws.send_bytes(b"\x00\x01")
             await ws.send_str(json.dumps({"COMMAND": "LISTEN", "DATA": "/delta"}))
-            await asyncio.sleep(0.3)
+            await listened(stage.service.oscquery, {"/delta"})
             stage.osc("/delta", [0.25])
             message = await next_osc(ws)
             assert message.address == "/delta" and message.params == [pytest.approx(0.25)]
@@ -215,7 +225,7 @@ def test_close_with_a_listener_connected_is_clean_twice_and_frees_the_port() -> 
     async def main() -> aiohttp.WSMessage:
         async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{port}/") as ws:
             await ws.send_str(json.dumps({"COMMAND": "LISTEN", "DATA": "/guidance_scale"}))
-            await asyncio.sleep(0.2)
+            await listened(server, {"/guidance_scale"})
             server.changed({"guidance_scale": 3.5})
             assert (await next_osc(ws)).params == [pytest.approx(3.5)]
             start = time.monotonic()
