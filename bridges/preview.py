@@ -3,29 +3,33 @@ the operator page (input and output, every live parameter, scenes, a plot of fps
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import importlib.util
 import io
-import ipaddress
 import json
 import logging
 import math
 import re
-import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol, cast
-from urllib.parse import urlsplit
 
 import numpy as np
+from aiohttp import WSCloseCode, web
 
 from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 from bridges.ratelimit import RateLimitedLog
 from bridges.serving import DROPPED_CLIENT_ERRORS, clip, report_failure
+from bridges.webassets import StaticFiles
+from bridges.webguard import client_allowed, foreign_origin, is_loopback, parse_allow, refusal
+from bridges.webserver import WebServer
+
+__all__ = ["MAX_JSON_DEPTH", "MAX_REQUEST_BYTES", "OperatorApi", "PreviewSink", "is_loopback"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +39,43 @@ MAX_REQUEST_BYTES = 64 * 1024  # a parameter change; prompts are at most 2000 ch
 #: (``{"name": "prompt_blend", "value": [["a", 1.0], ...]}``); 16 leaves room for any change to the
 #: API and stays far below the depth at which ``json.loads`` recurses out of the stack.
 MAX_JSON_DEPTH = 16
+#: The plain page's files (``bridges/static``); the operator page's come with the operator.
+PREVIEW_PAGE = StaticFiles(
+    Path(__file__).with_name("static"),
+    {"/preview": "preview.html", "/preview.js": "preview.js", "/preview.css": "preview.css"},
+)
 
 
 class OperatorApi(Protocol):
     """What the operator page reads and writes (``engine.control.operator.Operator``).
 
     ``apply`` validates exactly as OSC does and returns ``(accepted, JSON body)``; the reads
-    raise ``RuntimeError`` while the engine's control service is not running yet.
+    raise ``RuntimeError`` while the engine's control service is not running yet. ``page`` holds
+    the page's files (``/`` is its HTML). ``subscribe(listener)`` calls ``listener()`` (from the
+    operator's threads, so it must not block) whenever the state or the status changed; it
+    returns the function that unsubscribes. ``history(since)`` holds the samples after ``since``.
     """
+
+    page: StaticFiles
 
     def spec(self) -> Mapping[str, Any]: ...
 
     def state(self) -> Mapping[str, Any]: ...
 
-    def history(self) -> Mapping[str, Any]: ...
+    def history(self, since: float | None = None) -> Mapping[str, Any]: ...
 
     def apply(self, name: Any, value: Any, client: str) -> tuple[bool, Mapping[str, Any]]: ...
 
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]: ...
 
-_CLIENT_SOCKET_TIMEOUT_S = 10.0  # a stalled browser is dropped after this long
-_CLOSE_TIMEOUT_S = 2.0
+
 _LOG_INTERVAL_S = 1.0  # a failure or refusal that repeats is logged at most this often (per kind)
+_PUSH_INTERVAL_S = 0.05  # the page's websocket gets at most this many pushes a second
+_NO_CACHE = {
+    "Cache-Control": "no-store, no-cache, must-revalidate",
+    "Pragma": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+}
 
 # A JSON string (escapes included; one left open runs to the end of the text), and what is left.
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
@@ -103,86 +123,6 @@ def parse_json_body(raw: bytes, limit: int = MAX_JSON_DEPTH) -> Any:
         raise JsonTooDeep(f"bad request: JSON nested too deep; allowed: at most {limit} levels") from err
 
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>latentstage preview</title>
-<link rel="icon" href="data:,">
-<style>
-  html, body { margin: 0; height: 100%; background: #0b0b0d; color: #c8c8d0;
-    font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-  body { display: flex; flex-direction: column; }
-  #view { flex: 1; min-height: 0; display: flex; align-items: center; justify-content: center;
-    position: relative; }
-  #out { max-width: 100%; max-height: 100%; object-fit: contain; background: #000; }
-  #wait { position: absolute; color: #66666f; }
-  #stats { display: flex; flex-wrap: wrap; gap: 2px 16px; padding: 6px 10px;
-    border-top: 1px solid #222228; background: #111115; }
-  #stats span { white-space: nowrap; }
-  #stats b { color: #7f7f8a; font-weight: normal; }
-  #stats .bad { color: #ff6b6b; }
-</style>
-</head>
-<body>
-<div id="view">
-  <img id="out" src="/stream.mjpg" alt="live output" title="double-click: full screen">
-  <div id="wait">waiting for frames&hellip;</div>
-</div>
-<div id="stats">connecting&hellip;</div>
-<script>
-(function () {
-  "use strict";
-  var img = document.getElementById("out");
-  var wait = document.getElementById("wait");
-  var line = document.getElementById("stats");
-  img.addEventListener("dblclick", function () {
-    if (document.fullscreenElement) { document.exitFullscreen(); }
-    else if (img.requestFullscreen) { img.requestFullscreen(); }
-  });
-  img.addEventListener("error", function () {
-    // The engine restarted or the stream ended: reconnect shortly.
-    setTimeout(function () { img.src = "/stream.mjpg?t=" + Date.now(); }, 1000);
-  });
-  function fmt(v) {
-    if (typeof v === "number") {
-      if (Number.isInteger(v)) { return String(v); }
-      return Math.abs(v) < 10 ? v.toFixed(2) : v.toFixed(1);
-    }
-    if (v === null) { return "-"; }
-    if (typeof v === "object") { return JSON.stringify(v); }
-    return String(v);
-  }
-  function render(stats) {
-    line.textContent = "";
-    Object.keys(stats).forEach(function (key) {
-      var item = document.createElement("span");
-      var name = document.createElement("b");
-      name.textContent = key + ": ";
-      item.appendChild(name);
-      item.appendChild(document.createTextNode(fmt(stats[key])));
-      line.appendChild(item);
-    });
-    wait.style.display = stats.frames_sent > 0 ? "none" : "";
-  }
-  function poll() {
-    fetch("/stats.json", { cache: "no-store" })
-      .then(function (r) { return r.json(); })
-      .then(render)
-      .catch(function () {
-        line.innerHTML = '<span class="bad">engine not reachable</span>';
-      })
-      .finally(function () { setTimeout(poll, 250); });
-  }
-  poll();
-})();
-</script>
-</body>
-</html>
-"""
-
-
 def unavailable_reason() -> str | None:
     """Why the preview cannot run here (``None`` when it can: it needs only Pillow)."""
     if importlib.util.find_spec("PIL") is None:
@@ -197,27 +137,6 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels[..., :3])).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a bound IP address is reachable only from this machine."""
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return address == "localhost"
-
-
-def _known_host(host: str) -> bool:
-    """An IP literal, localhost or this machine's own name, plain, fully qualified or mDNS
-    (``name.local``): what a browser on stage shows for us."""
-    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
-    if host in names or host.removesuffix(".local") in names:
-        return True
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _jsonable(value: Any) -> Any:
@@ -235,224 +154,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # SO_REUSEADDR lets a restarted engine rebind at once; on Windows it would instead let two
-    # servers share the port silently, so there the port-in-use error is kept.
-    allow_reuse_address = sys.platform != "win32"
-
-    def __init__(self, address: tuple[str, int], sink: PreviewSink) -> None:
-        self.sink = sink
-        self.log = RateLimitedLog(logger, _LOG_INTERVAL_S)  # failures, refusals: no client fills the disk
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """What escaped a handler outside ``do_GET``/``do_POST`` (reading the request line, the
-        final flush): one line per kind a second, the traceback only at DEBUG."""
-        error = sys.exc_info()[1]
-        if isinstance(error, DROPPED_CLIENT_ERRORS):
-            logger.debug("preview client %s went away: %s", client_address, error)
-        else:
-            self.report_failure(f"request from {client_address[0]}", error)
-
-    def report_failure(self, what: str, error: BaseException | None, where: str = "server") -> None:
-        """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
-        report_failure(self.log, "preview", what, error, where)
+def _reply(status: int, content_type: str, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, headers={"Content-Type": content_type, **_NO_CACHE})
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def _json(status: int, body: Any) -> web.Response:
+    return _reply(status, "application/json", json.dumps(body, allow_nan=False).encode())
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "latentstage-preview"
-    timeout = _CLIENT_SOCKET_TIMEOUT_S
-    _responded = False  # whether this request's status line was queued or sent
-
-    def do_GET(self) -> None:
-        self._guarded(self._get)
-
-    def do_POST(self) -> None:
-        self._guarded(self._post)
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        self._responded = True
-        super().send_response(code, message)
-
-    def _guarded(self, handle: Callable[[], None]) -> None:
-        """Run one request: a client that went away is a DEBUG line; anything else is a 500 (or,
-        once the response has begun, a closed connection) and one rate-limited line."""
-        self._responded = False
-        try:
-            handle()
-        except DROPPED_CLIENT_ERRORS as error:
-            logger.debug("preview client %s went away: %s", self.client_address, error)
-            self.close_connection = True
-        # The request boundary: the input is a stranger's, and the code under it (the operator,
-        # the encoder, the stats callback) is the engine's. Whatever they raise must cost this
-        # request only, and no client may make the log grow by a traceback per request.
-        except Exception as error:
-            self.close_connection = True
-            server = cast(_Server, self.server)
-            path = clip(urlsplit(self.path).path, 100)
-            what = f"{self.command} {path!r} from {self.client_address[0]}"
-            server.report_failure(what, error, where=self.command)  # only GET or POST get here
-            if self._responded:
-                return  # headers (a stream's) are out: closing is all that is left to say
-            reply = {
-                "ok": False,
-                "error": f"internal error ({type(error).__name__}) in {self.command} {path}; "
-                "the engine's log has the details",
-            }
-            try:
-                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, reply)
-            except OSError as gone:  # the client is gone as well
-                logger.debug("preview client %s went away: %s", self.client_address, gone)
-
-    def _get(self) -> None:
-        sink = cast(_Server, self.server).sink
-        path = urlsplit(self.path).path
-        if not self._allowed(sink):
-            return
-        if path in ("/", "/index.html"):
-            self._reply(HTTPStatus.OK, "text/html; charset=utf-8", sink._page())
-        elif path == "/preview":
-            self._reply(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode())
-        elif path == "/stream.mjpg":
-            self._stream(sink)
-        elif path == "/input.mjpg":
-            self._stream(sink, source=True)
-        elif path in ("/api/spec", "/api/state", "/api/history"):
-            self._api_get(sink, path.removeprefix("/api/"))
-        elif path == "/frame.jpg":
-            latest = sink._latest_jpeg()
-            if latest is None:
-                self._reply(
-                    HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", b"no frame yet\n"
-                )
-            else:
-                self._reply(HTTPStatus.OK, "image/jpeg", latest[1])
-        elif path == "/stats.json":
-            body = json.dumps(sink._stats_snapshot(), allow_nan=False).encode()
-            self._reply(HTTPStatus.OK, "application/json", body)
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
-
-    def _post(self) -> None:
-        """``/api/param``: one change ``{"name": ..., "value": ...}`` through the OSC validation."""
-        sink = cast(_Server, self.server).sink
-        if not self._allowed(sink):
-            return
-        if urlsplit(self.path).path != "/api/param" or sink._operator is None:
-            self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "not found"})
-            return
-        refusal = self._write_refusal()
-        if refusal is not None:
-            self._json(refusal[0], {"ok": False, "error": refusal[1]})
-            return
-        allowed = f'a JSON object {{"name": ..., "value": ...}} of at most {MAX_REQUEST_BYTES} bytes'
-        error = f"bad request; allowed: {allowed}"
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = parse_json_body(self.rfile.read(length)) if 0 < length <= MAX_REQUEST_BYTES else None
-        except JsonTooDeep as err:
-            body, error = None, str(err)
-        except ValueError:  # not a number, not text, not JSON (UnicodeDecodeError is a ValueError)
-            body = None
-        if not isinstance(body, dict) or "name" not in body or "value" not in body:
-            self._json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": error})
-            return
-        try:
-            accepted, reply = sink._operator.apply(body["name"], body["value"], self.client_address[0])
-        except RuntimeError as err:  # the control service is not up yet
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
-            return
-        self._json(HTTPStatus.OK if accepted else HTTPStatus.BAD_REQUEST, dict(reply))
-
-    def _write_refusal(self) -> tuple[HTTPStatus, str] | None:
-        """Writes come from the page itself: same origin (a browser sends ``Origin`` with every
-        cross-site POST) and a JSON body (a form or ``no-cors`` request cannot send one)."""
-        origin = self.headers.get("Origin")
-        host = self.headers.get("Host", "")
-        if origin is not None and urlsplit(origin).netloc != host:
-            return HTTPStatus.FORBIDDEN, f"cross-origin write from {origin[:100]!r} refused"
-        if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
-            return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "writes must be Content-Type: application/json"
-        return None
-
-    def _allowed(self, sink: PreviewSink) -> bool:
-        """A client outside the allow-list (when bound beyond this machine) gets 403, and so does
-        a request for a host name other than an address, localhost or this machine's name (a DNS
-        rebinding page would otherwise be "same origin")."""
-        client = self.client_address[0]
-        host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
-        if not _known_host(host):
-            kind, why = "host", f"Host {host[:100]!r} is not this machine's address or name"
-        elif not sink._client_allowed(client):
-            kind, why = "client", "not in the allow-list"
-        else:
-            return True
-        self._reply(HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", f"{why}\n".encode())
-        log = cast(_Server, self.server).log  # a scan of the network must not fill the disk either
-        log(logging.WARNING, f"refused:{kind}", "preview request from %s refused: %s", client, why)
-        return False
-
-    def _api_get(self, sink: PreviewSink, what: str) -> None:
-        operator = sink._operator
-        if operator is None:
-            self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "this preview has no operator page"})
-            return
-        try:
-            body = {"spec": operator.spec, "state": operator.state, "history": operator.history}[what]()
-        except RuntimeError as err:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
-            return
-        self._json(HTTPStatus.OK, _jsonable(body))
-
-    def _json(self, status: HTTPStatus, body: Any) -> None:
-        self._reply(status, "application/json", json.dumps(body, allow_nan=False).encode())
-
-    def _headers(self, status: HTTPStatus, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Cache-Control", "no-store, no-cache, must-revalidate")
-        self.send_header("Pragma", "no-cache")
-        self.send_header("X-Content-Type-Options", "nosniff")
-
-    def _reply(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
-        self._headers(status, content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _stream(self, sink: PreviewSink, source: bool = False) -> None:
-        self.close_connection = True
-        self._headers(HTTPStatus.OK, f"multipart/x-mixed-replace; boundary={BOUNDARY}")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        sink._client_joined()
-        try:
-            seen = 0
-            next_allowed = 0.0
-            while sink._wait_for_newer(seen, source):
-                delay = next_allowed - time.monotonic()
-                if delay > 0 and sink._closed_event.wait(delay):
-                    break
-                latest = sink._latest_jpeg(source)
-                if latest is None:
-                    continue
-                seen, data = latest
-                next_allowed = time.monotonic() + sink._min_interval
-                header = (
-                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
-                ).encode("ascii")
-                self.wfile.write(header + data + b"\r\n")
-            self.wfile.write(f"--{BOUNDARY}--\r\n".encode("ascii"))  # the sink was closed
-        finally:
-            sink._client_left()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("preview %s: " + format, self.address_string(), *args)
+def _text(status: int, text: str) -> web.Response:
+    return _reply(status, "text/plain; charset=utf-8", text.encode())
 
 
 class PreviewSink(Closing):
@@ -464,19 +175,21 @@ class PreviewSink(Closing):
     (``stats()`` plus ``frames_sent`` and ``clients``).
 
     ``send`` only stores a reference to the frame and wakes the clients, so it must not be
-    modified afterwards; JPEG encoding happens once per new frame in the HTTP threads, and
+    modified afterwards; JPEG encoding happens once per new frame on the server's executor, and
     only when a client asks. After ``close`` (safe to call twice) ``send`` is a no-op, so a
     runtime that is shutting down never sees an error from here.
 
     With an ``operator`` (``OperatorApi``) ``/`` is the operator page instead (the plain page
     stays at ``/preview``): input (``/input.mjpg``, from ``send_input``) and output side by side,
     every live parameter, scenes, the state and a plot; ``/api/spec``, ``/api/state``,
-    ``/api/history`` read and ``POST /api/param`` writes through the operator. Bound beyond
+    ``/api/history`` read, ``POST /api/param`` writes through the operator and the websocket
+    ``/api/ws`` pushes the state, the status and new plot samples as they change. Bound beyond
     this machine, only clients in ``allow`` (addresses or networks, as ``osc.allow``) are served.
 
-    Raises ``BridgeError`` when ``host:port`` cannot be bound (e.g. the port is in use), and
-    ``ValueError`` for a host beyond this machine without an ``allow`` list or a bad entry in it.
-    ``port=0`` picks a free port; the one chosen is ``.port`` and the page is ``.url``.
+    The server is aiohttp on a thread of its own (``bridges.webserver``). Raises ``BridgeError``
+    when ``host:port`` cannot be bound (e.g. the port is in use), and ``ValueError`` for a host
+    beyond this machine without an ``allow`` list or a bad entry in it. ``port=0`` picks a free
+    port; the one chosen is ``.port`` and the page is ``.url``.
     """
 
     def __init__(
@@ -498,12 +211,7 @@ class PreviewSink(Closing):
             raise ValueError(f"preview jpeg_quality must be 1..100, got {jpeg_quality}")
         if not max_fps > 0 or not math.isfinite(max_fps):
             raise ValueError(f"preview max_fps must be a positive number, got {max_fps}")
-        try:
-            self._allow = [ipaddress.ip_network(entry, strict=False) for entry in allow]
-        except ValueError as err:
-            raise ValueError(
-                f"preview allow: {err}; allowed: IP addresses or networks like 192.168.1.0/24"
-            ) from err
+        self._allow = parse_allow(allow, "preview")
         if not is_loopback(host) and host != "localhost" and not self._allow:
             raise ValueError(
                 f"preview host {host!r} is reachable from other machines: give the addresses allowed "
@@ -513,24 +221,32 @@ class PreviewSink(Closing):
         self._stats = stats
         self._quality = int(jpeg_quality)
         self._min_interval = 1.0 / float(max_fps)
+        self._log = RateLimitedLog(logger, _LOG_INTERVAL_S)  # failures, refusals: no client fills the disk
 
         self._cond = threading.Condition()  # guards frame, version, counters, closed
         self._frame: Frame | None = None
         self._version = 0  # our own counter: Frame.sequence may repeat or restart
         self._frames_sent = 0
         self._clients = 0
-        self._closed_event = threading.Event()
         self._encode_lock = threading.Lock()  # one encoder at a time; guards the cache
         self._jpeg: tuple[int, bytes] | None = None
         self._source: Frame | None = None  # the newest input frame (the operator page shows it)
         self._source_version = 0
         self._source_jpeg: tuple[int, bytes] | None = None
+        # On the server's loop only: set (and replaced) when a newer frame arrives; the page
+        # websockets' wake-ups and the sockets themselves (closed on shutdown).
+        self._frames_ready = asyncio.Event()
+        self._page_wakes: set[asyncio.Event] = set()
+        self._sockets: set[web.WebSocketResponse] = set()
 
-        server_class = _Server6 if ":" in host else _Server
+        self._web = WebServer(f"preview-{port}")
+        app = web.Application(middlewares=[self._boundary], client_max_size=MAX_REQUEST_BYTES + 1)
+        app.router.add_route("*", "/{path:.*}", self._route)
+        app.on_shutdown.append(self._on_shutdown)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self._server = server_class((host, port), self)
+            self.port = self._web.listen(app, host, port)
         except OSError as error:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if error.errno == errno.EADDRINUSE:
                 other = port + 1 if 0 < port < 65535 else 8081
                 raise BridgeError(
@@ -539,18 +255,11 @@ class PreviewSink(Closing):
                     f"`outputs: [{{type: preview, port: {other}}}]`"
                 ) from error
             raise BridgeError(f"cannot serve the preview on {where}: {error}") from error
-
-        bound_host = str(self._server.server_address[0])
-        self.port = int(self._server.server_address[1])
+        self._web.start()
+        self._unsubscribe = operator.subscribe(self._operator_changed) if operator is not None else None
+        bound_host = self._web.bound_host()
         self.host = host
         self.url = f"http://{self._url_host(bound_host)}:{self.port}/"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"preview-http-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
         if is_loopback(bound_host):
             logger.info("preview at %s", self.url)
         else:
@@ -579,7 +288,9 @@ class PreviewSink(Closing):
             self._frame = frame
             self._version += 1
             self._frames_sent += 1
-            self._cond.notify_all()
+            watched = self._clients > 0
+        if watched:
+            self._web.call(self._wake_streams)
 
     def send_input(self, frame: Frame) -> None:
         """Make ``frame`` the newest input frame (``/input.mjpg``); cheap, like ``send``."""
@@ -588,20 +299,16 @@ class PreviewSink(Closing):
                 return
             self._source = frame
             self._source_version += 1
-            self._cond.notify_all()
+            watched = self._clients > 0
+        if watched:
+            self._web.call(self._wake_streams)
 
     def _release(self) -> None:
-        """Stop serving, end the streams and release the port."""
-        with self._cond:  # wakes the streams: they see ``_closed`` and end
-            self._closed_event.set()
-            self._cond.notify_all()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(_CLOSE_TIMEOUT_S)
-        if self._thread.is_alive():
-            logger.warning("preview server thread did not stop within %.0f s", _CLOSE_TIMEOUT_S)
-        with self._cond:  # give streaming handlers a moment to leave their loops
-            self._cond.wait_for(lambda: self._clients == 0, timeout=_CLOSE_TIMEOUT_S)
+        """Stop serving, end the streams and the websockets and release the port."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self._web.call(self._wake_streams)  # the streams see ``_closed`` and end
+        self._web.close()
         self._jpeg = self._source_jpeg = None
         logger.debug("preview on port %d closed", self.port)
 
@@ -609,15 +316,257 @@ class PreviewSink(Closing):
     def closed(self) -> bool:
         return self._closed
 
-    # -- used by the HTTP threads ----------------------------------------------------------
+    # -- on the server's loop --------------------------------------------------------------
 
-    def _wait_for_newer(self, seen: int, source: bool = False) -> bool:
-        """Block until an output (``source``: input) frame newer than version ``seen`` exists;
+    def _wake_streams(self) -> None:
+        self._frames_ready.set()
+        self._frames_ready = asyncio.Event()
+
+    def _operator_changed(self) -> None:
+        """The operator's state or status changed (called from its threads): wake the pages."""
+        self._web.call(self._wake_pages)
+
+    def _wake_pages(self) -> None:
+        for wake in self._page_wakes:
+            wake.set()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self._wake_streams()
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the engine is stopping")
+
+    @web.middleware
+    async def _boundary(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Refuse what must be refused, then run one request: a client that went away is a DEBUG
+        line; anything else is a 500 and one rate-limited line."""
+        client = request.remote or ""
+        refused = refusal(request.headers, client, self._allow)
+        if refused is not None:
+            kind, why = refused  # a scan of the network must not fill the disk either
+            self._log(logging.WARNING, f"refused:{kind}", "preview request from %s refused: %s", client, why)
+            return _text(HTTPStatus.FORBIDDEN, f"{why}\n")
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except DROPPED_CLIENT_ERRORS as error:
+            logger.debug("preview client %s went away: %s", client, error)
+            return _text(HTTPStatus.INTERNAL_SERVER_ERROR, "client went away\n")
+        # The request boundary: the input is a stranger's, and the code under it (the operator,
+        # the encoder, the stats callback) is the engine's. Whatever they raise must cost this
+        # request only, and no client may make the log grow by a traceback per request.
+        except Exception as error:
+            path = clip(request.path, 100)
+            method = request.method if request.method in ("GET", "POST") else "other"
+            self._failed(f"{request.method} {path!r} from {client}", error, method)
+            reply = {
+                "ok": False,
+                "error": f"internal error ({type(error).__name__}) in {request.method} {path}; "
+                "the engine's log has the details",
+            }
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, reply)
+
+    def _failed(self, what: str, error: BaseException | None, where: str) -> None:
+        """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
+        report_failure(self._log, "preview", what, error, where)
+
+    async def _route(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return await self._post(request)
+        if request.method != "GET":
+            return _text(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} not served; allowed: GET and POST\n"
+            )
+        path = request.path
+        operator = self._operator
+        if operator is not None and path in ("/", "/index.html"):
+            return operator.page.response("/", request.headers.get("If-None-Match"))
+        if operator is not None and path != "/" and path in operator.page:
+            return operator.page.response(path, request.headers.get("If-None-Match"))
+        if path in ("/", "/index.html"):
+            path = "/preview"
+        if path in PREVIEW_PAGE:
+            return PREVIEW_PAGE.response(path, request.headers.get("If-None-Match"))
+        if path == "/stream.mjpg":
+            return await self._stream(request)
+        if path == "/input.mjpg":
+            return await self._stream(request, source=True)
+        if path == "/api/ws" and operator is not None:
+            return await self._page_socket(request, operator)
+        if path in ("/api/spec", "/api/state", "/api/history"):
+            return await self._api_get(path.removeprefix("/api/"))
+        if path == "/frame.jpg":
+            latest = await asyncio.get_running_loop().run_in_executor(None, self._latest_jpeg, False)
+            if latest is None:
+                return _text(HTTPStatus.SERVICE_UNAVAILABLE, "no frame yet\n")
+            return _reply(HTTPStatus.OK, "image/jpeg", latest[1])
+        if path == "/stats.json":
+            return _json(HTTPStatus.OK, self._stats_snapshot())
+        return _text(HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _post(self, request: web.Request) -> web.Response:
+        """``/api/param``: one change ``{"name": ..., "value": ...}`` through the OSC validation."""
+        operator = self._operator
+        if request.path != "/api/param" or operator is None:
+            return _json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "not found"})
+        refused = self._write_refusal(request)
+        if refused is not None:
+            return _json(refused[0], {"ok": False, "error": refused[1]})
+        allowed = f'a JSON object {{"name": ..., "value": ...}} of at most {MAX_REQUEST_BYTES} bytes'
+        error = f"bad request; allowed: {allowed}"
+        body = None
+        length = request.content_length or 0
+        if 0 < length <= MAX_REQUEST_BYTES:
+            try:
+                body = parse_json_body(await request.read())
+            except JsonTooDeep as err:
+                error = str(err)
+            except ValueError:  # not text, not JSON (UnicodeDecodeError is a ValueError)
+                body = None
+        if not isinstance(body, dict) or "name" not in body or "value" not in body:
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": error})
+        loop = asyncio.get_running_loop()
+        try:
+            accepted, reply = await loop.run_in_executor(
+                None, operator.apply, body["name"], body["value"], request.remote or ""
+            )
+        except RuntimeError as err:  # the control service is not up yet
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
+        return _json(HTTPStatus.OK if accepted else HTTPStatus.BAD_REQUEST, dict(reply))
+
+    @staticmethod
+    def _write_refusal(request: web.Request) -> tuple[HTTPStatus, str] | None:
+        """Writes come from the page itself: same origin (a browser sends ``Origin`` with every
+        cross-site POST) and a JSON body (a form or ``no-cors`` request cannot send one)."""
+        origin = foreign_origin(request.headers)
+        if origin is not None:
+            return HTTPStatus.FORBIDDEN, f"cross-origin write from {origin[:100]!r} refused"
+        if (request.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "writes must be Content-Type: application/json"
+        return None
+
+    async def _api_get(self, what: str) -> web.Response:
+        operator = self._operator
+        if operator is None:
+            return _json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "this preview has no operator page"})
+        read = {"spec": operator.spec, "state": operator.state, "history": operator.history}[what]
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(None, read)
+        except RuntimeError as err:
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
+        return _json(HTTPStatus.OK, _jsonable(body))
+
+    async def _stream(self, request: web.Request, source: bool = False) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}", **_NO_CACHE}
+        )
+        response.force_close()
+        await response.prepare(request)
+        self._client_joined()
+        loop = asyncio.get_running_loop()
+        try:
+            seen = 0
+            next_allowed = 0.0
+            while await self._newer(seen, source):
+                delay = next_allowed - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    if self._closed:
+                        break
+                latest = await loop.run_in_executor(None, self._latest_jpeg, source)
+                if latest is None:
+                    continue
+                seen, data = latest
+                next_allowed = time.monotonic() + self._min_interval
+                header = (
+                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
+                ).encode("ascii")
+                await response.write(header + data + b"\r\n")
+            await response.write(f"--{BOUNDARY}--\r\n".encode("ascii"))  # the sink was closed
+        except DROPPED_CLIENT_ERRORS as error:
+            logger.debug("preview client %s went away: %s", request.remote, error)
+        # The stream's own boundary: its headers are out, so closing is all that is left to say.
+        except Exception as error:
+            self._failed(f"GET {request.path!r} from {request.remote}", error, "GET")
+        finally:
+            self._client_left()
+        return response
+
+    async def _newer(self, seen: int, source: bool) -> bool:
+        """Wait until an output (``source``: input) frame newer than version ``seen`` exists;
         ``False`` once closed."""
-        with self._cond:
-            while not self._closed and (self._source_version if source else self._version) <= seen:
-                self._cond.wait(1.0)
-            return not self._closed
+        while True:
+            ready = self._frames_ready  # taken before the check: a newer frame sets this one
+            with self._cond:
+                if self._closed:
+                    return False
+                if (self._source_version if source else self._version) > seen:
+                    return True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ready.wait(), 1.0)
+
+    async def _page_socket(self, request: web.Request, operator: OperatorApi) -> web.StreamResponse:
+        """``/api/ws``: the operator page's pushes (a snapshot first, then each change)."""
+        origin = foreign_origin(request.headers)
+        if origin is not None:
+            why = f"cross-origin websocket from {origin[:100]!r} refused"
+            self._log(
+                logging.WARNING, "refused:origin", "preview request from %s refused: %s", request.remote, why
+            )
+            return _text(HTTPStatus.FORBIDDEN, f"{why}\n")
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_REQUEST_BYTES)
+        await ws.prepare(request)
+        wake = asyncio.Event()
+        self._page_wakes.add(wake)
+        self._sockets.add(ws)
+        feeder = asyncio.create_task(self._feed_page(ws, wake, operator, str(request.remote)))
+        try:
+            async for _ in ws:  # the page sends nothing; reading notices when it goes
+                pass
+        finally:
+            self._page_wakes.discard(wake)
+            self._sockets.discard(ws)
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+        return ws
+
+    async def _feed_page(
+        self, ws: web.WebSocketResponse, wake: asyncio.Event, operator: OperatorApi, client: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        last = None
+        since: float | None = None
+        try:
+            while not ws.closed:
+                wake.clear()
+                try:
+                    state = await loop.run_in_executor(None, operator.state)
+                    message = {"type": "state", **_jsonable(state)}
+                except RuntimeError as err:  # the control service is not up yet
+                    message = {"type": "offline", "error": str(err)}
+                text = json.dumps(message, allow_nan=False)
+                if text != last:
+                    await ws.send_str(text)
+                    last = text
+                history = await loop.run_in_executor(None, operator.history, since)
+                samples = history.get("samples") or []
+                if samples or since is None:
+                    update = {"type": "history", "append": since is not None, **_jsonable(history)}
+                    await ws.send_str(json.dumps(update, allow_nan=False))
+                    since = float(samples[-1]["t"]) if samples else -math.inf
+                await asyncio.sleep(_PUSH_INTERVAL_S)
+                await wake.wait()
+        except DROPPED_CLIENT_ERRORS as error:
+            logger.debug("preview client %s went away: %s", client, error)
+        # The websocket's boundary: the operator is the engine's code, the socket a stranger's.
+        except Exception as error:
+            self._failed(f"websocket /api/ws from {client}", error, "websocket")
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+
+    # -- frames, for the handlers ------------------------------------------------------------
 
     def _latest_jpeg(self, source: bool = False) -> tuple[int, bytes] | None:
         """``(version, jpeg)`` of the newest output (``source``: input) frame, encoded at most once."""
@@ -637,23 +586,8 @@ class PreviewSink(Closing):
                     self._jpeg = cached
             return cached
 
-    def _page(self) -> bytes:
-        if self._operator is None:
-            return PAGE.encode()
-        from bridges.operator_page import OPERATOR_PAGE
-
-        return OPERATOR_PAGE.encode()
-
     def _client_allowed(self, client: str) -> bool:
-        if is_loopback(client) or not self._allow:  # bound to this machine: nobody else gets here
-            return True
-        try:
-            address = ipaddress.ip_address(client.split("%", 1)[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._allow)
+        return client_allowed(self._allow, client)
 
     def _stats_snapshot(self) -> dict[str, Any]:
         extra = dict(self._stats()) if self._stats is not None else {}
@@ -668,4 +602,3 @@ class PreviewSink(Closing):
     def _client_left(self) -> None:
         with self._cond:
             self._clients -= 1
-            self._cond.notify_all()

@@ -34,6 +34,7 @@ def browser():
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     options.add_argument("--window-size=1280,900")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations show there
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.set_page_load_timeout(30)
     yield driver
@@ -65,6 +66,11 @@ def test_moving_a_slider_changes_the_engine_and_osc_changes_the_page(bundle, tmp
         for element in ("input", "output", "plot", "status", "scene-save", "scene-load"):
             assert browser.find_elements(By.ID, element), element
         assert wait_until(lambda: "fps" in browser.find_element(By.ID, "status").text.lower(), 10)
+        for video in ("input", "output"):  # both MJPEG streams play under the page's CSP
+            script = f"return document.getElementById('{video}').naturalWidth"
+            assert wait_until(lambda script=script: browser.execute_script(script) > 0, 10), video
+        severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not severe, severe  # no script error, no refused inline code, no failed request
         path = os.environ.get("LATENTSTAGE_SCREENSHOT")  # docs/operator-page.png is made this way
         if path:
             browser.save_screenshot(path)

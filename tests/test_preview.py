@@ -20,6 +20,7 @@ from bridges import base
 from bridges import preview as preview_module
 from bridges.base import BridgeError, Frame, FrameSink
 from bridges.preview import PreviewSink, is_loopback, unavailable_reason
+from engine.control.web.page import operator_page
 
 TIMEOUT = 5.0
 
@@ -331,6 +332,8 @@ def test_loopback_detection() -> None:
 class FakeOperator:
     """An ``OperatorApi`` that accepts everything, or raises ``fail`` from every call."""
 
+    page = operator_page()
+
     def __init__(self, fail: Exception | None = None) -> None:
         self.fail = fail
         self.applied: list[tuple[Any, Any]] = []
@@ -347,9 +350,12 @@ class FakeOperator:
         self._check()
         return {"values": {}}
 
-    def history(self) -> dict[str, Any]:
+    def history(self, since: float | None = None) -> dict[str, Any]:
         self._check()
         return {"samples": []}
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None
 
     def apply(self, name: Any, value: Any, client: str) -> tuple[bool, dict[str, Any]]:
         self._check()

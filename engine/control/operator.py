@@ -5,16 +5,41 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from engine import params
-from engine.control.dispatch import json_args
-
-if TYPE_CHECKING:
-    from engine.control.service import ControlService
+from engine.control.dispatch import OscDispatcher, json_args
+from engine.control.scenes import SceneStore
+from engine.control.state import ControlState
+from engine.control.web.page import operator_page
 
 HISTORY_SECONDS = 600.0
+
+
+class Feedback(Protocol):
+    """Where announcements go (``engine.control.transport.FeedbackSender``)."""
+
+    def send(self, address: str, args: Sequence[Any]) -> None: ...
+
+
+class Steered(Protocol):
+    """What the operator reads and writes through (``engine.control.service.ControlService``,
+    which attaches itself): it depends on this, never on the service's module."""
+
+    @property
+    def control(self) -> ControlState: ...
+
+    @property
+    def scenes(self) -> SceneStore: ...
+
+    @property
+    def dispatcher(self) -> OscDispatcher: ...
+
+    @property
+    def feedback(self) -> Feedback: ...
+
+    def engine_status(self) -> Mapping[str, Any]: ...
 
 
 class Operator:
@@ -24,18 +49,23 @@ class Operator:
     ControlState, the same error text as an OSC sender gets; accepted changes are echoed on OSC
     feedback by the engine like any other. ``attach`` connects the control service once it
     exists (the preview may start first: until then the API answers 503). ``sample`` keeps
-    fps, latency and skip rate for the last ``HISTORY_SECONDS``.
+    fps, latency and skip rate for the last ``HISTORY_SECONDS``. ``subscribe`` tells the page's
+    websocket when to push: after every status sample and every change of the applied values
+    (``changed``, from the control service's change feed). ``page`` holds the page's files.
     """
 
     def __init__(self, history_seconds: float = HISTORY_SECONDS) -> None:
         self.history_seconds = float(history_seconds)
-        self._service: ControlService | None = None
+        self.page = operator_page()
+        self._service: Steered | None = None
         self._lock = threading.Lock()
         self._samples: collections.deque[dict[str, float]] = collections.deque()
+        self._listeners: list[Callable[[], None]] = []
         self._started = time.monotonic()
 
-    def attach(self, service: ControlService) -> None:
+    def attach(self, service: Steered) -> None:
         self._service = service
+        self._notify()
 
     @property
     def ready(self) -> bool:
@@ -50,9 +80,11 @@ class Operator:
         values = {name: params.to_plain(value) for name, value in service.control.applied().items()}
         return {"values": values, "status": dict(service.engine_status()), "scenes": service.scenes.names()}
 
-    def history(self) -> dict[str, Any]:
+    def history(self, since: float | None = None) -> dict[str, Any]:
+        """The plot's samples (only those after ``since`` when given)."""
         with self._lock:
-            return {"seconds": self.history_seconds, "samples": list(self._samples)}
+            samples = [s for s in self._samples if since is None or s["t"] > since]
+        return {"seconds": self.history_seconds, "samples": samples}
 
     def sample(self, status: Mapping[str, Any]) -> None:
         """One point of the plot (the control service's status loop calls this)."""
@@ -65,6 +97,31 @@ class Operator:
             self._samples.append(point)
             while self._samples and now - self._samples[0]["t"] > self.history_seconds:
                 self._samples.popleft()
+        self._notify()
+
+    # ------------------------------------------------------------------ pushes
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (from the control service's threads) whenever the state or the
+        status changed; returns the function that unsubscribes. It must not block."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def changed(self, values: Mapping[str, Any]) -> None:
+        """Applied values changed (the change feed calls this): the pages follow."""
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
 
     # ------------------------------------------------------------------ writes
     def apply(self, name: Any, value: Any, client: str) -> tuple[bool, dict[str, Any]]:
@@ -82,9 +139,10 @@ class Operator:
         for reply in replies:
             if reply.to_feedback:  # a scene saved or loaded is announced as over OSC
                 service.feedback.send(reply.address, reply.args)
+        self._notify()  # a scene saved shows in the list at once
         return True, {"ok": True, "accepted": {spec.name: params.to_plain(value)}}
 
-    def _require(self) -> ControlService:
+    def _require(self) -> Steered:
         if self._service is None:
             raise RuntimeError("the control service is not running yet")
         return self._service

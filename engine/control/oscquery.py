@@ -1,21 +1,26 @@
-"""OSCQuery: an HTTP endpoint describing every OSC address, its type, range and current value."""
+"""OSCQuery: an HTTP endpoint describing every OSC address, its type, range and current value; LISTEN."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-import sys
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from aiohttp import WSCloseCode, WSMsgType, web
+
 from bridges.ratelimit import RateLimitedLog
-from bridges.serving import DROPPED_CLIENT_ERRORS, report_failure
+from bridges.serving import DROPPED_CLIENT_ERRORS, clip, report_failure
+from bridges.webguard import foreign_origin, parse_allow, refusal
+from bridges.webserver import WebServer
 from engine import params
 from engine.control.dispatch import osc_args
+from engine.control.transport import build_message
 from engine.params import ParamKind, ParamSpec
 
 logger = logging.getLogger(__name__)
@@ -125,7 +130,7 @@ def host_info(osc_host: str, osc_port: int) -> dict[str, Any]:
             "TAGS": False,
             "UNIT": False,
             "CRITICAL": False,
-            "LISTEN": False,
+            "LISTEN": True,
             "PATH_CHANGED": False,
         },
         "OSC_IP": osc_host,
@@ -144,8 +149,38 @@ def find_node(root: dict[str, Any], path: str) -> dict[str, Any] | None:
     return node
 
 
+#: Paths one websocket may LISTEN to at once, and the OSC messages it may have queued (a slow
+#: client loses the oldest, it never holds the engine's memory).
+MAX_LISTENS = 1024
+_QUEUE_LENGTH = 256
+_MAX_COMMAND_BYTES = 4096
+_COMMAND_RULE = 'allowed: {"COMMAND": "LISTEN" or "IGNORE", "DATA": "/address"} as a text message'
+
+
+@dataclass
+class _Listener:
+    """One websocket's LISTEN set and its outgoing OSC messages."""
+
+    client: str
+    paths: set[str] = field(default_factory=set)
+    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(_QUEUE_LENGTH))
+
+    def offer(self, data: bytes) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()  # the oldest goes: the newest value is what matters
+        self.queue.put_nowait(data)
+
+
 class OscQueryServer:
-    """Serves the namespace over HTTP on ``host:port`` (own thread); ``close()`` safe twice."""
+    """Serves the namespace over HTTP on ``host:port`` and OSCQuery's ``LISTEN`` / ``IGNORE``
+    over a websocket on the same port; aiohttp on a thread of its own (``bridges.webserver``).
+
+    A websocket client sends text ``{"COMMAND": "LISTEN", "DATA": "/guidance_scale"}`` and then
+    gets every applied change of that address as a binary OSC message (``changed`` hands them
+    over from the control service's change feed); ``IGNORE`` stops it. The upgrade passes the
+    same checks as the operator page: a ``Host`` of this machine, no foreign ``Origin``, and a
+    client in ``allow`` when bound beyond this machine. ``close()`` is safe twice.
+    """
 
     def __init__(
         self,
@@ -155,62 +190,26 @@ class OscQueryServer:
         osc_port: int,
         host: str = "127.0.0.1",
         port: int = 9002,
+        allow: Sequence[str] = (),
     ) -> None:
         self._values, self._engine = values, engine
         self.osc_host, self.osc_port = osc_host, osc_port
-        outer = self
+        self._allow = parse_allow(allow, "osc")
         self._log = RateLimitedLog(logger, 1.0)  # failures: a client must not fill the disk
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "latentstage-oscquery"
-
-            def do_GET(self) -> None:
-                try:
-                    status, body = outer.respond(self.path)
-                    data = json.dumps(body).encode() if body is not None else b""
-                # The request boundary: the path is a stranger's and the namespace is built from
-                # the engine's live state; whatever fails costs this request a 500 and the log a
-                # line a second, never a traceback per request.
-                except Exception as err:
-                    outer._failed(f"GET {self.path[:100]!r}", err, "GET")
-                    status = HTTPStatus.INTERNAL_SERVER_ERROR
-                    data = json.dumps({"error": f"internal error ({type(err).__name__})"}).encode()
-                    self.close_connection = True
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except DROPPED_CLIENT_ERRORS as err:
-                    logger.debug("oscquery client %s went away: %s", self.client_address, err)
-                    self.close_connection = True
-
-            def log_message(self, format: str, *args: Any) -> None:
-                logger.debug("oscquery: " + format, *args)
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                """What escaped outside ``do_GET`` (reading the request line, the last flush)."""
-                error = sys.exc_info()[1]
-                if isinstance(error, DROPPED_CLIENT_ERRORS):
-                    logger.debug("oscquery client %s went away: %s", client_address, error)
-                else:
-                    outer._failed(f"request from {client_address[0]}", error, "server")
-
+        self._listeners: dict[web.WebSocketResponse, _Listener] = {}  # on the server's loop only
+        self._web = WebServer("oscquery")
+        app = web.Application(middlewares=[self._boundary], client_max_size=_MAX_COMMAND_BYTES)
+        app.router.add_route("*", "/{path:.*}", self._route)
+        app.on_shutdown.append(self._on_shutdown)
         try:
-            self._server = Server((host, port), Handler)
+            self.port = self._web.listen(app, host, port)
         except OSError as err:
             raise OSError(f"OSCQuery cannot listen on {host}:{port} ({err.strerror})") from err
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="latentstage-oscquery", daemon=True
-        )
-        self._closed = False
+        self._started = False
 
     def start(self) -> None:
-        self._thread.start()
+        self._web.start()
+        self._started = True
         logger.info("OSCQuery on http://127.0.0.1:%s/", self.port)
 
     def respond(self, raw_path: str) -> tuple[int, Any]:
@@ -231,14 +230,135 @@ class OscQueryServer:
             return HTTPStatus.NO_CONTENT, None
         return HTTPStatus.OK, {query: node[query]}
 
+    def changed(self, values: Mapping[str, Any]) -> None:
+        """Applied values changed (called from the change feed's thread): the websockets that
+        LISTEN to their addresses get each as a binary OSC message."""
+        if not self._listeners:
+            return
+        packets: dict[str, bytes] = {}
+        for name, value in values.items():
+            spec = params.REGISTRY.get(name)
+            if spec is None or value is None or spec.kind is ParamKind.ACTION:
+                continue
+            args = osc_args(spec, value)
+            for address in spec.addresses:
+                packets[address] = build_message(address, args)
+        if packets:
+            self._web.call(self._deliver, packets)
+
+    def close(self) -> None:
+        self._web.close()
+
+    # ------------------------------------------------------------------ on the server's loop
+    def _deliver(self, packets: Mapping[str, bytes]) -> None:
+        for listener in self._listeners.values():
+            for address in listener.paths & packets.keys():
+                listener.offer(packets[address])
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        for ws in list(self._listeners):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the engine is stopping")
+
+    @web.middleware
+    async def _boundary(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except DROPPED_CLIENT_ERRORS as err:
+            logger.debug("oscquery client %s went away: %s", request.remote, err)
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "client went away"})
+        # The request boundary: the path is a stranger's and the namespace is built from the
+        # engine's live state; whatever fails costs this request a 500 and the log a line a
+        # second, never a traceback per request.
+        except Exception as err:
+            where = request.method if request.method == "GET" else "other"
+            self._failed(f"{request.method} {clip(request.path_qs, 100)!r}", err, where)
+            return _json(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(err).__name__})"}
+            )
+
     def _failed(self, what: str, error: BaseException | None, where: str) -> None:
         """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
         report_failure(self._log, "OSCQuery", what, error, where)
 
-    def close(self) -> None:
-        if self._closed:
+    async def _route(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "GET":
+            return _json(
+                HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method} not supported; allowed: GET"}
+            )
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
+        loop = asyncio.get_running_loop()
+        status, body = await loop.run_in_executor(None, self.respond, request.raw_path)
+        return _json(status, body)
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """OSCQuery's websocket: LISTEN / IGNORE in, binary OSC messages out."""
+        client = request.remote or ""
+        refused = refusal(request.headers, client, self._allow)
+        origin = foreign_origin(request.headers)
+        if refused is None and origin is not None:
+            refused = "origin", f"cross-origin websocket from {origin[:100]!r} refused"
+        if refused is not None:
+            kind, why = refused
+            self._log(
+                logging.WARNING, f"refused:{kind}", "OSCQuery websocket from %s refused: %s", client, why
+            )
+            return web.Response(status=HTTPStatus.FORBIDDEN, text=f"{why}\n")
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=_MAX_COMMAND_BYTES)
+        await ws.prepare(request)
+        listener = _Listener(client)
+        self._listeners[ws] = listener
+        sender = asyncio.create_task(self._send(ws, listener))
+        try:
+            async for message in ws:
+                if message.type is WSMsgType.TEXT:
+                    self._command(listener, message.data)
+                else:
+                    self._bad(listener, f"a {message.type.name.lower()} message")
+        finally:
+            del self._listeners[ws]
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        return ws
+
+    async def _send(self, ws: web.WebSocketResponse, listener: _Listener) -> None:
+        try:
+            while not ws.closed:
+                await ws.send_bytes(await listener.queue.get())
+        except DROPPED_CLIENT_ERRORS as err:
+            logger.debug("oscquery client %s went away: %s", listener.client, err)
+
+    def _command(self, listener: _Listener, text: str) -> None:
+        """One ``{"COMMAND": ..., "DATA": ...}``; a bad one is logged (a line a second) and ignored."""
+        try:
+            command = json.loads(text)
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+            self._bad(listener, f"{clip(text, 100)!r} (not JSON)")
             return
-        self._closed = True
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        if not isinstance(command, dict) or command.get("COMMAND") not in ("LISTEN", "IGNORE"):
+            self._bad(listener, clip(text, 100))
+            return
+        path = command.get("DATA")
+        if not isinstance(path, str) or path not in params.BY_ADDRESS:
+            self._bad(listener, f"DATA {clip(str(path), 100)!r}: not a parameter's OSC address")
+            return
+        if command["COMMAND"] == "IGNORE":
+            listener.paths.discard(path)
+        elif len(listener.paths) < MAX_LISTENS:
+            listener.paths.add(path)
+        else:
+            self._bad(listener, f"LISTEN {path}: already {MAX_LISTENS} paths")
+
+    def _bad(self, listener: _Listener, what: str) -> None:
+        message = "OSCQuery websocket from %s: ignored %s; %s"
+        self._log(logging.WARNING, "bad-command", message, listener.client, what, _COMMAND_RULE)
+
+
+def _json(status: int, body: Any) -> web.Response:
+    data = json.dumps(body).encode() if body is not None else b""
+    return web.Response(status=status, body=data, headers={"Content-Type": "application/json"})

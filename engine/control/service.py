@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import params
+from engine.control.changes import ChangeFeed
 from engine.control.dispatch import OscDispatcher, osc_args
 from engine.control.operator import Operator
 from engine.control.oscquery import OscQueryServer
@@ -54,8 +55,11 @@ class ControlService:
         control: the ControlState the engine reads at frame boundaries.
         submit: queues validated changes into the engine (``Engine.submit``).
         engine_status: a snapshot of the runtime stats (state, fps, latency_ms, skip_rate, error).
-        operator: the preview's operator page (``engine.control.operator``): attached here, and
-            sampled for its plot by the status loop.
+        operator: the preview's operator page (``engine.control.operator``): attached here,
+            sampled for its plot by the status loop and told of changes by the change feed.
+
+    The change feed (``engine.control.changes``) follows the applied values off the frame loop
+    and hands changes to OSCQuery's ``LISTEN`` clients and the operator page's websocket.
     """
 
     def __init__(
@@ -93,9 +97,15 @@ class ControlService:
                     self.server.port,
                     host=settings.host,
                     port=settings.oscquery_port,
+                    allow=settings.allow,
                 )
             except OSError as err:  # discovery is a convenience: the show goes on without it
                 logger.warning("%s; running without OSCQuery", err)
+        self.changes = ChangeFeed(control)
+        if self.oscquery is not None:
+            self.changes.subscribe(self.oscquery.changed)
+        if operator is not None:
+            self.changes.subscribe(operator.changed)
         self._stop = threading.Event()
         self._status_thread = threading.Thread(
             target=self._status_loop, name="latentstage-status", daemon=True
@@ -112,6 +122,7 @@ class ControlService:
         self.server.start()
         if self.oscquery is not None:
             self.oscquery.start()
+        self.changes.start()
         self._status_thread.start()
 
     def close(self) -> None:
@@ -120,6 +131,7 @@ class ControlService:
         self._closed = True
         self._stop.set()
         self.server.close()
+        self.changes.close()
         if self.oscquery is not None:
             self.oscquery.close()
         if self._status_thread.is_alive():

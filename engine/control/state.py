@@ -25,7 +25,8 @@ class ControlState:
     coalesce: ten fader moves between two frames become one change with the last value.
     Prompt changes wait in a separate box until a worker has encoded them
     (``take_for_encoding`` → ``release_encoded``), so the frame loop never waits on the text
-    encoder. ``applied`` holds what the engine really runs with (for ``/status`` and echoes).
+    encoder. ``applied`` holds what the engine really runs with (for ``/status`` and echoes);
+    ``wait_applied`` lets a watcher off the frame loop follow it (``engine.control.changes``).
     """
 
     def __init__(self, applied: Mapping[str, Any] | None = None) -> None:
@@ -37,6 +38,9 @@ class ControlState:
         self._applied: dict[str, Any] = dict(applied or {})
         self.version = 0
         self.applied_version = 0
+        # Its own condition: a watcher waiting for applied values never wakes the encoder, and
+        # the frame loop only notifies (never waits) on it.
+        self._applied_changed = threading.Condition()
 
     def write(self, changes: Mapping[str, Any], crossfade_s: float = 0.0) -> int:
         """Queue validated changes; returns the new version."""
@@ -82,6 +86,15 @@ class ControlState:
         with self._lock:
             self._applied.update(accepted)
             self.applied_version += 1
+        with self._applied_changed:
+            self._applied_changed.notify_all()
+
+    def wait_applied(self, seen: int, timeout: float) -> int:
+        """Wait until ``applied_version`` differs from ``seen`` (at most ``timeout`` seconds);
+        the version then. For watchers off the frame loop."""
+        with self._applied_changed:
+            self._applied_changed.wait_for(lambda: self.applied_version != seen, timeout)
+            return self.applied_version
 
     def applied(self) -> dict[str, Any]:
         """A copy of the values the engine runs with."""

@@ -1,0 +1,804 @@
+// The operator page: controls built from the engine's parameter spec, state pushed over a websocket.
+
+var SOCKET_RETRY_MS = 1000;  // reconnect the push socket after it closed
+var SPEC_RETRY_MS = 1000;  // retry the spec until it answers
+var API = document.body.dataset;  // the page's endpoints: spec, param, socket
+var HOLD_MS = 1500;        // a control the user touched is not overwritten for this long
+var THROTTLE_MS = 100;     // at most one change per parameter per this long
+var TIMEOUT_MS = 4000;     // a request that hangs longer is given up
+var MAX_RANGE_STEPS = 10000;  // int ranges wider than this get a number field, not a slider
+var BAD_STATES = ["error", "lost", "stalled"];
+var SERIES = [
+  { key: "fps", label: "fps", color: "#7bd88f", floor: 1 },
+  { key: "latency_ms", label: "latency", color: "#ffb454", floor: 10 },
+  { key: "skip_rate", label: "skip", color: "#6cb6ff", floor: 0.01 }
+];
+
+var controls = {};      // name -> control (see makeRow)
+var touched = {};       // name -> time of the last user interaction
+var queues = {};        // name -> outgoing change queue
+var dragging = null;    // name of the slider under the pointer
+var online = null;      // whether the push socket is open and the engine answers
+var knownScenes = [];
+var lastValues = null;
+var history = { seconds: 600, samples: [] };
+
+function $(id) { return document.getElementById(id); }
+function noop() {}
+function isNum(v) { return typeof v === "number" && isFinite(v); }
+function isObj(v) { return v !== null && typeof v === "object" && !Array.isArray(v); }
+function has(obj, key) { return Object.prototype.hasOwnProperty.call(obj, key); }
+function now() { return Date.now(); }
+
+function el(tag, attrs, text) {
+  var node = document.createElement(tag);
+  if (attrs) {
+    Object.keys(attrs).forEach(function (key) {
+      if (attrs[key] !== null && attrs[key] !== undefined) { node.setAttribute(key, String(attrs[key])); }
+    });
+  }
+  if (text !== undefined && text !== null) { node.textContent = String(text); }
+  return node;
+}
+
+// ------------------------------------------------------------------ errors
+var errorBox = $("error");
+function showError(text) { errorBox.textContent = String(text); }
+function clearError() { errorBox.textContent = ""; }
+errorBox.addEventListener("click", clearError);
+
+// ------------------------------------------------------------------ requests
+function request(url, options) {
+  var opts = options || {};
+  var controller = typeof AbortController === "function" ? new AbortController() : null;
+  var timer = null;
+  opts.cache = "no-store";
+  if (controller) {
+    opts.signal = controller.signal;
+    timer = setTimeout(function () { controller.abort(); }, TIMEOUT_MS);
+  }
+  return fetch(url, opts).then(function (response) {
+    return response.text().then(function (text) {
+      var body;
+      try { body = text ? JSON.parse(text) : null; } catch { body = null; }
+      if (!response.ok) {
+        var err = new Error(isObj(body) && typeof body.error === "string" && body.error
+          ? body.error : "HTTP " + response.status + " from " + url);
+        err.status = response.status;
+        throw err;
+      }
+      if (!isObj(body)) {
+        var bad = new Error("unexpected reply from " + url);
+        bad.status = response.status;
+        throw bad;
+      }
+      return body;
+    });
+  }, function () {
+    var err = new Error("engine not reachable");
+    err.status = 0;
+    throw err;
+  }).finally(function () {
+    if (timer !== null) { clearTimeout(timer); }
+  });
+}
+
+// POST one change; resolves true when accepted (and clears #error), false otherwise.
+function post(name, value) {
+  return request(API.param, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ name: name, value: value })
+  }).then(function (body) {
+    if (body.ok === false) {
+      showError(typeof body.error === "string" ? body.error : name + ": refused");
+      return false;
+    }
+    clearError();
+    return true;
+  }, function (err) {
+    showError(err.status ? err.message : "engine not reachable: " + name + " was not sent");
+    return false;
+  });
+}
+
+// Per parameter: one request in flight, the newest value waiting, at most one per THROTTLE_MS.
+function send(name, value, dedupe) {
+  var q = queues[name];
+  if (!q) {
+    q = { busy: false, has: false, value: null, last: 0, lastJson: null, timer: null };
+    queues[name] = q;
+  }
+  q.value = value;
+  q.has = true;
+  q.dedupe = Boolean(dedupe);
+  pump(name, q);
+}
+
+function pump(name, q) {
+  if (q.busy || q.timer !== null || !q.has) { return; }
+  var wait = THROTTLE_MS - (now() - q.last);
+  if (wait > 0) {
+    q.timer = setTimeout(function () { q.timer = null; pump(name, q); }, wait);
+    return;
+  }
+  var value = q.value;
+  var json = JSON.stringify(value);
+  q.has = false;
+  if (q.dedupe && json === q.lastJson && now() - q.last < 1000) { return; }  // a slider's final change
+  q.busy = true;
+  q.last = now();
+  q.lastJson = json;
+  post(name, value).then(function () {
+    q.busy = false;
+    touched[name] = now();
+    pump(name, q);
+  });
+}
+
+function pending(name) {
+  var q = queues[name];
+  return Boolean(q && (q.busy || q.has || q.timer !== null));
+}
+
+// ------------------------------------------------------------------ formatting and parsing
+var NUMBER = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/;
+
+function plain(v) {
+  if (!isNum(v)) { return ""; }
+  return Number.isInteger(v) ? String(v) : String(Number(v.toPrecision(6)));
+}
+
+function decimals(step) {
+  if (!isNum(step) || step <= 0 || step >= 1) { return 0; }
+  return Math.min(6, Math.max(0, Math.ceil(-Math.log10(step) - 1e-9)));
+}
+
+function readNumber(text, isInt) {
+  var s = String(text).trim();
+  if (!NUMBER.test(s)) { return null; }
+  var n = Number(s);
+  if (!isFinite(n) || (isInt && !Number.isInteger(n))) { return null; }
+  return n;
+}
+
+function formatValue(type, v) {
+  if (v === null || v === undefined) { return ""; }
+  if (type === "string" || type === "enum") { return typeof v === "string" ? v : String(v); }
+  if (type === "int_list" || type === "float_list") {
+    return Array.isArray(v) ? v.map(plain).join(" ") : "";
+  }
+  if (type === "size") {
+    return Array.isArray(v) && v.length === 2 ? plain(v[0]) + "x" + plain(v[1]) : "";
+  }
+  if (type === "prompt_blend" || type === "seed_blend") {
+    if (!Array.isArray(v)) { return ""; }
+    return v.filter(function (pair) { return Array.isArray(pair) && pair.length >= 2; })
+      .map(function (pair) {
+        var first = typeof pair[0] === "number" ? plain(pair[0]) : String(pair[0]);
+        return first + ": " + plain(pair[1]);
+      }).join(" | ");
+  }
+  try { return JSON.stringify(v); } catch { return String(v); }
+}
+
+// -> {value: ...} | {error: "..."} | {skip: true} (nothing to send)
+function parseText(type, text) {
+  var s = String(text);
+  if (type === "string") { return { value: s }; }
+  if (s.trim() === "") { return { skip: true }; }
+  if (type === "int_list" || type === "float_list") {
+    var isInt = type === "int_list";
+    var parts = s.trim().split(/[\s,;]+/).filter(Boolean);
+    var numbers = [];
+    for (var i = 0; i < parts.length; i += 1) {
+      var n = readNumber(parts[i], isInt);
+      if (n === null) {
+        return { error: "cannot read " + JSON.stringify(parts[i]) + "; write "
+          + (isInt ? "whole numbers" : "numbers") + " separated by spaces or commas, e.g. "
+          + (isInt ? "32 45" : "0.5 1") };
+      }
+      numbers.push(n);
+    }
+    return { value: numbers };
+  }
+  if (type === "size") {
+    var dims = s.trim().split(/[\sxX,*]+/).filter(Boolean);
+    var w = dims.length === 2 ? readNumber(dims[0], true) : null;
+    var h = dims.length === 2 ? readNumber(dims[1], true) : null;
+    if (w === null || h === null) {
+      return { error: "cannot read " + JSON.stringify(s.trim()) + "; write width x height, e.g. 512x512" };
+    }
+    return { value: [w, h] };
+  }
+  if (type === "prompt_blend" || type === "seed_blend") {
+    var seeds = type === "seed_blend";
+    var example = seeds ? "1: 0.5 | 2: 0.5" : "a cat: 0.5 | a dog: 0.5";
+    var pairs = [];
+    var segments = s.split("|");
+    for (var j = 0; j < segments.length; j += 1) {
+      var seg = segments[j].trim();
+      if (seg === "") { continue; }
+      var colon = seg.lastIndexOf(":");
+      var head = colon < 0 ? "" : seg.slice(0, colon).trim();
+      var weight = colon < 0 ? null : readNumber(seg.slice(colon + 1), false);
+      var key = seeds ? readNumber(head, true) : head;
+      if (weight === null || key === null || key === "") {
+        return { error: "cannot read " + JSON.stringify(seg) + "; write "
+          + (seeds ? "seed: weight" : "prompt: weight") + " pairs separated by |, e.g. " + example };
+      }
+      pairs.push([key, weight]);
+    }
+    return pairs.length ? { value: pairs } : { skip: true };
+  }
+  try { return { value: JSON.parse(s) }; } catch {
+    return { error: "cannot read " + JSON.stringify(s.trim()) + " as JSON" };
+  }
+}
+
+function titleCase(group) {
+  return String(group).split("_").filter(Boolean).map(function (word) {
+    return word.charAt(0).toUpperCase() + word.slice(1);
+  }).join(" ");
+}
+
+// ------------------------------------------------------------------ controls
+function floatStep(min, max) {
+  var step = Math.pow(10, Math.round(Math.log10((max - min) / 1000)));
+  return isNum(step) && step > 0 ? Number(step.toPrecision(1)) : "any";
+}
+
+function touch(name) { touched[name] = now(); }
+
+// A slider (or a number field for unbounded or huge ranges) for float and int.
+function numberControl(p, row, id, title) {
+  var name = p.name;
+  var isInt = p.type === "int";
+  var min = p.min;
+  var max = p.max;
+  var bounded = isNum(min) && isNum(max) && max > min;
+  var useRange = bounded && (!isInt || max - min <= MAX_RANGE_STEPS);
+  var step = isInt ? 1 : (bounded ? floatStep(min, max) : "any");
+  var places = isInt ? 0 : decimals(step === "any" ? 0.001 : step);
+  var control = { blocking: [] };
+  var range = null;
+  var field = el("input", {
+    type: "number", step: isInt ? 1 : "any", title: title, inputmode: isInt ? "numeric" : "decimal",
+    min: isNum(min) ? min : null, max: isNum(max) ? max : null
+  });
+
+  function show(v) {
+    row.classList.toggle("unset", !isNum(v));
+    field.value = isNum(v) ? (isInt ? String(Math.round(v)) : v.toFixed(places)) : "";
+    field.placeholder = isNum(v) ? "" : "unset";
+  }
+
+  if (useRange) {
+    range = el("input", { type: "range", id: id, min: min, max: max, step: step, title: title });
+    field.className = "num";
+    row.appendChild(range);
+    row.appendChild(field);
+    var fromRange = function () {
+      var v = isInt ? parseInt(range.value, 10) : parseFloat(range.value);
+      return isNum(v) ? v : null;
+    };
+    range.addEventListener("pointerdown", function () { dragging = name; touch(name); });
+    range.addEventListener("keydown", function () { touch(name); });
+    range.addEventListener("input", function () {
+      var v = fromRange();
+      touch(name);
+      if (v !== null) { show(v); send(name, v, false); }
+    });
+    range.addEventListener("change", function () {
+      var v = fromRange();
+      touch(name);
+      if (v !== null) { show(v); send(name, v, true); }
+    });
+  } else {
+    field.id = id;
+    field.className = "span";
+    row.appendChild(field);
+  }
+  control.blocking.push(field);
+  field.addEventListener("input", function () { touch(name); });
+  field.addEventListener("change", function () {
+    touch(name);
+    var v = readNumber(field.value, isInt);
+    if (v === null) {
+      showError(name + ": enter " + (isInt ? "a whole number" : "a number")
+        + (typeof p.allowed === "string" ? " (" + p.allowed + ")" : ""));
+      return;
+    }
+    if (range) { range.value = String(v); }
+    send(name, v, false);
+  });
+  field.addEventListener("keydown", function (event) {
+    if (event.key === "Enter") { field.blur(); }
+  });
+  control.set = function (v) {
+    var n = isNum(v) ? v : null;
+    if (range) { range.value = String(n === null ? min : n); }
+    show(n);
+  };
+  return control;
+}
+
+function boolControl(p, row, id, title) {
+  var box = el("input", { type: "checkbox", id: id, title: title, "class": "span" });
+  row.appendChild(box);
+  box.addEventListener("pointerdown", function () { touch(p.name); });
+  box.addEventListener("change", function () { touch(p.name); send(p.name, box.checked, false); });
+  return {
+    blocking: [],
+    set: function (v) { box.checked = v === true; row.classList.toggle("unset", typeof v !== "boolean"); }
+  };
+}
+
+function enumControl(p, row, id, title) {
+  var select = el("select", { id: id, title: title, "class": "span" });
+  (Array.isArray(p.choices) ? p.choices : []).forEach(function (choice) {
+    select.appendChild(el("option", { value: String(choice) }, String(choice)));
+  });
+  row.appendChild(select);
+  select.addEventListener("pointerdown", function () { touch(p.name); });
+  select.addEventListener("change", function () { touch(p.name); send(p.name, select.value, false); });
+  return {
+    blocking: [],
+    set: function (v) {
+      var text = v === null || v === undefined ? "" : String(v);
+      if (select.value !== text) { select.value = text; }
+      if (select.value !== text) { select.selectedIndex = -1; }
+      row.classList.toggle("unset", v === null || v === undefined);
+    }
+  };
+}
+
+var PLACEHOLDERS = {
+  int_list: "e.g. 32 45", float_list: "e.g. 0.5 1", size: "e.g. 512x512",
+  prompt_blend: "e.g. a cat: 0.5 | a dog: 0.5", seed_blend: "e.g. 1: 0.5 | 2: 0.5"
+};
+
+// A text field (string, lists, size, blends; JSON for a type this page does not know):
+// sent on Enter, or on leaving the field when it changed; Escape reverts.
+function textControl(p, row, id, title) {
+  var name = p.name;
+  var type = p.type;
+  var input = el("input", {
+    type: "text", id: id, title: title, "class": "span", autocomplete: "off", autocapitalize: "off",
+    spellcheck: type === "string" ? "true" : "false",
+    placeholder: PLACEHOLDERS[type] || (typeof p.allowed === "string" ? p.allowed : "")
+  });
+  var control = { blocking: [input], synced: "" };
+  row.appendChild(input);
+  function commit() {
+    var parsed = parseText(type, input.value);
+    if (parsed.skip) { return; }
+    if (has(parsed, "error")) { showError(name + ": " + parsed.error); return; }
+    control.synced = input.value;
+    send(name, parsed.value, false);
+  }
+  input.addEventListener("input", function () { touch(name); });
+  input.addEventListener("keydown", function (event) {
+    touch(name);
+    if (event.key === "Enter") { event.preventDefault(); commit(); }
+    else if (event.key === "Escape") { input.value = control.synced; input.blur(); }
+  });
+  input.addEventListener("blur", function () {
+    if (input.value !== control.synced) { touch(name); commit(); }
+  });
+  control.set = function (v) {
+    var text = formatValue(type, v);
+    if (input.value !== text) { input.value = text; }
+    control.synced = text;
+    row.classList.toggle("unset", v === null || v === undefined);
+  };
+  return control;
+}
+
+function makeRow(p) {
+  var id = "param-" + p.name;
+  var doc = typeof p.doc === "string" ? p.doc : "";
+  var allowed = typeof p.allowed === "string" ? p.allowed : "";
+  var row = el("div", { "class": "row" });
+  var labelTitle = doc + (allowed ? "\nallowed: " + allowed : "")
+    + (typeof p.osc_address === "string" ? "\nOSC: " + p.osc_address + " " + (p.osc_args || "") : "");
+  row.appendChild(el("label", { "for": id, title: labelTitle }, p.name));
+  var control;
+  if (p.type === "float" || p.type === "int") { control = numberControl(p, row, id, doc); }
+  else if (p.type === "bool") { control = boolControl(p, row, id, doc); }
+  else if (p.type === "enum") { control = enumControl(p, row, id, doc); }
+  else { control = textControl(p, row, id, doc); }
+  control.row = row;
+  control.set(has(p, "default") ? p.default : null);
+  return control;
+}
+
+function buildControls(params) {
+  var container = $("controls");
+  var order = [];
+  var groups = {};
+  params.forEach(function (p) {
+    if (!isObj(p) || typeof p.name !== "string" || !p.name || p.type === "action") { return; }
+    if (has(controls, p.name)) { return; }
+    var group = typeof p.group === "string" && p.group ? p.group : "other";
+    if (!has(groups, group)) { groups[group] = []; order.push(group); }
+    groups[group].push(p);
+  });
+  container.textContent = "";
+  order.forEach(function (group) {
+    var details = el("details", { "class": "group", id: "group-" + group, open: "" });
+    var summary = el("summary");
+    summary.appendChild(el("h2", null, titleCase(group)));
+    details.appendChild(summary);
+    var rows = el("div", { "class": "rows" });
+    groups[group].forEach(function (p) {
+      try {
+        var control = makeRow(p);
+        controls[p.name] = control;
+        rows.appendChild(control.row);
+      } catch { /* one odd entry must not cost the whole page */ }
+    });
+    details.appendChild(rows);
+    container.appendChild(details);
+  });
+  if (!order.length) { container.appendChild(el("div", { "class": "note" }, "no parameters")); }
+  if (lastValues) { applyValues(lastValues); }
+}
+
+function loadSpec() {
+  request(API.spec).then(function (body) {
+    if (!Array.isArray(body.params)) { throw new Error("the spec has no parameter list"); }
+    buildControls(body.params);
+  }).catch(function (err) {
+    var note = $("controls-note");
+    if (note) { note.textContent = "loading parameters: " + err.message + "; retrying"; }
+    setTimeout(loadSpec, SPEC_RETRY_MS);
+  });
+}
+
+window.addEventListener("pointerup", function () {
+  if (dragging !== null) { touch(dragging); dragging = null; }
+});
+window.addEventListener("pointercancel", function () {
+  if (dragging !== null) { touch(dragging); dragging = null; }
+});
+
+// ------------------------------------------------------------------ state
+function busy(name) {
+  var control = controls[name];
+  if (dragging === name || pending(name)) { return true; }
+  if (now() - (touched[name] || 0) < HOLD_MS) { return true; }
+  return control.blocking.indexOf(document.activeElement) >= 0;
+}
+
+function applyValues(values) {
+  Object.keys(controls).forEach(function (name) {
+    if (!has(values, name) || busy(name)) { return; }
+    try { controls[name].set(values[name]); } catch { /* leave this control as it is */ }
+  });
+}
+
+var statusLine = $("status");
+function statusItem(label, value, cls) {
+  var item = el("span", cls ? { "class": cls } : null);
+  item.appendChild(el("b", null, label + " "));
+  item.appendChild(document.createTextNode(value));
+  statusLine.appendChild(item);
+}
+
+function renderStatus(st) {
+  var state = typeof st.state === "string" && st.state ? st.state : "-";
+  statusLine.textContent = "";
+  statusItem("state", state, BAD_STATES.indexOf(state) >= 0 ? "bad" : (state === "running" ? "good" : ""));
+  statusItem("fps", isNum(st.fps) ? st.fps.toFixed(1) : "-");
+  statusItem("latency", isNum(st.latency_ms) ? Math.round(st.latency_ms) + " ms" : "-");
+  statusItem("skip", isNum(st.skip_rate) ? (st.skip_rate * 100).toFixed(1) + "%" : "-");
+  if (typeof st.error === "string" && st.error) { statusItem("error", st.error, "bad"); }
+}
+
+function renderUnreachable(err) {
+  statusLine.textContent = "";
+  var detail = err && err.status && err.message ? ": " + err.message : "";
+  statusLine.appendChild(el("span", { "class": "bad" }, "engine not reachable" + detail));
+}
+
+function showJson(pre, data) {
+  var text;
+  try { text = JSON.stringify(data, null, 2); } catch { text = String(data); }
+  if (pre.textContent !== text) { pre.textContent = text; }
+}
+
+// The engine's state as pushed: values, status and scenes.
+function showState(body) {
+  var values = isObj(body.values) ? body.values : {};
+  var st = isObj(body.status) ? body.status : {};
+  if (online === false) { streams.forEach(function (s) { s.reconnect(); }); }
+  online = true;
+  document.body.classList.remove("offline");
+  lastValues = values;
+  applyValues(values);
+  renderStatus(st);
+  renderScenes(Array.isArray(body.scenes) ? body.scenes : []);
+  showJson($("values"), values);
+  showJson($("status-json"), st);
+}
+
+function showOffline(err) {
+  online = false;
+  document.body.classList.add("offline");
+  renderUnreachable(err);
+}
+
+// ------------------------------------------------------------------ scenes
+var sceneName = $("scene-name");
+var sceneSave = $("scene-save");
+var sceneNote = $("scene-note");
+var sceneList = $("scenes");
+var sceneListKey = null;
+
+function markScenes() {
+  var name = sceneName.value.trim();
+  Array.prototype.forEach.call(sceneList.querySelectorAll("button"), function (button) {
+    button.classList.toggle("current", button.textContent === name);
+  });
+  sceneSave.textContent = knownScenes.indexOf(name) >= 0 ? "overwrite" : "save";
+}
+
+function renderScenes(names) {
+  var clean = names.filter(function (n) { return typeof n === "string" && n; });
+  var key = JSON.stringify(clean);
+  if (key === sceneListKey) { return; }
+  sceneListKey = key;
+  knownScenes = clean;
+  sceneList.textContent = "";
+  if (!clean.length) { sceneList.appendChild(el("li", { "class": "note" }, "no scenes saved yet")); }
+  clean.forEach(function (name) {
+    var item = el("li");
+    var button = el("button", { type: "button", "class": "scene", title: "pick " + name }, name);
+    button.addEventListener("click", function () { sceneName.value = name; markScenes(); });
+    item.appendChild(button);
+    sceneList.appendChild(item);
+  });
+  markScenes();
+}
+
+function sceneAction(action, doing, done) {
+  var name = sceneName.value.trim();
+  if (!name) { showError("scene: enter a name (or pick one from the list) first"); return; }
+  sceneNote.textContent = doing + " " + name + "\u2026";
+  post(action, name).then(function (ok) {
+    var text = ok ? done + " " + name : "";
+    sceneNote.textContent = text;
+    if (ok) {
+      setTimeout(function () { if (sceneNote.textContent === text) { sceneNote.textContent = ""; } }, 4000);
+    }
+  });
+}
+
+sceneName.addEventListener("input", markScenes);
+sceneSave.addEventListener("click", function () { sceneAction("preset_save", "saving", "saved"); });
+$("scene-load").addEventListener("click", function () { sceneAction("preset_load", "loading", "loaded"); });
+
+// ------------------------------------------------------------------ video
+function Stream(img, path) {
+  var timer = null;
+  var paused = false;
+  function connect() {
+    if (timer !== null) { clearTimeout(timer); timer = null; }
+    if (!paused) { img.src = path + "?t=" + now(); }
+  }
+  function later() {
+    if (paused || timer !== null) { return; }
+    timer = setTimeout(connect, 1000);  // the engine restarted or the stream ended
+  }
+  img.addEventListener("error", later);
+  img.addEventListener("dblclick", function () { toggleFullscreen(img); });
+  if (img.complete && !img.naturalWidth) { later(); }  // failed before this script ran
+  return {
+    reconnect: connect,
+    pause: function () {
+      paused = true;
+      if (timer !== null) { clearTimeout(timer); timer = null; }
+      img.removeAttribute("src");
+    },
+    resume: function () { paused = false; connect(); }
+  };
+}
+
+function toggleFullscreen(node) {
+  var doc = document;
+  var result = null;
+  try {
+    if (doc.fullscreenElement || doc.webkitFullscreenElement) {
+      result = doc.exitFullscreen ? doc.exitFullscreen() : doc.webkitExitFullscreen();
+    } else if (node.requestFullscreen) {
+      result = node.requestFullscreen();
+    } else if (node.webkitRequestFullscreen) {
+      result = node.webkitRequestFullscreen();
+    }
+  } catch { result = null; }
+  if (result && typeof result.catch === "function") { result.catch(noop); }
+}
+
+var streams = [Stream($("input"), "/input.mjpg"), Stream($("output"), "/stream.mjpg")];
+// A hidden tab lets go of its two streams (browsers allow only a few connections per server).
+document.addEventListener("visibilitychange", function () {
+  streams.forEach(function (s) { if (document.hidden) { s.pause(); } else { s.resume(); } });
+});
+
+// ------------------------------------------------------------------ plot
+var canvas = $("plot");
+var legend = $("legend");
+
+function niceCeil(v, floor) {
+  var top = Math.max(isNum(v) ? v : 0, floor);
+  var p = Math.pow(10, Math.floor(Math.log10(top)));
+  var steps = [1, 2, 2.5, 5, 10];
+  for (var i = 0; i < steps.length; i += 1) {
+    if (top <= steps[i] * p * 1.0000001) { return steps[i] * p; }
+  }
+  return 10 * p;
+}
+
+function cleanSamples(raw) {
+  var out = [];
+  (Array.isArray(raw) ? raw : []).forEach(function (s) {
+    if (!isObj(s) || !isNum(s.t)) { return; }
+    if (out.length && s.t < out[out.length - 1].t) { out = []; }  // the clock restarted
+    out.push(s);
+  });
+  return out;
+}
+
+function formatSeries(key, v) {
+  if (!isNum(v)) { return "-"; }
+  if (key === "skip_rate") { return (v * 100).toFixed(1) + "%"; }
+  if (key === "latency_ms") { return Math.round(v) + " ms"; }
+  return v.toFixed(1);
+}
+
+function drawPlot() {
+  var dpr = window.devicePixelRatio || 1;
+  var w = canvas.clientWidth;
+  var h = canvas.clientHeight;
+  if (w <= 0 || h <= 0) { return; }
+  var pw = Math.round(w * dpr);
+  var ph = Math.round(h * dpr);
+  if (canvas.width !== pw || canvas.height !== ph) { canvas.width = pw; canvas.height = ph; }
+  var ctx = canvas.getContext("2d");
+  if (!ctx) { return; }
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.font = "11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
+  ctx.textBaseline = "alphabetic";
+
+  var left = 6;
+  var right = w - 6;
+  var top = 8;
+  var bottom = h - 18;
+  var seconds = isNum(history.seconds) && history.seconds > 0 ? history.seconds : 600;
+  var samples = cleanSamples(history.samples);
+  var tEnd = samples.length ? samples[samples.length - 1].t : 0;
+  function x(t) { return right - (right - left) * (tEnd - t) / seconds; }
+
+  // grid: quarters of each scale, and minutes ago
+  ctx.lineWidth = 1;
+  ctx.strokeStyle = "#222228";
+  ctx.beginPath();
+  for (var q = 0; q <= 4; q += 1) {
+    var gy = Math.round(top + (bottom - top) * q / 4) + 0.5;
+    ctx.moveTo(left, gy);
+    ctx.lineTo(right, gy);
+  }
+  var minutes = seconds / 60;
+  var perMinute = (right - left) / minutes;
+  var stepChoices = [1, 2, 5, 10, 15, 30, 60, 120];
+  var stepMin = stepChoices[stepChoices.length - 1];
+  for (var c = 0; c < stepChoices.length; c += 1) {
+    if (stepChoices[c] * perMinute >= 84) { stepMin = stepChoices[c]; break; }
+  }
+  var ticks = [];
+  for (var m = 0; m <= minutes + 1e-9; m += stepMin) {
+    var gx = Math.round(right - m * perMinute) + 0.5;
+    ctx.moveTo(gx, top);
+    ctx.lineTo(gx, bottom);
+    ticks.push([m, gx]);
+  }
+  ctx.stroke();
+  ctx.fillStyle = "#66666f";
+  ctx.textAlign = "left";
+  var free = Infinity;  // labels go right to left; one that would overlap the previous is left out
+  ticks.forEach(function (tick) {
+    var label = tick[0] === 0 ? "now" : tick[0] + " min ago";
+    var width = ctx.measureText(label).width;
+    var start = Math.min(Math.max(tick[1] - width / 2, left), right - width);
+    if (start + width > free - 8) { return; }
+    ctx.fillText(label, start, h - 4);
+    free = start;
+  });
+
+  legend.textContent = "";
+  if (samples.length < 2) {
+    ctx.textAlign = "center";
+    ctx.fillText(samples.length ? "collecting\u2026" : "no history yet",
+      (left + right) / 2, (top + bottom) / 2);
+  }
+  var last = samples.length ? samples[samples.length - 1] : {};
+  SERIES.forEach(function (series) {
+    var peak = 0;
+    samples.forEach(function (s) {
+      if (isNum(s[series.key]) && s[series.key] > peak) { peak = s[series.key]; }
+    });
+    var scale = niceCeil(peak, series.floor);
+    if (series.key === "skip_rate") { scale = Math.min(scale, 1); }
+    ctx.strokeStyle = series.color;
+    ctx.lineWidth = 1.5;
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    var prevT = null;
+    samples.forEach(function (s) {
+      var v = s[series.key];
+      if (!isNum(v) || tEnd - s.t > seconds) { prevT = null; return; }
+      var px = x(s.t);
+      var py = bottom - (bottom - top) * Math.min(Math.max(v / scale, 0), 1);
+      if (prevT === null || s.t - prevT > 5) { ctx.moveTo(px, py); } else { ctx.lineTo(px, py); }
+      prevT = s.t;
+    });
+    ctx.stroke();
+
+    var item = el("span");
+    var swatch = el("i");
+    swatch.style.background = series.color;
+    item.appendChild(swatch);
+    item.appendChild(el("b", null, series.label + " "));
+    item.appendChild(document.createTextNode(formatSeries(series.key, last[series.key]) + " "));
+    item.appendChild(el("small", null, "(top " + formatSeries(series.key, scale) + ")"));
+    legend.appendChild(item);
+  });
+}
+
+// The plot's samples as pushed: all of them first, then the new ones.
+function showHistory(body) {
+  var samples = Array.isArray(body.samples) ? body.samples : [];
+  var seconds = isNum(body.seconds) && body.seconds > 0 ? body.seconds : history.seconds;
+  if (body.append) {
+    samples = cleanSamples(history.samples.concat(samples));
+    var end = samples.length ? samples[samples.length - 1].t : 0;
+    samples = samples.filter(function (s) { return end - s.t <= seconds; });
+  }
+  history = { seconds: seconds, samples: samples };
+  drawPlot();
+}
+
+if (typeof ResizeObserver === "function") {
+  new ResizeObserver(function () { try { drawPlot(); } catch { /* next poll redraws */ } })
+    .observe(canvas);
+}
+window.addEventListener("resize", function () { try { drawPlot(); } catch { /* ignore */ } });
+
+// ------------------------------------------------------------------ start
+// ------------------------------------------------------------------ pushes
+// The engine pushes its state on connect and on every change, the status a few times a
+// second and new plot samples as they come; the socket reconnects after the engine restarted.
+function connectSocket() {
+  var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+  var socket = new WebSocket(scheme + window.location.host + API.socket);
+  socket.addEventListener("message", function (event) {
+    var body;
+    try { body = JSON.parse(event.data); } catch { return; }
+    if (!isObj(body)) { return; }
+    if (body.type === "state") { showState(body); }
+    else if (body.type === "history") { showHistory(body); }
+    else if (body.type === "offline") {
+      showOffline({ status: 503, message: typeof body.error === "string" ? body.error : "not running" });
+    }
+  });
+  socket.addEventListener("close", function () {
+    showOffline(null);
+    setTimeout(connectSocket, SOCKET_RETRY_MS);
+  });
+}
+
+drawPlot();
+loadSpec();
+connectSocket();

@@ -1,0 +1,75 @@
+"""Dependency rules read from the source: no import circle among engine.control, bridges import no engine."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top, inside functions or under ``TYPE_CHECKING``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def graph(package: str) -> dict[str, set[str]]:
+    files = {module_name(path): path for path in REPO.joinpath(*package.split(".")).rglob("*.py")}
+    return {name: imported(path) & set(files) - {name} for name, path in files.items()}
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import circle in ``edges`` (a path that comes back to its start), or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_one():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle_among_the_control_modules():
+    edges = graph("engine.control")
+    assert "engine.control.operator" in edges and "engine.control.service" in edges
+    assert "engine.control.service" not in edges["engine.control.operator"]
+    assert cycle(edges) is None, " -> ".join(cycle(edges) or [])
+
+
+def test_bridges_import_nothing_from_engine():
+    for path in REPO.joinpath("bridges").rglob("*.py"):
+        engine = sorted(name for name in imported(path) if name == "engine" or name.startswith("engine."))
+        assert not engine, f"{path.relative_to(REPO)} imports {engine}"
