@@ -73,3 +73,32 @@ def test_bridges_import_nothing_from_engine():
     for path in REPO.joinpath("bridges").rglob("*.py"):
         engine = sorted(name for name in imported(path) if name == "engine" or name.startswith("engine."))
         assert not engine, f"{path.relative_to(REPO)} imports {engine}"
+
+
+def engine_imports(path: Path) -> list[str]:
+    return sorted(name for name in imported(path) if name == "engine" or name.startswith("engine."))
+
+
+def test_the_stream_math_imports_only_itself():
+    """engine/stream is the StreamDiffusion math: schedulers apart from weights and orchestration."""
+    for path in REPO.joinpath("engine", "stream").rglob("*.py"):
+        others = [name for name in engine_imports(path) if not name.startswith("engine.stream")]
+        assert not others, f"{path.relative_to(REPO)} imports {others}"
+
+
+def test_control_imports_no_torch():
+    """The control surfaces answer while a model loads or a build runs: no torch import there."""
+    for path in REPO.joinpath("engine", "control").rglob("*.py"):
+        torch = sorted(name for name in imported(path) if name == "torch" or name.startswith("torch."))
+        assert not torch, f"{path.relative_to(REPO)} imports {torch}"
+
+
+def test_the_backends_models_and_surfaces_name_no_extension():
+    """Exporters, runners, the model side, the math and the control surfaces ask the registry
+    (``engine.extensions.registered``); none imports an extension's module by name."""
+    builtins = {"sdxl", "controlnet", "ip_adapter", "cross_frame", "feature_cache"}
+    for folder in ("accel", "models", "stream", "control", "config"):
+        for path in REPO.joinpath("engine", folder).rglob("*.py"):
+            named = [n for n in engine_imports(path) if n.split(".")[:2] == ["engine", "extensions"]
+                     and len(n.split(".")) > 2 and n.split(".")[2] in builtins]
+            assert not named, f"{path.relative_to(REPO)} imports {named}"
