@@ -316,7 +316,7 @@ class _ExportedBackend:
             if component == "unet":
                 module = self.models.unet
                 weighted = [p for p in graph_parts(None, self.models) if any(True for _ in p.parameters())]
-                if weighted:  # extensions with weights of their own (ControlNets) are in the graph
+                if weighted:  # extensions with weights of their own are in the graph too
                     module = ConditionedUNet(module, weighted)
             started = time.monotonic()
             self._fingerprints[component] = weights_fingerprint(module)

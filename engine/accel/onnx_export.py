@@ -9,9 +9,8 @@ UNet (``export_unet``), B = ``shape.batch`` (n, n + 1 or 2n by cfg mode):
             ``timesteps``   (B,)          int64  UNet timesteps in [0, num_train_timesteps)
             ``embeddings``  (B, L, D)     float  prompt embeddings laid out for the cfg mode
     output  ``prediction``  (B, C, h, w)  float  ε or v, as the model predicts
-    then each registered extension's inputs and outputs (``engine.extensions``: SDXL's added
-    conditioning, ControlNets, IP-Adapter, the feature cache; cross-frame attention bakes its
-    groups into the graph).
+    then each registered extension's inputs and outputs (``engine.extensions``; an extension
+    may also change the graph's attention, e.g. cross-frame attention bakes its groups in).
 
 VAE encoder (``export_vae_encoder``), f = ``shape.scale_factor``:
     input   ``images``   (1, 3, H, W)         float  in [-1, 1]
@@ -196,7 +195,7 @@ def export_unet(
     outputs are ``shape.io`` (each registered extension's, ``engine.extensions``), so a live
     scale or strength is an input and never re-exports. ``parts``: the extensions' modules for
     ``shape`` (``graph_parts(shape, models)``); None: the ones the shape alone makes (an
-    extension with weights, e.g. ControlNets, must be given).
+    extension with weights of its own must be given).
 
     The caller's UNet is never changed: the export runs on a CPU copy in ``dtype`` that each
     extension prepares for ``shape`` (cross-frame attention's processors, the feature bank's).

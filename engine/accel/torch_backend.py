@@ -33,9 +33,8 @@ class TorchUNet:
 
     @classmethod
     def of(cls, models: Any, unet: Any = None, replays_graphs: bool = False) -> TorchUNet:
-        """The runner of a ``ModelBundle``'s UNet with every extension part its models have (SDXL's
-        added inputs, the ControlNets, the IP-Adapter, the feature bank; ``unet``: another module
-        for it, e.g. compiled)."""
+        """The runner of a ``ModelBundle``'s UNet with every extension part its models can run
+        (``engine.extensions.graph_parts``; ``unet``: another module for it, e.g. compiled)."""
         return cls(models.unet if unet is None else unet, replays_graphs, graph_parts(None, models))
 
     def _module(self, given: frozenset[str]) -> ConditionedUNet:

@@ -46,7 +46,7 @@ class UNetCall:
         latents, timesteps, embeddings: the call's core inputs ``(B, C, h, w)``, ``(B,)`` int64,
             ``(B, L, D)`` (L counts the image tokens that parts append after the text tokens).
         image_tokens: T, how many of ``embeddings``' tokens are image tokens (``text`` drops them).
-        flags: host-side values of eager torch (e.g. which ControlNets are on); exported graphs
+        flags: host-side values of eager torch (e.g. which of a part's models run); exported graphs
             get none and run everything.
         kwargs: keyword arguments of the diffusers UNet call (``added_cond_kwargs``,
             ``down_block_additional_residuals``, ...).
@@ -68,7 +68,7 @@ class UNetCall:
 
     @property
     def text(self) -> torch.Tensor:
-        """The text tokens of ``embeddings`` ``(B, L - T, D)`` (what ControlNets attend to)."""
+        """The text tokens of ``embeddings`` ``(B, L - T, D)`` (for parts that attend to text only)."""
         if not self.image_tokens:
             return self.embeddings
         return self.embeddings[:, : self.embeddings.shape[1] - self.image_tokens]
@@ -134,7 +134,8 @@ class FrameInputs:
     """One frame as the extensions' ``frame`` sees it.
 
     ``image``: the input frame ``(1, 3, H, W)`` in [-1, 1] on the pipeline's device (None in
-    txt2img); ``controls``: the newest frame of each own-source ControlNet or None.
+    txt2img); ``controls``: the newest frames of the extensions' own sources (the pipeline
+    call's ``controls``), or None.
     """
 
     image: torch.Tensor | None

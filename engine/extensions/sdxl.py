@@ -20,7 +20,7 @@ ADDED_INPUTS = ("text_embeds", "time_ids")
 
 
 class AddedPart(GraphPart):
-    """``added_cond_kwargs`` of the UNet (and of ControlNets after it) from two graph inputs."""
+    """``added_cond_kwargs`` of the UNet (and of the parts after it) from two graph inputs."""
 
     inputs = ADDED_INPUTS
 
