@@ -24,7 +24,7 @@ from aiohttp import WSCloseCode, web
 
 from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 from bridges.ratelimit import RateLimitedLog
-from bridges.serving import DROPPED_CLIENT_ERRORS, clip, report_failure
+from bridges.serving import DROPPED_CLIENT_ERRORS, guarded, report_failure
 from bridges.webassets import StaticFiles
 from bridges.webguard import client_allowed, foreign_origin, is_loopback, parse_allow, refusal
 from bridges.webserver import WebServer
@@ -160,6 +160,14 @@ def _reply(status: int, content_type: str, body: bytes) -> web.Response:
 
 def _json(status: int, body: Any) -> web.Response:
     return _reply(status, "application/json", json.dumps(body, allow_nan=False).encode())
+
+
+def _failure_reply(message: str, failed: bool) -> web.Response:
+    """The preview's 500: JSON naming the error (the page shows it); plain text for a client gone."""
+    if not failed:
+        return _text(HTTPStatus.INTERNAL_SERVER_ERROR, f"{message}\n")
+    body = {"ok": False, "error": f"{message}; the engine's log has the details"}
+    return _json(HTTPStatus.INTERNAL_SERVER_ERROR, body)
 
 
 def _text(status: int, text: str) -> web.Response:
@@ -347,26 +355,7 @@ class PreviewSink(Closing):
             kind, why = refused  # a scan of the network must not fill the disk either
             self._log(logging.WARNING, f"refused:{kind}", "preview request from %s refused: %s", client, why)
             return _text(HTTPStatus.FORBIDDEN, f"{why}\n")
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
-        except DROPPED_CLIENT_ERRORS as error:
-            logger.debug("preview client %s went away: %s", client, error)
-            return _text(HTTPStatus.INTERNAL_SERVER_ERROR, "client went away\n")
-        # The request boundary: the input is a stranger's, and the code under it (the operator,
-        # the encoder, the stats callback) is the engine's. Whatever they raise must cost this
-        # request only, and no client may make the log grow by a traceback per request.
-        except Exception as error:
-            path = clip(request.path, 100)
-            method = request.method if request.method in ("GET", "POST") else "other"
-            self._failed(f"{request.method} {path!r} from {client}", error, method)
-            reply = {
-                "ok": False,
-                "error": f"internal error ({type(error).__name__}) in {request.method} {path}; "
-                "the engine's log has the details",
-            }
-            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, reply)
+        return await guarded(request, handler, "preview", self._log, ("GET", "POST"), _failure_reply)
 
     def _failed(self, what: str, error: BaseException | None, where: str) -> None:
         """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from bridges.ratelimit import RateLimitedLog
-from bridges.serving import DROPPED_CLIENT_ERRORS, clip, report_failure
+from bridges.serving import DROPPED_CLIENT_ERRORS, clip, guarded, report_failure
 from bridges.webguard import foreign_origin, parse_allow, refusal
 from bridges.webserver import WebServer
 from engine import params
@@ -263,22 +263,8 @@ class OscQueryServer:
     async def _boundary(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
-        except DROPPED_CLIENT_ERRORS as err:
-            logger.debug("oscquery client %s went away: %s", request.remote, err)
-            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "client went away"})
-        # The request boundary: the path is a stranger's and the namespace is built from the
-        # engine's live state; whatever fails costs this request a 500 and the log a line a
-        # second, never a traceback per request.
-        except Exception as err:
-            where = request.method if request.method == "GET" else "other"
-            self._failed(f"{request.method} {clip(request.path_qs, 100)!r}", err, where)
-            return _json(
-                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(err).__name__})"}
-            )
+        """One request: a client gone is a DEBUG line, any failure a 500 and a rate-limited line."""
+        return await guarded(request, handler, "OSCQuery", self._log, ("GET",), _failure_reply)
 
     def _failed(self, what: str, error: BaseException | None, where: str) -> None:
         """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
@@ -357,6 +343,10 @@ class OscQueryServer:
     def _bad(self, listener: _Listener, what: str) -> None:
         message = "OSCQuery websocket from %s: ignored %s; %s"
         self._log(logging.WARNING, "bad-command", message, listener.client, what, _COMMAND_RULE)
+
+
+def _failure_reply(message: str, failed: bool) -> web.Response:
+    return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message})
 
 
 def _json(status: int, body: Any) -> web.Response:
