@@ -894,6 +894,12 @@ STATUS: tuple[StatusSpec, ...] = (
     StatusSpec(
         "building", "s", "engines prepared for a shape change, e.g. `batch 2 at 768x512`; empty: none"
     ),
+    StatusSpec(
+        "change_latency_ms",
+        "f",
+        "a committed change to the first output frame carrying it sent, milliseconds (median of the "
+        "last 16 changes, the slowest output): what a change on the beat is committed ahead by",
+    ),
     StatusSpec("restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
     StatusSpec("error", "s", "why a message or a frame was refused; nothing changed", periodic=False),
 )

@@ -268,3 +268,31 @@ def test_a_recording_lasts_as_long_as_the_show_it_recorded(bundle, tmp_path):
     with av.open(str(tmp_path / "show.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == sink.frames_written
     assert sink.frames_written > engine.frames_emitted  # a 20 fps source: frames were repeated
+
+
+def test_change_to_screen_latency_is_timed_per_output_through_the_sink(bundle):
+    """A change on the beat must be committed ahead by what it takes to be seen: from its commit
+    to the first output frame carrying it sent, per output, the slowest output's median."""
+    slow, fast = RecordingSink(delay=0.05), RecordingSink()
+    engine = Engine(
+        pipeline(bundle), lambda: FakeSource(fps=30), [("slow", lambda: slow), ("fast", lambda: fast)]
+    )
+    with engine:
+        engine.run(max_frames=4)
+        assert engine.stats.snapshot()["change_latency_ms"] == 0.0, "no change yet"
+        submitted = time.monotonic()
+        engine.submit({"guidance_scale": 1.3})
+        engine.run(max_frames=10)  # a bounded run lets its frames reach the outputs
+        first = engine.stats.snapshot()
+        engine.submit({"delta": 0.7})
+        with pytest.raises(ParamError):
+            engine.submit({"delta": 9.0})  # refused: no change, no timing
+        engine.run(max_frames=16)
+    outputs = engine.stats.snapshot()["outputs"]
+    slow_ms = first["outputs"]["slow"]["change_latency_ms"]
+    fast_ms = first["outputs"]["fast"]["change_latency_ms"]
+    assert 50.0 <= slow_ms <= 1000.0 * (slow.times[-1] - submitted), "through the slow sink's send"
+    assert 0.0 < fast_ms < slow_ms
+    assert first["change_latency_ms"] == slow_ms, "the slowest output is what a change must lead by"
+    assert len(engine.stats.sinks["slow"].change_ms) == 2 and len(engine.stats.sinks["fast"].change_ms) == 2
+    assert outputs["slow"]["change_latency_ms"] >= 50.0

@@ -34,6 +34,7 @@ from engine.runtime.queues import LatestSlot
 from engine.runtime.reference_source import ReferenceFeed, ReferenceSource
 from engine.runtime.stats import EngineState, RuntimeStats
 from engine.runtime.workers import (
+    ChangeStamp,
     InputHealth,
     InputItem,
     OutputItem,
@@ -169,6 +170,7 @@ class Engine:
             self.control, pipeline.prompts, self._stop, self._report_error, images
         )
         self._transition: tuple[torch.Tensor, float, float] | None = None
+        self._change: ChangeStamp | None = None  # the latest committed change
         self.builds = None if backend is None else Builds(backend, self._slot.wake, self._report_error)
         self._log = RateLimitedLog(logger, 1.0)
         self._last_input: InputItem | None = None
@@ -343,7 +345,8 @@ class Engine:
             return
         # 2. bypass: the input goes straight through
         if self.runtime_state["bypass"]:
-            self._emit(OutputItem(OutputKind.FRAME, frame.timestamp, frame=frame, source=frame))
+            stamp = frame.timestamp
+            self._emit(OutputItem(OutputKind.FRAME, stamp, frame=frame, source=frame, change=self._change))
             return
         # 3. a running prompt crossfade moves one step
         if self._transition is not None:
@@ -369,7 +372,8 @@ class Engine:
         self.stats.set_state(EngineState.RUNNING)
         skipped = self.pipeline.stats.skipped != skipped_before
         self.stats.record_skip(skipped)
-        self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output, source=frame))
+        change = None if skipped else self._change  # a skipped frame re-emits an older output
+        self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output, source=frame, change=change))
 
     def _input_missing(self, health: InputHealth, now: float) -> None:
         """The source is lost or stalled: say so once; ``on_loss`` applies until it is back."""
@@ -466,6 +470,8 @@ class Engine:
         if "pause" in runtime and not runtime["pause"]:
             self.stats.set_state(EngineState.RUNNING)
         self.control.mark_applied(accepted)
+        if accepted:  # the outputs time how long it takes to be seen (stats change_latency_ms)
+            self._change = ChangeStamp((self._change.number if self._change else 0) + 1, time.monotonic())
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+CHANGE_SAMPLES = 16  # changes whose change-to-screen latency the median is taken over
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -61,12 +64,18 @@ class RateMeter:
 
 @dataclass
 class SinkCounters:
-    """Per-output counters."""
+    """Per-output counters; ``change_ms``: change-to-screen latencies of the latest changes."""
 
     sent: int = 0
     failures: int = 0
     dropped: int = 0
     connected: bool = False
+    change_ms: deque[float] = field(default_factory=lambda: deque(maxlen=CHANGE_SAMPLES))
+
+    @property
+    def change_latency_ms(self) -> float:
+        """The median of ``change_ms`` (0: no change seen yet)."""
+        return round(statistics.median(self.change_ms), 1) if self.change_ms else 0.0
 
 
 class RuntimeStats:
@@ -126,6 +135,11 @@ class RuntimeStats:
         with self._lock:
             return list(self._latency_ms)
 
+    def change_shown(self, name: str, milliseconds: float) -> None:
+        """Output ``name`` sent the first frame carrying a change ``milliseconds`` after its commit."""
+        with self._lock:
+            self.sinks.setdefault(name, SinkCounters()).change_ms.append(milliseconds)
+
     def sink(self, name: str) -> SinkCounters:
         with self._lock:
             return self.sinks.setdefault(name, SinkCounters())
@@ -153,10 +167,18 @@ class RuntimeStats:
                 "input_superseded": self.input_superseded,
                 "source_connected": self.source_connected,
                 "building": self.building,
+                # what a change takes to be seen: the slowest output's median (a beat-quantised
+                # change is committed this much before the beat)
+                "change_latency_ms": max((c.change_latency_ms for c in self.sinks.values()), default=0.0),
                 "restarts": self.restarts,
                 "uptime_s": round(now - self.started, 1),
                 "outputs": {
-                    name: {"sent": c.sent, "dropped": c.dropped, "failures": c.failures}
+                    name: {
+                        "sent": c.sent,
+                        "dropped": c.dropped,
+                        "failures": c.failures,
+                        "change_latency_ms": c.change_latency_ms,
+                    }
                     for name, c in self.sinks.items()
                 },
             }

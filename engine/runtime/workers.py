@@ -44,6 +44,14 @@ class OutputKind(str, Enum):
     REPEAT = "repeat"  # send the last output frame again (hold, pause, error)
 
 
+@dataclass(frozen=True)
+class ChangeStamp:
+    """The latest committed change: its number (1, 2, ...) and ``time.monotonic()`` of its commit."""
+
+    number: int
+    committed_at: float
+
+
 @dataclass
 class OutputItem:
     """What the engine loop hands to post-processing."""
@@ -54,6 +62,7 @@ class OutputItem:
     frame: Frame | None = None
     measure_latency: bool = True
     source: Frame | None = None  # the input frame it was made from (the operator page shows it)
+    change: ChangeStamp | None = None  # the latest change this output carries (None: it may not)
 
 
 @dataclass
@@ -63,6 +72,7 @@ class SinkItem:
     frame: Frame
     measure_latency: bool
     source: Frame | None = None
+    change: ChangeStamp | None = None
 
 
 class InputHealth(str, Enum):
@@ -208,6 +218,7 @@ class SinkWorker(threading.Thread):
         self._idle.set()
         self.sink_opened = threading.Event()
         self._ended_at: float | None = None
+        self._shown_change = 0  # the newest change this output has sent a frame of
 
     def show_ended(self, at: float) -> None:
         """The show ended at ``at`` (``time.monotonic()``): a sink that keeps a timeline (a
@@ -282,8 +293,13 @@ class SinkWorker(threading.Thread):
             return
         self._backoff = self._retry_s
         self._counters.sent += 1
+        now = time.monotonic()
         if item.measure_latency:
-            self._stats.latency(1000.0 * (time.monotonic() - item.frame.timestamp))
+            self._stats.latency(1000.0 * (now - item.frame.timestamp))
+        change = item.change
+        if change is not None and change.number > self._shown_change:  # the first frame carrying it
+            self._shown_change = change.number
+            self._stats.change_shown(self.label, 1000.0 * (now - change.committed_at))
 
     def _close_sink(self) -> None:
         sink, self._sink = self._sink, None
@@ -330,7 +346,7 @@ class PostProcessor(threading.Thread):
             if frame is not None:
                 self._stats.output_frame(time.monotonic())
                 for sink in self._sinks:
-                    sink.put(SinkItem(frame, item.measure_latency, item.source))
+                    sink.put(SinkItem(frame, item.measure_latency, item.source, item.change))
             if not len(self.queue):
                 self._idle.set()
         self._idle.set()

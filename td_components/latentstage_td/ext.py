@@ -55,6 +55,7 @@ STATUS_ADDRESSES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "/engine/latency_ms": ("Latencyms", float),
     "/engine/skip_rate": ("Skiprate", float),
     "/engine/building": ("Building", str),
+    "/engine/change_latency_ms": ("Changelatencyms", float),
     "/engine/restarts": ("Restarts", int),
 }
 ERROR_ADDRESS = "/engine/error"

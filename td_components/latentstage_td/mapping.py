@@ -185,6 +185,7 @@ def _component_pars(platform: str) -> tuple[ParDef, ...]:
         ParDef("Latencyms", "Float", "Status", "Latency (ms)", 0.0, read_only=True),
         ParDef("Skiprate", "Float", "Status", "Skip rate", 0.0, read_only=True),
         ParDef("Building", "Str", "Status", "Building engines", "", read_only=True),
+        ParDef("Changelatencyms", "Float", "Status", "Change to screen (ms)", 0.0, read_only=True),
         ParDef("Restarts", "Int", "Status", "Supervisor restarts", 0, 0, 1000, read_only=True),
         ParDef("Lasterror", "Str", "Status", "Last error", "", read_only=True),
     )
@@ -202,7 +203,9 @@ WIRING_PARS = (
     "Outputname",
     "Ndisource",
 )
-STATUS_PARS = ("State", "Fps", "Latencyms", "Skiprate", "Building", "Restarts", "Lasterror")
+STATUS_PARS = (
+    "State", "Fps", "Latencyms", "Skiprate", "Building", "Changelatencyms", "Restarts", "Lasterror"
+)
 
 
 def td_name(name: str) -> str:
