@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 PULSES_PER_BEAT = 24  # MIDI clock: 24 pulses per quarter note
 PULSES_PER_SIXTEENTH = 6  # song position pointer counts sixteenth notes
 MIN_WINDOW, MAX_WINDOW = 24, 96
+CHANGE_SIGMAS = 4.0  # the long and recent fits differ by more than this many standard errors: a change
+MIN_CHANGE = 1e-4  # ...and by more than this fraction of the period (jitter-free input)
 
 
 class MidiRealtime(IntEnum):
@@ -44,16 +47,24 @@ class MidiClockState:
 class MidiClockFollower:
     """Follows a MIDI clock: 24 pulses per beat, start / continue / stop, song position pointer.
 
-    **Tempo.** The BPM is the least-squares slope of pulse arrival time against pulse number over
-    the last ``window_pulses`` pulses (default 48: two beats). Why a fit and not an average of
-    intervals: the fit uses absolute arrival times, so a late pulse (which makes one interval long
-    and the next short) moves it very little, and its error falls as ``window ** -1.5`` where an
-    average of ``N`` noisy intervals only gains ``N ** -0.5`` (a moving average of intervals equals
-    (last - first) / N and throws away the pulses between; an EMA also lags without bound).
-    With 1 ms Gaussian jitter a 48-pulse window gives a standard error of about 0.07 BPM at 128 BPM.
-    The window also bounds the lag exactly: after a tempo change the estimate is the new tempo
-    once ``window_pulses`` pulses at it have arrived (two beats by default). A gap longer than
-    ``max_gap_s`` (the sender paused or dropped pulses) restarts the fit; position is kept.
+    **Tempo.** The BPM comes from least-squares lines of pulse arrival time against pulse number.
+    Why a fit and not an average of intervals: the fit uses absolute arrival times, so a late
+    pulse (which makes one interval long and the next short) moves it very little, and its error
+    falls as ``window ** -1.5``, where an average of ``N`` noisy intervals only gains
+    ``N ** -0.5`` (a plain mean of intervals is (last - first) / N: it throws away every pulse in
+    between; an EMA of intervals also lags without a bound). Two windows: the last
+    ``window_pulses`` pulses (default 96, four beats) for precision, and the recent
+    ``fast_pulses`` (default 48, two beats) for speed. When their slopes differ by more than
+    ``CHANGE_SIGMAS`` standard errors of the recent fit (the jitter is measured from its
+    residuals), the tempo changed: for the next ``fast_pulses`` pulses only the recent ones
+    count, so the estimate is the new tempo once ``fast_pulses`` pulses at it have arrived.
+    Measured on synthetic trains with 1 ms Gaussian jitter (tests/test_tempo_midi_clock.py,
+    300 seeds): at 128.5 BPM the error is 0.07 BPM RMS (95 % within 0.14) after 2 beats and
+    0.023 RMS (95 % within 0.05) after 4; 2 beats after a change 120 -> 140 BPM, 0.09 RMS (95 %
+    within 0.17). A change smaller than the noise threshold (about 0.3 BPM at 1 ms jitter) is
+    followed within 4 beats instead of 2. A gap longer than ``max_gap_s`` (the sender paused or
+    dropped pulses) restarts the fit; the position is kept. Cost: two fits of at most 96 points
+    per pulse, on the MIDI thread.
 
     **Position.** Start: the first clock after it is beat 0. Continue: the next clock is one pulse
     after the last one (or at the song position pointer's position, if one came). Stop: the
@@ -68,27 +79,18 @@ class MidiClockFollower:
 
     def __init__(
         self,
-        window_pulses: int = 48,
+        window_pulses: int = 96,
+        fast_pulses: int = 48,
         min_pulses: int = 12,
         max_gap_s: float = 0.5,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (
-            isinstance(window_pulses, bool)
-            or not isinstance(window_pulses, int)
-            or not (MIN_WINDOW <= window_pulses <= MAX_WINDOW)
-        ):
-            raise ValueError(
-                f"window_pulses {window_pulses!r} is not allowed: an integer {MIN_WINDOW}..{MAX_WINDOW}"
-            )
-        if (
-            isinstance(min_pulses, bool)
-            or not isinstance(min_pulses, int)
-            or not (3 <= min_pulses <= window_pulses)
-        ):
-            raise ValueError(f"min_pulses {min_pulses!r} is not allowed: an integer 3..{window_pulses}")
+        _check_int("window_pulses", window_pulses, MIN_WINDOW, MAX_WINDOW)
+        _check_int("fast_pulses", fast_pulses, MIN_WINDOW, window_pulses)
+        _check_int("min_pulses", min_pulses, 3, fast_pulses)
         if not 0.0 < max_gap_s <= 10.0:
             raise ValueError(f"max_gap_s {max_gap_s!r} is not allowed: seconds in (0, 10]")
+        self.fast_pulses = fast_pulses
         self.min_pulses = min_pulses
         self.max_gap_s = max_gap_s
         self._now = now
@@ -100,6 +102,7 @@ class MidiClockFollower:
         self._index: int | None = None  # song position of the last counted clock
         self._index_time = 0.0
         self._period: float | None = None  # seconds per pulse
+        self._fast_left = 0  # pulses to go in which only the recent ones count (after a change)
         self._snapshot = _Snapshot(None, 0, 0.0, None, False)
 
     # -- input (the MIDI thread) ------------------------------------------------------------------
@@ -145,9 +148,10 @@ class MidiClockFollower:
             if self._pulses and at - self._pulses[-1] > self.max_gap_s:
                 log.debug("MIDI clock gap of %.3f s: the tempo fit restarts", at - self._pulses[-1])
                 self._pulses.clear()
+                self._fast_left = 0
             self._pulses.append(at)
             if len(self._pulses) >= self.min_pulses:
-                slope = _slope(self._pulses)
+                slope = self._fit()
                 # pulses stamped all at once (a buffered burst) say nothing about the tempo
                 self._period = slope if slope > 0.0 else self._period
             if self._running:
@@ -155,6 +159,31 @@ class MidiClockFollower:
                 self._index_time = at
                 self._next_index += 1
             self._publish()
+
+    def _fit(self) -> float:
+        """Seconds per pulse from the pulses in the window.
+
+        The long window's slope, unless the recent ``fast_pulses`` pulses' slope differs from it
+        by more than the jitter explains: a tempo change. Then, for the next ``fast_pulses``
+        pulses, only the recent ones count, so that the pulses from before the change have all
+        left the fit within ``fast_pulses`` pulses after it; then the window grows again.
+        """
+        n = self.fast_pulses
+        if len(self._pulses) <= n:
+            return _line(self._pulses)[0]
+        recent, spread = _line(list(self._pulses)[-n:])
+        if self._fast_left > 0:
+            self._fast_left -= 1
+        else:
+            slope = _line(self._pulses)[0]
+            limit = max(CHANGE_SIGMAS * spread * math.sqrt(12.0 / (n * (n * n - 1))), MIN_CHANGE * recent)
+            if abs(slope - recent) <= limit:
+                return slope
+            log.debug("MIDI clock tempo change: %.2f -> %.2f bpm", _to_bpm(slope), _to_bpm(recent))
+            self._fast_left = n
+        while len(self._pulses) > n:
+            self._pulses.popleft()
+        return recent
 
     def start(self, t: float | None = None) -> None:
         """Start (0xFA): the next clock is beat 0."""
@@ -197,6 +226,7 @@ class MidiClockFollower:
             self._pulses.clear()
             self._last_time = None
             self._running, self._next_index, self._index, self._period = False, 0, None, None
+            self._fast_left = 0
             self._publish()
 
     def _publish(self) -> None:
@@ -234,7 +264,7 @@ class _Snapshot:
 
     @property
     def bpm(self) -> float | None:
-        return None if self.period is None else 60.0 / (self.period * PULSES_PER_BEAT)
+        return None if self.period is None else _to_bpm(self.period)
 
     def beat_at(self, t: float) -> float:
         pulses = float(self.held_index)
@@ -243,12 +273,24 @@ class _Snapshot:
         return pulses / PULSES_PER_BEAT
 
 
-def _slope(times: deque[float]) -> float:
-    """Least-squares slope (seconds per pulse) of arrival time against pulse number 0..n-1."""
-    n = len(times)
+def _check_int(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} {value!r} is not allowed: an integer {low}..{high}")
+
+
+def _to_bpm(period: float) -> float:
+    return 60.0 / (period * PULSES_PER_BEAT) if period > 0.0 else math.inf
+
+
+def _line(times: Iterable[float]) -> tuple[float, float]:
+    """Least-squares line of arrival time (seconds) against pulse number 0..n-1 (n >= 3): the slope
+    (seconds per pulse) and the residuals' standard deviation (seconds)."""
+    ts = list(times)
+    n = len(ts)
     mean_x = (n - 1) / 2.0
-    t0 = times[0]
-    mean_y = sum(t - t0 for t in times) / n
-    sxy = sum((i - mean_x) * (t - t0 - mean_y) for i, t in enumerate(times))
+    ys = [t - ts[0] for t in ts]
+    mean_y = sum(ys) / n
     sxx = n * (n * n - 1) / 12.0
-    return sxy / sxx
+    slope = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(ys)) / sxx
+    ssr = sum((y - mean_y - slope * (i - mean_x)) ** 2 for i, y in enumerate(ys))
+    return slope, math.sqrt(ssr / (n - 2))
