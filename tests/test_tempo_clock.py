@@ -125,6 +125,13 @@ def test_next_boundary_after_a_tempo_change_and_with_strings():
     assert clock.next_boundary(1.2, "2bars") == pytest.approx(7.0)  # beat 8
 
 
+def test_unknown_quantum_names_the_allowed_ones():
+    clock = TempoClock(120.0, now=FakeNow(), origin=0.0)
+    allowed = r"off \| beat \| bar \| 2bars \| 4bars"
+    with pytest.raises(ValueError, match=rf"quantum '3bars' is not allowed: {allowed}"):
+        clock.next_boundary(1.0, "3bars")
+
+
 def test_next_boundary_is_never_before_t_despite_rounding():
     clock = TempoClock(137.0, now=FakeNow(), origin=0.123456789)
     for k in range(1, 200):

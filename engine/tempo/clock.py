@@ -36,6 +36,15 @@ class Quantum(str, Enum):
         return float(_QUANTUM_BARS[self] * beats_per_bar)
 
 
+def as_quantum(value: Quantum | str) -> Quantum:
+    """``value`` as a ``Quantum``, or a ValueError naming it and the allowed values."""
+    try:
+        return Quantum(value)
+    except ValueError:
+        allowed = " | ".join(q.value for q in Quantum)
+        raise ValueError(f"quantum {value!r} is not allowed: {allowed}") from None
+
+
 _QUANTUM_BARS = {Quantum.BAR: 1, Quantum.TWO_BARS: 2, Quantum.FOUR_BARS: 4}
 
 
@@ -154,7 +163,7 @@ class TempoClock:
         frac = cycles - math.floor(cycles)
         return 0.0 if frac >= 1.0 else frac  # float rounding of tiny negative values
 
-    def next_boundary(self, t: float | None, quantum: Quantum) -> float:
+    def next_boundary(self, t: float | None, quantum: Quantum | str) -> float:
         """The time (seconds) of the first ``quantum`` boundary at or after ``t``; ``off``: ``t``.
 
         Boundaries are whole multiples of the quantum counted from beat 0 (so ``2bars`` falls on
@@ -162,24 +171,24 @@ class TempoClock:
         """
         at = self._t(t)
         state = self._state
-        length = Quantum(quantum).beats(state.beats_per_bar)
+        length = as_quantum(quantum).beats(state.beats_per_bar)
         if length == 0.0:
             return at
         cycles = state.beat_at(at) / length
         index = math.ceil(cycles - 1e-9)  # a time on a boundary (to float rounding) is its own
         return max(at, state.time_at(index * length))
 
-    def boundary_index(self, t: float | None, quantum: Quantum) -> int:
+    def boundary_index(self, t: float | None, quantum: Quantum | str) -> int:
         """Which ``quantum`` period ``t`` falls in (floor of beats / quantum length).
 
         A change of this index between two frames means a boundary was crossed in between
         ("on each beat"). ``off`` has no boundaries: a ValueError.
         """
         state = self._state
-        length = Quantum(quantum).beats(state.beats_per_bar)
+        length = as_quantum(quantum).beats(state.beats_per_bar)
         if length == 0.0:
             raise ValueError(
-                f"quantum {Quantum(quantum).value!r} has no boundaries: allowed beat | bar | 2bars | 4bars"
+                f"quantum {as_quantum(quantum).value!r} has no boundaries: allowed beat | bar | 2bars | 4bars"
             )
         return math.floor(state.beat_at(self._t(t)) / length + 1e-9)
 
