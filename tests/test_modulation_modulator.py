@@ -242,6 +242,28 @@ def test_a_beat_fired_envelope_pumps_on_every_beat():
     assert got == pytest.approx([1.0, 1.0, 1.5, 2.0, 2.0, 1.0, 1.5])
 
 
+def test_a_beat_fired_envelope_switched_on_mid_beat_waits_for_the_next_beat():
+    spec = ModulatorSpec(
+        target="delta",
+        kind="envelope",
+        rate="1beat",
+        attack=0.0,
+        decay=0.0,
+        release=0.0,
+        hold=0.5,
+        time_unit="beats",
+        depth=1.0,
+    )
+    modulation = Modulation([spec])
+    got = [modulation.values({"delta": 0.0}, *at_beat(b))["delta"] for b in (2.3, 2.9, 3.0, 3.4, 3.6)]
+    assert got == [0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_names_are_unique():
+    with pytest.raises(ValueError, match=r"modulator names \['hit'\] are used twice"):
+        Modulation([lfo("delta", name="hit"), lfo("guidance_scale", name="hit")])
+
+
 def test_envelopes_fired_by_name_or_index():
     modulation = Modulation(
         [

@@ -63,7 +63,7 @@ class _PacedFile(Closing):
 
     def __init__(self, frames: int, loop: bool, clock: Callable[[], float]) -> None:
         if frames <= 0:
-            self._release()
+            self.close()
             raise ValueError(f"audio file {self!r} holds no audio; allowed: a file of at least one frame")
         self.frames = frames
         self.loop = loop

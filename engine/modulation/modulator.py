@@ -81,11 +81,17 @@ class ModulatorSpec(BaseModel):
     def _rate_text(cls, value: Any) -> Any:
         return None if value is None else str(parse_rate(value))
 
-    @model_validator(mode="after")
-    def _rate_for_lfo(self) -> ModulatorSpec:
-        if self.kind is ModulatorKind.LFO and self.rate is None:
-            object.__setattr__(self, "rate", "1bar")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _lfo_rate(cls, data: Any) -> Any:
+        """An LFO without a rate cycles once a bar."""
+        if (
+            isinstance(data, dict)
+            and data.get("rate") is None
+            and data.get("kind", "lfo") in ("lfo", ModulatorKind.LFO)
+        ):
+            return {**data, "rate": "1bar"}
+        return data
 
     @property
     def parsed_target(self) -> Target:
@@ -123,15 +129,18 @@ class _EnvelopeSource:
         )
         self.depth = spec.depth
         self.every = spec.parsed_rate
-        self.fired: int | None = None  # the period of ``every`` last fired
+        self.period: int | None = None  # the period of ``every`` seen last
 
     def offset(self, seconds: float, beats: float, beats_per_bar: float) -> float:
         t = self.envelope.unit.pick(seconds, beats)
         if self.every is not None:
-            period = math.floor(self.every.cycles(seconds, beats, beats_per_bar))
-            if period != self.fired:
-                self.fired = period
+            cycles = self.every.cycles(seconds, beats, beats_per_bar)
+            period = math.floor(cycles)
+            # Fires when a new period starts; the first frame fires only on a boundary itself,
+            # so a modulator switched on mid-beat waits for the next beat.
+            if period != self.period and (self.period is not None or cycles == period):
                 self.envelope.trigger(t)
+            self.period = period
         return self.depth * self.envelope.level(t)
 
 
@@ -184,6 +193,10 @@ class Modulation:
     def __init__(self, specs: Sequence[ModulatorSpec] = (), audio: AudioLevels | None = None) -> None:
         if len(specs) > MAX_MODULATORS:
             raise ValueError(f"{len(specs)} modulators given; allowed: at most {MAX_MODULATORS}")
+        names = [spec.name for spec in specs if spec.name is not None]
+        if len(set(names)) < len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"modulator names {twice} are used twice; allowed: each name once")
         self.specs = tuple(specs)
         self._sources: list[_Source] = [self._source(spec, audio) for spec in self.specs]
         active = [
