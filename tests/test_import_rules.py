@@ -86,9 +86,11 @@ def test_the_stream_math_imports_only_itself():
         assert not others, f"{path.relative_to(REPO)} imports {others}"
 
 
-def test_control_imports_no_torch():
-    """The control surfaces answer while a model loads or a build runs: no torch import there."""
-    for path in REPO.joinpath("engine", "control").rglob("*.py"):
+def test_control_tempo_and_modulation_import_no_torch():
+    """The control surfaces answer while a model loads or a build runs, and musical time and the
+    modulators run once per frame on plain floats: no torch import in any of them."""
+    folders = [REPO.joinpath("engine", name) for name in ("control", "tempo", "modulation")]
+    for path in (path for folder in folders for path in folder.rglob("*.py")):
         torch = sorted(name for name in imported(path) if name == "torch" or name.startswith("torch."))
         assert not torch, f"{path.relative_to(REPO)} imports {torch}"
 
