@@ -52,3 +52,29 @@ def test_the_operator_tells_its_subscribers_of_changes_and_stops_after_unsubscri
     assert len(calls) == 2
     assert [s["fps"] for s in operator.history()["samples"]] == [30.0]
     assert operator.history(since=1e9)["samples"] == []
+
+
+def test_a_failing_listener_neither_ends_the_feed_nor_starves_the_others(caplog) -> None:
+    """A listener that raised ended the feed's thread: pushes stopped for good, silently."""
+    control = ControlState({"seed": 1})
+    feed = ChangeFeed(control)
+    seen: list[dict[str, Any]] = []
+    calls = {"broken": 0}
+
+    def broken(changed: Any) -> None:
+        calls["broken"] += 1
+        raise KeyError("a page socket gone wrong")
+
+    feed.subscribe(broken)
+    feed.subscribe(lambda changed: seen.append(dict(changed)))
+    feed.start()
+    try:
+        with caplog.at_level("ERROR", logger="engine.control.changes"):
+            for seed in range(2, 6):
+                control.mark_applied({"seed": seed})
+                assert wait_until(lambda seed=seed: seen[-1:] == [{"seed": seed}], 5), seen
+        assert calls["broken"] == 4, "told every change, though it fails"
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "KeyError" in errors[0].getMessage(), "one line, rate-limited"
+    finally:
+        feed.close()

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from bridges.ratelimit import RateLimitedLog
 from engine.control.state import ControlState
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ class ChangeFeed:
     the frame loop) compares snapshots, so ten changes between two looks become one call with
     the newest values, and a slow listener delays only the next call, never a frame.
     Listeners run on this thread: they must hand work on (e.g. to a web server's loop), not
-    block. ``start`` once; ``close`` (safe twice) stops and joins the thread.
+    block; one that raises is logged (rate-limited) and told the next change again. ``start``
+    once; ``close`` (safe twice) stops and joins the thread.
     """
 
     def __init__(self, control: ControlState) -> None:
@@ -31,6 +33,7 @@ class ChangeFeed:
         self._listeners: list[Listener] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="latentstage-changes", daemon=True)
+        self._log = RateLimitedLog(logger, 5.0)
 
     def subscribe(self, listener: Listener) -> None:
         """Add ``listener`` (before ``start``)."""
@@ -57,4 +60,17 @@ class ChangeFeed:
             before = now
             if changed:
                 for listener in self._listeners:
-                    listener(changed)
+                    self._tell(listener, changed)
+
+    def _tell(self, listener: Listener, changed: Mapping[str, Any]) -> None:
+        # The feed's boundary: a listener (a page socket, OSCQuery's subscribers) that fails on
+        # one change must not end the pushes of an installation that runs for weeks; its failure
+        # is one line every few seconds, the traceback at DEBUG, and the next change is told.
+        try:
+            listener(changed)
+        except Exception as error:
+            kind = type(error).__name__
+            name = getattr(listener, "__qualname__", repr(listener))
+            if self._log(logging.ERROR, f"listener:{name}:{kind}", "change feed: %s failed: %s: %s "
+                         "(traceback at DEBUG)", name, kind, error):
+                logger.debug("change feed: %s failed", name, exc_info=error)
