@@ -14,7 +14,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -24,7 +24,7 @@ from aiohttp import WSCloseCode, web
 
 from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 from bridges.ratelimit import RateLimitedLog
-from bridges.serving import DROPPED_CLIENT_ERRORS, guarded, report_failure
+from bridges.serving import DROPPED_CLIENT_ERRORS, Handler, guarded, report_failure
 from bridges.webassets import StaticFiles
 from bridges.webguard import client_allowed, foreign_origin, is_loopback, parse_allow, refusal
 from bridges.webserver import WebServer
@@ -344,9 +344,7 @@ class PreviewSink(Closing):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the engine is stopping")
 
     @web.middleware
-    async def _boundary(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def _boundary(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Refuse what must be refused, then run one request: a client that went away is a DEBUG
         line; anything else is a 500 and one rate-limited line."""
         client = request.remote or ""

@@ -551,10 +551,9 @@ def check_unet_io(input_names: Sequence[str], output_names: Sequence[str]) -> No
     from engine.extensions import registered
 
     present = [e for e in registered() if set(e.inputs) & set(input_names)]
-    groups_whole = all(set(e.inputs) <= set(input_names) for e in present)
-    inputs = {*UNET_INPUTS, *(name for e in present for name in e.inputs)}
+    inputs = {*UNET_INPUTS, *(name for e in present for name in e.inputs)}  # whole groups only
     outputs = {PREDICTION, *(name for e in present for name in e.outputs)}
-    if not groups_whole or set(input_names) != inputs or set(output_names) != outputs:
+    if set(input_names) != inputs or set(output_names) != outputs:
         optional = sorted(name for e in registered() for name in e.inputs)
         raise EngineLoadError(
             f"not a UNet engine: inputs {tuple(input_names)}, outputs {tuple(output_names)}; "

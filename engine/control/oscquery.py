@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from bridges.ratelimit import RateLimitedLog
-from bridges.serving import DROPPED_CLIENT_ERRORS, clip, guarded, report_failure
+from bridges.serving import DROPPED_CLIENT_ERRORS, Handler, clip, guarded
 from bridges.webguard import foreign_origin, parse_allow, refusal
 from bridges.webserver import WebServer
 from engine import params
@@ -260,15 +260,9 @@ class OscQueryServer:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the engine is stopping")
 
     @web.middleware
-    async def _boundary(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def _boundary(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """One request: a client gone is a DEBUG line, any failure a 500 and a rate-limited line."""
         return await guarded(request, handler, "OSCQuery", self._log, ("GET",), _failure_reply)
-
-    def _failed(self, what: str, error: BaseException | None, where: str) -> None:
-        """``bridges.serving.report_failure``: a line a second per ``where`` and kind of failure."""
-        report_failure(self._log, "OSCQuery", what, error, where)
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         if request.method != "GET":
