@@ -647,7 +647,7 @@ def _start_control(config: Any, config_path: str | None, engine: Any, operator: 
     if not config.osc.enabled:
         return None
     settings = ControlSettings.from_config(config.osc, presets_dir(config_path) / "scenes")
-    service = ControlService(settings, engine.control, engine.submit, engine.stats.snapshot, operator)
+    service = ControlService(settings, engine.control, engine.submit, engine.status, operator, engine.music)
     engine.on_applied = service.echo
     engine.on_error = service.error
     service.start()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import yaml
 
 from engine.stream.modes import BlendMethod, CfgType, allowed
 
@@ -28,6 +32,9 @@ IMAGE_FILE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.(?i:png|jpe?g|webp)"
 IMAGE_FILE_TEXT = (
     "a .png, .jpg or .webp file name in the presets folder (letters, digits, '_', '.', '-'), never a path"
 )
+QUANTA = ("off", "beat", "bar", "2bars", "4bars")
+"""Where a quantised change lands (``engine.tempo.clock.Quantum``; a test keeps them equal)."""
+MIN_BPM, MAX_BPM = 20.0, 999.0
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
 """Output size limits (the same as ``stream.width`` / ``stream.height`` in the config)."""
 
@@ -45,6 +52,7 @@ class ParamKind(str, Enum):
     PROMPT_BLEND = "prompt_blend"
     SEED_BLEND = "seed_blend"
     SIZE = "size"
+    STRUCT = "struct"  # structured data (modulators, a prompt sequence): YAML / JSON text over OSC
     ACTION = "action"
 
 
@@ -52,7 +60,7 @@ class Applies(str, Enum):
     """Where a live parameter takes effect."""
 
     PIPELINE = "pipeline"  # StreamPipeline.plan / commit
-    RUNTIME = "runtime"  # the engine's frame loop (bypass, pause)
+    RUNTIME = "runtime"  # the engine's frame loop (bypass, pause, tempo, modulators, sequence)
     CONTROL = "control"  # actions the control service answers (scenes, /status)
 
 
@@ -93,6 +101,9 @@ class ParamSpec:
             the config schema takes that field's default and range from this spec.
         pattern, pattern_text: a regular expression a STRING must match in full, and what it
             allows in words (e.g. a file name in the presets folder, never a path).
+        model: for a STRUCT, ``module:function`` that validates the plain data and returns it in
+            canonical form (a ``ValueError`` naming the bad field and what is allowed otherwise);
+            imported when the first value is checked.
     """
 
     name: str
@@ -116,6 +127,7 @@ class ParamSpec:
     config_key: str | None = None
     pattern: str | None = None
     pattern_text: str = ""
+    model: str | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -149,8 +161,10 @@ class ParamSpec:
                 f"width and height (two integers or 'WxH'), each a multiple of {SIDE_MULTIPLE} "
                 f"in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
             )
+        if self.kind is ParamKind.STRUCT:
+            return self.pattern_text or "YAML or JSON text"
         if self.kind is ParamKind.ACTION:
-            return "no value" if not self.osc_args else "a name"
+            return self.pattern_text or ("no value" if not self.osc_args else "a name")
         return f"a number in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
 
     def coerce(self, value: Any) -> Any:
@@ -338,6 +352,33 @@ def _coerce_action(spec: ParamSpec, value: Any) -> Any:
     return value
 
 
+def _coerce_struct(spec: ParamSpec, value: Any) -> Any:
+    """Plain data, or YAML / JSON text of it (as OSC sends it), checked by ``spec.model``."""
+    if isinstance(value, str):
+        if len(value) > MAX_PROMPT_CHARS * 4:
+            allowed = spec.allowed_text()
+            raise ParamError(spec.name, f"text of {len(value)} characters is too long; allowed: {allowed}")
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not YAML"
+            allowed = spec.allowed_text()
+            message = f"{value!r:.80} cannot be read ({problem}); allowed: {allowed}"
+            raise ParamError(spec.name, message) from None
+    assert spec.model is not None, f"{spec.name}: a STRUCT needs its model"
+    module, function = spec.model.split(":")
+    check = getattr(importlib.import_module(module), function)
+    try:
+        return check(value)
+    except ValueError as err:
+        raise ParamError(spec.name, str(err)) from None
+
+
+def struct_text(value: Any) -> str:
+    """A STRUCT value as the one string its OSC address carries (compact JSON, also valid YAML)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _as_sequence(spec: ParamSpec, value: Any) -> list[Any]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ParamError(spec.name, f"{value!r} is not a list; allowed: {spec.allowed_text()}")
@@ -355,6 +396,7 @@ _COERCERS = {
     ParamKind.PROMPT_BLEND: _coerce_prompt_blend,
     ParamKind.SEED_BLEND: _coerce_seed_blend,
     ParamKind.SIZE: _coerce_size,
+    ParamKind.STRUCT: _coerce_struct,
     ParamKind.ACTION: _coerce_action,
 }
 
@@ -675,6 +717,272 @@ def _specs() -> tuple[ParamSpec, ...]:
             applies=Applies.RUNTIME,
         ),
         ParamSpec(
+            "bpm",
+            k.FLOAT,
+            120.0,
+            "Tempo in beats per minute (tempo.source internal or osc; a MIDI clock or Link sets it "
+            "otherwise and this is refused).",
+            "/tempo/bpm",
+            "f",
+            minimum=MIN_BPM,
+            maximum=MAX_BPM,
+            in_scene=False,  # the music's tempo, not a look
+            group="tempo",
+            applies=Applies.RUNTIME,
+            config_key="tempo.bpm",
+        ),
+        ParamSpec(
+            "beats_per_bar",
+            k.INT,
+            4,
+            "Beats in a bar (bars, 2bars and 4bars quanta and bar-rate modulators count them).",
+            "/tempo/beats_per_bar",
+            "i",
+            minimum=1,
+            maximum=32,
+            in_scene=False,
+            group="tempo",
+            applies=Applies.RUNTIME,
+            config_key="tempo.beats_per_bar",
+        ),
+        ParamSpec(
+            "quantize",
+            k.ENUM,
+            "off",
+            "Where scene loads and /q/... changes land: at once (off) or on the next beat, bar, 2 or 4 "
+            "bars, committed early by the measured change-to-screen latency so they are seen on it.",
+            "/quantize",
+            "s",
+            choices=QUANTA,
+            in_scene=False,
+            group="tempo",
+            applies=Applies.RUNTIME,
+            config_key="tempo.quantize",
+        ),
+        ParamSpec(
+            "quantize_offset_ms",
+            k.FLOAT,
+            0.0,
+            "Milliseconds added to the measured latency for quantised changes (a projector's or LED "
+            "wall's own delay); negative lands them later.",
+            "/quantize/offset_ms",
+            "f",
+            minimum=-1000.0,
+            maximum=1000.0,
+            in_scene=False,
+            group="tempo",
+            applies=Applies.RUNTIME,
+            config_key="tempo.offset_ms",
+        ),
+        ParamSpec(
+            "tempo_tap",
+            k.ACTION,
+            None,
+            "Tap tempo: four taps set the tempo and put the beat on the taps (an argument of 0, a "
+            "button's release, is ignored).",
+            "/tempo/tap",
+            "[i]",
+            group="tempo",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="no value, or a number (0 is ignored)",
+        ),
+        ParamSpec(
+            "tempo_resync",
+            k.ACTION,
+            None,
+            "Now is the downbeat: beat 1 of a bar (the tempo stays).",
+            "/tempo/resync",
+            "[i]",
+            group="tempo",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="no value, or a number (0 is ignored)",
+        ),
+        ParamSpec(
+            "resolume_tempo",
+            k.ACTION,
+            None,
+            "Resolume's tempo fader, 0..1 over tempo.resolume_bpm_range (followed with tempo.source osc).",
+            "/composition/tempocontroller/tempo",
+            "f",
+            group="tempo",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="a number in [0, 1] (with tempo.source osc)",
+        ),
+        ParamSpec(
+            "resolume_tap",
+            k.ACTION,
+            None,
+            "Resolume's tap button (followed with tempo.source osc).",
+            "/composition/tempocontroller/tempotap",
+            "[i]",
+            group="tempo",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="no value, or a number (0 is ignored; with tempo.source osc)",
+        ),
+        ParamSpec(
+            "resolume_resync",
+            k.ACTION,
+            None,
+            "Resolume's resync button (followed with tempo.source osc).",
+            "/composition/tempocontroller/resync",
+            "[i]",
+            group="tempo",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="no value, or a number (0 is ignored; with tempo.source osc)",
+        ),
+        ParamSpec(
+            "modulators",
+            k.STRUCT,
+            [],
+            "LFOs, envelopes and audio followers on continuous parameters: a YAML/JSON list of "
+            "{target, kind, shape, rate, depth, ...}; value = base + modulation, clamped.",
+            "/modulators",
+            "s",
+            group="modulation",
+            applies=Applies.RUNTIME,
+            config_key="modulators",
+            model="engine.modulation.modulator:check_modulators",
+            pattern_text="a YAML or JSON list of modulators (see README 'Playing to music'), [] for none",
+        ),
+        ParamSpec(
+            "mod_depth",
+            k.ACTION,
+            None,
+            "Set one modulator's depth: its index or name, then the depth in the target's units.",
+            "/mod/depth",
+            "i|s f",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="a modulator (index or name) and a number",
+        ),
+        ParamSpec(
+            "mod_rate",
+            k.ACTION,
+            None,
+            "Set one modulator's rate: its index or name, then '1bar', '1/4beat', '0.5hz' or Hz.",
+            "/mod/rate",
+            "i|s s|f",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="a modulator (index or name) and a rate",
+        ),
+        ParamSpec(
+            "mod_enabled",
+            k.ACTION,
+            None,
+            "Switch one modulator on or off: its index or name, then 1 or 0.",
+            "/mod/enabled",
+            "i|s T|F|i",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="a modulator (index or name) and a switch",
+        ),
+        ParamSpec(
+            "mod_add",
+            k.ACTION,
+            None,
+            "Add one modulator (YAML/JSON mapping) to the list.",
+            "/mod/add",
+            "s",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="one modulator as YAML or JSON text",
+        ),
+        ParamSpec(
+            "mod_remove",
+            k.ACTION,
+            None,
+            "Remove one modulator: its index or name.",
+            "/mod/remove",
+            "i|s",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="a modulator (index or name)",
+        ),
+        ParamSpec(
+            "mod_trigger",
+            k.ACTION,
+            None,
+            "Fire an envelope modulator (its index or name).",
+            "/mod/trigger",
+            "i|s",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="an envelope modulator (index or name)",
+        ),
+        ParamSpec(
+            "mod_release",
+            k.ACTION,
+            None,
+            "Release a held envelope modulator (its index or name).",
+            "/mod/release",
+            "i|s",
+            group="modulation",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="an envelope modulator (index or name)",
+        ),
+        ParamSpec(
+            "sequence",
+            k.STRUCT,
+            None,
+            "A prompt sequence: YAML/JSON {steps: [prompt or blend, ...], every: 4bars, crossfade: 1 "
+            "(beats), loop: true, autostart: false}; steps land on the beat.",
+            "/sequence",
+            "s",
+            group="sequence",
+            applies=Applies.RUNTIME,
+            config_key="sequence",
+            model="engine.modulation.sequence:check_sequence",
+            pattern_text="a YAML or JSON mapping {steps, every, crossfade, loop, autostart}, or '' for none",
+        ),
+        ParamSpec(
+            "sequence_start",
+            k.ACTION,
+            None,
+            "Start the prompt sequence (from step 0, or the step given) on the next quantum.",
+            "/sequence/start",
+            "[i]",
+            group="sequence",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="no value, or a step number",
+        ),
+        ParamSpec(
+            "sequence_stop",
+            k.ACTION,
+            None,
+            "Stop the prompt sequence (the prompt playing stays).",
+            "/sequence/stop",
+            "",
+            group="sequence",
+            in_scene=False,
+            applies=Applies.CONTROL,
+        ),
+        ParamSpec(
+            "sequence_jump",
+            k.ACTION,
+            None,
+            "Jump to a step of the prompt sequence on the next quantum (it keeps running).",
+            "/sequence/jump",
+            "i",
+            group="sequence",
+            in_scene=False,
+            applies=Applies.CONTROL,
+            pattern_text="a step number",
+        ),
+        ParamSpec(
             "preset_load",
             k.ACTION,
             None,
@@ -900,10 +1208,36 @@ STATUS: tuple[StatusSpec, ...] = (
         "a committed change to the first output frame carrying it sent, milliseconds (median of the "
         "last 16 changes, the slowest output): what a change on the beat is committed ahead by",
     ),
+    StatusSpec("bpm", "f", "the tempo the clock runs at (its source: tempo.source)"),
+    StatusSpec(
+        "beat",
+        "i",
+        "sent on each beat: the beat in the bar, 1 = the downbeat (at most 20 a second)",
+        periodic=False,
+    ),
+    StatusSpec("sequence_step", "i", "the prompt sequence's step playing; -1: not running"),
     StatusSpec("restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
     StatusSpec("error", "s", "why a message or a frame was refused; nothing changed", periodic=False),
 )
 """The status addresses, in the order they are sent and documented."""
+
+
+MODULATED_PREFIX = "/engine/mod"
+"""Modulated values go out on ``/engine/mod/<name>`` (the base stays on the parameter's address)."""
+MODULATED_ITEM_KINDS = (ParamKind.FLOAT_LIST, ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND)
+"""Kinds whose items a modulator moves (a blend: the weight of a pair)."""
+
+
+def modulatable(spec: ParamSpec) -> bool:
+    """Whether a modulator may move ``spec``: a continuous scalar of the pipeline (``strength``
+    keeps n, so no shape changes), or the items (blend weights) of a number list or a blend."""
+    scalar = spec.kind is ParamKind.FLOAT and spec.applies is Applies.PIPELINE
+    return scalar or spec.kind in MODULATED_ITEM_KINDS
+
+
+def modulated_address(name: str) -> str:
+    """Where the modulated value of parameter ``name`` is sent (at ``osc.modulation_hz`` at most)."""
+    return f"{MODULATED_PREFIX}/{name}"
 
 
 def as_markdown() -> str:
@@ -946,6 +1280,20 @@ def as_markdown() -> str:
         "|---|---|---|",
     ]
     lines += [f"| `{spec.address}` | `{spec.tag}` | {spec.doc} |" for spec in STATUS]
+    lines += [
+        "",
+        "While a modulator moves a parameter, its modulated value goes out on its own address (the",
+        "base value stays on the parameter's address and is what scenes and the autosave hold), at",
+        "most `osc.modulation_hz` times a second, with the parameter's own arguments:",
+        "",
+        "| address | args | modulated value of |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| `{modulated_address(spec.name)}` | `{spec.osc_args}` | `{spec.osc_address}` |"
+        for spec in REGISTRY.values()
+        if modulatable(spec)
+    ]
     lines += [
         "",
         "## Refused messages",

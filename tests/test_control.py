@@ -46,7 +46,7 @@ def state():
 def dispatcher(state):
     scenes: list[tuple[str, str]] = []
 
-    def scene(action: str, name: str) -> str | None:
+    def scene(action: str, name: str, due: float | None = None) -> str | None:
         scenes.append((action, name))
         return None if name != "missing" else "scene 'missing' does not exist"
 

@@ -432,7 +432,7 @@ def test_a_non_portable_scene_name_is_refused_and_nothing_is_written(tmp_path, n
         store.save(name, {"prompt": "x"})
     assert not (tmp_path / "scenes").exists() or not list((tmp_path / "scenes").iterdir())
     calls = []
-    dispatcher = OscDispatcher(ControlState(), dict, lambda action, scene: calls.append(scene))
+    dispatcher = OscDispatcher(ControlState(), dict, lambda action, scene, due=None: calls.append(scene))
     replies = dispatcher.handle_datagram(build_message("/preset/save", [name]), ("127.0.0.1", 1))
     assert calls == [], "the scene handler is never reached"
     assert [r.address for r in replies] == ["/engine/error"]

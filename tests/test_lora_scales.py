@@ -138,7 +138,7 @@ def test_osc_dispatch_accepts_a_float_list() -> None:
     from engine.control.state import ControlState
 
     state = ControlState(applied={"lora_scales": None})
-    dispatcher = OscDispatcher(state, state.applied, lambda action, name: None)
+    dispatcher = OscDispatcher(state, state.applied, lambda action, name, due=None: None)
     dispatcher.handle_message("/lora_scales", [0.25, 1], ("127.0.0.1", 1))
     taken = state.take_for_encoding(0.0)
     if taken is not None:

@@ -46,6 +46,7 @@ from engine.params import (
 )
 from engine.runtime.loss import OnLossMode
 from engine.stream.modes import BlendMethod, CfgType, GenerationMode, allowed
+from engine.tempo.kinds import TempoSource
 
 _SIZE = REGISTRY["resolution"]
 _T_INDEX_ITEMS = REGISTRY["t_index_list"].max_items
@@ -629,6 +630,9 @@ class OscSettings(_Section):
         default_factory=list, description="IP addresses/CIDR networks obeyed ([] = loopback)"
     )
     status_hz: StrictFloat = Field(default=4.0, gt=0, le=60, description="status messages per s")
+    modulation_hz: StrictFloat | StrictInt = Field(
+        default=20.0, gt=0, le=60, description="modulated values (/engine/mod/...) sent at most this often"
+    )
     oscquery_port: Port | None = Field(default=9002, description="OSCQuery HTTP port (null: off)")
     max_datagram_bytes: StrictInt = Field(
         default=65507, ge=512, le=65507, description="larger datagrams are dropped"
@@ -646,6 +650,70 @@ class OscSettings(_Section):
                 has_value=True,
             )
         return self
+
+
+def _quantum(value: Any) -> Any:
+    """YAML reads a bare ``off`` as false: that is the quantum ``off``."""
+    return "off" if value is False else value
+
+
+class TempoSettings(_Section):
+    """Musical time: where the tempo comes from and where quantised changes land."""
+
+    source: TempoSource = Field(default=TempoSource.INTERNAL, description=allowed(TempoSource))
+    bpm: StrictFloat | StrictInt = _live("tempo.bpm", "starting tempo (internal, osc)")
+    beats_per_bar: StrictInt = _live("tempo.beats_per_bar", "beats in a bar")
+    quantize: Annotated[str, _Allowed(" | ".join(REGISTRY["quantize"].choices))] = Field(
+        default=REGISTRY["quantize"].default, description="where scene loads and /q/ changes land"
+    )
+    offset_ms: StrictFloat | StrictInt = _live("tempo.offset_ms", "added to the measured latency")
+    midi_port: Text | None = Field(
+        default=None, description="midi_clock: the MIDI input whose name starts with this (null: the default)"
+    )
+    resolume_bpm_range: list[StrictFloat | StrictInt] = Field(
+        default_factory=lambda: [20.0, 500.0],
+        min_length=2,
+        max_length=2,
+        description="osc: the BPM of Resolume's tempo fader at 0 and at 1",
+    )
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        value = _quantum(value)
+        if value not in REGISTRY["quantize"].choices:
+            raise _Problem(f"{value!r} is not a quantum", " | ".join(REGISTRY["quantize"].choices))
+        return value
+
+
+class AudioSettings(_Section):
+    """The audio that audio-follower modulators read (at most one of file and device)."""
+
+    file: Text | None = Field(default=None, description="a WAV (FLAC: extra audio) file, played in a loop")
+    device: Text | None = Field(default=None, description="an input device name or number (extra audio)")
+    loop: StrictBool = Field(default=True, description="play the file again at its end")
+    gain: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=1000, description="level scale (modulators)")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> AudioSettings:
+        if self.file is not None and self.device is not None:
+            raise _Problem(
+                "names both a file and a device", "one of them", key="device", value=self.device,
+                has_value=True,
+            )
+        return self
+
+
+def _registry_check(name: str) -> Any:
+    """A field validator that runs the registry's check of STRUCT parameter ``name``."""
+
+    def check(value: Any) -> Any:
+        try:
+            return REGISTRY[name].coerce(value)
+        except ValueError as err:
+            raise _Problem(str(err).removeprefix(f"{name}: ")) from None
+
+    return check
 
 
 class LoggingSettings(_Section):
@@ -693,6 +761,14 @@ class Config(_Section):
     osc: OscSettings = Field(default_factory=OscSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     supervise: SuperviseSettings = Field(default_factory=SuperviseSettings)
+    tempo: TempoSettings = Field(default_factory=TempoSettings)
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    modulators: Annotated[list[Any], AfterValidator(_registry_check("modulators"))] = Field(
+        default_factory=list, description="LFOs, envelopes and audio followers on live parameters"
+    )
+    sequence: Annotated[dict[str, Any] | None, AfterValidator(_registry_check("sequence"))] = Field(
+        default=None, description="a prompt sequence stepping on the beat ({steps, every, crossfade})"
+    )
     extensions: dict[Name, dict[str, Any]] = Field(
         default_factory=dict,
         description="settings of registered UNet extensions by name (engine.extensions); the built-in "

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pythonosc import osc_packet
 
@@ -19,7 +19,9 @@ from engine import params
 from engine.control.oscwire import truncation_error
 from engine.control.scenes import NAME_RULE, is_scene_name
 from engine.control.state import ControlState
-from engine.params import ParamError, ParamKind, ParamSpec
+from engine.modulation.modulator import edit_modulator, envelope_key, modulator_index
+from engine.params import QUANTA, ParamError, ParamKind, ParamSpec
+from engine.tempo.kinds import MusicStatus
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,38 @@ class Reply:
     to_sender: bool = False
     to_feedback: bool = True
 
+
+class Musical(Protocol):
+    """What the dispatcher asks of the engine's musical time (``engine.runtime.music.Music``)."""
+
+    def check(self, name: str) -> None:
+        """Raise ``ParamError`` when the tempo source owns ``name`` (a MIDI clock, Link)."""
+
+    def tap(self, at: float) -> float | None:
+        """A tap at ``at`` (``time.monotonic()``); the new BPM from the second tap on."""
+
+    def resync(self, at: float) -> None:
+        """``at`` is the downbeat."""
+
+    def resolume_bpm(self, fader: float) -> float:
+        """Resolume's tempo fader (0..1) as BPM."""
+
+    def due(self, quantum: str | None, at: float) -> float | None:
+        """When to commit a change that arrived at ``at`` so it is seen on the next ``quantum``
+        boundary (``None`` quantum: the global one); ``None``: at once."""
+
+    def queue(self, kind: str, key: int | str | None, at: float) -> None:
+        """An envelope trigger / release or a sequence start / stop / jump for the frame loop."""
+
+    def status(self) -> MusicStatus:
+        """The tempo, beat and modulated values as the latest frame saw them."""
+
+
+QUANTISED_PREFIX = "/q/"
+"""``/q/<address>`` lands on the global ``/quantize``; ``/q/<quantum>/<address>`` on that quantum."""
+
+SceneHandler = Callable[[str, str, float | None], str | None]
+"""``(action, scene name, due)``: the problem, or ``None`` when done (``due``: when to commit a load)."""
 
 Effect = Callable[[], list[Reply]]
 """What a validated message does when it applies: writes ControlState (or runs an action)
@@ -105,10 +139,12 @@ class OscDispatcher:
         self,
         state: ControlState,
         status_values: Callable[[], dict[str, Any]],
-        scene_handler: Callable[[str, str], str | None] | None = None,
+        scene_handler: SceneHandler | None = None,
         max_string: int = params.MAX_PROMPT_CHARS,
+        music: Musical | None = None,
     ) -> None:
         self.state = state
+        self.music = music
         self.status_values = status_values
         self.scene_handler = scene_handler
         self.max_string = max_string
@@ -227,13 +263,16 @@ class OscDispatcher:
     ) -> tuple[Effect | None, str | None]:
         """The effect of a valid message, or the error text (counted and logged)."""
         self.counters.messages += 1
-        spec = params.BY_ADDRESS.get(address)
+        quantum, inner = _quantised(address)
+        spec = params.BY_ADDRESS.get(inner)
         try:
             if spec is None:
                 raise ParamError(
                     address,
                     f"unknown address; see {len(params.BY_ADDRESS)} addresses in docs/osc.md",
                 )
+            if quantum is not None:
+                return self._quantised(spec, quantum, list(args), sender), None
             return self._handle(spec, list(args), sender), None
         except ParamError as err:
             message = str(err)[:500]
@@ -256,8 +295,29 @@ class OscDispatcher:
         return [Reply("/engine/error", [error], to_sender=True, to_feedback=True)]
 
     # ------------------------------------------------------------------ handlers
-    def _handle(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> Effect:
-        """Validate ``args`` for ``spec``; raise ParamError, or return what applying it does."""
+    def _quantised(self, spec: ParamSpec, quantum: str, args: list[Any], sender: tuple[str, int]) -> Effect:
+        """``/q/...``: a parameter change or a scene load that lands on the next ``quantum``
+        boundary (``""``: the global ``/quantize``), seen on it."""
+        if spec.kind is ParamKind.ACTION and spec.name != "preset_load":
+            raise ParamError(spec.name, f"{QUANTISED_PREFIX} does not apply to {spec.osc_address}; allowed: "
+                             "parameters and /preset/load")
+        if self.music is None:
+            raise ParamError(spec.name, "this engine has no tempo clock; allowed: the plain address")
+        return self._handle(spec, args, sender, quantum or None)
+
+    def _due(self, quantum: str | None) -> float | None:
+        """When a change arriving now must commit (``quantum``: ``None`` for the global one)."""
+        if self.music is None:
+            return None
+        return self.music.due(quantum, time.monotonic())
+
+    def _handle(
+        self, spec: ParamSpec, args: list[Any], sender: tuple[str, int], quantum: str | None = ""
+    ) -> Effect:
+        """Validate ``args`` for ``spec``; raise ParamError, or return what applying it does.
+
+        ``quantum``: ``""`` applies at once (scene loads: on the global ``/quantize``), ``None``
+        on the global ``/quantize``, else on that quantum."""
         for arg in args:
             if isinstance(arg, str) and len(arg) > self.max_string:
                 raise ParamError(
@@ -266,10 +326,12 @@ class OscDispatcher:
                 )
             if isinstance(arg, float) and not math.isfinite(arg):
                 raise ParamError(spec.name, f"{arg!r} is not finite; allowed: {spec.allowed_text()}")
+        if self.music is not None:
+            self.music.check(spec.name)
         if spec.kind is ParamKind.ACTION:
-            return self._action(spec, args, sender)
+            return self._action(spec, args, sender, quantum)
         if spec.name == "prompt":
-            return self._prompt(spec, args)
+            return self._prompt(spec, args, quantum)
         if spec.kind in (
             ParamKind.INT_LIST,
             ParamKind.FLOAT_LIST,
@@ -282,16 +344,17 @@ class OscDispatcher:
             if len(args) != 1:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: one ({spec.osc_args})")
             value = spec.coerce(args[0])
-        return self._writes({spec.name: value})
+        return self._writes({spec.name: value}, quantum=quantum)
 
-    def _writes(self, changes: dict[str, Any], crossfade_s: float = 0.0) -> Effect:
+    def _writes(self, changes: dict[str, Any], crossfade_s: float = 0.0, quantum: str | None = "") -> Effect:
         def write() -> list[Reply]:
-            self.state.write(changes, crossfade_s=crossfade_s)
+            due = None if quantum == "" else self._due(quantum)
+            self.state.write(changes, crossfade_s=crossfade_s, due=due)
             return []
 
         return write
 
-    def _prompt(self, spec: ParamSpec, args: list[Any]) -> Effect:
+    def _prompt(self, spec: ParamSpec, args: list[Any], quantum: str | None = "") -> Effect:
         if not 1 <= len(args) <= 2:
             raise ParamError(spec.name, f"{len(args)} arguments; allowed: s [f] (prompt, crossfade seconds)")
         text = spec.coerce(args[0])
@@ -309,13 +372,24 @@ class OscDispatcher:
                     f"crossfade {seconds!r} is out of range; allowed: 0..{MAX_CROSSFADE_S:g} s",
                 )
             crossfade = float(seconds)
-        return self._writes({spec.name: text}, crossfade)
+        return self._writes({spec.name: text}, crossfade, quantum)
 
-    def _action(self, spec: ParamSpec, args: list[Any], sender: tuple[str, int]) -> Effect:
+    def _action(
+        self, spec: ParamSpec, args: list[Any], sender: tuple[str, int], quantum: str | None
+    ) -> Effect:
         if spec.name == "status":
             if args:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
             return self._status_replies
+        if spec.name.startswith(("tempo_", "resolume_")):
+            return self._tempo(spec, args)
+        if spec.name.startswith("mod_"):
+            return self._modulator(spec, args)
+        if spec.name.startswith("sequence_"):
+            return self._sequence(spec, args)
+        return self._scene(spec, args, quantum)
+
+    def _scene(self, spec: ParamSpec, args: list[Any], quantum: str | None) -> Effect:
         if len(args) != 1 or not is_scene_name(args[0]):
             shown = args[0] if len(args) == 1 else args
             raise ParamError(spec.name, f"{shown!r} is not a scene name; allowed: {NAME_RULE} (no paths)")
@@ -325,12 +399,115 @@ class OscDispatcher:
         name = args[0]
 
         def scene_action() -> list[Reply]:
-            problem = scene_handler(spec.name, name)
+            # a scene load lands on the global /quantize unless /q/ named a quantum
+            due = self._due(quantum or None) if spec.name == "preset_load" else None
+            problem = scene_handler(spec.name, name, due)
             if problem is not None:
                 raise ParamError(spec.name, problem)
             return [Reply(spec.osc_address, [name])]
 
         return scene_action
+
+    def _musical(self, spec: ParamSpec) -> Musical:
+        if self.music is None:
+            raise ParamError(spec.name, "this engine has no tempo clock")
+        return self.music
+
+    def _tempo(self, spec: ParamSpec, args: list[Any]) -> Effect:
+        """Tap, resync (stamped when they apply: on arrival) and Resolume's tempo fader."""
+        music = self._musical(spec)
+        if spec.name == "resolume_tempo":
+            if len(args) != 1:
+                raise ParamError(spec.name, f"{len(args)} arguments; allowed: {spec.allowed_text()}")
+            fader = params.REGISTRY["bpm"].coerce(music.resolume_bpm(_number(spec, args[0])))
+            return self._writes({"bpm": fader})
+        if len(args) > 1:
+            raise ParamError(spec.name, f"{len(args)} arguments; allowed: {spec.allowed_text()}")
+        if args and _number(spec, args[0]) == 0:
+            return lambda: []  # a button's release
+        tap = spec.name in ("tempo_tap", "resolume_tap")
+
+        def tempo() -> list[Reply]:
+            if tap:
+                music.tap(time.monotonic())
+            else:
+                music.resync(time.monotonic())
+            return []
+
+        return tempo
+
+    def _modulator(self, spec: ParamSpec, args: list[Any]) -> Effect:
+        """Edits of one modulator (checked against the newest list when they apply), triggers."""
+        music = self._musical(spec)
+        arity = {"mod_depth": 2, "mod_rate": 2, "mod_enabled": 2, "mod_add": 1}.get(spec.name, 1)
+        if len(args) != arity:
+            allowed = f"{spec.allowed_text()} ({spec.osc_args})"
+            raise ParamError(spec.name, f"{len(args)} arguments; allowed: {allowed}")
+        if spec.name == "mod_add":
+            text = args[0]
+            return self._edit_modulators(spec, lambda current: [*current, _struct_item(spec, text)])
+        key = args[0]
+        if spec.name in ("mod_trigger", "mod_release"):
+
+            def fire() -> list[Reply]:
+                try:
+                    index = envelope_key(self.state.latest("modulators") or [], key)
+                except ValueError as err:
+                    raise ParamError(spec.name, str(err)) from None
+                music.queue(spec.name.removeprefix("mod_"), index, time.monotonic())
+                return []
+
+            return fire
+        if spec.name == "mod_remove":
+
+            def remove(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                index = modulator_index(current, key)
+                return [item for i, item in enumerate(current) if i != index]
+
+            return self._edit_modulators(spec, remove)
+        field_name = spec.name.removeprefix("mod_")
+        value = args[1]
+        if field_name == "enabled":
+            value = params.REGISTRY["bypass"].coerce(value)  # a switch, as every switch is read
+        fields = {field_name: value}
+        return self._edit_modulators(spec, lambda current: edit_modulator(current, key, **fields))
+
+    def _edit_modulators(self, spec: ParamSpec, change: Callable[[list[dict[str, Any]]], Any]) -> Effect:
+        def edit() -> list[Reply]:
+            try:
+                check = params.REGISTRY["modulators"].coerce
+                self.state.edit("modulators", lambda current: check(change(list(current or []))))
+            except ParamError as err:
+                raise ParamError(spec.name, str(err).removeprefix("modulators: ")) from None
+            except ValueError as err:
+                raise ParamError(spec.name, str(err)) from None
+            return []
+
+        return edit
+
+    def _sequence(self, spec: ParamSpec, args: list[Any]) -> Effect:
+        """Start, stop or jump the prompt sequence (the step checked against the newest sequence)."""
+        music = self._musical(spec)
+        if spec.name == "sequence_stop":
+            if args:
+                raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
+        elif len(args) > 1 or (spec.name == "sequence_jump" and len(args) != 1):
+            raise ParamError(spec.name, f"{len(args)} arguments; allowed: {spec.allowed_text()}")
+        step = int(_number(spec, args[0])) if args else 0
+
+        def move() -> list[Reply]:
+            if spec.name != "sequence_stop":
+                sequence = self.state.latest("sequence")
+                if sequence is None:
+                    raise ParamError(spec.name, "no sequence is set; allowed: after /sequence")
+                count = len(sequence["steps"])
+                if not 0 <= step < count:
+                    allowed = f"0..{count - 1}"
+                    raise ParamError(spec.name, f"step {step} is not in the sequence; allowed: {allowed}")
+            music.queue(spec.name.removeprefix("sequence_"), step, time.monotonic())
+            return []
+
+        return move
 
     def _status_replies(self) -> list[Reply]:
         """Every current value, to the sender only."""
@@ -372,6 +549,36 @@ class OscDispatcher:
         return count < MAX_ERRORS_PER_S
 
 
+def _quantised(address: str) -> tuple[str | None, str]:
+    """``(quantum, address)`` of a ``/q/`` address (``""``: the global quantum); ``(None, address)``
+    for any other."""
+    if not address.startswith(QUANTISED_PREFIX):
+        return None, address
+    rest = address[len(QUANTISED_PREFIX) - 1 :]
+    first, _, tail = rest[1:].partition("/")
+    if first in QUANTA and tail:
+        return first, "/" + tail
+    return "", rest
+
+
+def _number(spec: ParamSpec, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ParamError(spec.name, f"{value!r:.40} is not a number; allowed: {spec.allowed_text()}")
+    return float(value)
+
+
+def _struct_item(spec: ParamSpec, text: Any) -> Any:
+    """One item of a STRUCT list sent as YAML / JSON text."""
+    import yaml
+
+    if not isinstance(text, str):
+        raise ParamError(spec.name, f"{text!r:.40} is not text; allowed: {spec.allowed_text()}")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ParamError(spec.name, f"{text!r:.60} cannot be read; allowed: {spec.allowed_text()}") from None
+
+
 def json_args(spec: ParamSpec, value: Any) -> list[Any]:
     """A value as JSON sends it (lists, pairs, scalars) as the OSC arguments of ``spec``'s address,
     unchecked: the dispatcher validates them exactly as it validates OSC."""
@@ -398,4 +605,6 @@ def osc_args(spec: ParamSpec, value: Any) -> list[Any]:
         return [int(value)]
     if spec.kind is ParamKind.FLOAT:
         return [float(value)]
+    if spec.kind is ParamKind.STRUCT:
+        return [params.struct_text(value)]
     return [value]

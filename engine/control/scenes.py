@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,16 @@ NAME_RULE = (
 )
 DEFAULT_CROSSFADE_S = 1.0
 MAX_SCENE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A loaded scene: its values, the prompt crossfade and where its load lands (``quantize:`` in
+    the file; ``None``: the global ``/quantize``)."""
+
+    values: dict[str, Any]
+    crossfade_s: float
+    quantize: str | None = None
 
 
 class SceneError(ValueError):
@@ -96,6 +107,11 @@ class SceneStore:
 
     def load(self, name: str) -> tuple[dict[str, Any], float]:
         """Validated values and the crossfade seconds of scene ``name``."""
+        scene = self.load_scene(name)
+        return scene.values, scene.crossfade_s
+
+    def load_scene(self, name: str) -> Scene:
+        """Scene ``name``: validated values, crossfade seconds and its own quantum, if any."""
         path = self.path(name)
         if not path.is_file():
             available = ", ".join(self.names()) or "none"
@@ -119,4 +135,8 @@ class SceneStore:
         crossfade = data.get("crossfade_seconds", DEFAULT_CROSSFADE_S)
         if isinstance(crossfade, bool) or not isinstance(crossfade, (int, float)) or not 0 <= crossfade <= 60:
             raise SceneError(f"scene {name!r}: crossfade_seconds {crossfade!r}; allowed: 0..60")
-        return values, float(crossfade)
+        quantum = data.get("quantize")
+        quantum = "off" if quantum is False else quantum  # YAML reads a bare off as false
+        if quantum is not None and quantum not in params.QUANTA:
+            raise SceneError(f"scene {name!r}: quantize {quantum!r}; allowed: {' | '.join(params.QUANTA)}")
+        return Scene(values, float(crossfade), quantum)

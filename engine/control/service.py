@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from engine import params
 from engine.control.changes import ChangeFeed
-from engine.control.dispatch import OscDispatcher, osc_args
+from engine.control.dispatch import Musical, OscDispatcher, osc_args
 from engine.control.operator import Operator
 from engine.control.oscquery import OscQueryServer
 from engine.control.scenes import SceneError, SceneStore
@@ -19,6 +21,8 @@ from engine.control.state import ControlState
 from engine.control.transport import FeedbackSender, OscUdpServer, parse_target
 
 logger = logging.getLogger(__name__)
+
+MAX_BEATS_PER_S = 20.0
 
 
 @dataclass
@@ -30,6 +34,7 @@ class ControlSettings:
     feedback: list[str] = field(default_factory=lambda: ["127.0.0.1:9001"])
     allow: list[str] = field(default_factory=list)
     status_hz: float = 4.0
+    modulation_hz: float = 20.0
     oscquery_port: int | None = None
     max_datagram_bytes: int = 65507
     scenes_dir: str = "presets/scenes"
@@ -42,6 +47,7 @@ class ControlSettings:
             feedback=list(osc.feedback),
             allow=list(osc.allow),
             status_hz=osc.status_hz,
+            modulation_hz=osc.modulation_hz,
             oscquery_port=osc.oscquery_port,
             max_datagram_bytes=osc.max_datagram_bytes,
             scenes_dir=str(scenes_dir),
@@ -66,9 +72,10 @@ class ControlService:
         self,
         settings: ControlSettings,
         control: ControlState,
-        submit: Callable[[Mapping[str, Any], float], Any],
+        submit: Callable[[Mapping[str, Any], float, float | None], Any],
         engine_status: Callable[[], Mapping[str, Any]],
         operator: Operator | None = None,
+        music: Musical | None = None,
     ) -> None:
         self.settings = settings
         self.control = control
@@ -78,7 +85,8 @@ class ControlService:
         self.scenes = SceneStore(settings.scenes_dir)
         self.scenes.remove_stale_temporaries()  # what saves killed mid-write left behind
         self.feedback = FeedbackSender([parse_target(t) for t in settings.feedback])
-        self.dispatcher = OscDispatcher(control, control.applied, self._scene)
+        self.music = music
+        self.dispatcher = OscDispatcher(control, control.applied, self._scene, music=music)
         self.server = OscUdpServer(
             self.dispatcher,
             self.feedback,
@@ -110,6 +118,7 @@ class ControlService:
         self._status_thread = threading.Thread(
             target=self._status_loop, name="latentstage-status", daemon=True
         )
+        self._music_thread = threading.Thread(target=self._music_loop, name="latentstage-beat", daemon=True)
         self._closed = False
         if operator is not None:
             operator.attach(self)
@@ -124,6 +133,8 @@ class ControlService:
             self.oscquery.start()
         self.changes.start()
         self._status_thread.start()
+        if self.music is not None:
+            self._music_thread.start()
 
     def close(self) -> None:
         if self._closed:
@@ -134,8 +145,9 @@ class ControlService:
         self.changes.close()
         if self.oscquery is not None:
             self.oscquery.close()
-        if self._status_thread.is_alive():
-            self._status_thread.join(1.0)
+        for thread in (self._status_thread, self._music_thread):
+            if thread.is_alive():
+                thread.join(1.0)
         self.feedback.close()
 
     def __enter__(self) -> ControlService:
@@ -158,15 +170,19 @@ class ControlService:
         self.feedback.send("/engine/error", [message[:500]])
 
     # ------------------------------------------------------------------ internals
-    def _scene(self, action: str, name: str) -> str | None:
+    def _scene(self, action: str, name: str, due: float | None = None) -> str | None:
+        """Save or load scene ``name``; a load commits at ``due`` (the global or /q/ quantum), or
+        on the scene's own ``quantize:`` when the file has one."""
         try:
             if action == "preset_save":
                 self.scenes.save(name, self.control.applied())
                 return None
-            values, crossfade = self.scenes.load(name)
+            scene = self.scenes.load_scene(name)
         except SceneError as err:
             return str(err)
-        self._submit(values, crossfade)
+        if scene.quantize is not None and self.music is not None:
+            due = self.music.due(scene.quantize, time.monotonic())
+        self._submit(scene.values, scene.crossfade_s, due)
         return None
 
     def _status_loop(self) -> None:
@@ -178,3 +194,28 @@ class ControlService:
             for spec in params.STATUS:
                 if spec.periodic:
                     self.feedback.send(spec.address, [spec.osc_value(status.get(spec.name))])
+
+    def _music_loop(self) -> None:
+        """``/engine/beat`` on each beat (at most ``MAX_BEATS_PER_S``) and the modulated values on
+        ``/engine/mod/<name>`` when they moved, at most ``modulation_hz`` times a second."""
+        assert self.music is not None
+        interval = 1.0 / self.settings.modulation_hz
+        beat_spec = next(spec for spec in params.STATUS if spec.name == "beat")
+        last_beat: int | None = None
+        last_beat_sent = 0.0
+        sent: dict[str, Any] = {}
+        wait = interval
+        while not self._stop.wait(wait):
+            now = time.monotonic()
+            status = self.music.status()
+            beat = math.floor(status.beat_at(now) + 1e-6)
+            if beat != last_beat and now - last_beat_sent >= 1.0 / MAX_BEATS_PER_S:
+                if last_beat is not None:
+                    self.feedback.send(beat_spec.address, [beat % status.beats_per_bar + 1])
+                    last_beat_sent = now
+                last_beat = beat
+            for name, value in status.modulated.items():
+                if sent.get(name) != value:
+                    self.feedback.send(params.modulated_address(name), osc_args(params.REGISTRY[name], value))
+            sent = status.modulated
+            wait = max(0.001, min(interval, status.next_beat(now) - time.monotonic() + 0.0005))

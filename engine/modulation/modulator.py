@@ -272,3 +272,79 @@ class Modulation:
             if name in result and sum(weight for _, weight in result[name]) <= 0:
                 result[name] = list(base[name])
         return result
+
+
+def _problem(exc: Exception, where: str) -> str:
+    """The first problem of a pydantic error (or a ValueError) as ``where.field: message``."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return f"{where}: {exc}"
+    first = errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    shown = first.get("input")
+    value = "" if isinstance(shown, dict) else f" (got {shown!r:.60})"
+    return f"{where}{'.' + field if field else ''}: {message}{value}"
+
+
+def check_modulators(value: Any) -> list[dict[str, Any]]:
+    """The registry's check of ``modulators``: a list of modulator mappings (``None``: none), in
+    canonical plain form (defaults left out); a ValueError naming the item, field and value."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r:.60} is not a list; allowed: a list of modulators, [] for none")
+    specs = []
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            allowed = "{target: ..., ...}"
+            raise ValueError(f"modulators[{index}] {item!r:.60} is not a mapping; allowed: {allowed}")
+        try:
+            specs.append(ModulatorSpec.model_validate(dict(item)))
+        except ValueError as exc:
+            raise ValueError(_problem(exc, f"modulators[{index}]")) from None
+    Modulation(specs)  # the list as a whole: its length, names used once
+    return [spec.model_dump(mode="json", exclude_defaults=True) | {"target": spec.target} for spec in specs]
+
+
+def modulator_index(value: Sequence[Mapping[str, Any]], key: int | str) -> int:
+    """The index of modulator ``key`` (an index or a name) in ``value``; a ValueError naming it."""
+    names = [str(item.get("name")) for item in value if item.get("name")]
+    allowed = f"an index 0..{len(value) - 1}" if value else "none is configured"
+    if names:
+        allowed += f" or a name ({', '.join(names)})"
+    if isinstance(key, bool):
+        raise ValueError(f"modulator {key!r} is not known; allowed: {allowed}")
+    if isinstance(key, int) and 0 <= key < len(value):
+        return key
+    if isinstance(key, str):
+        for index, item in enumerate(value):
+            if item.get("name") == key:
+                return index
+        if key.isdigit() and int(key) < len(value):
+            return int(key)
+    raise ValueError(f"modulator {key!r:.40} is not known; allowed: {allowed}")
+
+
+def edit_modulator(value: Sequence[Mapping[str, Any]], key: int | str, **fields: Any) -> list[dict[str, Any]]:
+    """``value`` with ``fields`` of modulator ``key`` replaced, checked as a whole (a ValueError
+    naming the bad field otherwise); ``value`` itself is not changed."""
+    index = modulator_index(value, key)
+    edited = [dict(item) for item in value]
+    edited[index].update(fields)
+    return check_modulators(edited)
+
+
+def envelope_key(value: Sequence[Mapping[str, Any]], key: int | str) -> int:
+    """The index of envelope modulator ``key``; a ValueError naming it and the envelopes."""
+    index = modulator_index(value, key)
+    if value[index].get("kind") != ModulatorKind.ENVELOPE.value:
+        envelopes = [
+            str(item.get("name", i))
+            for i, item in enumerate(value)
+            if item.get("kind") == ModulatorKind.ENVELOPE.value
+        ]
+        raise ValueError(
+            f"modulator {key!r:.40} is not an envelope; allowed: {', '.join(envelopes) or 'none configured'}"
+        )
+    return index

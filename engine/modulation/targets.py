@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine.params import REGISTRY, ParamKind, ParamSpec
+from engine.params import MODULATED_ITEM_KINDS, REGISTRY, ParamKind, ParamSpec, modulatable
 
 _TARGET = re.compile(r"(?P<name>[a-z_][a-z0-9_]*)(?:\[(?P<index>\d{1,3})\])?")
-_ITEM_KINDS = (ParamKind.FLOAT_LIST, ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND)
+_ITEM_KINDS = MODULATED_ITEM_KINDS
 _WEIGHT_KINDS = (ParamKind.PROMPT_BLEND, ParamKind.SEED_BLEND)
 
 
@@ -41,7 +41,7 @@ class Target:
 
 
 def _scalar(spec: ParamSpec) -> bool:
-    return spec.kind is ParamKind.FLOAT and not spec.changes_shape
+    return modulatable(spec) and spec.kind is ParamKind.FLOAT
 
 
 def allowed_targets() -> str:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from engine.models.bundle import ModelBundle
 from engine.params import (
     ENCODED_PARAMS,
     LIVE_PARAMS,
+    REGISTRY,
     RUNTIME_PARAMS,
     SHAPE_PARAMS,
     ParamError,
@@ -30,6 +32,7 @@ from engine.runtime.builds import Builds
 from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.control_sources import ControlFeeds, ControlSource
 from engine.runtime.loss import OnLossMode
+from engine.runtime.music import Music, MusicSettings
 from engine.runtime.queues import LatestSlot
 from engine.runtime.reference_source import ReferenceFeed, ReferenceSource
 from engine.runtime.stats import EngineState, RuntimeStats
@@ -85,6 +88,7 @@ class EngineOptions:
     keepalive_fps: float = KEEPALIVE_FPS  # the fastest rate on_loss frames are sent at
     sink_queue_sizes: list[int] = field(default_factory=list)
     output_scale: int = 1  # outputs upsampled by this factor (bilinear) on the post thread
+    runtime_values: dict[str, Any] = field(default_factory=dict)  # tempo, modulators... from the config
 
 
 class Engine:
@@ -105,6 +109,7 @@ class Engine:
             the engine; ``None``: the pipeline's torch runners serve every shape.
         control_sources: the ControlNets that have their own source (a thread each).
         reference_source: the IP-Adapter's reference frames from a bridge (``None``: a file).
+        music_settings: the tempo source and audio input (``None``: an internal clock, no audio).
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class Engine:
         backend: Backend | None = None,
         control_sources: Sequence[ControlSource] = (),
         reference_source: ReferenceSource | None = None,
+        music_settings: MusicSettings | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.backend = backend
@@ -162,9 +168,15 @@ class Engine:
                 pipeline.dtype,
                 self._stop,
             )
-        self.runtime_state: dict[str, Any] = {"bypass": False, "pause": False}
         self.control = control or ControlState()
+        self.runtime_state: dict[str, Any] = {name: REGISTRY[name].default for name in RUNTIME_PARAMS}
+        self.runtime_state.update(validate_changes(self.options.runtime_values, RUNTIME_PARAMS))
+        self.music = Music(music_settings or MusicSettings(), self.control, self._lead_s)
+        self.music.apply(self.runtime_state, time.monotonic())
+        self._modulated: dict[str, Any] = {}  # what the modulators last committed
         self.control.mark_applied({**pipeline.state, **self.runtime_state})
+        applied = self.control.applied()
+        self._base = {name: applied.get(name) for name in self.music.targets}  # what they modulate
         images = None if image_prompts is None else image_prompts.tokens
         self.prompt_worker = PromptWorker(
             self.control, pipeline.prompts, self._stop, self._report_error, images
@@ -189,17 +201,20 @@ class Engine:
         self.on_error: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ control
-    def submit(self, changes: Mapping[str, Any], crossfade_s: float = 0.0) -> dict[str, Any]:
+    def submit(
+        self, changes: Mapping[str, Any], crossfade_s: float = 0.0, due: float | None = None
+    ) -> dict[str, Any]:
         """Validate and queue live parameter changes for the next frame boundary.
 
         Prompt changes are encoded first on the prompt worker (the frame loop never waits
-        on the text encoder); ``crossfade_s`` > 0 crossfades to a new prompt.
+        on the text encoder); ``crossfade_s`` > 0 crossfades to a new prompt; ``due``
+        (``time.monotonic()``) holds them until that time (a quantised scene load).
 
         Raises:
             ParamError: a value the registry refuses; nothing is queued then.
         """
         accepted = validate_changes(changes, LIVE_PARAMS)
-        self.control.write(accepted, crossfade_s)
+        self.control.write(accepted, crossfade_s, due=due)
         self._slot.wake()
         return accepted
 
@@ -241,11 +256,29 @@ class Engine:
         return self._stop.is_set()
 
     # ------------------------------------------------------------------ lifecycle
+    def status(self) -> dict[str, Any]:
+        """The runtime statistics with the musical time (``/engine/*``, the operator page)."""
+        music = self.music.status()
+        return {
+            **self.stats.snapshot(),
+            "bpm": round(music.bpm, 3),
+            "beat_position": music.beat,
+            "beat_time": music.time,
+            "beats_per_bar": music.beats_per_bar,
+            "sequence_step": music.sequence_step,
+        }
+
+    def _lead_s(self) -> float:
+        """The measured change-to-screen latency in seconds (before any change: the frame latency)."""
+        snapshot = self.stats.snapshot()
+        return float(snapshot.get("change_latency_ms") or snapshot.get("latency_ms") or 0.0) / 1000.0
+
     def start(self) -> None:
         """Start the source, post-processing and sink threads."""
         if self._started:
             return
         self._started = True
+        self.music.start()
         self.stats.set_state(EngineState.WARMING)
         for sink in self.sinks:
             sink.start()
@@ -283,6 +316,7 @@ class Engine:
             item = self._slot.take(timeout=min(1.0 / self.options.keepalive_fps, 0.1))
             now = time.monotonic()
             if item is None:
+                self.music.frame(now, self._base)  # the sequence moves on while no frame comes
                 health = self.source.health(now, self.options.stall_seconds)
                 if health is not InputHealth.LIVE:
                     self._input_missing(health, now)
@@ -323,6 +357,7 @@ class Engine:
                 logger.warning("thread %s did not stop in time", thread.name)
         if self.backend is not None:
             self.backend.close()
+        self.music.close()
         self.stats.set_state(EngineState.STOPPED)
 
     def __enter__(self) -> Engine:
@@ -351,7 +386,9 @@ class Engine:
         # 3. a running prompt crossfade moves one step
         if self._transition is not None:
             self._step_transition()
-        # 4. the pipeline (txt2img ignores the input; the source only paces the output)
+        # 4. modulators: base + modulation for the moment this frame is seen (not echoed, not saved)
+        self._modulate(self.music.frame(time.monotonic(), self._base))
+        # 5. the pipeline (txt2img ignores the input; the source only paces the output)
         skipped_before = self.pipeline.stats.skipped
         image = None if self.pipeline.mode is GenerationMode.TXT2IMG else item.tensor
         controls = self.control_feeds.take()  # the ControlNets' own sources: newest frames
@@ -436,7 +473,8 @@ class Engine:
             if ready and not self._stop.is_set():
                 self._apply_guarded(ready, 0.0)
             self.stats.building = self.builds.label
-        pending = self.control.take_pending()
+        # held changes (quantised, sequence steps) commit at the boundary nearest their time
+        pending = self.control.take_pending(time.monotonic() + self._output_interval / 2)
         if pending is None:
             return
         self._apply_guarded(pending.changes, pending.crossfade_s)
@@ -460,6 +498,7 @@ class Engine:
         accepted = self._apply_to_pipeline(stream) if stream else {}
         self._size = (self.pipeline.height, self.pipeline.width)
         self.runtime_state.update(runtime)
+        self.music.apply(runtime, time.monotonic())
         accepted.update(runtime)
         prompt_changed = any(k in accepted for k in ENCODED_PARAMS)
         if crossfade_s > 0 and prompt_changed:
@@ -470,6 +509,12 @@ class Engine:
         if "pause" in runtime and not runtime["pause"]:
             self.stats.set_state(EngineState.RUNNING)
         self.control.mark_applied(accepted)
+        if accepted or "modulators" in runtime:  # the modulators start again from the new base
+            applied = self.control.applied()
+            self._base = {name: applied.get(name) for name in self.music.targets}
+            self._restore_unmodulated(set(self._modulated) - self.music.targets)
+            for name in accepted:  # its commit put the base in: modulate it again next frame
+                self._modulated.pop(name, None)
         if accepted:  # the outputs time how long it takes to be seen (stats change_latency_ms)
             self._change = ChangeStamp((self._change.number if self._change else 0) + 1, time.monotonic())
         if accepted and self.on_applied is not None:
@@ -495,6 +540,34 @@ class Engine:
         builds.wait({k: v for k, v in changes.items() if k in SHAPE_PARAMS}, target)
         self.stats.building = builds.label
         return accepted
+
+    def _modulate(self, values: dict[str, Any]) -> None:
+        """Commit the modulated values that moved since the last frame (light: no echo, no autosave,
+        no change stamp); parameters no longer modulated go back to their base."""
+        self._restore_unmodulated(set(self._modulated) - set(values))
+        moved = {name: value for name, value in values.items() if self._modulated.get(name) != value}
+        if not moved:
+            return
+        try:
+            apply_change(self.pipeline, moved, self.backend)
+        except (ParamError, RuntimeError, ValueError) as err:
+            self._log(logging.WARNING, "modulation", "modulation of %s refused: %s", ", ".join(moved), err)
+            return
+        self._modulated = dict(values)
+
+    def _restore_unmodulated(self, names: set[str]) -> None:
+        """Parameters a modulator left: back to the base the control state holds."""
+        if not names:
+            return
+        applied = self.control.applied()
+        base = {name: applied[name] for name in names if applied.get(name) is not None}
+        for name in names:
+            self._modulated.pop(name, None)
+        if base:
+            try:
+                apply_change(self.pipeline, base, self.backend)
+            except (ParamError, RuntimeError, ValueError) as err:
+                self._log(logging.WARNING, "modulation", "restoring %s failed: %s", ", ".join(base), err)
 
     def _step_transition(self) -> None:
         assert self._transition is not None
@@ -566,6 +639,7 @@ def engine_from_config(
         stall_seconds=config.input.stall_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
         output_scale=config.stream.output_scale,
+        runtime_values=runtime_values(config),
     )
     return Engine(
         pipeline,
@@ -576,7 +650,23 @@ def engine_from_config(
         backend=backend,
         control_sources=control_sources(config),
         reference_source=reference_source(config),
+        music_settings=MusicSettings.from_config(config),
     )
+
+
+def runtime_values(config: Any) -> dict[str, Any]:
+    """The starting values of the runtime's registry parameters that the config holds (tempo,
+    quantize, modulators, sequence), as plain data."""
+    values = {}
+    for name in RUNTIME_PARAMS:
+        key = REGISTRY[name].config_key
+        if key is None:
+            continue
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[name] = value.value if isinstance(value, Enum) else value
+    return values
 
 
 def control_sources(config: Any) -> list[ControlSource]:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
@@ -397,27 +398,34 @@ class PromptWorker(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             taken = self._control.take_for_encoding(POLL_S)
-            if taken is None:
-                continue
-            changes, crossfade_s = taken
-            texts = [changes.get("prompt"), changes.get("negative_prompt")]
-            texts += [prompt for prompt, _ in changes.get("prompt_blend") or []]
-            image = changes.get("ip_adapter_image")
-            try:
-                for text in texts:
-                    if text is not None:
-                        self._prompts.encode(text)
-                if image is not None and self._images is not None:
-                    self._images(image)  # the IP-Adapter reference image, into its cache
-            except ParamError as err:  # e.g. no such image file: refused, the state kept
-                self._report_error(str(err))
-                continue
-            # the encoders are model calls: out of memory or a device error must be
-            # reported and must not kill the worker; the change is dropped, the state kept
-            except RuntimeError as err:
-                self._report_error(f"prompt: encoding failed: {err}")
-                continue
-            self._control.release_encoded(changes, crossfade_s)
+            if taken is not None and self._encode(taken[0]):
+                self._control.release_encoded(*taken)
+            held = self._control.take_to_warm()
+            while held is not None:  # a change held for a beat: its prompts cached ahead of time
+                if self._encode(held.changes):
+                    self._control.warmed(held)
+                held = self._control.take_to_warm()
+
+    def _encode(self, changes: dict[str, Any]) -> bool:
+        """Put the prompts and image of ``changes`` into the caches; False (reported) if refused."""
+        texts = [changes.get("prompt"), changes.get("negative_prompt")]
+        texts += [prompt for prompt, _ in changes.get("prompt_blend") or []]
+        image = changes.get("ip_adapter_image")
+        try:
+            for text in texts:
+                if text is not None:
+                    self._prompts.encode(text)
+            if image is not None and self._images is not None:
+                self._images(image)  # the IP-Adapter reference image, into its cache
+        except ParamError as err:  # e.g. no such image file: refused, the state kept
+            self._report_error(str(err))
+            return False
+        # the encoders are model calls: out of memory or a device error must be
+        # reported and must not kill the worker; the change is dropped, the state kept
+        except RuntimeError as err:
+            self._report_error(f"prompt: encoding failed: {err}")
+            return False
+        return True
 
 
 def make_preprocess(
