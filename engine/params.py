@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from engine.stream.modes import BlendMethod, CfgType, allowed
+from engine.tempo.clock import MAX_BPM, MIN_BPM, Quantum
 
 MAX_PROMPT_CHARS = 2000
 MAX_BLEND_ITEMS = 8
@@ -32,9 +33,8 @@ IMAGE_FILE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.(?i:png|jpe?g|webp)"
 IMAGE_FILE_TEXT = (
     "a .png, .jpg or .webp file name in the presets folder (letters, digits, '_', '.', '-'), never a path"
 )
-QUANTA = ("off", "beat", "bar", "2bars", "4bars")
-"""Where a quantised change lands (``engine.tempo.clock.Quantum``; a test keeps them equal)."""
-MIN_BPM, MAX_BPM = 20.0, 999.0
+QUANTA = tuple(quantum.value for quantum in Quantum)
+"""Where a quantised change lands: off | beat | bar | 2bars | 4bars."""
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
 """Output size limits (the same as ``stream.width`` / ``stream.height`` in the config)."""
 

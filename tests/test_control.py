@@ -95,7 +95,27 @@ GOOD = [
     (msg("/feature_cache/strength", 0.5), {"feature_cache_strength": pytest.approx(0.5)}),
     (msg("/feature_cache/injection", 0.25), {"feature_cache_injection": pytest.approx(0.25)}),
     (msg("/feature_cache/threshold", 0.8), {"feature_cache_threshold": pytest.approx(0.8)}),
+    (msg("/tempo/bpm", 128), {"bpm": 128.0}),
+    (msg("/tempo/beats_per_bar", 3), {"beats_per_bar": 3}),
+    (msg("/quantize", "2bars"), {"quantize": "2bars"}),
+    (msg("/quantize/offset_ms", -20), {"quantize_offset_ms": -20.0}),
+    (
+        msg("/modulators", '[{"target": "delta", "shape": "saw", "depth": 0.2}]'),  # JSON is YAML too
+        {"modulators": [{"target": "delta", "shape": "saw", "rate": "1bar", "depth": 0.2}]},
+    ),
+    (
+        msg("/sequence", "{steps: [a cat, a dog], every: 2bars}"),
+        {"sequence": {"steps": ["a cat", "a dog"], "every": "2bars"}},
+    ),
+    (msg("/sequence", ""), {"sequence": None}),
 ]
+
+MUSIC_ACTIONS = {  # sent with a tempo clock: tests/test_music.py
+    "/tempo/tap", "/tempo/resync", "/composition/tempocontroller/tempo",
+    "/composition/tempocontroller/tempotap", "/composition/tempocontroller/resync", "/mod/depth",
+    "/mod/rate", "/mod/enabled", "/mod/add", "/mod/remove", "/mod/trigger", "/mod/release",
+    "/sequence/start", "/sequence/stop", "/sequence/jump",
+}
 
 
 @pytest.mark.parametrize(("datagram", "expected"), GOOD)
@@ -107,6 +127,7 @@ def test_every_address_writes_state(dispatcher, state, datagram, expected):
 
 def test_every_registry_address_is_covered_by_a_test():
     covered = {OscPacketAddress(d) for d, _ in GOOD} | {"/status", "/preset/load", "/preset/save"}
+    covered |= MUSIC_ACTIONS
     assert {a for spec in params.REGISTRY.values() for a in spec.addresses} <= covered
 
 

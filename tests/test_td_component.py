@@ -263,7 +263,12 @@ class Harness:
 
 
 def test_every_registry_entry_has_a_unique_valid_td_name():
-    entries = params.as_json()
+    entries = [e for e in params.as_json() if mapping.pulsed(e)]
+    left_out = {e["osc_address"] for e in params.as_json() if not mapping.pulsed(e)}
+    assert left_out == {  # actions with values a Pulse cannot give: for scripts and controllers
+        "/composition/tempocontroller/tempo", "/mod/depth", "/mod/rate", "/mod/enabled", "/mod/add",
+        "/mod/remove", "/mod/trigger", "/mod/release", "/sequence/jump",
+    }
     param_map = mapping.ParamMap(entries)
     names = [param_map.td_of[e["name"]] for e in entries]
     assert all(mapping.TD_NAME.match(n) for n in names)
@@ -283,7 +288,8 @@ def test_every_registry_entry_has_a_unique_valid_td_name():
 def test_the_component_follows_every_status_address_the_engine_sends():
     periodic = {spec.address for spec in params.STATUS if spec.periodic}
     assert set(td_ext.STATUS_ADDRESSES) == periodic
-    assert td_ext.ERROR_ADDRESS in {spec.address for spec in params.STATUS if not spec.periodic}
+    events = {spec.address for spec in params.STATUS if not spec.periodic}
+    assert {td_ext.ERROR_ADDRESS, td_ext.BEAT_ADDRESS} == events
 
 
 def test_params_json_is_the_registry():
@@ -305,10 +311,11 @@ def test_builder_makes_one_par_per_entry_and_the_operators(new_build):
     assert root.created == [("baseCOMP", "latentstage")]
     param_map = mapping.ParamMap(params.as_json())
     appended = {name: style for page in comp.pages for style, name in page.appended}
-    for entry in params.as_json():
+    entries = [entry for entry in params.as_json() if mapping.pulsed(entry)]
+    for entry in entries:
         td = param_map.td_of[entry["name"]]
-        assert appended[td] == mapping.STYLE_BY_TYPE[entry["type"]], entry["name"]
-    assert len(appended) == len(params.as_json()) + len(param_map.component)
+        assert appended[td] == mapping.STYLE_BY_TYPE.get(entry["type"], "Str"), entry["name"]
+    assert len(appended) == len(entries) + len(param_map.component)
     assert [p.name for p in comp.pages] == list(mapping.PAGES)
     types = [t for t, _ in comp.created]
     for op_type in (

@@ -15,6 +15,7 @@ from engine.config.files import (
 )
 from engine.config.schema import (
     AccelerationSettings,
+    AudioSettings,
     Config,
     FeatureCacheSettings,
     LoggingSettings,
@@ -25,6 +26,7 @@ from engine.config.schema import (
     SimilarityFilterSettings,
     StreamSettings,
     SuperviseSettings,
+    TempoSettings,
     VideoInput,
     config_json_schema,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "AccelBackend",
     "AccelFallback",
     "AccelerationSettings",
+    "AudioSettings",
     "Config",
     "ConfigError",
     "FeatureCacheSettings",
@@ -45,6 +48,7 @@ __all__ = [
     "SimilarityFilterSettings",
     "StreamSettings",
     "SuperviseSettings",
+    "TempoSettings",
     "VaeKind",
     "VideoInput",
     "config_from_dict",

@@ -142,9 +142,11 @@ class OscDispatcher:
         scene_handler: SceneHandler | None = None,
         max_string: int = params.MAX_PROMPT_CHARS,
         music: Musical | None = None,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.state = state
         self.music = music
+        self._now = now  # taps, resyncs and quantised changes are stamped with it when they apply
         self.status_values = status_values
         self.scene_handler = scene_handler
         self.max_string = max_string
@@ -309,7 +311,7 @@ class OscDispatcher:
         """When a change arriving now must commit (``quantum``: ``None`` for the global one)."""
         if self.music is None:
             return None
-        return self.music.due(quantum, time.monotonic())
+        return self.music.due(quantum, self._now())
 
     def _handle(
         self, spec: ParamSpec, args: list[Any], sender: tuple[str, int], quantum: str | None = ""
@@ -429,9 +431,9 @@ class OscDispatcher:
 
         def tempo() -> list[Reply]:
             if tap:
-                music.tap(time.monotonic())
+                music.tap(self._now())
             else:
-                music.resync(time.monotonic())
+                music.resync(self._now())
             return []
 
         return tempo
@@ -454,7 +456,7 @@ class OscDispatcher:
                     index = envelope_key(self.state.latest("modulators") or [], key)
                 except ValueError as err:
                     raise ParamError(spec.name, str(err)) from None
-                music.queue(spec.name.removeprefix("mod_"), index, time.monotonic())
+                music.queue(spec.name.removeprefix("mod_"), index, self._now())
                 return []
 
             return fire
@@ -504,7 +506,7 @@ class OscDispatcher:
                 if not 0 <= step < count:
                     allowed = f"0..{count - 1}"
                     raise ParamError(spec.name, f"step {step} is not in the sequence; allowed: {allowed}")
-            music.queue(spec.name.removeprefix("sequence_"), step, time.monotonic())
+            music.queue(spec.name.removeprefix("sequence_"), step, self._now())
             return []
 
         return move

@@ -85,6 +85,10 @@ def build_namespace(
             parent = parent["CONTENTS"].setdefault(
                 part, {"FULL_PATH": full, "ACCESS": ACCESS_NONE, "CONTENTS": {}}
             )
+            parent.setdefault("CONTENTS", {})  # a method with children (/quantize, /quantize/offset_ms)
+        existing = parent["CONTENTS"].get(parts[-1])
+        if existing is not None and "CONTENTS" in existing:  # its children came first
+            node = {**node, "CONTENTS": existing["CONTENTS"]}
         parent["CONTENTS"][parts[-1]] = node
 
     for spec in params.REGISTRY.values():
@@ -115,6 +119,18 @@ def build_namespace(
         if engine.get(status.name) is not None:
             node["VALUE"] = [engine[status.name]]
         insert(status.address, node)
+    for spec in params.REGISTRY.values():  # the modulated values, sent while a modulator moves one
+        if params.modulatable(spec):
+            address = params.modulated_address(spec.name)
+            insert(
+                address,
+                {
+                    "FULL_PATH": address,
+                    "TYPE": type_tags(spec, values.get(spec.name)),
+                    "ACCESS": ACCESS_READ,
+                    "DESCRIPTION": f"{spec.osc_address} as modulated (base + modulators, clamped)",
+                },
+            )
     return root
 
 

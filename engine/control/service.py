@@ -76,6 +76,7 @@ class ControlService:
         engine_status: Callable[[], Mapping[str, Any]],
         operator: Operator | None = None,
         music: Musical | None = None,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.control = control
@@ -86,7 +87,8 @@ class ControlService:
         self.scenes.remove_stale_temporaries()  # what saves killed mid-write left behind
         self.feedback = FeedbackSender([parse_target(t) for t in settings.feedback])
         self.music = music
-        self.dispatcher = OscDispatcher(control, control.applied, self._scene, music=music)
+        self._now = now
+        self.dispatcher = OscDispatcher(control, control.applied, self._scene, music=music, now=now)
         self.server = OscUdpServer(
             self.dispatcher,
             self.feedback,
@@ -181,7 +183,7 @@ class ControlService:
         except SceneError as err:
             return str(err)
         if scene.quantize is not None and self.music is not None:
-            due = self.music.due(scene.quantize, time.monotonic())
+            due = self.music.due(scene.quantize, self._now())
         self._submit(scene.values, scene.crossfade_s, due)
         return None
 

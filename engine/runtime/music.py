@@ -248,17 +248,20 @@ class Music:
             raise ParamError("resolume_tempo", f"{fader!r} is out of range; allowed: a number in [0, 1]")
         return low + fader * (high - low)
 
-    def lead(self) -> float:
+    def lead(self, offset_s: float | None = None) -> float:
         """Seconds a change is committed before it should be seen: the measured latency + offset."""
-        return max(0.0, self._latency_s() + self.offset_s)
+        return max(0.0, self._latency_s() + (self.offset_s if offset_s is None else offset_s))
 
     def due(self, quantum: str | None, at: float) -> float | None:
         """When to commit a change that arrived at ``at`` so it is *seen* on the next boundary of
-        ``quantum`` (``None``: the global ``/quantize``); ``None`` when it is off (commit at once)."""
-        chosen = self.quantize if quantum is None else Quantum(quantum)
+        ``quantum`` (``None``: the global ``/quantize``); ``None`` when it is off (commit at once).
+
+        The global quantum and the offset are read as the next frame will have them, so
+        ``/quantize s bar`` followed at once by ``/preset/load`` lands on the bar."""
+        chosen = Quantum(self.control.latest("quantize", self.quantize) if quantum is None else quantum)
         if chosen is Quantum.OFF:
             return None
-        lead = self.lead()
+        lead = self.lead(float(self.control.latest("quantize_offset_ms", self.offset_s * 1000.0)) / 1000.0)
         return self.clock.next_boundary(at + lead, chosen) - lead
 
     def queue(self, kind: str, key: int | str | None, at: float) -> None:

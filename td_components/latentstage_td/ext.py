@@ -56,8 +56,12 @@ STATUS_ADDRESSES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "/engine/skip_rate": ("Skiprate", float),
     "/engine/building": ("Building", str),
     "/engine/change_latency_ms": ("Changelatencyms", float),
+    "/engine/bpm": ("Enginebpm", float),
+    "/engine/sequence_step": ("Sequencestep", int),
     "/engine/restarts": ("Restarts", int),
 }
+#: Sent on each beat (not periodic): the beat in the bar.
+BEAT_ADDRESS = "/engine/beat"
 ERROR_ADDRESS = "/engine/error"
 CONNECTED_STATES = ("running", "paused", "stalled", "lost")
 STOP_TIMEOUT_S = 5.0
@@ -323,6 +327,9 @@ class StreamEngineExt:
             return
         if address == ERROR_ADDRESS:
             self._error(str(values[0]) if values else "engine error")
+            return
+        if address == BEAT_ADDRESS:
+            self._status_message(("Beat", int), values)
             return
         entry = self.map.by_address.get(address)
         if entry is None:

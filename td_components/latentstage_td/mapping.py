@@ -38,6 +38,7 @@ PAGES = (
     "Feature cache",
     "Conditioning",
     "Scene",
+    "Tempo",
     "Engine",
     "Bridges",
     "Status",
@@ -51,6 +52,9 @@ PAGE_BY_GROUP = {
     "control": "Engine",
     "conditioning": "Conditioning",
     "feature_cache": "Feature cache",
+    "tempo": "Tempo",
+    "modulation": "Tempo",
+    "sequence": "Tempo",
 }
 LABELS = {
     "t_index_list": "T index list",
@@ -59,6 +63,12 @@ LABELS = {
     "preset_load": "Load preset",
     "preset_save": "Save preset",
     "status": "Request status",
+    "bpm": "BPM",
+    "tempo_tap": "Tap tempo",
+    "tempo_resync": "Resync (downbeat now)",
+    "quantize_offset_ms": "Quantize offset (ms)",
+    "modulators": "Modulators (YAML)",
+    "sequence": "Prompt sequence (YAML)",
 }
 #: Registry type -> the TD par style (the suffix of ``page.appendX``).
 STYLE_BY_TYPE = {
@@ -186,6 +196,9 @@ def _component_pars(platform: str) -> tuple[ParDef, ...]:
         ParDef("Skiprate", "Float", "Status", "Skip rate", 0.0, read_only=True),
         ParDef("Building", "Str", "Status", "Building engines", "", read_only=True),
         ParDef("Changelatencyms", "Float", "Status", "Change to screen (ms)", 0.0, read_only=True),
+        ParDef("Enginebpm", "Float", "Status", "Tempo (BPM)", 0.0, read_only=True),
+        ParDef("Beat", "Int", "Status", "Beat in the bar", 0, 0, 32, read_only=True),
+        ParDef("Sequencestep", "Int", "Status", "Sequence step (-1: off)", -1, -1, 64, read_only=True),
         ParDef("Restarts", "Int", "Status", "Supervisor restarts", 0, 0, 1000, read_only=True),
         ParDef("Lasterror", "Str", "Status", "Last error", "", read_only=True),
     )
@@ -204,7 +217,17 @@ WIRING_PARS = (
     "Ndisource",
 )
 STATUS_PARS = (
-    "State", "Fps", "Latencyms", "Skiprate", "Building", "Changelatencyms", "Restarts", "Lasterror"
+    "State",
+    "Fps",
+    "Latencyms",
+    "Skiprate",
+    "Building",
+    "Changelatencyms",
+    "Enginebpm",
+    "Beat",
+    "Sequencestep",
+    "Restarts",
+    "Lasterror",
 )
 
 
@@ -232,6 +255,14 @@ def label(entry: dict[str, Any]) -> str:
     return text[:1].upper() + text[1:]
 
 
+def pulsed(entry: dict[str, Any]) -> bool:
+    """Whether an entry gets a par: every value, and the actions a Pulse can send (no argument, an
+    optional one, or a scene's name: the Presetname par); ``/mod/depth i f`` and the like are for
+    scripts and controllers."""
+    args = entry.get("osc_args") or ""
+    return entry["type"] != "action" or not args or args.startswith("[") or entry.get("group") == "scene"
+
+
 def page(entry: dict[str, Any]) -> str:
     return PAGE_BY_NAME.get(entry["name"]) or PAGE_BY_GROUP.get(entry.get("group") or "", "Stream")
 
@@ -244,7 +275,7 @@ class ParamMap:
     """
 
     def __init__(self, entries: list[dict[str, Any]], platform: str = "") -> None:
-        self.entries = [dict(e) for e in entries]
+        self.entries = [dict(e) for e in entries if pulsed(e)]
         self.component = _component_pars(platform)
         self.by_name: dict[str, dict[str, Any]] = {}
         self.td_of: dict[str, str] = {}
@@ -533,7 +564,7 @@ def osc_args(entry: dict[str, Any], value: Any, crossfade: Any = None) -> list[A
         )
         return [item for pair in pairs for item in pair]
     if kind == "action":
-        if not entry.get("osc_args"):
+        if not entry.get("osc_args") or entry["osc_args"].startswith("["):
             return []
         name = str(value or "").strip()
         if not name:
