@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import os
 import socket
@@ -75,10 +76,45 @@ def check_start(
         problems.extend(_folder_problem("acceleration.engine_dir", config.acceleration.engine_dir))
     if config.input.type == "video":
         problems.extend(_video_problem("input.path", config.input.path))
+    problems.extend(_music_problems(config))
     if scenes_dir is not None and config.osc.enabled and _folder_problem("scenes", scenes_dir):
         logger.warning(
             "the scenes folder %s is not writable: /preset/save will fail (loading works)", scenes_dir
         )
+    return problems
+
+
+# --------------------------------------------------------------------------- musical time
+
+
+def _music_problems(config: Any) -> list[StartProblem]:
+    """The tempo source's and the audio input's optional packages, and the audio file."""
+    from engine.tempo.extras import TempoSourceUnavailable
+
+    problems = []
+    try:
+        if config.tempo.source.value == "midi_clock":
+            from engine.tempo.midi_port import import_mido
+
+            import_mido()
+        elif config.tempo.source.value == "link":
+            from engine.tempo.link import import_link
+
+            import_link()
+    except TempoSourceUnavailable as err:
+        fix = "or choose tempo.source internal | osc"
+        problems.append(StartProblem("tempo.source", str(err).rstrip("."), fix))
+    audio = config.audio
+    if audio.file is not None:
+        path = Path(audio.file)
+        if not path.is_file():
+            problems.append(StartProblem("audio.file", f"{audio.file!r} is not a file", "name a WAV file"))
+        elif path.suffix.lower() != ".wav" and importlib.util.find_spec("soundfile") is None:
+            fix = "pip install latentstage[audio], or use a WAV file"
+            problems.append(StartProblem("audio.file", f"{path.name} needs soundfile", fix))
+    if audio.device is not None and importlib.util.find_spec("sounddevice") is None:
+        fix = "pip install latentstage[audio]"
+        problems.append(StartProblem("audio.device", "sounddevice is not installed", fix))
     return problems
 
 

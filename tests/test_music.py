@@ -396,3 +396,14 @@ def test_switching_a_modulator_off_releasing_an_envelope_and_resolumes_tap(tmp_p
         assert rig.music.clock.bpm == pytest.approx(120.0)
     finally:
         rig.close()
+
+
+def test_a_missing_tempo_extra_or_audio_file_stops_the_start_with_one_line(tmp_path):
+    from engine.config import load_config
+    from engine.preflight import check_start
+
+    config = load_config(
+        overrides=["tempo.source=link", f"audio.file={tmp_path / 'gone.wav'}", "osc.enabled=false"]
+    )
+    problems = {p.key: str(p) for p in check_start(config)}
+    assert "latentstage[link]" in problems["tempo.source"] and "gone.wav" in problems["audio.file"]

@@ -268,6 +268,11 @@ class Engine:
             "sequence_step": music.sequence_step,
         }
 
+    @property
+    def last_change(self) -> ChangeStamp | None:
+        """The latest committed change (its number and commit time; the outputs time its showing)."""
+        return self._change
+
     def _lead_s(self) -> float:
         """The measured change-to-screen latency in seconds (before any change: the frame latency)."""
         snapshot = self.stats.snapshot()
