@@ -127,3 +127,11 @@ def test_the_clock_follows_the_taps_in_tempo_and_phase():
     one_tap_later = clock.beat(estimate.beat_time + 0.6) - clock.beat(estimate.beat_time)
     assert one_tap_later == pytest.approx(1.0, abs=0.01)
     assert clock.beat(estimate.beat_time) == 18.0  # 8.93 s at 120 bpm = beat 17.86, nearest 18
+
+
+def test_two_intervals_that_disagree_follow_the_newest_instead_of_failing():
+    taps = TapTempo()
+    taps.tap(0.0)
+    taps.tap(0.4)
+    estimate = taps.tap(1.2)  # 0.4 s then 0.8 s: both are further than 15 % from their mean
+    assert estimate is not None and estimate.bpm == pytest.approx(75.0)

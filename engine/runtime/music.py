@@ -234,7 +234,7 @@ class Music:
         if estimate is None:
             return None
         self.clock.set_bpm(estimate.bpm, estimate.beat_time, on_beat=True)
-        self.control.write({"bpm": round(estimate.bpm, 3)})
+        self.control.write({"bpm": estimate.bpm})
         return estimate.bpm
 
     def resync(self, at: float) -> None:

@@ -89,6 +89,8 @@ class TapTempo:
     def _estimate_from(self, last: float) -> TapEstimate:
         median = statistics.median(self._intervals)
         agreeing = [i for i in self._intervals if abs(i - median) <= INLIER_TOLERANCE * median]
+        if not agreeing:  # two intervals that disagree (their median is their mean): the newest counts
+            agreeing = [self._intervals[-1]]
         interval = sum(agreeing) / len(agreeing)
         bpm = min(max(60.0 / interval, MIN_BPM), MAX_BPM)
         return TapEstimate(bpm=bpm, beat_time=last, taps=self._taps, intervals_used=len(agreeing))
