@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -11,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import numpy as np
 import pytest
 from pythonosc.osc_message import OscMessage
@@ -59,9 +61,10 @@ class Listener:
 
 
 class Show:
-    """An engine whose output is a preview with an operator page, its control service, feedback."""
+    """An engine whose output is a preview with an operator page, its control service, feedback;
+    ``music``: wired as ``latentstage run`` does, with the engine's musical time (status, taps)."""
 
-    def __init__(self, bundle, tmp_path) -> None:
+    def __init__(self, bundle, tmp_path, music: bool = False) -> None:
         self.operator = Operator()
         self.preview = PreviewSink(port=0, operator=self.operator)
         self.pipeline = StreamPipeline(bundle, pipeline_settings(prompt="start", negative_prompt=""))
@@ -70,9 +73,19 @@ class Show:
         settings = ControlSettings(
             port=0, feedback=[f"127.0.0.1:{self.feedback.port}"], status_hz=20, scenes_dir=str(tmp_path)
         )
-        self.service = ControlService(
-            settings, self.engine.control, self.engine.submit, self.engine.stats.snapshot, self.operator
-        )
+        if music:
+            self.service = ControlService(
+                settings,
+                self.engine.control,
+                self.engine.submit,
+                self.engine.status,
+                self.operator,
+                self.engine.music,
+            )
+        else:
+            self.service = ControlService(
+                settings, self.engine.control, self.engine.submit, self.engine.stats.snapshot, self.operator
+            )
         self.engine.on_applied = self.service.echo
         self.thread = threading.Thread(target=self.engine.run, daemon=True)
 
@@ -169,6 +182,69 @@ def test_a_change_on_the_page_is_applied_echoed_and_the_page_follows_osc(bundle,
         assert show.post({"name": "preset_save", "value": "intro"})[0] == 200
         assert "intro" in show.get("/api/state")["scenes"]
         assert show.feedback.seen("/preset/save", lambda a: a == ["intro"])
+
+
+TEMPO_STATUS = ("bpm", "beat_position", "beat_time", "beats_per_bar", "sequence_step")
+
+
+def test_the_musical_time_and_the_servers_clock_reach_the_page(bundle, tmp_path):
+    """The page extrapolates the beat: it needs the status' musical time and the server's clock
+    (``time``, the clock ``beat_time`` is on) in every state, read and pushed."""
+    with Show(bundle, tmp_path, music=True) as show:
+        before = time.monotonic()
+        state = show.get("/api/state")
+        status = state["status"]
+        assert set(TEMPO_STATUS) <= set(status)
+        assert status["bpm"] == pytest.approx(120.0) and status["beats_per_bar"] == 4
+        assert status["sequence_step"] == -1
+        assert before <= state["time"] <= time.monotonic()
+        assert 0.0 <= state["time"] - status["beat_time"] < 1.0  # the frame loop's latest look
+
+        async def pushed() -> dict:
+            url = show.url("/api/ws")
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                while True:
+                    body = json.loads((await ws.receive(10)).data)
+                    if body["type"] == "state":
+                        return body
+
+        body = asyncio.run(pushed())
+        assert set(TEMPO_STATUS) <= set(body["status"]) and isinstance(body["time"], float)
+        # a running sequence's step shows (the frame loop counts it)
+        sequence = json.dumps({"steps": ["a", "b", "c"], "every": "1beat", "autostart": True})
+        assert show.post({"name": "sequence", "value": sequence})[0] == 200
+        assert wait_until(lambda: show.get("/api/state")["status"]["sequence_step"] >= 0, 10)
+
+
+def test_tap_and_resync_are_sent_without_a_value_from_the_page(bundle, tmp_path):
+    with Show(bundle, tmp_path, music=True) as show:
+        music = show.engine.music
+        resyncs: list[float] = []
+        resync = music.resync
+
+        def spy(at: float) -> None:
+            resyncs.append(at)
+            resync(at)
+
+        music.resync = spy  # type: ignore[method-assign]
+        start = time.monotonic()
+        for tap in range(4):  # 150 BPM
+            time.sleep(max(0.0, start + 0.4 * tap - time.monotonic()))
+            assert show.post({"name": "tempo_tap", "value": None}) == (
+                200,
+                {"ok": True, "accepted": {"tempo_tap": None}},
+            )
+        tempo = round(music.clock.bpm, 3)
+        assert abs(tempo - 150.0) < 6.0
+        assert wait_until(lambda: show.get("/api/state")["status"]["bpm"] == pytest.approx(tempo), 10)
+        assert wait_until(lambda: show.get("/api/state")["values"]["bpm"] == pytest.approx(tempo), 10)
+        before = time.monotonic()
+        assert show.post({"name": "tempo_resync", "value": None})[0] == 200
+        assert len(resyncs) == 1 and before <= resyncs[0] <= time.monotonic()
+        bar = music.clock.beat(resyncs[0]) % 4
+        assert min(bar, 4 - bar) < 1e-6  # that moment is a downbeat
+        status, body = show.post({"name": "tempo_tap", "value": "now"})
+        assert status == 400 and body["error"] == show.osc_error("/tempo/tap", ["now"])
 
 
 def test_writes_from_another_origin_or_without_json_are_refused(bundle, tmp_path):

@@ -508,8 +508,8 @@ function showJson(pre, data) {
   if (pre.textContent !== text) { pre.textContent = text; }
 }
 
-// The engine's state as pushed: values, status and scenes.
-function showState(body) {
+// The engine's state as pushed (arrived at performance.now() `at`): values, status and scenes.
+function showState(body, at) {
   var values = isObj(body.values) ? body.values : {};
   var st = isObj(body.status) ? body.status : {};
   if (online === false) { streams.forEach(function (s) { s.reconnect(); }); }
@@ -518,6 +518,7 @@ function showState(body) {
   lastValues = values;
   applyValues(values);
   renderStatus(st);
+  showTempo(st, body.time, at);
   renderScenes(Array.isArray(body.scenes) ? body.scenes : []);
   showJson($("values"), values);
   showJson($("status-json"), st);
@@ -527,6 +528,7 @@ function showOffline(err) {
   online = false;
   document.body.classList.add("offline");
   renderUnreachable(err);
+  showTempo({}, null, 0);
 }
 
 // ------------------------------------------------------------------ scenes
@@ -578,6 +580,116 @@ function sceneAction(action, doing, done) {
 sceneName.addEventListener("input", markScenes);
 sceneSave.addEventListener("click", function () { sceneAction("preset_save", "saving", "saved"); });
 $("scene-load").addEventListener("click", function () { sceneAction("preset_load", "loading", "loaded"); });
+
+// ------------------------------------------------------------------ tempo
+// The status has the musical time: beat_position at beat_time on the server's clock (not this
+// browser's) and bpm. Each state re-anchors the beat to performance.now() at its arrival (moved
+// on from beat_time to the state's time, when it was read); in between it runs on at bpm.
+var MAX_DOTS = 32;         // beats_per_bar's maximum
+var tempoTap = $("tempo-tap");
+var tempoBpm = $("tempo-bpm");
+var beatDots = $("beats");
+var tempoStep = $("tempo-step");
+var beat = null;           // {position, bpm, perBar, at}: the beat position at performance.now() `at`
+var beatFrame = null;      // the pending animation frame
+var litDot = -1;
+var tapFlash = null;
+
+// The anchor a status arriving at `at` gives (null without musical time); `serverTime` is the
+// state's time, on beat_time's clock.
+function beatAnchor(st, serverTime, at) {
+  if (!isNum(st.bpm) || st.bpm <= 0 || !isNum(st.beat_position)) { return null; }
+  var position = st.beat_position;
+  if (isNum(serverTime) && isNum(st.beat_time) && serverTime > st.beat_time) {
+    position += (serverTime - st.beat_time) * st.bpm / 60;
+  }
+  var perBar = isNum(st.beats_per_bar) && st.beats_per_bar >= 1
+    ? Math.min(Math.round(st.beats_per_bar), MAX_DOTS) : 4;
+  return { position: position, bpm: st.bpm, perBar: perBar, at: at };
+}
+
+// The beat of the bar (0: the downbeat) at performance.now() `t`.
+function beatIndex(anchor, t) {
+  var whole = Math.floor(anchor.position + (t - anchor.at) / 1000 * anchor.bpm / 60 + 1e-6);
+  return ((whole % anchor.perBar) + anchor.perBar) % anchor.perBar;
+}
+
+function drawBeat() {
+  beatFrame = null;
+  if (beat === null) { return; }
+  if (beatDots.childNodes.length !== beat.perBar) {
+    beatDots.textContent = "";
+    for (var i = 0; i < beat.perBar; i += 1) {
+      beatDots.appendChild(el("i", { "class": i === 0 ? "down" : null, title: "beat " + (i + 1) }));
+    }
+    litDot = -1;
+  }
+  var index = beatIndex(beat, performance.now());
+  if (index !== litDot) {
+    Array.prototype.forEach.call(beatDots.childNodes, function (dot, j) {
+      dot.classList.toggle("on", j === index);
+    });
+    litDot = index;
+  }
+  beatFrame = requestAnimationFrame(drawBeat);
+}
+
+function showTempo(st, serverTime, at) {
+  beat = beatAnchor(st, serverTime, at);
+  var bpm = beat ? beat.bpm.toFixed(1) : "-";
+  if (tempoBpm.textContent !== bpm) { tempoBpm.textContent = bpm; }
+  var step = isNum(st.sequence_step) && st.sequence_step >= 0
+    ? "sequence step " + Math.round(st.sequence_step) : "";
+  if (tempoStep.textContent !== step) { tempoStep.textContent = step; }
+  if (beat === null) {
+    beatDots.textContent = "";
+    litDot = -1;
+  } else if (beatFrame === null) {
+    beatFrame = requestAnimationFrame(drawBeat);
+  }
+}
+
+// Taps are sent at once, each one (no throttle: the engine stamps them on arrival).
+function tap() {
+  tempoTap.classList.add("hit");
+  if (tapFlash !== null) { clearTimeout(tapFlash); }
+  tapFlash = setTimeout(function () { tapFlash = null; tempoTap.classList.remove("hit"); }, 100);
+  post("tempo_tap", null);
+}
+
+function resync() {
+  var at = performance.now();
+  post("tempo_resync", null).then(function (ok) {
+    // the engine's next status says so too; until then, the click was the downbeat
+    if (ok && beat !== null) { beat = { position: 0, bpm: beat.bpm, perBar: beat.perBar, at: at }; }
+  });
+}
+
+// Where the space bar types: it taps everywhere else.
+var NOT_TEXT = ["button", "checkbox", "color", "file", "image", "radio", "range", "reset", "submit"];
+function typing(node) {
+  if (!node || node.nodeType !== 1) { return false; }
+  if (node.isContentEditable || node.tagName === "TEXTAREA") { return true; }
+  return node.tagName === "INPUT" && NOT_TEXT.indexOf(String(node.type).toLowerCase()) < 0;
+}
+
+function isSpace(event) { return event.key === " " || event.code === "Space"; }
+
+tempoTap.addEventListener("pointerdown", function (event) {
+  if (event.button === 0) { tap(); }  // on the press, not the release: the beat is the press
+});
+tempoTap.addEventListener("click", function (event) {
+  if (event.detail === 0) { tap(); }  // Enter on the focused button (a pointer tapped on its press)
+});
+$("tempo-resync").addEventListener("click", resync);
+window.addEventListener("keydown", function (event) {
+  if (!isSpace(event) || event.ctrlKey || event.altKey || event.metaKey || typing(event.target)) { return; }
+  event.preventDefault();  // no scrolling, no focused button pressed, no checkbox toggled
+  if (!event.repeat) { tap(); }
+});
+window.addEventListener("keyup", function (event) {
+  if (isSpace(event) && !typing(event.target)) { event.preventDefault(); }  // a button clicks on keyup
+});
 
 // ------------------------------------------------------------------ video
 function Stream(img, path) {
@@ -784,10 +896,11 @@ function connectSocket() {
   var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
   var socket = new WebSocket(scheme + window.location.host + API.socket);
   socket.addEventListener("message", function (event) {
+    var at = performance.now();
     var body;
     try { body = JSON.parse(event.data); } catch { return; }
     if (!isObj(body)) { return; }
-    if (body.type === "state") { showState(body); }
+    if (body.type === "state") { showState(body, at); }
     else if (body.type === "history") { showHistory(body); }
     else if (body.type === "offline") {
       showOffline({ status: 503, message: typeof body.error === "string" ? body.error : "not running" });
