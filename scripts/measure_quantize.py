@@ -16,6 +16,8 @@ import tempfile
 import threading
 import time
 
+from pythonosc.osc_message_builder import OscMessageBuilder
+
 from bridges.base import open_source
 from engine.config import load_config
 from engine.control.scenes import SceneStore
@@ -25,7 +27,6 @@ from engine.pipeline import PipelineSettings
 from engine.runtime.changes import open_pipeline
 from engine.runtime.engine import Engine, EngineOptions, runtime_values
 from engine.runtime.music import MusicSettings
-from pythonosc.osc_message_builder import OscMessageBuilder
 
 
 class NullSink:
@@ -106,8 +107,8 @@ def main() -> None:
         thread.join(5)
     service.close()
     print(
-        f"median offset {statistics.median(offsets):+.1f} ms, range {min(offsets):+.1f} .. {max(offsets):+.1f} ms "
-        f"over {len(offsets)} loads; frame interval {1000 * engine._output_interval:.0f} ms"
+        f"median offset {statistics.median(offsets):+.1f} ms, range {min(offsets):+.1f} .. "
+        f"{max(offsets):+.1f} ms over {len(offsets)} loads"
     )
 
 
