@@ -407,3 +407,41 @@ def test_a_missing_tempo_extra_or_audio_file_stops_the_start_with_one_line(tmp_p
     )
     problems = {p.key: str(p) for p in check_start(config)}
     assert "latentstage[link]" in problems["tempo.source"] and "gone.wav" in problems["audio.file"]
+
+
+def test_a_midi_clock_on_an_in_memory_port_sets_the_tempo_and_the_beat(monkeypatch):
+    from engine.tempo import midi_port
+    from tests.test_tempo_midi_port import FakeMido, Message
+
+    mido = FakeMido(["Clock Out 20:0", "Other 24:0"])
+    monkeypatch.setattr(midi_port, "import_mido", lambda: mido)
+    clock = Clock()
+    settings = MusicSettings(source=TempoSource.MIDI_CLOCK, midi_port="Clock Out")  # a name prefix
+    music = Music(settings, ControlState(), lambda: 0.0, now=clock)
+    music.start()
+    (port,) = mido.ports
+    assert port.name == "Clock Out 20:0"
+    port.callback(Message(0xFA))  # start: the next clock is beat 0
+    period = 60.0 / 125.0 / 24
+    for pulse in range(24 * 8):
+        clock.t = 1.0 + pulse * period
+        port.callback(Message(0xF8))
+    music.frame(clock.t, {})
+    assert music.clock.bpm == pytest.approx(125.0, abs=0.01)
+    assert music.clock.beat(clock.t) == pytest.approx((24 * 8 - 1) / 24, abs=1e-3)
+    music.close()
+    assert port.closed == 1
+
+
+def test_link_is_followed_read_only(monkeypatch):
+    from engine.tempo import link
+    from tests.test_tempo_link import FakeBinding, FakeLink
+
+    monkeypatch.setattr(link, "import_link", lambda: FakeBinding)
+    music = Music(MusicSettings(source=TempoSource.LINK), ControlState(), lambda: 0.0, now=lambda: 2.0)
+    music.start()
+    music.frame(2.0, {})  # the fake session: 128 BPM, beat 0 two seconds before its clock's now
+    assert music.clock.bpm == 128.0
+    assert music.clock.beat(2.0) == pytest.approx(2.0 * 128.0 / 60.0)
+    music.close()
+    assert FakeLink.created[-1].enabled is False
