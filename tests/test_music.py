@@ -445,3 +445,21 @@ def test_link_is_followed_read_only(monkeypatch):
     assert music.clock.beat(2.0) == pytest.approx(2.0 * 128.0 / 60.0)
     music.close()
     assert FakeLink.created[-1].enabled is False
+
+
+def test_recalling_the_same_sequence_and_modulators_keeps_them_running(rig):
+    rig.send("/sequence", "{steps: [a cat, a dog], every: 1bar}")
+    rig.send("/modulators", "[{kind: envelope, name: hit, target: delta, attack: 0, decay: 1, sustain: 0}]")
+    rig.commit()
+    rig.send("/sequence/start")
+    rig.send("/mod/trigger", "hit")
+    rig.music.frame(0.0, {"delta": 1.0})
+    assert rig.state.held()
+    rig.send("/sequence", "{steps: [a cat, a dog], every: 1bar}")  # a scene recall with the same values
+    rig.send("/modulators", "[{kind: envelope, name: hit, target: delta, attack: 0, decay: 1, sustain: 0}]")
+    rig.commit()
+    assert rig.music.frame(0.1, {"delta": 1.0})["delta"] > 1.0  # the envelope still decays
+    assert rig.music.status().sequence_step == 0  # and the sequence still plays (a restart: -1)
+    rig.send("/sequence", "{steps: [a fox], every: 1bar}")
+    rig.commit()
+    assert rig.state.held() == [] and rig.music.status().sequence_step == -1

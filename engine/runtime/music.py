@@ -284,10 +284,14 @@ class Music:
             self.offset_s = float(changes["quantize_offset_ms"]) / 1000.0
         if "modulators" in changes:
             specs = [ModulatorSpec.model_validate(item) for item in changes["modulators"] or []]
-            self.modulation = Modulation(specs, self.follower)
-            self.targets = self.modulation.targets
+            if tuple(specs) != self.modulation.specs:  # a scene with the same list keeps their state
+                self.modulation = Modulation(specs, self.follower)
+                self.targets = self.modulation.targets
         if "sequence" in changes:
-            self._set_sequence(changes["sequence"], now)
+            value = changes["sequence"]
+            spec = None if value is None else SequenceSpec.model_validate(value)
+            if spec != self._sequence:  # the same sequence (a scene recalled) keeps running
+                self._set_sequence(spec, now)
 
     def frame(self, now: float, base: Mapping[str, Any]) -> dict[str, Any]:
         """Once per frame: follow the tempo source, run queued events and the sequence; returns the
@@ -324,9 +328,9 @@ class Music:
             self._log(logging.WARNING, event.kind, "%s refused: %s", event.kind, err)
 
     # ------------------------------------------------------------------ the sequence
-    def _set_sequence(self, value: Mapping[str, Any] | None, now: float) -> None:
+    def _set_sequence(self, spec: SequenceSpec | None, now: float) -> None:
         self._stop_sequence()
-        self._sequence = None if value is None else SequenceSpec.model_validate(value)
+        self._sequence = spec
         if self._sequence is not None and self._sequence.autostart:
             self._start_sequence(0, now, restart=True)
 
