@@ -462,4 +462,5 @@ def test_recalling_the_same_sequence_and_modulators_keeps_them_running(rig):
     assert rig.music.status().sequence_step == 0  # and the sequence still plays (a restart: -1)
     rig.send("/sequence", "{steps: [a fox], every: 1bar}")
     rig.commit()
-    assert rig.state.held() == [] and rig.music.status().sequence_step == -1
+    rig.music.frame(0.2, {})
+    assert rig.state.held() == [] and rig.music.status().sequence_step == -1  # another one: stopped
