@@ -7,6 +7,7 @@ import logging
 import math
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from bridges.base import Frame
+from bridges.pattern import PatternSource
 from engine import contenders
 from engine.accel.backends import Backend
 from engine.claims import (
@@ -51,6 +53,7 @@ class BenchGroup(str, Enum):
     FLICKER = "flicker"
     COMPARE = "compare"
     CLAIMS = "claims"
+    MODULATION = "modulation"
 
 
 DEFAULT_GROUPS = (
@@ -135,6 +138,72 @@ class FlickerRow:
         }
 
 
+@dataclass(frozen=True)
+class ModulationRow:
+    """The engine's frame loop with ``modulators`` active modulators (``MODULATORS``).
+
+    Attributes:
+        modulators: how many modulators run.
+        round_ms: milliseconds per frame of each round (``Engine.run``, everything on the loop).
+        step_ms: milliseconds per frame of each round spent in the modulation step alone:
+            ``Music.frame`` (the modulators evaluated) + ``Engine._modulate`` (the moved values
+            planned and committed through ``apply_change``).
+        baseline_ms: the frame time with no modulators (the ratio's denominator).
+        baseline_round_ms: the rounds without modulators, each run just before this row's round
+            of the same index (``paired_ratio``).
+        commits: pipeline commits during the timed rounds (each frame whose modulated values
+            moved commits them once).
+        frames: frames in the timed rounds.
+    """
+
+    modulators: int
+    round_ms: tuple[float, ...]
+    step_ms: tuple[float, ...]
+    baseline_ms: float
+    baseline_round_ms: tuple[float, ...] = ()
+    commits: int = 0
+    frames: int = 0
+
+    @property
+    def frame_ms(self) -> float:
+        return statistics.median(self.round_ms)
+
+    @property
+    def step(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def share(self) -> float:
+        """The modulation step's part of the frame time (0..1)."""
+        return self.step / self.frame_ms if self.frame_ms > 0 else float("nan")
+
+    @property
+    def ratio(self) -> float:
+        """Frame time ÷ the frame time without modulators (median ÷ median)."""
+        return self.frame_ms / self.baseline_ms if self.baseline_ms > 0 else float("nan")
+
+    @property
+    def paired_ratio(self) -> float:
+        """The median over rounds of this round's frame time ÷ the baseline's in the same round:
+        a machine whose load changes between rounds moves both sides of each quotient alike."""
+        pairs = [ms / base for ms, base in zip(self.round_ms, self.baseline_round_ms) if base > 0]
+        return statistics.median(pairs) if pairs else float("nan")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "modulators": self.modulators,
+            "frame_ms": round(self.frame_ms, 3),
+            "step_ms": round(self.step, 4),
+            "step_share": round(self.share, 5),
+            "time_ratio": round(self.ratio, 4),
+            "paired_time_ratio": round(self.paired_ratio, 4),
+            "commits": self.commits,
+            "frames": self.frames,
+            "round_ms": [round(ms, 3) for ms in self.round_ms],
+            "round_step_ms": [round(ms, 4) for ms in self.step_ms],
+        }
+
+
 @dataclass
 class Timing:
     """Frames per second of one contender: the median of its rounds, and each round's ms/frame."""
@@ -166,6 +235,7 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     flicker: list[FlickerRow] = field(default_factory=list)
     claims: ClaimsReport | None = None
+    modulation: list[ModulationRow] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -183,6 +253,7 @@ class BenchReport:
             "rows": [row.as_json() for row in self.rows],
             "flicker": [row.as_json() for row in self.flicker],
             "claims": None if self.claims is None else self.claims.as_json(),
+            "modulation": [row.as_json() for row in self.modulation],
             "ratios": self.ratios(),
             "summary": {key: round(value, 4) for key, value in self.summary.items()},
             "latency": self.latency,
@@ -333,7 +404,8 @@ def run_bench(
     similarity filter on a static input; ``backend``: ``backends`` (e.g. ONNX Runtime) vs
     torch eager; ``controlnet``: 0, 1 and 2 ControlNets (and Canny); ``compare``: latentstage
     beside the floor and the peers of ``compare``; ``claims``: the paper's claims judged
-    (``engine/claims.py``).
+    (``engine/claims.py``); ``modulation``: the engine's frame loop with 0 and 4 modulators
+    (``measure_modulation``).
     """
     settings = replace(settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False)
     moving = frames_for(settings, models, frames + warmup, moving=True)
@@ -416,6 +488,15 @@ def run_bench(
         from engine.judge.classifier import load_judge
 
         bench.claims = measure_claims(models, settings, load_judge(), frames, say)
+
+    # 9. modulators on the engine's frame loop: none vs four (their evaluation, plan and commit)
+    if BenchGroup.MODULATION in groups:
+        say(f"modulation: the engine's frame loop with 0 and {len(MODULATORS)} modulators")
+        bench.modulation = measure_modulation(models, settings, frames, warmup, rounds)
+        for row in bench.modulation:
+            fps, baseline = 1000.0 / row.frame_ms, 1000.0 / row.baseline_ms
+            name = f"engine loop, {row.modulators} modulators"
+            rows.append(BenchRow("modulation", name, fps, baseline, row.round_ms))
     return bench
 
 
@@ -550,6 +631,159 @@ def measure_latency(models: ModelBundle, settings: PipelineSettings, frames: int
     }
 
 
+MODULATORS: tuple[dict[str, Any], ...] = (
+    {"target": "guidance_scale", "shape": "sine", "rate": "1beat", "depth": 0.3},
+    {"target": "delta", "shape": "triangle", "rate": "2beats", "depth": 0.2},
+    {"kind": "envelope", "target": "guidance_scale", "rate": "1beat", "depth": 0.5},
+    {"target": "similarity_filter_threshold", "shape": "smooth_random", "rate": "1bar", "depth": 0.01},
+)
+"""The ``modulation`` group's modulators (at 120 BPM): LFOs on γ, δ and the filter threshold and a
+beat-fired envelope on γ; every one moves its value on every frame, so every frame commits."""
+
+MODULATION_BPM = 120.0
+
+
+class _OnDemandSource:
+    """Pattern pictures, one per frame-loop iteration: the loop's ``tick`` sets ``wanted`` and the
+    source thread converts the next frame while the loop runs the current one, so a frame is
+    always waiting and the source converts one frame per frame (a live input at least as fast as
+    the engine, without a source thread spinning beside it)."""
+
+    def __init__(self, width: int, height: int, count: int = 8) -> None:
+        pattern = PatternSource(30.0, width, height)
+        self._pictures = [pattern.render(index) for index in range(count)]
+        self.wanted = threading.Event()
+        self.wanted.set()
+        self._sequence = 0
+
+    def recv(self, timeout: float) -> Frame | None:
+        if not self.wanted.wait(timeout):
+            return None
+        self.wanted.clear()
+        self._sequence += 1
+        return Frame(self._pictures[self._sequence % len(self._pictures)], time.monotonic(), self._sequence)
+
+    def __str__(self) -> str:
+        height, width = self._pictures[0].shape[:2]
+        return f"bench pattern {width}x{height}, one frame per loop iteration"
+
+    def close(self) -> None:
+        pass
+
+
+class _TimedEngine:
+    """An ``Engine`` on an on-demand pattern source and a counting sink, its modulation step timed.
+
+    The step is the engine's own two calls, wrapped on this instance: ``music.frame`` (the
+    modulators evaluated for the frame) and ``_modulate`` (the moved values through
+    ``apply_change``: plan, commit).
+    """
+
+    def __init__(self, models: ModelBundle, settings: PipelineSettings, modulators: Sequence[dict[str, Any]]):
+        from engine.runtime.engine import Engine, EngineOptions
+
+        self.source = _OnDemandSource(settings.width, settings.height)
+        sink = _CountingSink()
+        options = EngineOptions(
+            stall_seconds=0.0,
+            runtime_values={"modulators": [dict(item) for item in modulators], "bpm": MODULATION_BPM},
+        )
+        pipe = StreamPipeline(models, settings)
+        self.engine = engine = Engine(pipe, lambda: self.source, [("bench", lambda: sink)], options)
+        self.device = models.device
+        self.step_s = 0.0
+        self.commits = 0  # pipeline commits while timed (``run`` after the warm-up)
+        music_frame, modulate = engine.music.frame, engine._modulate
+
+        def timed_frame(now: float, base: Any) -> dict[str, Any]:
+            started = time.perf_counter()
+            try:
+                return music_frame(now, base)
+            finally:
+                self.step_s += time.perf_counter() - started
+
+        def timed_modulate(values: dict[str, Any]) -> None:
+            started = time.perf_counter()
+            try:
+                modulate(values)
+            finally:
+                self.step_s += time.perf_counter() - started
+
+        engine.music.frame = timed_frame  # type: ignore[method-assign]
+        engine._modulate = timed_modulate  # type: ignore[method-assign]
+
+    def run(self, frames: int) -> tuple[float, float]:
+        """``frames`` more output frames through ``Engine.run``; ms per frame of the whole loop
+        and of the modulation step."""
+        engine = self.engine
+        step_before, version_before = self.step_s, engine.pipeline.version
+        _sync(self.device)
+        started = time.perf_counter()
+        engine.run(max_frames=engine.frames_emitted + frames, tick=self.source.wanted.set)
+        _sync(self.device)
+        elapsed = time.perf_counter() - started
+        self.commits += engine.pipeline.version - version_before
+        return 1000.0 * elapsed / frames, 1000.0 * (self.step_s - step_before) / frames
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def measure_modulation(
+    models: ModelBundle, settings: PipelineSettings, frames: int, warmup: int, rounds: int = ROUNDS
+) -> list[ModulationRow]:
+    """The engine's frame loop (``Engine.run``: source slot, modulation, pipeline, hand-off to the
+    post thread) with no modulators and with ``MODULATORS``, in alternating rounds (A B A B ...).
+
+    Each variant is its own ``Engine`` and pipeline on the same models; the similarity filter is
+    off (a modulated threshold would change which frames are skipped, not what modulation costs).
+    At least one warm-up frame each, untimed, starts the threads and fills the stream batch.
+    """
+    settings = replace(settings, similarity_filter_enabled=False)
+    variants = [_TimedEngine(models, settings, ()), _TimedEngine(models, settings, MODULATORS)]
+    try:
+        for variant in variants:
+            variant.run(max(warmup, 1))
+            variant.commits = 0
+        timings: list[list[tuple[float, float]]] = [[] for _ in variants]
+        for _ in range(rounds):
+            for index, variant in enumerate(variants):
+                timings[index].append(variant.run(frames))
+    finally:
+        for variant in variants:
+            variant.close()
+    baseline = statistics.median(ms for ms, _ in timings[0])
+    return [
+        ModulationRow(
+            count,
+            tuple(ms for ms, _ in results),
+            tuple(step for _, step in results),
+            baseline,
+            tuple(ms for ms, _ in timings[0]),
+            variant.commits,
+            frames * rounds,
+        )
+        for count, results, variant in zip((0, len(MODULATORS)), timings, variants)
+    ]
+
+
+def format_modulation(rows: Sequence[ModulationRow]) -> str:
+    """The modulation step's cost beside the frame time, per number of modulators."""
+    lines = [
+        "modulation: the engine's frame loop; step = Music.frame + Engine._modulate (plan + commit "
+        "of the moved values); paired ÷ = median over rounds of the round's time ÷ 0 mods' in it",
+        f"  {'modulators':>10}{'ms/frame':>12}{'step ms/frame':>16}{'step share':>12}{'time ÷ 0 mods':>15}"
+        f"{'paired ÷':>10}{'commits/frame':>15}",
+    ]
+    for row in rows:
+        commits = row.commits / row.frames if row.frames else float("nan")
+        lines.append(
+            f"  {row.modulators:>10}{row.frame_ms:>12.2f}{row.step:>16.3f}{100 * row.share:>11.4f}%"
+            f"{row.ratio:>14.3f}x{row.paired_ratio:>9.3f}x{commits:>15.2f}"
+        )
+    return "\n".join(lines)
+
+
 def format_rows(rows: Sequence[BenchRow], header: str) -> str:
     """A table: group, configuration, fps, ms/frame, min–max of the rounds, ratio to the group's baseline."""
     title = f"{'group':<18} {'configuration':<40} {'fps':>8} {'ms/frame':>10} {'min-max ms':>19} {'ratio':>7}"
@@ -608,6 +842,9 @@ def format_report(bench: BenchReport, header: str) -> str:
     if bench.claims is not None:
         lines.append("")
         lines.append(format_claims(bench.claims))
+    if bench.modulation:
+        lines.append("")
+        lines.append(format_modulation(bench.modulation))
     for name, reason in bench.skipped.items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -102,8 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="GROUPS",
         help="row groups to run: denoising, guidance, filter, backend, controlnet, flicker, compare, "
-        "claims (the paper's claims judged, on builtin:shapes; default: all but compare and claims, "
-        "and compare with --compare)",
+        "claims (the paper's claims judged, on builtin:shapes), modulation (the engine's frame loop "
+        "with 0 and 4 modulators); default: all but compare, claims and modulation, and compare with "
+        "--compare",
     )
     bench_cmd.add_argument(
         "--latency-frames",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 
@@ -172,3 +173,29 @@ def test_the_flicker_table_compares_the_feature_cache_off_and_on(tmp_path, capsy
     assert rows["static (filter off)"]["mad_on"] > 0.0, "the cache fills over the first frames"
     assert rows["slowly moving"]["mad_off"] > 0.0
     assert all(row["ms_on"] > 0 and row["ms_off"] > 0 for row in rows.values())
+
+
+def test_the_modulation_group_times_the_engine_loop_with_0_and_4_modulators(tmp_path, capsys):
+    out = tmp_path / "modulation.json"
+    args = ["bench", "--preset", "demo", "--set", "model.id=builtin:tiny", "--groups", "modulation"]
+    args += ["--frames", "2", "--warmup", "1", "--rounds", "2", *SMALL, "--json", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line.startswith("modulation ")]
+    assert [" ".join(line.split()[1:5]) for line in lines] == [
+        "engine loop, 0 modulators",
+        "engine loop, 4 modulators",
+    ]
+    assert all(math.isfinite(float(line.split()[-1].rstrip("x"))) for line in lines)
+    assert "step = Music.frame + Engine._modulate" in text
+    data = json.loads(out.read_text())
+    rows = {row["name"]: row for row in data["rows"] if row["group"] == "modulation"}
+    assert set(rows) == {"engine loop, 0 modulators", "engine loop, 4 modulators"}
+    assert all(len(row["round_ms"]) == 2 and math.isfinite(row["ratio"]) for row in rows.values())
+    none, four = data["modulation"]
+    assert (none["modulators"], four["modulators"]) == (0, 4)
+    assert math.isfinite(four["time_ratio"]) and none["time_ratio"] == 1.0
+    assert math.isfinite(four["paired_time_ratio"]) and none["paired_time_ratio"] == 1.0
+    assert all(row["step_ms"] >= 0 and row["frames"] == 4 for row in (none, four))
+    # the modulators really ran on the frame loop: every timed frame committed moved values
+    assert none["commits"] == 0 and four["commits"] == 4

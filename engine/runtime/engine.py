@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 KEEPALIVE_FPS = 30.0
 SHUTDOWN_BUDGET_S = 1.5
+LEAD_REFRESH_S = 0.5
 _ON_LOSS_WORDS = {
     OnLossMode.HOLD: "hold the last frame",
     OnLossMode.BLACK: "show black",
@@ -169,6 +170,7 @@ class Engine:
                 self._stop,
             )
         self.control = control or ControlState()
+        self._lead, self._lead_at = 0.0, 0.0  # the cached change latency (_lead_s)
         self.runtime_state: dict[str, Any] = {name: REGISTRY[name].default for name in RUNTIME_PARAMS}
         self.runtime_state.update(validate_changes(self.options.runtime_values, RUNTIME_PARAMS))
         self.music = Music(music_settings or MusicSettings(), self.control, self._lead_s)
@@ -274,9 +276,15 @@ class Engine:
         return self._change
 
     def _lead_s(self) -> float:
-        """The measured change-to-screen latency in seconds (before any change: the frame latency)."""
-        snapshot = self.stats.snapshot()
-        return float(snapshot.get("change_latency_ms") or snapshot.get("latency_ms") or 0.0) / 1000.0
+        """The measured change-to-screen latency in seconds (before any change: the frame latency),
+        read from the statistics at most every ``LEAD_REFRESH_S`` (their snapshot takes a lock the
+        sink threads take too, and sorts the latency window)."""
+        now = time.monotonic()
+        if now >= self._lead_at:
+            snapshot = self.stats.snapshot()
+            self._lead = float(snapshot.get("change_latency_ms") or snapshot.get("latency_ms") or 0.0) / 1000.0
+            self._lead_at = now + LEAD_REFRESH_S
+        return self._lead
 
     def start(self) -> None:
         """Start the source, post-processing and sink threads."""
