@@ -282,7 +282,8 @@ class Engine:
         now = time.monotonic()
         if now >= self._lead_at:
             snapshot = self.stats.snapshot()
-            self._lead = float(snapshot.get("change_latency_ms") or snapshot.get("latency_ms") or 0.0) / 1000.0
+            milliseconds = snapshot.get("change_latency_ms") or snapshot.get("latency_ms") or 0.0
+            self._lead = float(milliseconds) / 1000.0
             self._lead_at = now + LEAD_REFRESH_S
         return self._lead
 
