@@ -464,3 +464,18 @@ def test_recalling_the_same_sequence_and_modulators_keeps_them_running(rig):
     rig.commit()
     rig.music.frame(0.2, {})
     assert rig.state.held() == [] and rig.music.status().sequence_step == -1  # another one: stopped
+
+
+def test_the_operator_pages_json_sets_modulators_and_a_sequence(rig):
+    from engine.control.dispatch import json_args
+
+    for name, value in (
+        ("modulators", [{"target": "delta", "depth": 0.2}]),
+        ("sequence", {"steps": ["a cat"], "every": "2bars"}),
+    ):
+        spec = params.REGISTRY[name]
+        _replies, error = rig.dispatcher.handle_request(spec.osc_address, json_args(spec, value), SENDER)
+        assert error is None
+    changes = rig.commit()
+    assert changes["modulators"] == [{"target": "delta", "rate": "1bar", "depth": 0.2}]
+    assert changes["sequence"] == {"steps": ["a cat"], "every": "2bars"}

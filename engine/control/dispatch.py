@@ -584,6 +584,8 @@ def _struct_item(spec: ParamSpec, text: Any) -> Any:
 def json_args(spec: ParamSpec, value: Any) -> list[Any]:
     """A value as JSON sends it (lists, pairs, scalars) as the OSC arguments of ``spec``'s address,
     unchecked: the dispatcher validates them exactly as it validates OSC."""
+    if spec.kind is ParamKind.STRUCT:  # the data itself (or its YAML text): one argument
+        return [value]
     if spec.kind in (params.ParamKind.PROMPT_BLEND, params.ParamKind.SEED_BLEND) and isinstance(value, list):
         return [item for pair in value for item in (pair if isinstance(pair, list) else [pair])]
     if isinstance(value, list):
