@@ -60,7 +60,8 @@ def test_rates_are_stored_in_canonical_form():
     ("fields", "says"),
     [
         ({"target": "seed"}, "target 'seed' is not a continuous parameter; allowed: guidance_scale, delta"),
-        ({"target": "strength"}, "target 'strength' is not a continuous parameter"),
+        ({"target": "bpm"}, "target 'bpm' is not a continuous parameter"),  # the clock's, not a picture's
+        ({"target": "cfg_type"}, "target 'cfg_type' is not a continuous parameter"),
         ({"target": "prompt"}, "target 'prompt' is not a continuous parameter"),
         ({"target": "guidance_scale[0]"}, "target 'guidance_scale[0]' is not a continuous parameter"),
         ({"target": "controlnet_scales"}, "target 'controlnet_scales' is not a continuous parameter"),
@@ -84,12 +85,13 @@ def test_bad_specs_name_the_value_and_what_is_allowed(fields, says):
 
 def test_allowed_targets_come_from_the_registry():
     text = allowed_targets()
-    for name in ("guidance_scale", "delta", "ip_adapter_scale", "feature_cache_strength"):
+    for name in ("guidance_scale", "delta", "strength", "ip_adapter_scale", "feature_cache_strength"):
         assert name in text
     assert "controlnet_scales[i] (i < 4)" in text and "lora_scales[i] (i < 16)" in text
     assert "prompt_blend[i]" in text and "seed_blend[i]" in text
     listed = text.split(", ")
-    assert "strength" not in listed and "seed" not in listed  # changes shape / not continuous
+    assert "strength" in listed  # keeps n: t_index_list moves, the UNet batch does not
+    assert "seed" not in listed and "bpm" not in listed  # not continuous / not the pipeline's
     target = parse_target("lora_scales[3]")
     assert (target.minimum, target.maximum) == (
         REGISTRY["lora_scales"].minimum,
