@@ -1,8 +1,9 @@
-"""NDI source and sink over cyndilib: find a sender by name, receive via frame sync, send RGBA."""
+"""NDI over cyndilib: find a sender by name, receive video (RGBA) or audio via frame sync, send RGBA."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -41,6 +42,9 @@ POLL_INTERVAL = 0.002
 CONNECTION_CHECK_INTERVAL = 0.25
 DEFAULT_FPS = 30.0
 MAX_FPS = 1000.0
+#: What an NDI audio source asks NDI's frame sync to deliver (it converts any other format).
+AUDIO_SAMPLE_RATE = 48000
+AUDIO_CHANNELS = 2
 #: What cyndilib raises when the SDK fails.
 SDK_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
 
@@ -252,7 +256,114 @@ def unavailable_reason() -> str | None:
     return None
 
 
-class NdiSource(Closing):
+def find_source(finder: Any, query: str, timeout: float) -> str:
+    """The full name of the sender ``query`` means (``match_source``), polling ``finder``.
+
+    Waits up to ``timeout`` seconds; after a non-exact match, up to ``SETTLE_TIME`` more for an
+    exact one. ``BridgeError`` with the names seen when nothing matches in time.
+    """
+    start = time.monotonic()
+    deadline = start + max(0.0, timeout)
+    candidate: str | None = None
+    settle_until = 0.0
+    names: list[str] = []
+    while True:
+        names = list(finder.update_sources())
+        name, exact = match_source(query, names)
+        now = time.monotonic()
+        if exact and name is not None:
+            return name
+        if name is not None:
+            if name != candidate:
+                candidate, settle_until = name, min(deadline, now + SETTLE_TIME)
+            if now >= settle_until:
+                return name
+        else:
+            candidate = None
+        if now >= deadline:
+            break
+        time.sleep(min(0.1, max(0.0, deadline - now)))
+    raise BridgeError(
+        f"NDI source {query!r} not found within {time.monotonic() - start:.1f} s; "
+        f"sources seen: {', '.join(repr(n) for n in names) or 'none'}"
+    )
+
+
+class _Receiving(Closing):
+    """What the NDI video and audio sources share: find the sender, connect, watch the link.
+
+    Opening waits up to ``find_timeout`` seconds for the sender to be discovered and raises
+    ``BridgeError`` (with the names seen) when it is not. ``_check_connection`` raises
+    ``BridgeError`` when the connection never comes up or is gone for ``lost_after`` seconds.
+    """
+
+    #: What the error messages call this source, e.g. "NDI source".
+    what = "NDI source"
+
+    def __init__(self, source: str, find_timeout: float, lost_after: float, bandwidth: str) -> None:
+        query = source.strip()
+        if not query:
+            raise ValueError(f"{type(self).__name__} needs the sender's name, e.g. 'HOST (TouchDesigner)'")
+        self._ndi = load_cyndilib(f"the {self.what}")
+        self._finder: Any = None
+        self._receiver: Any = None
+        self._next_check = 0.0
+        ok = False
+        try:
+            # Discovery is polled on this thread (update_sources) instead of cyndilib's own
+            # finder thread: with that thread running, a process that also sends NDI crashed
+            # (SIGSEGV) about one start in six here.
+            self._finder = self._ndi.Finder()
+            self.name = find_source(self._finder, query, find_timeout)
+            found = self._finder.get_source(self.name)
+            if found is None:
+                raise BridgeError(f"NDI source {self.name!r} vanished while connecting")
+            self._receiver = self._ndi.Receiver(
+                color_format=self._ndi.RecvColorFormat.RGBX_RGBA,
+                bandwidth=getattr(self._ndi.RecvBandwidth, bandwidth),
+                allow_video_fields=False,
+                recv_name=RECEIVER_NAME,
+            )
+            self._attach(self._receiver.frame_sync)
+            self._receiver.set_source(found)
+            self._watch = ConnectionWatch(self.name, time.monotonic(), CONNECT_TIMEOUT,
+                                          lost_after)
+            log.info("%s %r connecting", self.what, self.name)
+            ok = True
+        except BridgeError:
+            raise
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise BridgeError(f"could not open {self.what} {query!r}: {exc}") from exc
+        finally:
+            if not ok:
+                self.close()
+
+    def _attach(self, frame_sync: Any) -> None:
+        """Give the receiver's frame sync the frame objects it captures into."""
+        raise NotImplementedError
+
+    def _check_connection(self, now: float) -> None:
+        """Every ``CONNECTION_CHECK_INTERVAL``: ``BridgeError`` when the source is lost."""
+        if now < self._next_check:
+            return
+        self._next_check = now + CONNECTION_CHECK_INTERVAL
+        try:
+            connected = bool(self._receiver.is_connected())
+        except SDK_ERRORS as exc:
+            raise BridgeError(f"NDI receiver failed: {exc}") from exc
+        problem = self._watch.update(now, connected)
+        if problem is not None:
+            raise BridgeError(problem)
+
+    def _release(self) -> None:
+        """Disconnect and drop the receiver and finder."""
+        receiver, self._receiver = self._receiver, None
+        finder, self._finder = self._finder, None
+        shut_down(receiver, "disconnect", "NDI receiver", SDK_ERRORS, log)
+        shut_down(finder, "close", "NDI finder", SDK_ERRORS, log)
+
+
+class NdiSource(_Receiving):
     """Frames from the NDI sender named ``source`` (full ``"HOST (Stream)"`` or a unique part).
 
     Opening waits up to ``find_timeout`` seconds for the sender to be discovered and raises
@@ -269,73 +380,14 @@ class NdiSource(Closing):
         find_timeout: float = FIND_TIMEOUT,
         lost_after: float = LOST_AFTER,
     ) -> None:
-        query = source.strip()
-        if not query:
-            raise ValueError("NdiSource needs the sender's name, e.g. 'HOST (TouchDesigner)'")
-        self._ndi = load_cyndilib("the NDI source")
-        self._finder: Any = None
-        self._receiver: Any = None
         self._video: Any = None
         self._last_key: tuple[float, float, int, int] | None = None
         self._frames = FrameCounter()
-        self._next_check = 0.0
-        ok = False
-        try:
-            # Discovery is polled on this thread (update_sources) instead of cyndilib's own
-            # finder thread: with that thread running, a process that also sends NDI crashed
-            # (SIGSEGV) about one start in six here.
-            self._finder = self._ndi.Finder()
-            self.name = self._find(query, find_timeout)
-            found = self._finder.get_source(self.name)
-            if found is None:
-                raise BridgeError(f"NDI source {self.name!r} vanished while connecting")
-            self._receiver = self._ndi.Receiver(
-                color_format=self._ndi.RecvColorFormat.RGBX_RGBA,
-                bandwidth=self._ndi.RecvBandwidth.highest,
-                allow_video_fields=False,
-                recv_name=RECEIVER_NAME,
-            )
-            self._video = self._ndi.VideoFrameSync()
-            self._receiver.frame_sync.set_video_frame(self._video)
-            self._receiver.set_source(found)
-            self._watch = ConnectionWatch(self.name, time.monotonic(), CONNECT_TIMEOUT,
-                                          lost_after)
-            log.info("NDI source %r connecting", self.name)
-            ok = True
-        except BridgeError:
-            raise
-        except (RuntimeError, ValueError, MemoryError) as exc:
-            raise BridgeError(f"could not open NDI source {query!r}: {exc}") from exc
-        finally:
-            if not ok:
-                self.close()
+        super().__init__(source, find_timeout, lost_after, "highest")
 
-    def _find(self, query: str, timeout: float) -> str:
-        start = time.monotonic()
-        deadline = start + max(0.0, timeout)
-        candidate: str | None = None
-        settle_until = 0.0
-        names: list[str] = []
-        while True:
-            names = list(self._finder.update_sources())
-            name, exact = match_source(query, names)
-            now = time.monotonic()
-            if exact and name is not None:
-                return name
-            if name is not None:
-                if name != candidate:
-                    candidate, settle_until = name, min(deadline, now + SETTLE_TIME)
-                if now >= settle_until:
-                    return name
-            else:
-                candidate = None
-            if now >= deadline:
-                break
-            time.sleep(min(0.1, max(0.0, deadline - now)))
-        raise BridgeError(
-            f"NDI source {query!r} not found within {time.monotonic() - start:.1f} s; "
-            f"sources seen: {', '.join(repr(n) for n in names) or 'none'}"
-        )
+    def _attach(self, frame_sync: Any) -> None:
+        self._video = self._ndi.VideoFrameSync()
+        frame_sync.set_video_frame(self._video)
 
     def recv(self, timeout: float) -> Frame | None:
         """The next new frame, or ``None`` after ``timeout`` seconds without one."""
@@ -348,15 +400,7 @@ class NdiSource(Closing):
             if frame is not None:
                 self._watch.connected()
                 return frame
-            if now >= self._next_check:
-                self._next_check = now + CONNECTION_CHECK_INTERVAL
-                try:
-                    connected = bool(self._receiver.is_connected())
-                except SDK_ERRORS as exc:
-                    raise BridgeError(f"NDI receiver failed: {exc}") from exc
-                problem = self._watch.update(now, connected)
-                if problem is not None:
-                    raise BridgeError(problem)
+            self._check_connection(now)
             if now >= deadline:
                 return None
             time.sleep(min(POLL_INTERVAL, deadline - now))
@@ -380,13 +424,84 @@ class NdiSource(Closing):
         return self._frames.frame(pixels)
 
     def _release(self) -> None:
-        """Disconnect and drop the receiver and finder."""
-        receiver, self._receiver = self._receiver, None
-        finder, self._finder = self._finder, None
+        super()._release()
         self._video = None
-        shut_down(receiver, "disconnect", "NDI receiver", SDK_ERRORS, log)
-        shut_down(finder, "close", "NDI finder", SDK_ERRORS, log)
 
+
+class NdiAudioSource(_Receiving):
+    """Audio from the NDI sender named ``source``, for the audio followers (no video received).
+
+    The shape of ``engine.modulation.audio.AudioSource``: ``read(max_frames)`` returns the newest
+    audio as ``(frames, channels)`` float32, empty when nothing new arrived. NDI's frame sync
+    is pulled at the pace it is built for: each ``read`` takes as many samples as real time
+    moved on since the last one (at most a second; pulling more makes it pad with silence),
+    converted to ``sample_rate`` and ``channels`` whatever the sender sends, unscaled (NDI's
+    native reference level, so a sender's 1.0 reads as 1.0). Opening
+    and a connection that never comes up or is gone for ``lost_after`` seconds raise
+    ``BridgeError`` as ``NdiSource`` does. ``read`` and ``close`` may run on different threads.
+    """
+
+    what = "NDI audio source"
+
+    def __init__(
+        self,
+        source: str,
+        find_timeout: float = FIND_TIMEOUT,
+        lost_after: float = LOST_AFTER,
+        sample_rate: int = AUDIO_SAMPLE_RATE,
+        channels: int = AUDIO_CHANNELS,
+    ) -> None:
+        if sample_rate < 8000 or not 1 <= channels <= 8:
+            raise ValueError(f"NDI audio of {sample_rate} Hz, {channels} channels; "
+                             "allowed: at least 8000 Hz, 1 to 8 channels")
+        self.sample_rate = int(sample_rate)
+        self.channels = int(channels)
+        self._audio: Any = None
+        self._lock = threading.Lock()
+        self._pulled_at = time.monotonic()
+        self._carry = 0.0  # the fraction of a sample real time owes the next read
+        super().__init__(source, find_timeout, lost_after, "audio_only")
+
+    def __repr__(self) -> str:
+        return f"NdiAudioSource({getattr(self, 'name', '?')!r})"
+
+    def _attach(self, frame_sync: Any) -> None:
+        self._audio = self._ndi.AudioFrameSync()
+        self._audio.sample_rate = self.sample_rate  # what each capture asks NDI to convert to
+        self._audio.num_channels = self.channels
+        frame_sync.set_audio_frame(self._audio)
+
+    def read(self, max_frames: int) -> np.ndarray:
+        """Up to ``max_frames`` of the newest audio as ``(frames, channels)`` float32; empty when
+        nothing new arrived. ``BridgeError`` when the source is lost or closed."""
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        with self._lock:
+            if self._closed:
+                raise BridgeError("NDI audio source is closed")
+            now = time.monotonic()
+            self._check_connection(now)
+            due = (now - self._pulled_at) * self.sample_rate + self._carry
+            self._pulled_at = now
+            count = min(int(due), self.sample_rate)
+            self._carry = due - count if count < self.sample_rate else 0.0
+            samples = None
+            try:
+                if count and self._receiver.frame_sync.capture_audio(count):
+                    samples = self._audio.get_array()
+            except SDK_ERRORS as exc:
+                raise BridgeError(f"NDI audio receive from {self.name!r} failed: {exc}") from exc
+        if samples is None or samples.shape[1] == 0:
+            return np.empty((0, self.channels), np.float32)
+        if samples.shape[0] != self.channels:
+            raise BridgeError(f"NDI delivered {samples.shape[0]} audio channels; "
+                              f"asked for {self.channels}")
+        return np.ascontiguousarray(samples[:, -max_frames:].T, dtype=np.float32)
+
+    def _release(self) -> None:
+        with self._lock:  # a read on another thread finishes first
+            super()._release()
+            self._audio = None
 
 
 class NdiSink(Closing):

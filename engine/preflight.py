@@ -115,6 +115,12 @@ def _music_problems(config: Any) -> list[StartProblem]:
     if audio.device is not None and importlib.util.find_spec("sounddevice") is None:
         fix = "pip install latentstage[audio]"
         problems.append(StartProblem("audio.device", "sounddevice is not installed", fix))
+    if audio.ndi is not None:
+        from bridges.ndi import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            problems.append(StartProblem("audio.ndi", reason, "pip install latentstage[ndi]"))
     return problems
 
 

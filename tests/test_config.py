@@ -548,6 +548,14 @@ BAD: list[Any] = [
     ("allow-bad-cidr", "", [], ["osc.allow=[10.0.0.0/33]"],
      ["osc.allow[0]", "10.0.0.0/33", "CIDR"]),
     ("status-hz", "", [], ["osc.status_hz=0"], ["osc.status_hz", "(0, 60]"]),
+    ("audio-file-and-device", "", [], ["audio.file=track.wav", "audio.device=2"],
+     ["audio.device: '2' is given beside audio.file",
+      "allowed: at most one of audio.file, audio.device and audio.ndi"]),
+    ("audio-file-and-ndi", "", [], ["audio.file=track.wav", "audio.ndi=HOST (Ableton)"],
+     ["audio.ndi: 'HOST (Ableton)' is given beside audio.file", "at most one of"]),
+    ("audio-device-and-ndi", "", [], ["audio.device=2", "audio.ndi=Ableton"],
+     ["audio.ndi: 'Ableton' is given beside audio.device", "at most one of"]),
+    ("audio-ndi-empty", "", [], ["audio.ndi=' '"], ["audio.ndi", "non-empty text"]),
     ("log-level", "", [], ["logging.level=verbose"],
      ["logging.level", "DEBUG | INFO | WARNING | ERROR"]),
     ("unknown-preset", "", ["nosuch"], [], ["--preset", "'nosuch'", "available:", "demo"]),
@@ -580,6 +588,19 @@ def test_refused(tmp_path: Path, text: str, presets: list[str], overrides: list[
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
     assert info.value.errors and all(msg for _, msg in info.value.errors)
+
+
+def test_audio_takes_one_input_of_file_device_or_ndi() -> None:
+    from engine.runtime.music import MusicSettings
+
+    config = load_config(overrides=["audio.ndi=STAGE-PC (Ableton Live)"])
+    assert config.audio.ndi == "STAGE-PC (Ableton Live)"
+    assert config.audio.file is None and config.audio.device is None
+    assert MusicSettings.from_config(config).audio_ndi == "STAGE-PC (Ableton Live)"
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["audio.file=a.wav", "audio.device=2", "audio.ndi=Ableton"])
+    assert [key for key, _ in info.value.errors] == ["audio.ndi"]  # the last of them is named
+    assert "beside audio.file" in str(info.value)
 
 
 def test_bad_cases_are_many_and_distinct() -> None:

@@ -1,31 +1,37 @@
 """Musical time wired into the engine: tempo over OSC, quantised changes, modulators, sequences.
 
-A fake clock drives everything but the engine tests at the end: no sleeps, exact times.
+A fake clock drives everything but the engine tests at the end and the audio feed's thread: no sleeps,
+exact times.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from pythonosc.osc_message_builder import OscMessageBuilder
 
+from bridges.base import BridgeError
 from engine import params
 from engine.control.dispatch import OscDispatcher
 from engine.control.oscquery import build_namespace
 from engine.control.scenes import SceneStore
 from engine.control.service import ControlService, ControlSettings
 from engine.control.state import ControlState
+from engine.modulation.follower import AudioFollower, Band
 from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.engine import Engine, EngineOptions
-from engine.runtime.music import Music, MusicSettings
+from engine.runtime.music import AudioFeed, Music, MusicSettings
 from engine.stream.modes import CfgType
 from engine.tempo.kinds import TempoSource
-from tests.fakes import SIZE, FakeSource, RecordingSink
+from tests.fakes import SIZE, FakeSource, RecordingSink, wait_until
 
 SENDER = ("127.0.0.1", 50000)
 LEAD_S = 0.2  # the change-to-screen latency the fake engine "measured"
@@ -407,6 +413,69 @@ def test_a_missing_tempo_extra_or_audio_file_stops_the_start_with_one_line(tmp_p
     )
     problems = {p.key: str(p) for p in check_start(config)}
     assert "latentstage[link]" in problems["tempo.source"] and "gone.wav" in problems["audio.file"]
+
+
+def test_audio_ndi_without_cyndilib_stops_the_start_with_one_line(monkeypatch):
+    from engine.config import load_config
+    from engine.preflight import check_start
+
+    monkeypatch.setitem(sys.modules, "cyndilib", None)
+    config = load_config(overrides=["audio.ndi=STAGE-PC (Ableton)", "osc.enabled=false"])
+    problems = {p.key: str(p) for p in check_start(config)}
+    assert problems["audio.ndi"] == "audio.ndi: cyndilib is not installed; pip install latentstage[ndi]"
+
+
+class _LosableTone:
+    """An audio source of a 440 Hz sine (amplitude 0.5) that raises ``BridgeError`` while lost."""
+
+    sample_rate = 48000
+    channels = 1
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._frames = 0
+
+    def read(self, max_frames: int) -> np.ndarray:
+        if self.lost:
+            raise BridgeError("NDI source 'HOST (X)' disconnected (no connection for 3.0 s)")
+        t = (self._frames + np.arange(480)) / self.sample_rate
+        self._frames += 480
+        return (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)[-max_frames:, None]
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_audio_feed_holds_0_while_its_source_is_lost_and_follows_it_when_back(caplog):
+    source, follower, stop = _LosableTone(), AudioFollower(48000), threading.Event()
+    feed = AudioFeed(source, follower, stop)
+    feed.start()
+    try:
+        assert wait_until(lambda: follower.instant(Band.RMS) > 0.3)
+        source.lost = True
+        assert wait_until(lambda: follower.instant(Band.RMS) == 0.0)
+        assert feed.is_alive()
+        source.lost = False
+        assert wait_until(lambda: follower.instant(Band.RMS) > 0.3)
+    finally:
+        stop.set()
+        feed.join(2.0)
+    lost = [r for r in caplog.records if "audio input lost" in r.getMessage()]
+    assert len(lost) == 1 and "disconnected" in lost[0].getMessage()  # once per loss, not per read
+
+
+def test_an_ndi_audio_source_not_found_is_one_line_not_a_stop(monkeypatch, caplog):
+    from bridges import ndi
+
+    def not_found(name: str) -> Any:
+        raise BridgeError(f"NDI source {name!r} not found within 5.0 s; sources seen: none")
+
+    monkeypatch.setattr(ndi, "NdiAudioSource", not_found)
+    music = Music(MusicSettings(audio_ndi="Ableton"), ControlState(), lambda: 0.0)
+    music.start()
+    assert music.follower is None
+    assert any("'Ableton' not found" in r.getMessage() for r in caplog.records)
+    music.close()
 
 
 def test_a_midi_clock_on_an_in_memory_port_sets_the_tempo_and_the_beat(monkeypatch):

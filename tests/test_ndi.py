@@ -163,7 +163,8 @@ def test_connection_watch() -> None:
 def test_missing_cyndilib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cyndilib", None)
     assert ndi.unavailable_reason() == "cyndilib is not installed"
-    for make in (lambda: ndi.NdiSource("HOST (TD)"), lambda: ndi.NdiSink("out")):
+    for make in (lambda: ndi.NdiSource("HOST (TD)"), lambda: ndi.NdiSink("out"),
+                 lambda: ndi.NdiAudioSource("HOST (Ableton)")):
         with pytest.raises(BridgeUnavailable) as err:
             make()
         assert "pip install latentstage[ndi]" in str(err.value)
@@ -320,11 +321,12 @@ def _loopback_child(result_path: str) -> None:
         Path(result_path).write_text(json.dumps(result))
 
 
-@pytest.mark.skipif(ndi.unavailable_reason() is not None,
-                    reason=f"cyndilib cannot be imported: {ndi.unavailable_reason()}")
-def test_ndi_loopback(tmp_path: Path) -> None:
-    # Discovery on loopback needs an NDI config naming 127.0.0.1, read when the NDI library
-    # initialises: a fresh process with NDI_CONFIG_DIR set is the safe way.
+def _run_child(tmp_path: Path, flag: str) -> dict[str, Any]:
+    """Run this file with ``flag`` in a fresh process that finds NDI senders on 127.0.0.1.
+
+    Discovery on loopback needs an NDI config naming 127.0.0.1, read when the NDI library
+    initialises: a fresh process with NDI_CONFIG_DIR set is the safe way.
+    """
     config = tmp_path / "ndi"
     config.mkdir()
     (config / "ndi-config.v1.json").write_text(
@@ -332,12 +334,22 @@ def test_ndi_loopback(tmp_path: Path) -> None:
     result_path = tmp_path / "result.json"
     env = {**os.environ, "NDI_CONFIG_DIR": str(config), "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, __file__, "--loopback", str(result_path)],
+        [sys.executable, __file__, flag, str(result_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result_path.exists(), f"child failed:\n{proc.stdout}\n{proc.stderr}"
-    result = json.loads(result_path.read_text())
+    result: dict[str, Any] = json.loads(result_path.read_text())
     assert proc.returncode == 0, f"child failed: {result}\n{proc.stderr}"
+    return result
+
+
+NEEDS_NDI = pytest.mark.skipif(ndi.unavailable_reason() is not None,
+                               reason=f"cyndilib cannot be imported: {ndi.unavailable_reason()}")
+
+
+@NEEDS_NDI
+def test_ndi_loopback(tmp_path: Path) -> None:
+    result = _run_child(tmp_path, "--loopback")
     print(f"\nNDI loopback: {json.dumps(result, indent=1)}")
     assert result["sender_error"] is None
     assert result["found_as"].endswith(f"({result['name']})")
@@ -355,10 +367,156 @@ def test_ndi_loopback(tmp_path: Path) -> None:
     assert result["lost_error"] is not None and "disconnected" in result["lost_error"]
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--loopback"]:
+# --- real loopback: audio ---------------------------------------------------------------------
+
+TONE_HZ = 440.0
+TONE_AMPLITUDE = 0.5
+AUDIO_RATE = 48000
+AUDIO_BLOCK = 1024  # samples per NDI audio frame sent (about 21 ms)
+
+
+class _AudioSender(threading.Thread):
+    """An NDI sender of a stereo sine, paced in real time, from its own thread (cyndilib only)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True)
+        self.name_ = name
+        self.sent = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            cyndilib = ndi.load_cyndilib()
+            frame = cyndilib.AudioSendFrame(max_num_samples=AUDIO_BLOCK)
+            frame.sample_rate = AUDIO_RATE
+            frame.num_channels = 2
+            sender = cyndilib.Sender(self.name_, clock_video=False, clock_audio=False)
+            sender.set_audio_frame(frame)
+            sender.open()
+            try:
+                start = time.perf_counter()
+                while not self.stop.is_set():
+                    t = (self.sent * AUDIO_BLOCK + np.arange(AUDIO_BLOCK)) / AUDIO_RATE
+                    tone = TONE_AMPLITUDE * np.sin(2 * np.pi * TONE_HZ * t)
+                    sender.write_audio(np.repeat(tone[None, :], 2, axis=0).astype(np.float32))
+                    self.sent += 1
+                    delay = start + self.sent * AUDIO_BLOCK / AUDIO_RATE - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+            finally:
+                sender.close()
+        except (RuntimeError, ValueError, OSError) as exc:  # reported through the JSON result
+            self.error = exc
+
+
+def _audio_loopback_child(result_path: str) -> None:
+    """Runs in a fresh process whose NDI_CONFIG_DIR points discovery at 127.0.0.1."""
+    from engine.control.state import ControlState
+    from engine.modulation.follower import AudioFollower, Band
+    from engine.runtime.music import Music, MusicSettings
+    from tests.fakes import wait_until
+
+    name = f"latentstage-audio-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    result: dict[str, Any] = {"name": name}
+    sender = _AudioSender(name)
+    sender.start()
+    try:
+        source = ndi.NdiAudioSource(name, find_timeout=10, lost_after=1.0)
+        result["found_as"] = source.name
+        result["format"] = [source.sample_rate, source.channels]
+
+        # One second of the tone, as the engine's feed reads it (blocks of a tenth of a second);
+        # the frame sync hands out silence until the first audio has arrived.
+        follower = AudioFollower(source.sample_rate)
+        tone_frames, blocks, bad_blocks = 0, 0, []
+        deadline = time.monotonic() + 10.0
+        while tone_frames < source.sample_rate and time.monotonic() < deadline:
+            block = source.read(4800)
+            if not len(block):
+                time.sleep(0.01)
+                continue
+            blocks += 1
+            if block.dtype != np.float32 or block.ndim != 2 or block.shape[1] != 2 or len(block) > 4800:
+                bad_blocks.append([str(block.dtype), list(block.shape)])
+            follower.process(block)
+            if np.abs(block).max() > 0.1:
+                tone_frames += len(block)
+        result["tone_frames"] = tone_frames
+        result["blocks"] = blocks
+        result["bad_blocks"] = bad_blocks
+        result["levels"] = {band.value: follower.instant(band) for band in Band}
+        result["smoothed_rms"] = follower.smoothed(Band.RMS)
+
+        time.sleep(0.3)  # about 14400 frames are due: a read of 100 gets the newest 100
+        result["newest_of_many"] = len(source.read(100))
+
+        # The engine's path: audio.ndi opened by Music, its feed thread driving the follower.
+        music = Music(MusicSettings(audio_ndi=name), ControlState(), lambda: 0.0)
+        music.start()
+        try:
+            assert music.follower is not None, "Music did not open audio.ndi"
+            result["music_follows"] = wait_until(lambda: music.follower.instant(Band.MID) > 0.25)
+            result["music_mid"] = music.follower.instant(Band.MID)
+
+            # The sender goes away: the source reports it lost; the feed holds the levels at 0.
+            sender.stop.set()
+            sender.join(5)
+            result["lost_error"] = None
+            until = time.monotonic() + 8.0
+            while time.monotonic() < until and result["lost_error"] is None:
+                try:
+                    source.read(4800)
+                    time.sleep(0.01)
+                except BridgeError as exc:
+                    result["lost_error"] = str(exc)
+            result["music_silent_after_loss"] = wait_until(
+                lambda: music.follower.instant(Band.RMS) == 0.0)
+        finally:
+            music.close()
+        source.close()
+        source.close()  # twice is fine
+        try:
+            source.read(10)
+            result["closed_error"] = None
+        except BridgeError as exc:
+            result["closed_error"] = str(exc)
+    finally:
+        sender.stop.set()
+        sender.join(5)
+        result["sender_error"] = None if sender.error is None else repr(sender.error)
+        result["sent_blocks"] = sender.sent
+        Path(result_path).write_text(json.dumps(result))
+
+
+@NEEDS_NDI
+def test_ndi_audio_loopback_drives_the_audio_follower(tmp_path: Path) -> None:
+    result = _run_child(tmp_path, "--audio-loopback")
+    print(f"\nNDI audio loopback: {json.dumps(result, indent=1)}")
+    assert result["sender_error"] is None
+    assert result["found_as"].endswith(f"({result['name']})")
+    assert result["format"] == [48000, 2]
+    assert result["tone_frames"] >= 48000, "less than a second of the tone arrived within 10 s"
+    assert result["bad_blocks"] == []
+    levels = result["levels"]
+    # A sine of amplitude 0.5 has an RMS of 0.5 / sqrt(2) = 0.354; 440 Hz lies in mid (150-2000 Hz).
+    assert 0.25 <= levels["rms"] <= 0.45, levels
+    assert 0.25 <= levels["mid"] <= 0.45, levels
+    assert levels["low"] < 0.05 and levels["high"] < 0.05, levels
+    assert result["newest_of_many"] == 100
+    assert result["music_follows"], result["music_mid"]
+    assert result["lost_error"] is not None and "disconnected" in result["lost_error"]
+    assert result["music_silent_after_loss"]
+    assert result["closed_error"] is not None and "closed" in result["closed_error"]
+
+
+if __name__ == "__main__" and sys.argv[1:2] in (["--loopback"], ["--audio-loopback"]):
     logging_level = os.environ.get("LATENTSTAGE_TEST_LOG")
     if logging_level:
         import logging
 
         logging.basicConfig(level=logging_level)
-    _loopback_child(sys.argv[2])
+    if sys.argv[1] == "--loopback":
+        _loopback_child(sys.argv[2])
+    else:
+        _audio_loopback_child(sys.argv[2])

@@ -682,20 +682,28 @@ class TempoSettings(_Section):
         return _quantum(value)
 
 
+AUDIO_INPUTS = ("file", "device", "ndi")
+"""The keys of ``audio`` that name an input; at most one is set."""
+
+
 class AudioSettings(_Section):
-    """The audio that audio-follower modulators read (at most one of file and device)."""
+    """The audio that audio-follower modulators read (at most one of file, device and ndi)."""
 
     file: Text | None = Field(default=None, description="a WAV (FLAC: extra audio) file, played in a loop")
     device: Text | None = Field(default=None, description="an input device name or number (extra audio)")
+    ndi: Text | None = Field(
+        default=None, description="an NDI sender's audio, by name, e.g. 'HOST (Ableton)' (extra ndi)"
+    )
     loop: StrictBool = Field(default=True, description="play the file again at its end")
     gain: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=1000, description="level scale (modulators)")
 
     @model_validator(mode="after")
     def _one_input(self) -> AudioSettings:
-        if self.file is not None and self.device is not None:
+        given = [key for key in AUDIO_INPUTS if getattr(self, key) is not None]
+        if len(given) > 1:
             raise _Problem(
-                "names both a file and a device", "one of them", key="device", value=self.device,
-                has_value=True,
+                f"is given beside audio.{given[0]}", "at most one of audio.file, audio.device and audio.ndi",
+                key=given[-1], value=getattr(self, given[-1]), has_value=True,
             )
         return self
 

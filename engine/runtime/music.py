@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridges.base import SourceClosed
+import numpy as np
+
+from bridges.base import BridgeError, SourceClosed
 from bridges.ratelimit import RateLimitedLog
 from engine.control.state import ControlState
 from engine.modulation.audio import AudioSource
@@ -42,6 +44,7 @@ class MusicSettings:
     resolume_bpm_range: tuple[float, float] = (20.0, 500.0)
     audio_file: str | None = None
     audio_device: str | None = None
+    audio_ndi: str | None = None
     audio_loop: bool = True
     audio_gain: float = 1.0
 
@@ -56,6 +59,7 @@ class MusicSettings:
             resolume_bpm_range=(tempo.resolume_bpm_range[0], tempo.resolume_bpm_range[1]),
             audio_file=audio.file,
             audio_device=audio.device,
+            audio_ndi=audio.ndi,
             audio_loop=audio.loop,
             audio_gain=audio.gain,
         )
@@ -77,7 +81,11 @@ class _Scheduled:
 
 
 class AudioFeed(threading.Thread):
-    """Reads an audio source every 10 ms and feeds the follower that audio modulators read."""
+    """Reads an audio source every 10 ms and feeds the follower that audio modulators read.
+
+    A source that ends or is lost (``BridgeError``: an NDI sender gone) leaves the follower at
+    silence; a lost one is read on, so its audio is followed again when it comes back.
+    """
 
     def __init__(self, source: AudioSource, follower: AudioFollower, stop: threading.Event) -> None:
         super().__init__(name="latentstage-audio", daemon=True)
@@ -87,14 +95,29 @@ class AudioFeed(threading.Thread):
 
     def run(self) -> None:
         block = max(256, self.source.sample_rate // 10)
+        lost = False
         while not self._stop_event.wait(AUDIO_POLL_S):
             try:
                 samples = self.source.read(block)
             except SourceClosed:
                 logger.warning("audio input %r ended; audio modulators hold 0", self.source)
+                self._silence()
                 return
+            except BridgeError as err:
+                if not lost:
+                    logger.warning("audio input lost: %s; audio modulators hold 0 until it is back", err)
+                    self._silence()
+                    lost = True
+                continue
             if len(samples):
+                if lost:
+                    logger.info("audio input %r is back", self.source)
+                    lost = False
                 self.follower.process(samples)
+
+    def _silence(self) -> None:
+        """Enough silence that the last analysis sees a window of it only: every level reads 0."""
+        self.follower.process(np.zeros(self.follower.window + self.follower.hop, dtype=np.float32))
 
 
 class Music:
@@ -138,6 +161,7 @@ class Music:
         self._events: collections.deque[_Event] = collections.deque(maxlen=256)
         self._stop = threading.Event()
         self._closers: list[Callable[[], None]] = []
+        self._feed: AudioFeed | None = None
         self._external: Callable[[float], None] | None = None
         self._log = RateLimitedLog(logger, 5.0)
         self._status = MusicStatus(self.clock.bpm, 0.0, self.clock.beats_per_bar, now())
@@ -154,12 +178,15 @@ class Music:
             self.follower = AudioFollower(audio.sample_rate, gain=self.settings.audio_gain)
             feed = AudioFeed(audio, self.follower, self._stop)
             feed.start()
+            self._feed = feed
             self._closers.append(audio.close)
             self.modulation = Modulation(self.modulation.specs, self.follower)
 
     def close(self) -> None:
         """Stop the audio thread and close the tempo source and audio input; safe twice."""
         self._stop.set()
+        if self._feed is not None:  # its read finishes before the source closes
+            self._feed.join(timeout=1.0)
         closers, self._closers = self._closers, []
         for close in closers:
             close()
@@ -209,6 +236,13 @@ class Music:
                 int(settings.audio_device) if settings.audio_device.isdigit() else settings.audio_device
             )
             return DeviceSource(device)
+        if settings.audio_ndi is not None:
+            from bridges.ndi import NdiAudioSource
+
+            try:
+                return NdiAudioSource(settings.audio_ndi)
+            except BridgeError as err:  # not found: a sender started later is not waited for
+                logger.warning("%s; audio modulators hold 0 until restarted", err)
         return None
 
     # ------------------------------------------------------------------ the OSC thread
