@@ -1,0 +1,1 @@
+"""MIDI controllers: mapping files, control decoding, ports (issue 26)."""
