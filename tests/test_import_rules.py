@@ -86,10 +86,11 @@ def test_the_stream_math_imports_only_itself():
         assert not others, f"{path.relative_to(REPO)} imports {others}"
 
 
-def test_control_tempo_and_modulation_import_no_torch():
-    """The control surfaces answer while a model loads or a build runs, and musical time and the
-    modulators run once per frame on plain floats: no torch import in any of them."""
-    folders = [REPO.joinpath("engine", name) for name in ("control", "tempo", "modulation")]
+def test_control_tempo_modulation_and_midi_import_no_torch():
+    """The control surfaces answer while a model loads or a build runs, musical time and the
+    modulators run once per frame on plain floats, and MIDI mappings load without a model: no torch
+    import in any of them."""
+    folders = [REPO.joinpath("engine", name) for name in ("control", "tempo", "modulation", "midi")]
     for path in (path for folder in folders for path in folder.rglob("*.py")):
         torch = sorted(name for name in imported(path) if name == "torch" or name.startswith("torch."))
         assert not torch, f"{path.relative_to(REPO)} imports {torch}"
@@ -104,3 +105,10 @@ def test_the_backends_models_and_surfaces_name_no_extension():
             named = [n for n in engine_imports(path) if n.split(".")[:2] == ["engine", "extensions"]
                      and len(n.split(".")) > 2 and n.split(".")[2] in builtins]
             assert not named, f"{path.relative_to(REPO)} imports {named}"
+
+
+def test_midi_mappings_import_no_mido():
+    """Mapping files are checked without the ``midi`` extra: only the port adapters import mido."""
+    for path in REPO.joinpath("engine", "midi").rglob("*.py"):
+        mido = sorted(name for name in imported(path) if name.split(".")[0] in ("mido", "rtmidi"))
+        assert not mido, f"{path.relative_to(REPO)} imports {mido}"
