@@ -70,6 +70,8 @@ import yaml
 
 from engine import params
 from engine.control.scenes import NAME_RULE, is_scene_name
+from engine.midi.controls import Curve, RelativeEncoding, decode_relative, shape, to_range
+from engine.midi.controls import TakeoverMode as Takeover
 from engine.modulation.modulator import MAX_MODULATORS
 from engine.modulation.rate import MAX_HZ, MAX_PERIOD
 from engine.modulation.sequence import MAX_STEPS
@@ -106,18 +108,6 @@ class Mode(str, Enum):
     TRIGGER = "trigger"
 
 
-class Curve(str, Enum):
-    LINEAR = "linear"
-    EXP = "exp"
-    LOG = "log"
-
-
-class Takeover(str, Enum):
-    PICKUP = "pickup"
-    JUMP = "jump"
-    SCALE = "scale"
-
-
 class Role(str, Enum):
     """What a target is to a controller, from its registry kind."""
 
@@ -127,7 +117,13 @@ class Role(str, Enum):
     ACTION = "an action"
 
 
-RELATIVE = frozenset({Mode.RELATIVE_TWOS, Mode.RELATIVE_OFFSET, Mode.RELATIVE_SIGN})
+RELATIVE_ENCODINGS = {
+    Mode.RELATIVE_TWOS: RelativeEncoding.TWOS_COMPLEMENT,
+    Mode.RELATIVE_OFFSET: RelativeEncoding.BINARY_OFFSET,
+    Mode.RELATIVE_SIGN: RelativeEncoding.SIGN_MAGNITUDE,
+}
+"""A relative mode's encoding (``engine.midi.controls`` decodes it)."""
+RELATIVE = frozenset(RELATIVE_ENCODINGS)
 MODES_OF: dict[Role, tuple[Mode, ...]] = {
     Role.NUMBER: (Mode.ABSOLUTE, Mode.RELATIVE_TWOS, Mode.RELATIVE_OFFSET, Mode.RELATIVE_SIGN),
     Role.CHOICE: (Mode.ABSOLUTE,),
@@ -225,27 +221,18 @@ class Binding:
         if spec.kind is ParamKind.ENUM:
             return spec.choices[min(int(x * len(spec.choices)), len(spec.choices) - 1)]
         assert self.range is not None
-        if self.curve is Curve.EXP:
-            x = (2.0 ** (6.0 * x) - 1.0) / 63.0
-        elif self.curve is Curve.LOG:
-            x = math.log2(1.0 + 63.0 * x) / 6.0
         low, high = self.range
-        value = low + (high - low) * x
+        value = to_range(shape(x, self.curve or Curve.LINEAR), low, high)
         return round(value) if spec.kind is ParamKind.INT else value
 
 
 def relative_ticks(mode: Mode, raw: int) -> int:
     """The signed ticks a relative encoder's 7-bit value means in ``mode``."""
-    raw &= 0x7F
-    if mode is Mode.RELATIVE_TWOS:
-        return raw - 128 if raw >= 64 else raw
-    if mode is Mode.RELATIVE_OFFSET:
-        return raw - 64
-    if mode is Mode.RELATIVE_SIGN:
-        return -(raw & 0x3F) if raw & 0x40 else raw
-    raise ValueError(
-        f"{mode.value!r} is not a relative mode; allowed: {_join(sorted(m.value for m in RELATIVE))}"
-    )
+    encoding = RELATIVE_ENCODINGS.get(mode)
+    if encoding is None:
+        allowed = _join(sorted(m.value for m in RELATIVE))
+        raise ValueError(f"{mode.value!r} is not a relative mode; allowed: {allowed}")
+    return decode_relative(raw, encoding)
 
 
 @dataclass(frozen=True)
