@@ -181,7 +181,8 @@ def test_a_change_on_the_page_is_applied_echoed_and_the_page_follows_osc(bundle,
         assert state["status"]["state"] in ("running", "warming") and "scenes" in state
         assert show.post({"name": "preset_save", "value": "intro"})[0] == 200
         assert "intro" in show.get("/api/state")["scenes"]
-        assert show.feedback.seen("/preset/save", lambda a: a == ["intro"])
+        # the echo is a UDP datagram: the listener's thread may see it a moment after the answer
+        assert wait_until(lambda: show.feedback.seen("/preset/save", lambda a: a == ["intro"]), 5)
 
 
 TEMPO_STATUS = ("bpm", "beat_position", "beat_time", "beats_per_bar", "sequence_step")
