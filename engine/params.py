@@ -178,7 +178,8 @@ def _fmt(x: float | None) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def _number(spec: ParamSpec, value: Any) -> float:
+def check_number(spec: ParamSpec, value: Any) -> float:
+    """``value`` as a finite float, or a ``ParamError`` naming it and what ``spec`` allows."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ParamError(spec.name, f"{value!r} is not a number; allowed: {spec.allowed_text()}")
     if not math.isfinite(float(value)):
@@ -194,7 +195,7 @@ def _check_range(spec: ParamSpec, value: float, shown: Any) -> None:
 
 
 def _coerce_float(spec: ParamSpec, value: Any) -> float:
-    number = _number(spec, value)
+    number = check_number(spec, value)
     _check_range(spec, number, value)
     return number
 
@@ -207,7 +208,7 @@ def _whole(spec: ParamSpec, item: Any, what: str = "item") -> int:
 
 
 def _coerce_int(spec: ParamSpec, value: Any) -> int:
-    number = _number(spec, value)
+    number = check_number(spec, value)
     if not number.is_integer():
         raise ParamError(
             spec.name, f"{value!r} is not a whole number; allowed: {spec.allowed_text()}"
@@ -355,16 +356,7 @@ def _coerce_action(spec: ParamSpec, value: Any) -> Any:
 def _coerce_struct(spec: ParamSpec, value: Any) -> Any:
     """Plain data, or YAML / JSON text of it (as OSC sends it), checked by ``spec.model``."""
     if isinstance(value, str):
-        if len(value) > MAX_PROMPT_CHARS * 4:
-            allowed = spec.allowed_text()
-            raise ParamError(spec.name, f"text of {len(value)} characters is too long; allowed: {allowed}")
-        try:
-            value = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or "not YAML"
-            allowed = spec.allowed_text()
-            message = f"{value!r:.80} cannot be read ({problem}); allowed: {allowed}"
-            raise ParamError(spec.name, message) from None
+        value = read_struct_text(spec, value)
     assert spec.model is not None, f"{spec.name}: a STRUCT needs its model"
     module, function = spec.model.split(":")
     check = getattr(importlib.import_module(module), function)
@@ -372,6 +364,20 @@ def _coerce_struct(spec: ParamSpec, value: Any) -> Any:
         return check(value)
     except ValueError as err:
         raise ParamError(spec.name, str(err)) from None
+
+
+def read_struct_text(spec: ParamSpec, text: str) -> Any:
+    """The plain data of YAML / JSON ``text`` sent for ``spec`` (empty text: ``None``), unchecked;
+    a ``ParamError`` naming the text and what ``spec`` allows when it is too long or not YAML."""
+    if len(text) > MAX_PROMPT_CHARS * 4:
+        allowed = spec.allowed_text()
+        raise ParamError(spec.name, f"text of {len(text)} characters is too long; allowed: {allowed}")
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not YAML"
+        message = f"{text!r:.80} cannot be read ({problem}); allowed: {spec.allowed_text()}"
+        raise ParamError(spec.name, message) from None
 
 
 def struct_text(value: Any) -> str:

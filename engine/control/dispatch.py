@@ -265,7 +265,7 @@ class OscDispatcher:
     ) -> tuple[Effect | None, str | None]:
         """The effect of a valid message, or the error text (counted and logged)."""
         self.counters.messages += 1
-        quantum, inner = _quantised(address)
+        quantum, inner = _split_quantised(address)
         spec = params.BY_ADDRESS.get(inner)
         try:
             if spec is None:
@@ -383,13 +383,10 @@ class OscDispatcher:
             if args:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
             return self._status_replies
-        if spec.name.startswith(("tempo_", "resolume_")):
-            return self._tempo(spec, args)
-        if spec.name.startswith("mod_"):
-            return self._modulator(spec, args)
-        if spec.name.startswith("sequence_"):
-            return self._sequence(spec, args)
-        return self._scene(spec, args, quantum)
+        if spec.group == "scene":
+            return self._scene(spec, args, quantum)
+        by_group = {"tempo": self._tempo, "modulation": self._modulator, "sequence": self._sequence}
+        return by_group[spec.group](spec, args)
 
     def _scene(self, spec: ParamSpec, args: list[Any], quantum: str | None) -> Effect:
         if len(args) != 1 or not is_scene_name(args[0]):
@@ -421,11 +418,11 @@ class OscDispatcher:
         if spec.name == "resolume_tempo":
             if len(args) != 1:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: {spec.allowed_text()}")
-            fader = params.REGISTRY["bpm"].coerce(music.resolume_bpm(_number(spec, args[0])))
+            fader = params.REGISTRY["bpm"].coerce(music.resolume_bpm(params.check_number(spec, args[0])))
             return self._writes({"bpm": fader})
         if len(args) > 1:
             raise ParamError(spec.name, f"{len(args)} arguments; allowed: {spec.allowed_text()}")
-        if args and _number(spec, args[0]) == 0:
+        if args and params.check_number(spec, args[0]) == 0:
             return lambda: []  # a button's release
         tap = spec.name in ("tempo_tap", "resolume_tap")
 
@@ -495,7 +492,7 @@ class OscDispatcher:
                 raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
         elif len(args) > 1 or (spec.name == "sequence_jump" and len(args) != 1):
             raise ParamError(spec.name, f"{len(args)} arguments; allowed: {spec.allowed_text()}")
-        step = int(_number(spec, args[0])) if args else 0
+        step = int(params.check_number(spec, args[0])) if args else 0
 
         def move() -> list[Reply]:
             if spec.name != "sequence_stop":
@@ -551,7 +548,7 @@ class OscDispatcher:
         return count < MAX_ERRORS_PER_S
 
 
-def _quantised(address: str) -> tuple[str | None, str]:
+def _split_quantised(address: str) -> tuple[str | None, str]:
     """``(quantum, address)`` of a ``/q/`` address (``""``: the global quantum); ``(None, address)``
     for any other."""
     if not address.startswith(QUANTISED_PREFIX):
@@ -563,22 +560,11 @@ def _quantised(address: str) -> tuple[str | None, str]:
     return "", rest
 
 
-def _number(spec: ParamSpec, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ParamError(spec.name, f"{value!r:.40} is not a number; allowed: {spec.allowed_text()}")
-    return float(value)
-
-
 def _struct_item(spec: ParamSpec, text: Any) -> Any:
     """One item of a STRUCT list sent as YAML / JSON text."""
-    import yaml
-
     if not isinstance(text, str):
         raise ParamError(spec.name, f"{text!r:.40} is not text; allowed: {spec.allowed_text()}")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ParamError(spec.name, f"{text!r:.60} cannot be read; allowed: {spec.allowed_text()}") from None
+    return params.read_struct_text(spec, text)
 
 
 def json_args(spec: ParamSpec, value: Any) -> list[Any]:
