@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import itertools
 import json
@@ -1019,6 +1021,17 @@ def config_default(key: str) -> Any:
         if spec.config_key == key:
             return spec.default
     raise KeyError(f"no live parameter starts from config {key!r}")
+
+
+def config_values(config: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The starting values of ``names`` that a validated config holds, each read from its
+    ``config_key`` (``section.key``) as a deep copy; parameters without one are left out."""
+    values = {}
+    for name in names:
+        key = REGISTRY[name].config_key
+        if key is not None:
+            values[name] = copy.deepcopy(functools.reduce(getattr, key.split("."), config))
+    return values
 
 
 def to_plain(value: Any) -> Any:

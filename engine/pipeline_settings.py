@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -58,11 +57,7 @@ class PipelineSettings:
     def from_config(cls, config: Any) -> PipelineSettings:
         """Read the validated config: every live parameter from its registry ``config_key``."""
         stream = config.stream
-        values: dict[str, Any] = {}
-        for spec in params.REGISTRY.values():
-            if spec.config_key is not None and spec.name in SETTINGS_FIELDS:
-                value = functools.reduce(getattr, spec.config_key.split("."), config)
-                values[spec.name] = copy.deepcopy(value)
+        values = params.config_values(config, (name for name in params.REGISTRY if name in SETTINGS_FIELDS))
         return cls(
             width=stream.width,
             height=stream.height,

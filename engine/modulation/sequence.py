@@ -132,13 +132,10 @@ class Sequencer:
         return math.ceil(beat / self.period - 1e-9) * self.period
 
     def start(self, step: int, beat: float) -> Step:
-        """Play ``step`` from beat ``beat`` (the caller picks it: now, or the next quantum)."""
+        """Play ``step`` from beat ``beat`` (the caller picks it: now, or the next quantum); it
+        replaces whatever was to come next (a jump)."""
         self._next = Step(self._check(step), beat)
         return self._next
-
-    def jump(self, step: int, beat: float) -> Step:
-        """Like ``start``: ``step`` replaces whatever was to come next."""
-        return self.start(step, beat)
 
     def stop(self) -> None:
         self._next = None

@@ -25,6 +25,7 @@ from engine.params import (
     RUNTIME_PARAMS,
     SHAPE_PARAMS,
     ParamError,
+    config_values,
     validate_changes,
 )
 from engine.pipeline import PipelineSettings, StreamPipeline
@@ -560,14 +561,8 @@ class Engine:
         no change stamp); parameters no longer modulated go back to their base."""
         self._restore_unmodulated(set(self._modulated) - set(values))
         moved = {name: value for name, value in values.items() if self._modulated.get(name) != value}
-        if not moved:
-            return
-        try:
-            apply_change(self.pipeline, moved, self.backend)
-        except (ParamError, RuntimeError, ValueError) as err:
-            self._log(logging.WARNING, "modulation", "modulation of %s refused: %s", ", ".join(moved), err)
-            return
-        self._modulated = dict(values)
+        if moved and self._commit_unechoed(moved, "modulation of"):
+            self._modulated = dict(values)
 
     def _restore_unmodulated(self, names: set[str]) -> None:
         """Parameters a modulator left: back to the base the control state holds."""
@@ -578,10 +573,17 @@ class Engine:
         for name in names:
             self._modulated.pop(name, None)
         if base:
-            try:
-                apply_change(self.pipeline, base, self.backend)
-            except (ParamError, RuntimeError, ValueError) as err:
-                self._log(logging.WARNING, "modulation", "restoring %s failed: %s", ", ".join(base), err)
+            self._commit_unechoed(base, "restoring the base of")
+
+    def _commit_unechoed(self, changes: dict[str, Any], doing: str) -> bool:
+        """Commit ``changes`` to the pipeline without telling anyone (what the modulators play);
+        a refusal is one rate-limited line and changes nothing. Whether it was committed."""
+        try:
+            apply_change(self.pipeline, changes, self.backend)
+        except (ParamError, RuntimeError, ValueError) as err:
+            self._log(logging.WARNING, "modulation", "%s %s refused: %s", doing, ", ".join(changes), err)
+            return False
+        return True
 
     def _step_transition(self) -> None:
         assert self._transition is not None
@@ -671,16 +673,8 @@ def engine_from_config(
 def runtime_values(config: Any) -> dict[str, Any]:
     """The starting values of the runtime's registry parameters that the config holds (tempo,
     quantize, modulators, sequence), as plain data."""
-    values = {}
-    for name in RUNTIME_PARAMS:
-        key = REGISTRY[name].config_key
-        if key is None:
-            continue
-        value = config
-        for part in key.split("."):
-            value = getattr(value, part)
-        values[name] = value.value if isinstance(value, Enum) else value
-    return values
+    values = config_values(config, RUNTIME_PARAMS)
+    return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
 
 
 def control_sources(config: Any) -> list[ControlSource]:

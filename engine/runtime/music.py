@@ -371,17 +371,13 @@ class Music:
     def _start_sequence(self, step: int, at: float, restart: bool) -> None:
         if self._sequence is None:
             raise ValueError("no sequence is set; allowed: after /sequence")
+        self.control.cancel(SEQUENCE_TAG)  # a step already written for its beat gives way
+        self._scheduled = None
         if restart or self._sequencer is None:
-            self.control.cancel(SEQUENCE_TAG)
-            self._scheduled = None
             self._sequencer = Sequencer(self._sequence, self.clock.beats_per_bar)
         due = self.due(None, at)
-        lead = self.lead()
-        beat = self.clock.beat((at if due is None else due) + lead)
-        if self._scheduled is not None:
-            self.control.cancel(SEQUENCE_TAG)
-            self._scheduled = None
-        self._sequencer.jump(step, beat)
+        beat = self.clock.beat((at if due is None else due) + self.lead())
+        self._sequencer.start(step, beat)
 
     def _stop_sequence(self) -> None:
         self.control.cancel(SEQUENCE_TAG)
