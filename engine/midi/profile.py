@@ -17,10 +17,14 @@ name, never a path)::
 
 A binding may name its own lit colour (``color: red``) among the profile's ``colors``. Without a
 profile, LEDs take 127 for on and 0 for off (``DEFAULT_PROFILE``).
+
+Profile files are read with YAML 1.2 booleans: only ``true`` and ``false`` are booleans, so the
+keys ``on:`` and ``off:`` and a colour named ``off`` stay words (YAML 1.1 reads them as true/false).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,22 @@ MAX_SYSEX_BYTES = 256
 PROFILE_KEYS = ("name", "port", "init", "colors", "on", "off", "channel")
 DEVICES_FOLDER = "devices"
 """Profiles live in this sub-folder of the mappings' folder (``presets/midi/devices``)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: ``on``, ``off``, ``yes`` and ``no`` stay strings."""
+
+
+_ProfileLoader.yaml_implicit_resolvers = {
+    first: [(tag, rule) for tag, rule in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ProfileLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 class ProfileError(ValueError):
@@ -77,16 +97,19 @@ def check_profile(data: Any) -> DeviceProfile:
     key, the bad value and what is allowed."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{data!r:.60} is not a mapping; allowed: {{{', '.join(PROFILE_KEYS)}}}")
-    unknown = [str(key) for key in data if key not in PROFILE_KEYS]
+    unknown = [key for key in data if key not in PROFILE_KEYS]
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key; allowed: {', '.join(PROFILE_KEYS)}")
+        hint = " (a bare on/off read as a boolean: quote it)" if isinstance(unknown[0], bool) else ""
+        raise ValueError(f"{unknown[0]!s:.40}: unknown key{hint}; allowed: {', '.join(PROFILE_KEYS)}")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 80:
         raise ValueError(f"name: {name!r:.60}; allowed: the device's name (1 to 80 characters)")
     port = data.get("port")
     if port is not None and (not isinstance(port, str) or not port.strip() or len(port) > 128):
         raise ValueError(f"port: {port!r:.60}; allowed: a port name prefix (1 to 128 characters), or null")
-    init_items = data.get("init") or []
+    init_items = data.get("init")
+    if init_items is None:
+        init_items = []
     if not isinstance(init_items, list) or len(init_items) > MAX_INIT_MESSAGES:
         raise ValueError(
             f"init: {init_items!r:.60}; allowed: a list of at most {MAX_INIT_MESSAGES} SysEx messages"
@@ -119,7 +142,7 @@ def check_profile(data: Any) -> DeviceProfile:
         ("off", min(colors, key=colors.__getitem__)),
     ):
         chosen = data.get(key, default)
-        if chosen not in colors:
+        if not isinstance(chosen, str) or chosen not in colors:
             raise ValueError(f"{key}: {chosen!r:.40} is not a colour; allowed: {', '.join(colors)}")
         picked[key] = colors[chosen]
     channel = data.get("channel")
@@ -149,7 +172,7 @@ def load_profile(folder: str | Path, name: str) -> DeviceProfile:
     if path.stat().st_size > MAX_PROFILE_BYTES:
         raise ProfileError(f"midi device profile {name!r} is larger than {MAX_PROFILE_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ProfileLoader)  # a SafeLoader
         return check_profile(data)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ProfileError(f"midi device profile {name!r} cannot be read: {err}") from err
