@@ -151,6 +151,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "switches to with /resolution",
     )
 
+    midi_cmd = _config_command(sub, "midi", "MIDI controllers: list the ports, check a mapping file")
+    midi_cmd.add_argument("action", choices=("ports", "check"), help="ports: list them; check NAME")
+    midi_cmd.add_argument("name", nargs="?", default=None, help="check: the mapping's name in presets/midi")
+
     sub.add_parser("bridges", help="list every frame bridge and whether it can run here")
     sub.add_parser("doctor", help="report torch, device, CUDA, TensorRT and each bridge SDK")
     return parser
@@ -490,7 +494,9 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
     # the live state is autosaved when a restart (or a later --resume) is to restore it
     state_file = config.supervise.state_file if link is not None or args.resume else None
     scenes = presets_dir(args.config) / "scenes"
-    start_problems = check_start(config, state_file=state_file, scenes_dir=scenes)
+    start_problems = check_start(
+        config, state_file=state_file, scenes_dir=scenes, midi_dir=presets_dir(args.config) / "midi"
+    )
     if start_problems:
         for start_problem in start_problems:
             print(f"latentstage: cannot start: {start_problem}", file=sys.stderr)
@@ -651,7 +657,18 @@ def _start_control(config: Any, config_path: str | None, engine: Any, operator: 
     service = ControlService(settings, engine.control, engine.submit, engine.status, operator, engine.music)
     engine.on_applied = service.echo
     engine.on_error = service.error
+    if config.midi.mappings:
+        from engine.midi.service import MidiService, MidiSettings
+
+        midi = MidiSettings.from_config(config.midi, presets_dir(config_path) / "midi")
+        state = engine.control
+        lookup, applied = state.latest, state.applied
+        service.attach_midi(
+            MidiService(midi, service.dispatcher, lookup, applied, service.announce, engine.status)
+        )
     service.start()
+    if service.midi is not None:
+        print(f"  .. MIDI: {service.midi.status_text()}", file=sys.stderr)
     print(
         f"  .. OSC on {settings.host}:{service.port}, feedback to {', '.join(settings.feedback) or 'nobody'}"
         + (
@@ -683,6 +700,27 @@ def _cmd_bridges(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_midi(args: argparse.Namespace) -> int:
+    """``midi ports``: the inputs and outputs (or none and why); ``midi check NAME``: a mapping."""
+    from engine.config import presets_dir
+    from engine.midi.ports_report import check_report, ports_report
+
+    config = _load_config_or_report(args)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    folder = presets_dir(args.config) / "midi"
+    if args.action == "ports":
+        text, ok = ports_report(config.midi.backend, folder)
+        print(text, file=sys.stdout if ok else sys.stderr)
+        return EXIT_OK
+    if args.name is None:
+        print("latentstage midi check: which mapping? e.g. latentstage midi check example", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    text, ok = check_report(folder, args.name)
+    print(text, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_CONFIG_ERROR
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from engine.doctor import report
 
@@ -698,6 +736,7 @@ _COMMANDS = {
     "build": _cmd_build,
     "bridges": _cmd_bridges,
     "doctor": _cmd_doctor,
+    "midi": _cmd_midi,
 }
 
 

@@ -948,6 +948,32 @@ def _specs() -> tuple[ParamSpec, ...]:
             "a step number",
         ),
         _action(
+            "midi_learn",
+            "MIDI learn: the next cc, note, pitch bend or program change played binds this parameter "
+            "(its action argument second: a scene, a modulator, a step); saved in the mapping file.",
+            "/midi/learn",
+            "s [s|i]",
+            "midi",
+            "a parameter name (see docs/osc.md), then its argument for preset_load / preset_save (a scene), "
+            "mod_* (a modulator) or sequence_jump (a step)",
+        ),
+        _action(
+            "midi_forget",
+            "Remove the MIDI bindings of a parameter (only those with the argument, when given) from "
+            "the mapping files.",
+            "/midi/forget",
+            "s [s|i]",
+            "midi",
+            "a parameter name, then optionally its argument",
+        ),
+        _action(
+            "midi_cancel",
+            "Stop a MIDI learn that is waiting for a control.",
+            "/midi/cancel",
+            "",
+            "midi",
+        ),
+        _action(
             "preset_load",
             "Recall a saved scene by name (prompt crossfades).",
             "/preset/load",
@@ -1180,6 +1206,13 @@ STATUS: tuple[StatusSpec, ...] = (
         periodic=False,
     ),
     StatusSpec("sequence_step", "i", "the prompt sequence's step playing; -1: not running"),
+    StatusSpec(
+        "midi",
+        "s",
+        "the MIDI controllers: connected or waiting (by port name prefix), a learn going on, the last "
+        "learnt or forgotten binding; sent when it changes",
+        periodic=False,
+    ),
     StatusSpec("restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
     StatusSpec("error", "s", "why a message or a frame was refused; nothing changed", periodic=False),
 )

@@ -32,7 +32,10 @@ class StartProblem:
 
 
 def check_start(
-    config: Any, state_file: str | os.PathLike[str] | None = None, scenes_dir: Path | None = None
+    config: Any,
+    state_file: str | os.PathLike[str] | None = None,
+    scenes_dir: Path | None = None,
+    midi_dir: Path | None = None,
 ) -> list[StartProblem]:
     """Everything about ``config`` that can be checked before the first frame.
 
@@ -41,7 +44,9 @@ def check_start(
     file (``state_file``, when the engine autosaves) writable, their folders creatable, the
     engine cache writable for a backend that builds engines, and a video input readable.
     A scenes folder that cannot be written is only a warning: scenes still load.
-    Folders that are missing are created (the sinks would create them anyway).
+    Folders that are missing are created (the sinks would create them anyway). MIDI mapping files
+    (in ``midi_dir``, default ``presets/midi``) must load and the ``midi`` extra be installed; a
+    controller that is not plugged in is not a problem (it is waited for).
     """
     problems: list[StartProblem] = []
     tcp_ports: dict[int, str] = {}
@@ -77,6 +82,7 @@ def check_start(
     if config.input.type == "video":
         problems.extend(_video_problem("input.path", config.input.path))
     problems.extend(_music_problems(config))
+    problems.extend(_midi_problems(config, Path("presets/midi") if midi_dir is None else midi_dir))
     if scenes_dir is not None and config.osc.enabled and _folder_problem("scenes", scenes_dir):
         logger.warning(
             "the scenes folder %s is not writable: /preset/save will fail (loading works)", scenes_dir
@@ -121,6 +127,34 @@ def _music_problems(config: Any) -> list[StartProblem]:
         reason = unavailable_reason()
         if reason is not None:
             problems.append(StartProblem("audio.ndi", reason, "pip install latentstage[ndi]"))
+    return problems
+
+
+def _midi_problems(config: Any, folder: Path) -> list[StartProblem]:
+    """MIDI: the extra (mido and its backend), OSC on (MIDI writes through it), every mapping file."""
+    midi = getattr(config, "midi", None)
+    if midi is None or not midi.mappings:
+        return []
+    from engine.midi.mapping import MappingError, load_mapping
+    from engine.midi.profile import ProfileError, load_profile
+    from engine.midi.service import check_colors, open_backend
+    from engine.tempo.extras import TempoSourceUnavailable
+
+    problems = []
+    if not config.osc.enabled:
+        fix = "set osc.enabled: true"
+        problems.append(StartProblem("midi.mappings", "MIDI needs the control service", fix))
+    try:
+        open_backend(midi.backend)
+    except TempoSourceUnavailable as err:
+        problems.append(StartProblem("midi.backend", str(err).rstrip("."), "or set midi.mappings: []"))
+    for name in midi.mappings:
+        try:
+            mapping = load_mapping(folder, name)
+            if mapping.profile is not None:
+                check_colors(mapping, load_profile(folder, mapping.profile), name)
+        except (MappingError, ProfileError, ValueError) as err:
+            problems.append(StartProblem("midi.mappings", str(err), f"fix {folder / (name + '.yaml')}"))
     return problems
 
 

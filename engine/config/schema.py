@@ -708,6 +708,26 @@ class AudioSettings(_Section):
         return self
 
 
+class MidiSettings(_Section):
+    """MIDI controllers: mapping files by name (presets/midi/NAME.yaml), each naming its port."""
+
+    mappings: list[Name] = Field(
+        default_factory=list,
+        max_length=16,
+        description="mapping files in presets/midi by name, one per controller (extra midi); [] = off",
+    )
+    poll_s: StrictFloat | StrictInt = Field(
+        default=1.5, ge=0.2, le=10, description="seconds between looks for ports that came or went (hotplug)"
+    )
+    feedback_hz: StrictFloat | StrictInt = Field(
+        default=30.0, gt=0, le=200, description="LED feedback sent at most this often"
+    )
+    backend: Text | None = Field(
+        default=None,
+        description="mido backend module (null: MIDO_BACKEND, else rtmidi); engine.midi.loopback: in memory",
+    )
+
+
 def _registry_check(name: str) -> Any:
     """A field validator that runs the registry's check of STRUCT parameter ``name``."""
 
@@ -767,6 +787,7 @@ class Config(_Section):
     supervise: SuperviseSettings = Field(default_factory=SuperviseSettings)
     tempo: TempoSettings = Field(default_factory=TempoSettings)
     audio: AudioSettings = Field(default_factory=AudioSettings)
+    midi: MidiSettings = Field(default_factory=MidiSettings)
     modulators: Annotated[list[Any], AfterValidator(_registry_check("modulators"))] = Field(
         default_factory=list, description="LFOs, envelopes and audio followers on live parameters"
     )

@@ -49,6 +49,17 @@ class Reply:
     to_feedback: bool = True
 
 
+class MidiLearner(Protocol):
+    """What ``/midi/learn``, ``/midi/forget`` and ``/midi/cancel`` call
+    (``engine.midi.service.MidiService``; a ValueError names a bad target or argument)."""
+
+    def learn(self, target: str, argument: str | int | None = None) -> None: ...
+
+    def forget(self, target: str, argument: str | int | None = None) -> int: ...
+
+    def cancel(self) -> None: ...
+
+
 class Musical(Protocol):
     """What the dispatcher asks of the engine's musical time (``engine.runtime.music.Music``)."""
 
@@ -146,6 +157,7 @@ class OscDispatcher:
     ) -> None:
         self.state = state
         self.music = music
+        self.midi: MidiLearner | None = None  # the control service attaches the MIDI service
         self._now = now  # taps, resyncs and quantised changes are stamped with it when they apply
         self.status_values = status_values
         self.scene_handler = scene_handler
@@ -385,7 +397,12 @@ class OscDispatcher:
             return self._status_replies
         if spec.group == "scene":
             return self._scene(spec, args, quantum)
-        by_group = {"tempo": self._tempo, "modulation": self._modulator, "sequence": self._sequence}
+        by_group = {
+            "tempo": self._tempo,
+            "modulation": self._modulator,
+            "sequence": self._sequence,
+            "midi": self._midi,
+        }
         return by_group[spec.group](spec, args)
 
     def _scene(self, spec: ParamSpec, args: list[Any], quantum: str | None) -> Effect:
@@ -507,6 +524,37 @@ class OscDispatcher:
             return []
 
         return move
+
+    def _midi(self, spec: ParamSpec, args: list[Any]) -> Effect:
+        """MIDI learn, forget and cancel (the MIDI service checks the name and the argument)."""
+        midi = self.midi
+        if midi is None:
+            raise ParamError(
+                spec.name,
+                "MIDI is off in this engine; allowed: after midi.mappings in config.yaml names a mapping",
+            )
+        if spec.name == "midi_cancel":
+            if args:
+                raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
+
+            def cancel() -> list[Reply]:
+                midi.cancel()
+                return []
+
+            return cancel
+        if not 1 <= len(args) <= 2 or not isinstance(args[0], str):
+            raise ParamError(spec.name, f"{args!r:.80}; allowed: {spec.allowed_text()} ({spec.osc_args})")
+        target, argument = args[0], (args[1] if len(args) == 2 else None)
+        act = midi.learn if spec.name == "midi_learn" else midi.forget
+
+        def run() -> list[Reply]:
+            try:
+                act(target, argument)
+            except ValueError as err:
+                raise ParamError(spec.name, str(err)) from None
+            return []
+
+        return run
 
     def _status_replies(self) -> list[Reply]:
         """Every current value, to the sender only."""

@@ -79,12 +79,20 @@ class Operator:
         """The applied values, the engine's status (with the musical time: ``bpm``,
         ``beat_position`` at ``beat_time``, ``beats_per_bar``, ``sequence_step``) and the scenes;
         ``time`` is the server's ``time.monotonic()`` as read, the clock ``beat_time`` is on, so
-        the page can tell the beat at the moment the state arrives."""
+        the page can tell the beat at the moment the state arrives. ``midi``: the MIDI
+        controllers, their bindings and a learn going on (``MidiService.panel``), or ``None``."""
         service = self._require()
         values = {name: params.to_plain(value) for name, value in service.control.applied().items()}
         status = dict(service.engine_status())  # read before the time: beat_time <= time
         scenes = service.scenes.names()
-        return {"values": values, "status": status, "scenes": scenes, "time": time.monotonic()}
+        midi = getattr(service, "midi", None)
+        return {
+            "values": values,
+            "status": status,
+            "scenes": scenes,
+            "midi": None if midi is None else midi.panel(),
+            "time": time.monotonic(),
+        }
 
     def history(self, since: float | None = None) -> dict[str, Any]:
         """The plot's samples (only those after ``since`` when given)."""

@@ -6,14 +6,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from engine import params
 from engine.control.changes import ChangeFeed
-from engine.control.dispatch import Musical, OscDispatcher, osc_args
+from engine.control.dispatch import MidiLearner, Musical, OscDispatcher, osc_args
 from engine.control.operator import Operator
 from engine.control.oscquery import OscQueryServer
 from engine.control.scenes import SceneError, SceneStore
@@ -23,6 +23,20 @@ from engine.control.transport import FeedbackSender, OscUdpServer, parse_target
 logger = logging.getLogger(__name__)
 
 MAX_BEATS_PER_S = 20.0
+
+
+class MidiControl(MidiLearner, Protocol):
+    """The MIDI service as the control service owns it (``engine.midi.service.MidiService``)."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def scene_loaded(self, name: str) -> None: ...
+
+    def panel(self) -> dict[str, Any]: ...
+
+    def status_text(self) -> str: ...
 
 
 @dataclass
@@ -122,8 +136,21 @@ class ControlService:
         )
         self._music_thread = threading.Thread(target=self._music_loop, name="latentstage-beat", daemon=True)
         self._closed = False
+        self.midi: MidiControl | None = None
         if operator is not None:
             operator.attach(self)
+
+    def attach_midi(self, midi: MidiControl) -> None:
+        """Own the MIDI service (``engine.midi.service.MidiService``): ``/midi/*`` reach it, a scene
+        load re-sends its LEDs, ``start()`` / ``close()`` start and close it."""
+        self.midi = midi
+        self.dispatcher.midi = midi
+
+    def announce(self, address: str, args: Sequence[Any]) -> None:
+        """Send a feedback message (``/engine/midi``, an error) and let the operator page follow."""
+        self.feedback.send(address, args)
+        if self.operator is not None:
+            self.operator.changed({})
 
     @property
     def port(self) -> int:
@@ -137,12 +164,16 @@ class ControlService:
         self._status_thread.start()
         if self.music is not None:
             self._music_thread.start()
+        if self.midi is not None:
+            self.midi.start()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stop.set()
+        if self.midi is not None:
+            self.midi.close()
         self.server.close()
         self.changes.close()
         if self.oscquery is not None:
@@ -185,6 +216,8 @@ class ControlService:
         if scene.quantize is not None and self.music is not None:
             due = self.music.due(scene.quantize, self._now())
         self._submit(scene.values, scene.crossfade_s, due)
+        if self.midi is not None:
+            self.midi.scene_loaded(name)
         return None
 
     def _status_loop(self) -> None:

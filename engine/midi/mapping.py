@@ -40,7 +40,9 @@ says what it is and which modes it takes:
   name); a program change to ``preset_load`` needs ``scenes`` (program n loads ``scenes[n]``);
   ``mod_depth``, ``mod_rate``, ``mod_enabled``, ``mod_trigger``, ``mod_release`` and
   ``mod_remove`` need ``modulator`` (an index or a name); ``sequence_jump`` needs ``step`` (the step
-  number), except from a program change (program n jumps to step n). Actions that take text
+  number), except from a program change (program n jumps to step n). A ``mod_trigger`` on a note
+  fires the envelope on note on and releases it on note off. Switches and actions may name the
+  ``color`` their LED takes when lit (a colour of the device profile). Actions that take text
   (``mod_add``) or a value of their own (``resolume_tempo``), lists, blends, text and structured
   parameters are refused.
 
@@ -172,6 +174,7 @@ BINDING_KEYS = (
     "scene",
     "scenes",
     "modulator",
+    "color",
 )
 TOP_KEYS = ("input", "output", "profile", "bindings")
 SOURCE_KEYS = tuple(source.value for source in Source)
@@ -194,6 +197,8 @@ class Binding:
         step: the change per tick of a relative encoder, else ``None``.
         argument: the action's argument: a scene name, a tuple of scene names (program change),
             a modulator index or name, a sequence step number; else ``None``.
+        color: a switch's or an action's LED colour when lit (a colour name of the mapping's
+            device profile, checked when the profile is loaded), else ``None`` (the profile's on).
     """
 
     source: Source
@@ -206,6 +211,7 @@ class Binding:
     takeover: Takeover | None = None
     step: float | None = None
     argument: str | int | tuple[str, ...] | None = None
+    color: str | None = None
 
     @property
     def fourteen_bit(self) -> bool:
@@ -451,7 +457,15 @@ def check_binding(item: Any, where: str = "binding") -> Binding:
     if mode in RELATIVE and step is None:
         assert range_ is not None
         step = 1.0 if spec.kind is ParamKind.INT else abs(range_[1] - range_[0]) / 127.0
-    return Binding(source, numbers, channel, name, mode, range_, curve, takeover, step, argument)
+    color = item.get("color")
+    if color is not None:
+        if role not in (Role.SWITCH, Role.ACTION):
+            raise ValueError(
+                f"{where}.color: not used with {name} ({role.value}); allowed: only for switches and actions"
+            )
+        if not is_scene_name(color):
+            raise ValueError(f"{where}.color: {color!r:.40} is not a colour name; allowed: {NAME_RULE}")
+    return Binding(source, numbers, channel, name, mode, range_, curve, takeover, step, argument, color)
 
 
 def _mode(
