@@ -116,6 +116,7 @@ MUSIC_ACTIONS = {  # sent with a tempo clock: tests/test_music.py
     "/mod/rate", "/mod/enabled", "/mod/add", "/mod/remove", "/mod/trigger", "/mod/release",
     "/sequence/start", "/sequence/stop", "/sequence/jump",
 }
+MIDI_ACTIONS = {"/midi/learn", "/midi/forget", "/midi/cancel"}  # with a MIDI service: test_midi_service.py
 
 
 @pytest.mark.parametrize(("datagram", "expected"), GOOD)
@@ -127,7 +128,7 @@ def test_every_address_writes_state(dispatcher, state, datagram, expected):
 
 def test_every_registry_address_is_covered_by_a_test():
     covered = {OscPacketAddress(d) for d, _ in GOOD} | {"/status", "/preset/load", "/preset/save"}
-    covered |= MUSIC_ACTIONS
+    covered |= MUSIC_ACTIONS | MIDI_ACTIONS
     assert {a for spec in params.REGISTRY.values() for a in spec.addresses} <= covered
 
 

@@ -267,7 +267,7 @@ def test_every_registry_entry_has_a_unique_valid_td_name():
     left_out = {e["osc_address"] for e in params.as_json() if not mapping.pulsed(e)}
     assert left_out == {  # actions with values a Pulse cannot give: for scripts and controllers
         "/composition/tempocontroller/tempo", "/mod/depth", "/mod/rate", "/mod/enabled", "/mod/add",
-        "/mod/remove", "/mod/trigger", "/mod/release", "/sequence/jump",
+        "/mod/remove", "/mod/trigger", "/mod/release", "/sequence/jump", "/midi/learn", "/midi/forget",
     }
     param_map = mapping.ParamMap(entries)
     names = [param_map.td_of[e["name"]] for e in entries]
@@ -289,7 +289,7 @@ def test_the_component_follows_every_status_address_the_engine_sends():
     periodic = {spec.address for spec in params.STATUS if spec.periodic}
     assert set(td_ext.STATUS_ADDRESSES) == periodic
     events = {spec.address for spec in params.STATUS if not spec.periodic}
-    assert {td_ext.ERROR_ADDRESS, td_ext.BEAT_ADDRESS} == events
+    assert {td_ext.ERROR_ADDRESS, td_ext.BEAT_ADDRESS, td_ext.MIDI_ADDRESS} == events
 
 
 def test_params_json_is_the_registry():

@@ -62,6 +62,8 @@ STATUS_ADDRESSES: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 #: Sent on each beat (not periodic): the beat in the bar.
 BEAT_ADDRESS = "/engine/beat"
+#: Sent when the MIDI controllers' state changes (connected, waiting, learning): not periodic.
+MIDI_ADDRESS = "/engine/midi"
 ERROR_ADDRESS = "/engine/error"
 CONNECTED_STATES = ("running", "paused", "stalled", "lost")
 STOP_TIMEOUT_S = 5.0
@@ -330,6 +332,9 @@ class StreamEngineExt:
             return
         if address == BEAT_ADDRESS:
             self._status_message(("Beat", int), values)
+            return
+        if address == MIDI_ADDRESS:
+            self._status_message(("Midi", str), values)
             return
         entry = self.map.by_address.get(address)
         if entry is None:

@@ -199,6 +199,7 @@ def _component_pars(platform: str) -> tuple[ParDef, ...]:
         ParDef("Enginebpm", "Float", "Status", "Tempo (BPM)", 0.0, read_only=True),
         ParDef("Beat", "Int", "Status", "Beat in the bar", 0, 0, 32, read_only=True),
         ParDef("Sequencestep", "Int", "Status", "Sequence step (-1: off)", -1, -1, 64, read_only=True),
+        ParDef("Midi", "Str", "Status", "MIDI controllers", "", read_only=True),
         ParDef("Restarts", "Int", "Status", "Supervisor restarts", 0, 0, 1000, read_only=True),
         ParDef("Lasterror", "Str", "Status", "Last error", "", read_only=True),
     )
@@ -226,6 +227,7 @@ STATUS_PARS = (
     "Enginebpm",
     "Beat",
     "Sequencestep",
+    "Midi",
     "Restarts",
     "Lasterror",
 )
