@@ -23,7 +23,7 @@ from engine.stream.modes import CfgType, GenerationMode
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("model", "stream", "similarity_filter", "acceleration", "input", "outputs", "osc",
-            "logging", "supervise", "tempo", "audio", "modulators", "sequence", "extensions")
+            "logging", "supervise", "tempo", "audio", "midi", "modulators", "sequence", "extensions")
 
 
 @pytest.fixture()
