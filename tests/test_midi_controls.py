@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import threading
 
 import pytest
 
 from engine.midi.controls import (
     VALUE14_MAX,
-    Coalescer,
     Curve,
     Pair14,
     RelativeEncoding,
@@ -325,49 +323,3 @@ def test_trigger():
     assert mode.feed(True, True) is True  # fires every press
     assert mode.feed(False, False) is None
     assert SwitchMode("trigger") is SwitchMode.TRIGGER
-
-
-# --- coalescing --------------------------------------------------------------------------------
-
-
-def test_coalescer_keeps_the_newest_value_per_target():
-    c: Coalescer[float] = Coalescer()
-    names = ("guidance_scale", "strength", "delta")
-    for i in range(10_000):
-        c.put(names[i % 3], float(i))
-    assert len(c) == 3
-    assert c.drain() == {"guidance_scale": 9999.0, "strength": 9997.0, "delta": 9998.0}
-    assert c.dropped == 10_000 - 3
-    assert c.drain() == {}
-    c.put("strength", 0.5)
-    assert c.drain() == {"strength": 0.5}
-    assert c.dropped == 10_000 - 3
-
-
-def test_coalescer_under_threads_loses_no_newest_value():
-    c: Coalescer[int] = Coalescer()
-    drained: list[dict[str, int]] = []
-    done = threading.Event()
-
-    def produce(name: str) -> None:
-        for i in range(10_000):
-            c.put(name, i)
-
-    def consume() -> None:
-        while not done.is_set():
-            drained.append(c.drain())
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
-    producers = [threading.Thread(target=produce, args=(n,)) for n in ("a", "b", "c")]
-    for p in producers:
-        p.start()
-    for p in producers:
-        p.join()
-    done.set()
-    consumer.join()
-    drained.append(c.drain())
-    seen = sum(len(d) for d in drained)
-    assert seen + c.dropped == 30_000  # every put was either drained or counted as dropped
-    last = {name: max(d[name] for d in drained if name in d) for name in "abc"}
-    assert last == {"a": 9999, "b": 9999, "c": 9999}

@@ -484,3 +484,17 @@ def test_the_worker_survives_a_message_it_cannot_read(make):
     rig.play(cc(1, 0))
     assert rig.commit() == {"guidance_scale": 0.0}
     assert threading.active_count() > 0 and rig.midi._thread.is_alive()
+
+
+def test_the_readme_mapping_example_loads_with_its_profile():
+    from engine.midi.profile import load_profile
+    from engine.midi.service import check_colors
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## MIDI controllers", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    mapping = check_mapping(yaml.safe_load(example))
+    presets = Path(__file__).resolve().parents[1] / "presets" / "midi"
+    assert mapping.profile == "apc_mini"
+    check_colors(mapping, load_profile(presets, mapping.profile), "readme")
+    assert mapping.find("cc", 1, 1) is not None and mapping.find("cc", 1, 1).target == "guidance_scale"

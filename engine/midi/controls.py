@@ -10,19 +10,18 @@ Conventions used throughout:
   the way back (for feedback LEDs and soft takeover) is ``unshape(from_range(value, low, high), curve)``.
 
 The pieces: ``Pair14`` (14-bit CC pairs), ``decode_relative`` (relative encoders), ``shape`` and the
-range helpers (curves), ``Takeover`` (soft takeover: pickup, jump, scale), ``SwitchMode`` (note and
-button behaviour: toggle, momentary, trigger) and ``Coalescer`` (a burst of CCs keeps only the
-newest value per target).
+range helpers (curves), ``Takeover`` (soft takeover: pickup, jump, scale), and ``SwitchMode`` (note and
+button behaviour: toggle, momentary, trigger). Coalescing a burst is the MIDI service's
+(``engine.midi.service.coalesce``: one command per target a turn, buttons all in order).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 DATA_MAX = 127  # a 7-bit data byte: 0..127
 VALUE14_MAX = 16383  # a 14-bit value (MSB << 7 | LSB): 0..16383
@@ -399,45 +398,3 @@ class SwitchMode(Enum):
         if not note_on:
             return None
         return not current if self is SwitchMode.TOGGLE else True
-
-
-# ---------------------------------------------------------------------------------------------
-# Coalescing
-
-
-class Coalescer(Generic[T]):
-    """The newest value per target between two drains, for a burst of CCs (a fast fader).
-
-    The MIDI thread calls ``put(name, value)`` for every decoded message; the consumer (once per
-    frame) calls ``drain()`` and gets one value per target, the newest, in the order the targets
-    were first put since the last drain. ``dropped`` counts the values replaced before they were
-    drained (since creation). Thread-safe: one lock, held only for a dict operation.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[str, T] = {}
-        self._dropped = 0
-
-    def put(self, name: str, value: T) -> None:
-        """Keep ``value`` as ``name``'s newest; an undrained older value is dropped (and counted)."""
-        with self._lock:
-            if name in self._pending:
-                self._dropped += 1
-            self._pending[name] = value
-
-    def drain(self) -> dict[str, T]:
-        """The newest value per target since the last drain; empties the pending values."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        return pending
-
-    @property
-    def dropped(self) -> int:
-        """How many values were replaced by a newer one before a drain (since creation)."""
-        with self._lock:
-            return self._dropped
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._pending)

@@ -18,6 +18,7 @@ from engine import params
 from engine.midi.controls import (
     Curve,
     Pair14,
+    SwitchMode,
     Takeover,
     cc_pressed,
     from_range,
@@ -26,7 +27,7 @@ from engine.midi.controls import (
     note_pressed,
     unshape,
 )
-from engine.midi.mapping import RELATIVE, Binding, MidiMapping, Mode, Role, Source, relative_ticks, role_of
+from engine.midi.mapping import RELATIVE, Binding, MidiMapping, Role, Source, relative_ticks, role_of
 from engine.midi.profile import DEFAULT_PROFILE, DeviceProfile
 from engine.modulation.modulator import modulator_index
 from engine.params import ParamKind
@@ -207,10 +208,7 @@ class Surface:
         if role is Role.SWITCH:
             key = self._key(binding)
             current = bool(self._recent.get(key, current_value(binding, self._lookup)))
-            if binding.mode is Mode.TOGGLE:
-                new: bool | None = (not current) if pressed else None
-            else:  # momentary: on while held
-                new = pressed
+            new = SwitchMode(binding.mode.value).feed(pressed, current)
             return [] if new is None else [self._set(binding, new)]
         if binding.target == "mod_trigger" and binding.source is Source.NOTE and not pressed:
             return [Command("mod_release", (binding.argument,), None)]  # a held note holds the envelope
