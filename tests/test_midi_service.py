@@ -498,3 +498,18 @@ def test_the_readme_mapping_example_loads_with_its_profile():
     assert mapping.profile == "apc_mini"
     check_colors(mapping, load_profile(presets, mapping.profile), "readme")
     assert mapping.find("cc", 1, 1) is not None and mapping.find("cc", 1, 1).target == "guidance_scale"
+
+
+def test_a_fader_on_a_coarse_int_keeps_following_after_its_own_rounded_values():
+    """The value an INT binding set is rounded; that is not a change from elsewhere (failed before:
+    the rounding re-armed the pickup and the fader stuck until it crossed the value again)."""
+    mapping = check_mapping({"input": "x", "bindings": [{"cc": 1, "to": "seed", "range": [0, 4]}]})
+    state = {"seed": 0}
+    surface = Surface(mapping, state.get, time.monotonic)
+    played = []
+    for value in (0, 20, 40, 60, 80, 100, 127):
+        for command in surface.receive(cc(1, value)):
+            state["seed"] = command.args[0]
+            played.append(command.args[0])
+        surface.settled()
+    assert played == [0, 1, 1, 2, 3, 3, 4]

@@ -185,8 +185,10 @@ class Surface:
             picked = takeover.feed(fraction)
             if picked is None:
                 return []
-            fraction = picked
-            self._set_by[binding] = picked
+            value = binding.value_at(picked)
+            set_at = normalised(binding, value)  # an INT rounds: where its value really sits
+            self._set_by[binding] = picked if set_at is None else set_at
+            return [self._set(binding, value)]
         return [self._set(binding, binding.value_at(fraction))]
 
     def _relative(self, binding: Binding, ticks: int) -> list[Command]:
