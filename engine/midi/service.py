@@ -471,7 +471,9 @@ class MidiService:
         if not connected:
             return
         values = self._applied()
-        extra = {"sequence_step": self._status().get("sequence_step"), "scene": self._scene}
+        steps = any(b.target == "sequence_jump" for c in connected for b in c.mapping.bindings)
+        step = self._status().get("sequence_step") if steps else None
+        extra = {"sequence_step": step, "scene": self._scene}
         mido = import_mido()
         for controller in connected:
             wanted = controller.surface.leds(values, controller.profile, extra)
