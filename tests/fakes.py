@@ -109,6 +109,98 @@ class RecordingSink:
         self.closed += 1
 
 
+class FakeMidi:
+    """A MIDI service as the control service owns it (``engine.control.service.MidiControl``): a
+    ``panel()`` shaped as ``MidiService.panel``'s, the calls it got in ``calls``; ``learnt``
+    completes a learn as a moved control would, ``refuse`` makes ``learn`` raise its text."""
+
+    PORT = "Pad 20:0"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.refuse: str | None = None
+        self._lock = threading.Lock()
+        self._learning: tuple[str, str | int | None] | None = None
+        self._bindings: list[dict[str, Any]] = [
+            {"source": "cc 48 ch 1", "to": "guidance_scale", "argument": None, "mode": "absolute"},
+            {"source": "note 40", "to": "preset_load", "argument": "intro", "mode": "trigger"},
+        ]
+
+    def panel(self) -> dict[str, Any]:
+        from engine.midi.mapping import bindable
+
+        with self._lock:
+            learning = self._learning
+            bindings = [dict(b) for b in self._bindings]
+        return {
+            "status": f"pad: connected to {self.PORT!r}; spare: waiting for 'X-TOUCH'",
+            "learning": None if learning is None else {"target": learning[0], "argument": learning[1]},
+            "controllers": [
+                {
+                    "mapping": "pad",
+                    "input": "Pad",
+                    "port": self.PORT,
+                    "connected": True,
+                    "profile": "generic (127 on, 0 off)",
+                    "bindings": bindings,
+                },
+                {
+                    "mapping": "spare",
+                    "input": "X-TOUCH",
+                    "port": None,
+                    "connected": False,
+                    "profile": "xtouch_mini",
+                    "bindings": [],
+                },
+            ],
+            "bindable": bindable(),
+        }
+
+    def learn(self, target: str, argument: str | int | None = None) -> None:
+        self.calls.append(("learn", target, argument))
+        if self.refuse is not None:
+            raise ValueError(self.refuse)
+        with self._lock:
+            self._learning = (target, argument)
+
+    def forget(self, target: str, argument: str | int | None = None) -> int:
+        self.calls.append(("forget", target, argument))
+        with self._lock:
+            kept = [
+                b for b in self._bindings if not (b["to"] == target and argument in (None, b["argument"]))
+            ]
+            removed = len(self._bindings) - len(kept)
+            self._bindings = kept
+        if not removed:
+            raise ValueError(f"no MIDI binding drives {target}")
+        return removed
+
+    def cancel(self) -> None:
+        self.calls.append(("cancel",))
+        with self._lock:
+            self._learning = None
+
+    def learnt(self, source: str, mode: str = "absolute") -> None:
+        """The learn waiting is done: ``source`` is bound to its target."""
+        with self._lock:
+            assert self._learning is not None, "no learn waits"
+            target, argument = self._learning
+            self._bindings.append({"source": source, "to": target, "argument": argument, "mode": mode})
+            self._learning = None
+
+    def start(self) -> None:
+        self.calls.append(("start",))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+    def scene_loaded(self, name: str) -> None:
+        self.calls.append(("scene_loaded", name))
+
+    def status_text(self) -> str:
+        return str(self.panel()["status"])
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:
     """Poll ``predicate`` every 20 ms until it is true (True) or ``timeout`` seconds pass (False)."""
     deadline = time.monotonic() + timeout

@@ -22,11 +22,12 @@ from bridges.preview import PreviewSink
 from engine.control.operator import Operator
 from engine.control.oscquery import OscQueryServer
 from engine.control.service import ControlService, ControlSettings
+from engine.control.state import ControlState
 from engine.control.transport import build_message
 from engine.pipeline import StreamPipeline
 from engine.runtime.engine import Engine
 from scripts.osc_peer import free_port
-from tests.fakes import FakeSource, pipeline_settings, wait_until
+from tests.fakes import FakeMidi, FakeSource, pipeline_settings, wait_until
 
 
 class Listener:
@@ -249,6 +250,87 @@ def test_tap_and_resync_are_sent_without_a_value_from_the_page(bundle, tmp_path)
         assert min(bar, 4 - bar) < 1e-6  # that moment is a downbeat
         status, body = show.post({"name": "tempo_tap", "value": "now"})
         assert status == 400 and body["error"] == show.osc_error("/tempo/tap", ["now"])
+
+
+def test_the_state_has_the_midi_panel_only_with_midi(tmp_path):
+    """The operator page's MIDI box reads ``midi``: None without a MIDI service, else its panel."""
+    operator = Operator()
+    settings = ControlSettings(port=0, feedback=[], scenes_dir=str(tmp_path))
+    service = ControlService(settings, ControlState(), lambda *args: None, dict, operator)
+    try:
+        assert operator.state()["midi"] is None
+        midi = FakeMidi()
+        service.attach_midi(midi)
+        state = operator.state()
+        assert state["midi"] == midi.panel()
+        assert json.loads(json.dumps(state, allow_nan=False))["midi"] == midi.panel()  # as pushed
+    finally:
+        service.close()
+    assert ("close",) in midi.calls
+
+
+def test_the_pages_midi_writes_learn_cancel_and_forget_on_the_midi_service(bundle, tmp_path):
+    """What the page's MIDI box posts (midi_learn [target] or [target, argument], midi_cancel
+    null, midi_forget [target] or [target, argument]) reaches a real MidiService (the in-memory
+    backend); the state shows the learn waiting, then the binding saved, and refusals are the
+    page's errors."""
+    pytest.importorskip("mido", reason="mido is not installed (pip install -e '.[midi]')")
+    from mido import Message
+
+    from engine.midi import loopback
+    from engine.midi.service import MidiService, MidiSettings
+
+    folder = tmp_path / "midi"
+    folder.mkdir()
+    (folder / "pad.yaml").write_text('input: "Pad"\nbindings: []\n', encoding="utf-8")
+    settings = MidiSettings(("pad",), folder, poll_s=0.05, backend="engine.midi.loopback")
+    loopback.reset()
+    loopback.plug("Pad 20:0")
+    try:
+        with Show(bundle, tmp_path) as show:
+            state = show.engine.control
+            midi = MidiService(
+                settings, show.service.dispatcher, state.latest, state.applied, show.service.announce
+            )
+            show.service.attach_midi(midi)
+            midi.start()
+
+            def panel() -> dict:
+                return show.get("/api/state")["midi"]
+
+            def bindings() -> list[dict]:
+                return panel()["controllers"][0]["bindings"]
+
+            assert wait_until(lambda: panel()["controllers"][0]["connected"], 5)
+            assert show.post({"name": "midi_learn", "value": ["guidance_scale"]})[0] == 200
+            assert panel()["learning"] == {"target": "guidance_scale", "argument": None}
+            loopback.play("Pad 20:0", Message("control_change", channel=0, control=7, value=64))
+            assert wait_until(lambda: panel()["learning"] is None, 5)
+            cc7 = {"source": "cc 7 ch 1", "to": "guidance_scale", "argument": None, "mode": "absolute"}
+            assert bindings() == [cc7]
+            assert show.post({"name": "midi_learn", "value": ["preset_load", "intro"]})[0] == 200
+            assert panel()["learning"] == {"target": "preset_load", "argument": "intro"}
+            loopback.play("Pad 20:0", Message("note_on", channel=0, note=36, velocity=100))
+            assert wait_until(lambda: len(bindings()) == 2, 5)
+            assert bindings()[1] == {
+                "source": "note 36 ch 1",
+                "to": "preset_load",
+                "argument": "intro",
+                "mode": "trigger",
+            }
+            assert show.post({"name": "midi_learn", "value": ["bypass"]})[0] == 200
+            assert show.post({"name": "midi_cancel", "value": None})[0] == 200
+            assert panel()["learning"] is None
+            assert show.post({"name": "midi_forget", "value": ["preset_load", "intro"]})[0] == 200
+            assert bindings() == [cc7]
+            assert show.post({"name": "midi_forget", "value": ["guidance_scale"]})[0] == 200
+            assert bindings() == [] and "guidance_scale" not in (folder / "pad.yaml").read_text()
+            status, body = show.post({"name": "midi_forget", "value": ["guidance_scale"]})
+            assert status == 400 and "no MIDI binding drives guidance_scale" in body["error"]
+            status, body = show.post({"name": "midi_learn", "value": ["prompt"]})
+            assert status == 400 and "'prompt' cannot be learnt" in body["error"]
+    finally:
+        loopback.reset()
 
 
 def test_writes_from_another_origin_or_without_json_are_refused(bundle, tmp_path):

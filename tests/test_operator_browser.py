@@ -7,11 +7,12 @@ import os
 import re
 import shutil
 import socket
+import time
 
 import pytest
 
 from engine.control.transport import build_message
-from tests.fakes import wait_until
+from tests.fakes import FakeMidi, wait_until
 from tests.test_operator import Show
 
 webdriver = pytest.importorskip(
@@ -163,3 +164,159 @@ def test_the_tempo_box_taps_resyncs_and_shows_the_beat(bundle, tmp_path, browser
         assert wait_until(lambda: re.fullmatch(r"sequence step [0-2]", step.text), 10), step.text
         severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert not severe, severe
+
+
+def test_the_midi_box_lists_learns_and_forgets(bundle, tmp_path, browser):
+    """The MIDI box: MIDI off says how to turn it on; on, it lists the controllers and their
+    bindings. LEARN marks what a controller can play; a click on a parameter's name (a scene,
+    TAP) sends midi_learn and leaves the control alone; the target is lit while the learn waits,
+    cancel (and Escape) stop it; a learn done shows in the list; forget sends the binding's
+    target and argument; refusals show in the error box."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.remote.webelement import WebElement
+
+    def press(element: WebElement) -> None:
+        """A click in the middle of the window (at its top, the sticky bar would take it)."""
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def classes(element: WebElement) -> list[str]:
+        return (element.get_attribute("class") or "").split()
+
+    def label(name: str) -> WebElement:
+        return browser.find_element(By.CSS_SELECTOR, f'#controls .row[data-name="{name}"] > label')
+
+    def row(name: str) -> WebElement:
+        return browser.find_element(By.CSS_SELECTOR, f'#controls .row[data-name="{name}"]')
+
+    listed = (
+        "return Array.from(document.querySelectorAll('#midi-controllers li.midi-binding'), li => "
+        "[li.querySelector('.midi-source').textContent, li.querySelector('.midi-to').textContent, "
+        "li.querySelector('.midi-mode').textContent])"
+    )
+
+    with Show(bundle, tmp_path) as show:
+        assert show.post({"name": "preset_save", "value": "intro"})[0] == 200  # a scene to learn a load of
+        browser.get(show.url("/"))
+        status = browser.find_element(By.ID, "midi-status")
+        learn = browser.find_element(By.ID, "midi-learn")
+        assert wait_until(lambda: status.text == "MIDI off: set midi.mappings in config.yaml", 15)
+        assert not learn.is_displayed()
+
+        midi = FakeMidi()
+        show.service.attach_midi(midi)
+        show.operator.changed({})
+        assert wait_until(lambda: status.text.startswith("pad: connected to 'Pad 20:0'"), 10), status.text
+        heads = [head.text for head in browser.find_elements(By.CSS_SELECTOR, ".midi-head")]
+        assert "pad" in heads[0] and "connected: Pad 20:0" in heads[0], heads
+        assert "spare" in heads[1] and "waiting for X-TOUCH" in heads[1], heads
+        assert browser.execute_script(listed) == [
+            ["cc 48 ch 1", "\u2192 guidance_scale", "absolute"],
+            ["note 40", "\u2192 preset_load intro", "trigger"],
+        ]
+
+        # LEARN: the learnable names are marked, a click learns one
+        assert wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#scenes button.scene"), 10)
+        assert "learnable" in classes(row("guidance_scale")) and "learnable" not in classes(row("prompt"))
+        press(learn)
+        assert learn.get_attribute("aria-pressed") == "true"
+        assert "midi-learn" in classes(browser.find_element(By.TAG_NAME, "body"))
+        press(label("guidance_scale"))
+        assert wait_until(lambda: ("learn", "guidance_scale", None) in midi.calls, 5), midi.calls
+        assert wait_until(lambda: "learning" in classes(row("guidance_scale")), 10)
+        waiting = browser.find_element(By.ID, "midi-learning")
+        assert waiting.text == "move a control to bind guidance_scale"
+        cancel = browser.find_element(By.ID, "midi-cancel")
+        assert cancel.is_displayed()
+        press(cancel)
+        assert wait_until(lambda: ("cancel",) in midi.calls, 5), midi.calls
+        assert wait_until(lambda: "learning" not in classes(row("guidance_scale")), 10)
+        assert not cancel.is_displayed()
+
+        # a switch's name learns it; the switch stays as it was
+        switch = browser.find_element(By.ID, "param-bypass")
+        assert not switch.is_selected()
+        press(label("bypass"))
+        assert wait_until(lambda: ("learn", "bypass", None) in midi.calls, 5), midi.calls
+        assert wait_until(lambda: "learning" in classes(row("bypass")), 10)
+        assert not switch.is_selected()
+        # the control is moved on the controller: the list shows the new binding, lit a moment
+        midi.learnt("note 36 ch 1", "toggle")
+        show.operator.changed({})
+        assert wait_until(lambda: len(browser.execute_script(listed)) == 3, 10)
+        assert browser.execute_script(listed)[2] == ["note 36 ch 1", "\u2192 bypass", "toggle"]
+        fresh = browser.find_elements(By.CSS_SELECTOR, "li.midi-binding.fresh")
+        assert [item.get_attribute("data-target") for item in fresh] == ["bypass"]
+        assert wait_until(lambda: "learning" not in classes(row("bypass")), 10)
+
+        # a scene's load (with its argument), TAP; Escape stops the learn, then leaves LEARN
+        scene = browser.find_element(By.CSS_SELECTOR, "#scenes button.scene")
+        press(scene)
+        assert wait_until(lambda: ("learn", "preset_load", "intro") in midi.calls, 5), midi.calls
+        assert wait_until(lambda: "learning" in classes(scene), 10)
+        assert browser.find_element(By.ID, "scene-name").get_attribute("value") == ""  # not picked
+        tap = browser.find_element(By.ID, "tempo-tap")
+        press(tap)
+        assert wait_until(lambda: ("learn", "tempo_tap", None) in midi.calls, 5), midi.calls
+        assert wait_until(lambda: "learning" in classes(tap), 10)
+        assert "learning" not in classes(scene)
+        cancels = midi.calls.count(("cancel",))
+        press(tap)  # the target waited for, again: stop
+        assert wait_until(lambda: midi.calls.count(("cancel",)) == cancels + 1, 5), midi.calls
+        assert wait_until(lambda: "learning" not in classes(tap), 10)
+        # save (or load) with a scene name typed learns that scene's save; nothing is saved
+        browser.find_element(By.ID, "scene-name").send_keys("verse")
+        save = browser.find_element(By.ID, "scene-save")
+        press(save)
+        assert wait_until(lambda: ("learn", "preset_save", "verse") in midi.calls, 5), midi.calls
+        assert wait_until(lambda: "learning" in classes(save), 10)
+        assert "verse" not in show.service.scenes.names()
+        cancels = midi.calls.count(("cancel",))
+        browser.find_element(By.CSS_SELECTOR, "#bar h1").click()  # focus on the page, not a field
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+        assert wait_until(lambda: midi.calls.count(("cancel",)) == cancels + 1, 5), midi.calls
+        assert wait_until(lambda: not cancel.is_displayed(), 10)
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+        assert wait_until(lambda: learn.get_attribute("aria-pressed") == "false", 5)
+        assert "midi-learn" not in classes(browser.find_element(By.TAG_NAME, "body"))
+
+        # refused: the error box says why; LEARN off while a learn waits stops it
+        midi.refuse = "guidance_scale is busy"
+        press(learn)
+        press(label("guidance_scale"))
+        error = browser.find_element(By.ID, "error")
+        assert wait_until(lambda: "guidance_scale is busy" in error.text, 5), error.text
+        midi.refuse = None
+        press(label("guidance_scale"))
+        assert wait_until(lambda: "learning" in classes(row("guidance_scale")), 10)
+        assert error.text == ""
+        cancels = midi.calls.count(("cancel",))
+        press(learn)
+        assert wait_until(lambda: midi.calls.count(("cancel",)) == cancels + 1, 5), midi.calls
+        press(label("seed"))  # LEARN is off: a name is a name again
+        time.sleep(0.3)
+        assert not any(call[:2] == ("learn", "seed") for call in midi.calls)
+
+        # forget: the binding's target and argument
+        forgets = browser.find_elements(
+            By.CSS_SELECTOR, '#midi-controllers li[data-target="preset_load"] .midi-forget'
+        )
+        press(forgets[0])
+        assert wait_until(lambda: ("forget", "preset_load", "intro") in midi.calls, 5), midi.calls
+        assert wait_until(lambda: len(browser.execute_script(listed)) == 2, 10)
+        press(
+            browser.find_element(By.CSS_SELECTOR, '#midi-controllers li[data-target="guidance_scale"] button')
+        )
+        assert wait_until(lambda: ("forget", "guidance_scale", None) in midi.calls, 5), midi.calls
+        assert wait_until(lambda: [b[1] for b in browser.execute_script(listed)] == ["\u2192 bypass"], 10)
+
+        # MIDI gone: the box says so
+        show.service.midi = None
+        show.operator.changed({})
+        assert wait_until(lambda: status.text == "MIDI off: set midi.mappings in config.yaml", 10)
+        assert not learn.is_displayed() and browser.execute_script(listed) == []
+        severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        refused = "/api/param - Failed to load resource: the server responded with a status of 400"
+        assert [refused in message for message in severe] == [True], severe  # the refused learn only

@@ -399,7 +399,7 @@ function makeRow(p) {
   var id = "param-" + p.name;
   var doc = typeof p.doc === "string" ? p.doc : "";
   var allowed = typeof p.allowed === "string" ? p.allowed : "";
-  var row = el("div", { "class": "row" });
+  var row = el("div", { "class": "row", "data-name": p.name });
   var labelTitle = doc + (allowed ? "\nallowed: " + allowed : "")
     + (typeof p.osc_address === "string" ? "\nOSC: " + p.osc_address + " " + (p.osc_args || "") : "");
   row.appendChild(el("label", { "for": id, title: labelTitle }, p.name));
@@ -443,6 +443,7 @@ function buildControls(params) {
   });
   if (!order.length) { container.appendChild(el("div", { "class": "note" }, "no parameters")); }
   if (lastValues) { applyValues(lastValues); }
+  markLearn();
 }
 
 function loadSpec() {
@@ -520,6 +521,7 @@ function showState(body, at) {
   renderStatus(st);
   showTempo(st, body.time, at);
   renderScenes(Array.isArray(body.scenes) ? body.scenes : []);
+  renderMidi(has(body, "midi") ? body.midi : null);
   showJson($("values"), values);
   showJson($("status-json"), st);
 }
@@ -557,16 +559,22 @@ function renderScenes(names) {
   clean.forEach(function (name) {
     var item = el("li");
     var button = el("button", { type: "button", "class": "scene", title: "pick " + name }, name);
-    button.addEventListener("click", function () { sceneName.value = name; markScenes(); });
+    button.addEventListener("click", function () {
+      if (learnClick("preset_load", name)) { return; }
+      sceneName.value = name;
+      markScenes();
+    });
     item.appendChild(button);
     sceneList.appendChild(item);
   });
   markScenes();
+  markLearn();
 }
 
 function sceneAction(action, doing, done) {
   var name = sceneName.value.trim();
   if (!name) { showError("scene: enter a name (or pick one from the list) first"); return; }
+  if (learnClick(action, name)) { return; }
   sceneNote.textContent = doing + " " + name + "\u2026";
   post(action, name).then(function (ok) {
     var text = ok ? done + " " + name : "";
@@ -676,12 +684,16 @@ function typing(node) {
 function isSpace(event) { return event.key === " " || event.code === "Space"; }
 
 tempoTap.addEventListener("pointerdown", function (event) {
-  if (event.button === 0) { tap(); }  // on the press, not the release: the beat is the press
+  // on the press, not the release: the beat is the press
+  if (event.button === 0 && !learnClick("tempo_tap", null)) { tap(); }
 });
 tempoTap.addEventListener("click", function (event) {
-  if (event.detail === 0) { tap(); }  // Enter on the focused button (a pointer tapped on its press)
+  // Enter on the focused button (a pointer tapped on its press)
+  if (event.detail === 0 && !learnClick("tempo_tap", null)) { tap(); }
 });
-$("tempo-resync").addEventListener("click", resync);
+$("tempo-resync").addEventListener("click", function () {
+  if (!learnClick("tempo_resync", null)) { resync(); }
+});
 window.addEventListener("keydown", function (event) {
   if (!isSpace(event) || event.ctrlKey || event.altKey || event.metaKey || typing(event.target)) { return; }
   event.preventDefault();  // no scrolling, no focused button pressed, no checkbox toggled
@@ -689,6 +701,204 @@ window.addEventListener("keydown", function (event) {
 });
 window.addEventListener("keyup", function (event) {
   if (isSpace(event) && !typing(event.target)) { event.preventDefault(); }  // a button clicks on keyup
+});
+
+// ------------------------------------------------------------------ MIDI
+// The MIDI service's panel as pushed (null: MIDI is off): its status line, each controller and
+// its bindings (each with a forget), and a learn waiting for a control. LEARN is a toggle, as in
+// Resolume or VDMX: while it is on, what a controller can play is marked and a click on it sends
+// midi_learn (a parameter's name, a scene, TAP, RESYNC, load / save with the scene name typed);
+// the next control moved on a controller is bound to it. The target stays lit while the service
+// waits; the list shows the new binding from the state pushed once the mapping file is saved.
+var midiBlock = $("midi-block");
+var midiBar = $("midi-bar");
+var midiLearnButton = $("midi-learn");
+var midiLearning = $("midi-learning");
+var midiCancel = $("midi-cancel");
+var midiStatus = $("midi-status");
+var midiList = $("midi-controllers");
+var FRESH_MS = 4000;       // a binding just learnt is lit this long
+var midi = null;           // the panel as last pushed (null: MIDI is off)
+var learnMode = false;     // the LEARN toggle
+var bindableNames = [];    // what a binding may drive (the panel's bindable)
+var midiListKey = null;
+var midiMarkKey = null;
+var knownBindings = null;  // the keys of the bindings listed, to light the new ones
+
+function argumentOf(value) { return value === undefined ? null : value; }
+function sameJson(a, b) { return JSON.stringify(argumentOf(a)) === JSON.stringify(argumentOf(b)); }
+function canLearn(target) { return midi !== null && bindableNames.indexOf(target) >= 0; }
+function learning() { return midi !== null && isObj(midi.learning) ? midi.learning : null; }
+
+function isLearning(target, argument) {
+  var now = learning();
+  return now !== null && now.target === target && sameJson(now.argument, argument);
+}
+
+// What /midi/learn and /midi/forget take: the target, then its argument when it has one.
+function targetArgs(target, argument) {
+  return argument === null || argument === undefined ? [target] : [target, argument];
+}
+
+function argumentText(argument) {
+  if (argument === null || argument === undefined) { return ""; }
+  return Array.isArray(argument) ? "[" + argument.map(String).join(", ") + "]" : String(argument);
+}
+
+// A click on `target` (with its argument) while LEARN is on: learn it (the one waiting again:
+// stop); whether the click was used for that.
+function learnClick(target, argument) {
+  if (!learnMode || !canLearn(target)) { return false; }
+  if (isLearning(target, argument)) { post("midi_cancel", null); }
+  else { post("midi_learn", targetArgs(target, argument)); }
+  return true;
+}
+
+function setLearnMode(on) {
+  var next = Boolean(on) && midi !== null;
+  if (!next && learnMode && learning() !== null) { post("midi_cancel", null); }  // LEARN off stops it
+  learnMode = next;
+  document.body.classList.toggle("midi-learn", learnMode);
+  midiLearnButton.setAttribute("aria-pressed", learnMode ? "true" : "false");
+  midiLearnButton.classList.toggle("on", learnMode);
+  midiMarkKey = null;
+  markLearn();
+}
+
+// The classes LEARN shows: learnable (a click learns `target`), learning (lit: it is waited for).
+function markNode(node, target, lit) {
+  node.classList.toggle("learnable", canLearn(target));
+  node.classList.toggle("learning", lit);
+  return lit;
+}
+
+function markLearn() {
+  var now = learning();
+  Object.keys(controls).forEach(function (name) {
+    markNode(controls[name].row, name, isLearning(name, null));
+  });
+  var listed = false;  // a scene load waited for lights its scene, else the load button
+  Array.prototype.forEach.call(sceneList.querySelectorAll("button.scene"), function (button) {
+    listed = markNode(button, "preset_load", isLearning("preset_load", button.textContent)) || listed;
+  });
+  markNode($("scene-load"), "preset_load", !listed && now !== null && now.target === "preset_load");
+  markNode($("scene-save"), "preset_save", now !== null && now.target === "preset_save");
+  markNode(tempoTap, "tempo_tap", isLearning("tempo_tap", null));
+  markNode($("tempo-resync"), "tempo_resync", isLearning("tempo_resync", null));
+
+  midiLearning.textContent = "";
+  if (now !== null) {
+    midiLearning.appendChild(document.createTextNode("move a control to bind "));
+    var shown = String(now.target) + (argumentText(now.argument) ? " " + argumentText(now.argument) : "");
+    midiLearning.appendChild(el("b", null, shown));
+  } else if (learnMode) {
+    midiLearning.textContent = "click what to learn: a parameter's name, a scene, TAP, RESYNC";
+  }
+  midiCancel.hidden = now === null;
+}
+
+// How many bindings /midi/forget target [argument] removes: every one driving the target, on
+// every controller (only those with that argument, when one is given).
+function forgetCount(controllers, target, argument) {
+  var count = 0;
+  controllers.forEach(function (c) {
+    (isObj(c) && Array.isArray(c.bindings) ? c.bindings : []).forEach(function (b) {
+      if (isObj(b) && b.to === target && (argument === null || sameJson(b.argument, argument))) { count += 1; }
+    });
+  });
+  return count;
+}
+
+function bindingItem(controller, b, controllers, seen) {
+  var target = String(b.to);
+  var argument = argumentOf(b.argument);
+  // a program change's scene list cannot be named to /midi/forget: by its target only
+  var sent = Array.isArray(argument) ? null : argument;
+  var key = JSON.stringify([controller.mapping, b.source, target, argument]);
+  var item = el("li", { "class": "midi-binding", "data-target": target });
+  item.appendChild(el("span", { "class": "midi-source", title: "what the controller plays" }, b.source));
+  var to = el("span", { "class": "midi-to" }, "\u2192 " + target);
+  if (argumentText(argument)) {
+    to.appendChild(document.createTextNode(" "));
+    to.appendChild(el("i", null, argumentText(argument)));
+  }
+  item.appendChild(to);
+  item.appendChild(el("small", { "class": "midi-mode" }, typeof b.mode === "string" ? b.mode : ""));
+  var count = forgetCount(controllers, target, sent);
+  var shown = target + (sent === null ? "" : " " + argumentText(sent));
+  var forget = el("button", {
+    type: "button", "class": "midi-forget",
+    title: count > 1 ? "remove all " + count + " bindings of " + shown + " (on every controller) from the mapping files"
+      : "remove this binding from the mapping file"
+  }, "forget");
+  forget.addEventListener("click", function () { post("midi_forget", targetArgs(target, sent)); });
+  item.appendChild(forget);
+  if (knownBindings !== null && !has(knownBindings, key)) {  // just learnt
+    item.classList.add("fresh");
+    setTimeout(function () { item.classList.remove("fresh"); }, FRESH_MS);
+  }
+  seen[key] = true;
+  return item;
+}
+
+function renderControllers(controllers) {
+  var key = JSON.stringify(controllers);
+  if (key === midiListKey) { return; }  // unchanged: no rebuild under the pointer
+  midiListKey = key;
+  var seen = {};
+  midiList.textContent = "";
+  controllers.forEach(function (c) {
+    if (!isObj(c)) { return; }
+    var box = el("div", { "class": "midi-controller" });
+    var head = el("div", { "class": "midi-head" });
+    head.appendChild(el("b", null, c.mapping));
+    head.appendChild(c.connected === true
+      ? el("span", { "class": "good", title: "its input port" }, "connected" + (c.port ? ": " + c.port : ""))
+      : el("span", { "class": "bad", title: "an input port whose name starts so" }, "waiting for " + c.input));
+    if (typeof c.profile === "string" && c.profile) { head.appendChild(el("small", null, "profile " + c.profile)); }
+    box.appendChild(head);
+    var list = el("ul", { "class": "midi-bindings" });
+    var bindings = (Array.isArray(c.bindings) ? c.bindings : []).filter(isObj);
+    if (!bindings.length) { list.appendChild(el("li", { "class": "note" }, "no bindings yet: LEARN one")); }
+    bindings.forEach(function (b) { list.appendChild(bindingItem(c, b, controllers, seen)); });
+    box.appendChild(list);
+    midiList.appendChild(box);
+  });
+  if (!controllers.length && midi !== null) {
+    midiList.appendChild(el("div", { "class": "note" }, "no controller: name a mapping in midi.mappings"));
+  }
+  knownBindings = midi === null ? null : seen;
+}
+
+function renderMidi(panel) {
+  midi = isObj(panel) ? panel : null;
+  midiBlock.hidden = false;
+  midiBar.hidden = midi === null;
+  bindableNames = midi !== null && Array.isArray(midi.bindable)
+    ? midi.bindable.filter(function (n) { return typeof n === "string"; }) : [];
+  if (midi === null && learnMode) { setLearnMode(false); }
+  var status = midi === null ? "MIDI off: set midi.mappings in config.yaml"
+    : (typeof midi.status === "string" ? midi.status : "");
+  if (midiStatus.textContent !== status) { midiStatus.textContent = status; }
+  midiStatus.classList.toggle("note", midi === null);
+  renderControllers(midi !== null && Array.isArray(midi.controllers) ? midi.controllers : []);
+  var key = JSON.stringify([learning(), bindableNames]);
+  if (key !== midiMarkKey) { midiMarkKey = key; markLearn(); }
+}
+
+midiLearnButton.addEventListener("click", function () { setLearnMode(!learnMode); });
+midiCancel.addEventListener("click", function () { post("midi_cancel", null); });
+// In LEARN, a parameter's name learns it (and does not focus or toggle its control).
+$("controls").addEventListener("click", function (event) {
+  if (!learnMode || !event.target || typeof event.target.closest !== "function") { return; }
+  var label = event.target.closest(".row > label");
+  if (label && learnClick(label.parentNode.dataset.name, null)) { event.preventDefault(); }
+});
+// Escape (outside a text field): stop the learn waiting, else leave LEARN.
+window.addEventListener("keydown", function (event) {
+  if (event.key !== "Escape" || typing(event.target)) { return; }
+  if (learning() !== null) { post("midi_cancel", null); }
+  else if (learnMode) { setLearnMode(false); }
 });
 
 // ------------------------------------------------------------------ video
