@@ -967,6 +967,15 @@ def _specs() -> tuple[ParamSpec, ...]:
             "a parameter name, then optionally its argument",
         ),
         _action(
+            "midi_unbind",
+            "Remove one MIDI binding: a mapping's name and the binding's index in its file (as the "
+            "operator page lists them).",
+            "/midi/unbind",
+            "s i",
+            "midi",
+            "a mapping name, then the binding's index (from 0)",
+        ),
+        _action(
             "midi_cancel",
             "Stop a MIDI learn that is waiting for a control.",
             "/midi/cancel",

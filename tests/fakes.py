@@ -175,6 +175,13 @@ class FakeMidi:
             raise ValueError(f"no MIDI binding drives {target}")
         return removed
 
+    def unbind(self, mapping: str, index: int) -> None:
+        self.calls.append(("unbind", mapping, index))
+        with self._lock:
+            if mapping != "pad" or not 0 <= index < len(self._bindings):
+                raise ValueError(f"{mapping} has no binding {index}")
+            del self._bindings[index]
+
     def cancel(self) -> None:
         self.calls.append(("cancel",))
         with self._lock:

@@ -116,7 +116,8 @@ MUSIC_ACTIONS = {  # sent with a tempo clock: tests/test_music.py
     "/mod/rate", "/mod/enabled", "/mod/add", "/mod/remove", "/mod/trigger", "/mod/release",
     "/sequence/start", "/sequence/stop", "/sequence/jump",
 }
-MIDI_ACTIONS = {"/midi/learn", "/midi/forget", "/midi/cancel"}  # with a MIDI service: test_midi_service.py
+# sent with a MIDI service: tests/test_midi_service.py
+MIDI_ACTIONS = {"/midi/learn", "/midi/forget", "/midi/unbind", "/midi/cancel"}
 
 
 @pytest.mark.parametrize(("datagram", "expected"), GOOD)

@@ -513,3 +513,17 @@ def test_a_fader_on_a_coarse_int_keeps_following_after_its_own_rounded_values():
             played.append(command.args[0])
         surface.settled()
     assert played == [0, 1, 1, 2, 3, 3, 4]
+
+
+def test_unbind_removes_one_binding_and_a_controller_cannot_play_learn_or_status(make):
+    rig = make([{"cc": 1, "to": "guidance_scale"}, {"cc": 2, "to": "guidance_scale"}]).start()
+    assert rig.osc("/midi/unbind", "show", 0) == []
+    assert rig.mapping_file()["bindings"] == [{"cc": 2, "to": "guidance_scale"}]
+    (error,) = rig.osc("/midi/unbind", "other", 0)
+    assert "'other' is not a loaded mapping; allowed: show" in error
+    (error,) = rig.osc("/midi/learn", "midi_cancel")
+    assert "'midi_cancel' cannot be learnt" in error
+    with pytest.raises(
+        ValueError, match="status is an action for OSC and the page only and cannot be played"
+    ):
+        check_mapping({"input": "x", "bindings": [{"note": 1, "to": "status"}]})

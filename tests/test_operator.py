@@ -271,9 +271,9 @@ def test_the_state_has_the_midi_panel_only_with_midi(tmp_path):
 
 def test_the_pages_midi_writes_learn_cancel_and_forget_on_the_midi_service(bundle, tmp_path):
     """What the page's MIDI box posts (midi_learn [target] or [target, argument], midi_cancel
-    null, midi_forget [target] or [target, argument]) reaches a real MidiService (the in-memory
-    backend); the state shows the learn waiting, then the binding saved, and refusals are the
-    page's errors."""
+    null, midi_unbind [mapping, index]) and midi_forget [target] or [target, argument] reach a real
+    MidiService (the in-memory backend); the state shows the learn waiting, then the binding saved,
+    and refusals are the page's errors."""
     pytest.importorskip("mido", reason="mido is not installed (pip install -e '.[midi]')")
     from mido import Message
 
@@ -321,7 +321,9 @@ def test_the_pages_midi_writes_learn_cancel_and_forget_on_the_midi_service(bundl
             assert show.post({"name": "midi_learn", "value": ["bypass"]})[0] == 200
             assert show.post({"name": "midi_cancel", "value": None})[0] == 200
             assert panel()["learning"] is None
-            assert show.post({"name": "midi_forget", "value": ["preset_load", "intro"]})[0] == 200
+            status, body = show.post({"name": "midi_unbind", "value": ["pad", 5]})
+            assert status == 400 and "pad has no binding 5; allowed: 0..1" in body["error"]
+            assert show.post({"name": "midi_unbind", "value": ["pad", 1]})[0] == 200  # the page's forget
             assert bindings() == [cc7]
             assert show.post({"name": "midi_forget", "value": ["guidance_scale"]})[0] == 200
             assert bindings() == [] and "guidance_scale" not in (folder / "pad.yaml").read_text()

@@ -299,17 +299,17 @@ def test_the_midi_box_lists_learns_and_forgets(bundle, tmp_path, browser):
         time.sleep(0.3)
         assert not any(call[:2] == ("learn", "seed") for call in midi.calls)
 
-        # forget: the binding's target and argument
+        # forget: this one binding, by its mapping and its place in the file
         forgets = browser.find_elements(
             By.CSS_SELECTOR, '#midi-controllers li[data-target="preset_load"] .midi-forget'
         )
         press(forgets[0])
-        assert wait_until(lambda: ("forget", "preset_load", "intro") in midi.calls, 5), midi.calls
+        assert wait_until(lambda: ("unbind", "pad", 1) in midi.calls, 5), midi.calls
         assert wait_until(lambda: len(browser.execute_script(listed)) == 2, 10)
         press(
             browser.find_element(By.CSS_SELECTOR, '#midi-controllers li[data-target="guidance_scale"] button')
         )
-        assert wait_until(lambda: ("forget", "guidance_scale", None) in midi.calls, 5), midi.calls
+        assert wait_until(lambda: ("unbind", "pad", 0) in midi.calls, 5), midi.calls
         assert wait_until(lambda: [b[1] for b in browser.execute_script(listed)] == ["\u2192 bypass"], 10)
 
         # MIDI gone: the box says so

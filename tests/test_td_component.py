@@ -268,6 +268,7 @@ def test_every_registry_entry_has_a_unique_valid_td_name():
     assert left_out == {  # actions with values a Pulse cannot give: for scripts and controllers
         "/composition/tempocontroller/tempo", "/mod/depth", "/mod/rate", "/mod/enabled", "/mod/add",
         "/mod/remove", "/mod/trigger", "/mod/release", "/sequence/jump", "/midi/learn", "/midi/forget",
+        "/midi/unbind",
     }
     param_map = mapping.ParamMap(entries)
     names = [param_map.td_of[e["name"]] for e in entries]

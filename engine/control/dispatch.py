@@ -50,12 +50,14 @@ class Reply:
 
 
 class MidiLearner(Protocol):
-    """What ``/midi/learn``, ``/midi/forget`` and ``/midi/cancel`` call
+    """What ``/midi/learn``, ``/midi/forget``, ``/midi/unbind`` and ``/midi/cancel`` call
     (``engine.midi.service.MidiService``; a ValueError names a bad target or argument)."""
 
     def learn(self, target: str, argument: str | int | None = None) -> None: ...
 
     def forget(self, target: str, argument: str | int | None = None) -> int: ...
+
+    def unbind(self, mapping: str, index: int) -> None: ...
 
     def cancel(self) -> None: ...
 
@@ -526,7 +528,7 @@ class OscDispatcher:
         return move
 
     def _midi(self, spec: ParamSpec, args: list[Any]) -> Effect:
-        """MIDI learn, forget and cancel (the MIDI service checks the name and the argument)."""
+        """MIDI learn, forget, unbind and cancel (the MIDI service checks names and arguments)."""
         midi = self.midi
         if midi is None:
             raise ParamError(
@@ -542,6 +544,21 @@ class OscDispatcher:
                 return []
 
             return cancel
+        if spec.name == "midi_unbind":
+            if len(args) != 2 or not isinstance(args[0], str) or isinstance(args[1], bool) or not isinstance(
+                args[1], int
+            ):
+                raise ParamError(spec.name, f"{args!r:.80}; allowed: {spec.allowed_text()} ({spec.osc_args})")
+            mapping, index = args
+
+            def unbind() -> list[Reply]:
+                try:
+                    midi.unbind(mapping, index)
+                except ValueError as err:
+                    raise ParamError(spec.name, str(err)) from None
+                return []
+
+            return unbind
         if not 1 <= len(args) <= 2 or not isinstance(args[0], str):
             raise ParamError(spec.name, f"{args!r:.80}; allowed: {spec.allowed_text()} ({spec.osc_args})")
         target, argument = args[0], (args[1] if len(args) == 2 else None)

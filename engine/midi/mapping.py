@@ -151,6 +151,9 @@ ACTION_ARGUMENTS: dict[str, tuple[str | None, Role]] = {
 }
 """Actions with an argument in the mapping, and what they are to a controller. Other actions are
 bindable as plain triggers when they take no value over OSC (``osc_args`` ``''`` or ``'[i]'``)."""
+NOT_FROM_MIDI = frozenset({"status", "midi_learn", "midi_forget", "midi_unbind", "midi_cancel"})
+"""Actions a control cannot play: ``/status`` answers only its sender; a learn would bind the very
+pad meant to cancel it."""
 PROGRAM_TARGETS = {"preset_load": "scenes", "sequence_jump": None}
 """What a program change may drive: program n loads ``scenes[n]`` / jumps to step n."""
 HOOK_LIMITS: dict[str, tuple[float, float] | None] = {
@@ -288,6 +291,8 @@ def role_of(spec: ParamSpec) -> Role | None:
     if spec.kind is ParamKind.BOOL:
         return Role.SWITCH
     if spec.kind is ParamKind.ACTION:
+        if spec.name in NOT_FROM_MIDI:
+            return None
         if spec.name in ACTION_ARGUMENTS:
             return ACTION_ARGUMENTS[spec.name][1]
         return Role.ACTION if spec.osc_args in TRIGGER_ARGS else None
@@ -430,13 +435,14 @@ def check_binding(item: Any, where: str = "binding") -> Binding:
     name = spec.name
     role = role_of(spec)
     if role is None:
-        what = (
-            f"{spec.kind.value} parameter"
-            if spec.kind is not ParamKind.ACTION
-            else "action that takes a value"
-        )
+        if spec.kind is not ParamKind.ACTION:
+            what = f"a {spec.kind.value} parameter"
+        elif name in NOT_FROM_MIDI:
+            what = "an action for OSC and the page only"
+        else:
+            what = "an action that takes a value"
         raise ValueError(
-            f"{where}.to: {name} is a {what} and cannot be played from MIDI; allowed: {_join(bindable())}"
+            f"{where}.to: {name} is {what} and cannot be played from MIDI; allowed: {_join(bindable())}"
         )
 
     if source is Source.PROGRAM:

@@ -270,6 +270,21 @@ class MidiService:
         self._update_status(f"forgot {removed} binding(s) of {target}")
         return removed
 
+    def unbind(self, mapping: str, index: int) -> None:
+        """Remove binding ``index`` of mapping ``mapping`` (as ``panel`` lists them) from its file."""
+        with self._lock:
+            controller = next((c for c in self.controllers if c.name == mapping), None)
+            if controller is None:
+                names = ", ".join(c.name for c in self.controllers) or "none"
+                raise ValueError(f"{mapping!r:.60} is not a loaded mapping; allowed: {names}")
+            count = len(controller.mapping.bindings)
+            if not 0 <= index < count:
+                allowed = f"0..{count - 1}" if count else "none: it has no bindings"
+                raise ValueError(f"{mapping} has no binding {index}; allowed: {allowed}")
+            gone = controller.mapping.bindings[index]
+            self._save(controller, functools.partial(_without_index, index=index))
+        self._update_status(f"forgot {describe(gone)} -> {gone.target}")
+
     def scene_loaded(self, name: str) -> None:
         """A scene was loaded: every LED is sent again (and a scene button lights)."""
         with self._lock:
@@ -658,6 +673,11 @@ def _without(data: dict[str, Any], target: str, argument: Any) -> dict[str, Any]
             and (argument is None or _argument_of(item) == argument)
         )
     ]
+    return data
+
+
+def _without_index(data: dict[str, Any], index: int) -> dict[str, Any]:
+    data["bindings"] = [item for i, item in enumerate(data.get("bindings") or []) if i != index]
     return data
 
 

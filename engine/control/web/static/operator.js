@@ -797,23 +797,9 @@ function markLearn() {
   midiCancel.hidden = now === null;
 }
 
-// How many bindings /midi/forget target [argument] removes: every one driving the target, on
-// every controller (only those with that argument, when one is given).
-function forgetCount(controllers, target, argument) {
-  var count = 0;
-  controllers.forEach(function (c) {
-    (isObj(c) && Array.isArray(c.bindings) ? c.bindings : []).forEach(function (b) {
-      if (isObj(b) && b.to === target && (argument === null || sameJson(b.argument, argument))) { count += 1; }
-    });
-  });
-  return count;
-}
-
-function bindingItem(controller, b, controllers, seen) {
+function bindingItem(controller, b, index, seen) {
   var target = String(b.to);
   var argument = argumentOf(b.argument);
-  // a program change's scene list cannot be named to /midi/forget: by its target only
-  var sent = Array.isArray(argument) ? null : argument;
   var key = JSON.stringify([controller.mapping, b.source, target, argument]);
   var item = el("li", { "class": "midi-binding", "data-target": target });
   item.appendChild(el("span", { "class": "midi-source", title: "what the controller plays" }, b.source));
@@ -824,14 +810,11 @@ function bindingItem(controller, b, controllers, seen) {
   }
   item.appendChild(to);
   item.appendChild(el("small", { "class": "midi-mode" }, typeof b.mode === "string" ? b.mode : ""));
-  var count = forgetCount(controllers, target, sent);
-  var shown = target + (sent === null ? "" : " " + argumentText(sent));
   var forget = el("button", {
-    type: "button", "class": "midi-forget",
-    title: count > 1 ? "remove all " + count + " bindings of " + shown + " (on every controller) from the mapping files"
-      : "remove this binding from the mapping file"
+    type: "button", "class": "midi-forget", title: "remove this binding from " + controller.mapping + ".yaml"
   }, "forget");
-  forget.addEventListener("click", function () { post("midi_forget", targetArgs(target, sent)); });
+  // this one binding, by its mapping and its place in the file (/midi/unbind s mapping i index)
+  forget.addEventListener("click", function () { post("midi_unbind", [controller.mapping, index]); });
   item.appendChild(forget);
   if (knownBindings !== null && !has(knownBindings, key)) {  // just learnt
     item.classList.add("fresh");
@@ -860,7 +843,7 @@ function renderControllers(controllers) {
     var list = el("ul", { "class": "midi-bindings" });
     var bindings = (Array.isArray(c.bindings) ? c.bindings : []).filter(isObj);
     if (!bindings.length) { list.appendChild(el("li", { "class": "note" }, "no bindings yet: LEARN one")); }
-    bindings.forEach(function (b) { list.appendChild(bindingItem(c, b, controllers, seen)); });
+    bindings.forEach(function (b, index) { list.appendChild(bindingItem(c, b, index, seen)); });
     box.appendChild(list);
     midiList.appendChild(box);
   });
