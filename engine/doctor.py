@@ -27,6 +27,13 @@ def _tensorrt() -> str:
     return str(getattr(module, "__version__", "installed"))
 
 
+def _midi() -> str:
+    mido, rtmidi = _version("mido"), _version("python-rtmidi")
+    if "not installed" in (mido, rtmidi):
+        return f"mido {mido}, python-rtmidi {rtmidi} (pip install latentstage[midi])"
+    return f"mido {mido}, python-rtmidi {rtmidi} (`latentstage midi ports` lists the ports)"
+
+
 def report() -> str:
     """A plain-text report, one fact a line."""
     lines = [
@@ -56,7 +63,8 @@ def report() -> str:
     lines.append(f"device auto   {device}")
     lines.append(f"tensorrt      {_tensorrt()}")
     lines.append(f"onnxruntime   {_version('onnxruntime')}")
+    lines.append(f"midi          {_midi()}")
     for info in BRIDGES.values():
         reason = unavailable_reason(info.name)
-        lines.append(f"bridge {info.name:<7}{'ok' if reason is None else reason}")
+        lines.append(f"bridge {info.name:<7} {'ok' if reason is None else reason}")
     return "\n".join(lines)

@@ -64,6 +64,8 @@ def test_bridges_and_doctor_commands(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "device auto" in out and "tensorrt" in out and "bridge ndi" in out
+    assert re.search(r"^bridge preview ok$", out, re.M), "a space after the longest name"
+    assert re.search(r"^midi\s+mido ", out, re.M)
 
 
 def test_bad_run_arguments(capsys):
