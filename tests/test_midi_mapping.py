@@ -40,7 +40,7 @@ def refused(*bindings: dict) -> str:
 
 def test_the_example_file_loads_with_every_kind():
     loaded = load_mapping(FOLDER, "example")
-    assert loaded.input == "APC mini" and loaded.output == "APC mini" and loaded.profile is None
+    assert loaded.input == "APC mini" and loaded.output == "APC mini" and loaded.profile == "apc_mini"
     kinds = {(b.source, len(b.numbers)) for b in loaded.bindings}
     assert {
         (Source.CC, 1),
