@@ -364,3 +364,10 @@ def test_file_errors_name_the_mapping(tmp_path):
     )
     with pytest.raises(MappingError, match=r"^midi mapping 'wrong': bindings\[0\]\.to: 'brightness' is not"):
         load_mapping(tmp_path, "wrong")
+
+
+def test_a_scene_named_no_stays_a_name_in_a_mapping_file(tmp_path):
+    """YAML 1.1 read ``no`` / ``on`` / ``off`` as booleans (a scene named ``no`` was refused as
+    ``False``); mapping files are read with YAML 1.2 booleans, as profiles are."""
+    (tmp_path / "show.yaml").write_text("input: x\nbindings:\n  - {note: 1, to: preset_load, scene: no}\n")
+    assert load_mapping(tmp_path, "show").bindings[0].argument == "no"

@@ -74,6 +74,7 @@ from engine import params
 from engine.control.scenes import NAME_RULE, is_scene_name
 from engine.midi.controls import Curve, RelativeEncoding, decode_relative, shape, to_range
 from engine.midi.controls import TakeoverMode as Takeover
+from engine.midi.profile import MidiYamlLoader
 from engine.modulation.modulator import MAX_MODULATORS
 from engine.modulation.rate import MAX_HZ, MAX_PERIOD
 from engine.modulation.sequence import MAX_STEPS
@@ -640,7 +641,7 @@ def load_mapping(folder: str | Path, name: str) -> MidiMapping:
     if path.stat().st_size > MAX_MAPPING_BYTES:
         raise MappingError(f"midi mapping {name!r} is larger than {MAX_MAPPING_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=MidiYamlLoader)  # a SafeLoader
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise MappingError(f"midi mapping {name!r} cannot be read: {err}") from err
     try:

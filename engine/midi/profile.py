@@ -45,15 +45,16 @@ DEVICES_FOLDER = "devices"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 
 
-class _ProfileLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: ``on``, ``off``, ``yes`` and ``no`` stay strings."""
+class MidiYamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: ``on``, ``off``, ``yes`` and ``no`` stay strings (a colour
+    named ``off``, a scene named ``no``); mapping and profile files are read with it."""
 
 
-_ProfileLoader.yaml_implicit_resolvers = {
+MidiYamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rule) for tag, rule in resolvers if tag != _BOOL_TAG]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_ProfileLoader.add_implicit_resolver(
+MidiYamlLoader.add_implicit_resolver(
     _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 
@@ -172,7 +173,7 @@ def load_profile(folder: str | Path, name: str) -> DeviceProfile:
     if path.stat().st_size > MAX_PROFILE_BYTES:
         raise ProfileError(f"midi device profile {name!r} is larger than {MAX_PROFILE_BYTES} bytes")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ProfileLoader)  # a SafeLoader
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=MidiYamlLoader)  # a SafeLoader
         return check_profile(data)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ProfileError(f"midi device profile {name!r} cannot be read: {err}") from err

@@ -52,7 +52,7 @@ from engine.midi.mapping import (
     load_mapping,
     role_of,
 )
-from engine.midi.profile import DEFAULT_PROFILE, DeviceProfile, load_profile
+from engine.midi.profile import DEFAULT_PROFILE, DeviceProfile, MidiYamlLoader, load_profile
 from engine.midi.surface import Command, Surface, describe
 from engine.modulation.modulator import modulator_index
 from engine.tempo.extras import TempoSourceUnavailable, missing_extra
@@ -601,7 +601,7 @@ class MidiService:
     def _save(self, controller: Controller, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         """Change the mapping file's data, check it whole, write it atomically and play it."""
         path = self.settings.folder / f"{controller.name}.yaml"
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=MidiYamlLoader) if path.is_file() else None
         data = change(dict(data or {"input": controller.mapping.input}))
         mapping = check_mapping(data)
         text = f"# MIDI mapping {controller.name}: edited by MIDI learn / forget\n" + yaml.safe_dump(
