@@ -519,7 +519,12 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
         backend = _make_backend(config, models)
         extra = {"preview": {"operator": operator}} if operator is not None else None
         engine = engine_from_config(
-            config, models, sink_extra=extra, backend=backend, keep_recordings=args.resume
+            config,
+            models,
+            sink_extra=extra,
+            backend=backend,
+            keep_recordings=args.resume,
+            media_dir=presets_dir(args.config).parent / "media",
         )
     except BackendUnavailableError as error:
         print(f"latentstage: {error}", file=sys.stderr)

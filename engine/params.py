@@ -409,6 +409,17 @@ _COERCERS = {
 }
 
 
+SOURCE_NAME_PATTERN = (
+    r"pattern|(?:ndi|spout|syphon):[^\x00-\x1f\x7f]{1,256}|shm:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+    r"|file:[A-Za-z0-9][A-Za-z0-9 _.()-]{0,127}"
+)
+SOURCE_NAME_TEXT = (
+    "a source name as /input/sources lists it: pattern, ndi:NAME, spout:NAME, syphon:NAME, shm:NAME "
+    "or file:NAME (a video file name in the media folder, never a path)"
+)
+MAX_INPUT_CROSSFADE_FRAMES = 240
+
+
 def _action(name: str, doc: str, address: str, args: str, group: str, allowed: str = "") -> ParamSpec:
     """An action the control service answers: never saved in scenes; ``allowed`` says what its
     arguments may be (default: "no value" or "a name", from ``args``)."""
@@ -740,6 +751,44 @@ def _specs() -> tuple[ParamSpec, ...]:
             group="runtime",
             in_scene=False,
             applies=Applies.RUNTIME,
+        ),
+        ParamSpec(
+            "input_source",
+            k.STRING,
+            "pattern",
+            "Switch the main input live to a source by name (see /input/sources): the new one opens "
+            "on its own thread, the old one plays until the new one's first frame, then they swap "
+            "between two frames (crossfading over input_crossfade frames); one that cannot open is "
+            "refused and the old one stays. Echoed when the switch is done; at start: the configured input.",
+            "/input/select",
+            "s",
+            group="input",
+            in_scene=False,
+            applies=Applies.RUNTIME,
+            pattern=SOURCE_NAME_PATTERN,
+            pattern_text=SOURCE_NAME_TEXT,
+        ),
+        ParamSpec(
+            "input_crossfade",
+            k.INT,
+            0,
+            "Frames over which a switch of the main input crossfades from the old input's last frame "
+            "(in pixel space; 0: a cut).",
+            "/input/crossfade",
+            "i",
+            minimum=0,
+            maximum=MAX_INPUT_CROSSFADE_FRAMES,
+            group="input",
+            in_scene=False,
+            applies=Applies.RUNTIME,
+        ),
+        _action(
+            "input_sources",
+            "Reply to the sender with the sources /input/select can switch to (NDI, Spout, Syphon, "
+            "shared memory, the media folder's video files, the pattern), one name per argument.",
+            "/input/sources",
+            "",
+            "input",
         ),
         ParamSpec(
             "bpm",

@@ -89,6 +89,8 @@ GOOD = [
     (msg("/similarity_filter/max_skip_frames", 5), {"similarity_filter_max_skip_frames": 5}),
     (msg("/bypass", 1), {"bypass": True}),
     (msg("/pause", 1.0), {"pause": True}),  # TouchOSC toggles send floats
+    (msg("/input/select", "ndi:STAGE-PC (TouchDesigner)"), {"input_source": "ndi:STAGE-PC (TouchDesigner)"}),
+    (msg("/input/crossfade", 12), {"input_crossfade": 12}),
     (msg("/feature_cache/enabled", True), {"feature_cache_enabled": True}),
     (msg("/feature_cache/frames", 3), {"feature_cache_frames": 3}),
     (msg("/feature_cache/interval", 2), {"feature_cache_interval": 2}),
@@ -118,6 +120,7 @@ MUSIC_ACTIONS = {  # sent with a tempo clock: tests/test_music.py
 }
 # sent with a MIDI service: tests/test_midi_service.py
 MIDI_ACTIONS = {"/midi/learn", "/midi/forget", "/midi/unbind", "/midi/cancel"}
+INPUT_ACTIONS = {"/input/sources"}  # with a source catalogue: tests/test_discovery.py
 
 
 @pytest.mark.parametrize(("datagram", "expected"), GOOD)
@@ -129,7 +132,7 @@ def test_every_address_writes_state(dispatcher, state, datagram, expected):
 
 def test_every_registry_address_is_covered_by_a_test():
     covered = {OscPacketAddress(d) for d, _ in GOOD} | {"/status", "/preset/load", "/preset/save"}
-    covered |= MUSIC_ACTIONS | MIDI_ACTIONS
+    covered |= MUSIC_ACTIONS | MIDI_ACTIONS | INPUT_ACTIONS
     assert {a for spec in params.REGISTRY.values() for a in spec.addresses} <= covered
 
 

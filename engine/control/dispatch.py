@@ -160,6 +160,7 @@ class OscDispatcher:
         self.state = state
         self.music = music
         self.midi: MidiLearner | None = None  # the control service attaches the MIDI service
+        self.sources: Callable[[], list[str]] | None = None  # the source catalogue's names
         self._now = now  # taps, resyncs and quantised changes are stamped with it when they apply
         self.status_values = status_values
         self.scene_handler = scene_handler
@@ -404,6 +405,7 @@ class OscDispatcher:
             "modulation": self._modulator,
             "sequence": self._sequence,
             "midi": self._midi,
+            "input": self._sources,
         }
         return by_group[spec.group](spec, args)
 
@@ -526,6 +528,20 @@ class OscDispatcher:
             return []
 
         return move
+
+    def _sources(self, spec: ParamSpec, args: list[Any]) -> Effect:
+        """``/input/sources``: the names ``/input/select`` takes, to the sender (from the control
+        service's catalogue, refreshed off this thread: the answer never waits for discovery)."""
+        if args:
+            raise ParamError(spec.name, f"{len(args)} arguments; allowed: none")
+        catalogue = self.sources
+        if catalogue is None:
+            raise ParamError(spec.name, "this engine lists no sources; allowed: none")
+
+        def answer() -> list[Reply]:
+            return [Reply(spec.osc_address, list(catalogue()), to_sender=True, to_feedback=False)]
+
+        return answer
 
     def _midi(self, spec: ParamSpec, args: list[Any]) -> Effect:
         """MIDI learn, forget, unbind and cancel (the MIDI service checks names and arguments)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +33,13 @@ from engine.pipeline import PipelineSettings, StreamPipeline
 from engine.runtime.builds import Builds
 from engine.runtime.changes import apply_change, open_pipeline, ready_runners
 from engine.runtime.control_sources import ControlFeeds, ControlSource
+from engine.runtime.inputs import SourceNames, source_spec
 from engine.runtime.loss import OnLossMode
 from engine.runtime.music import Music, MusicSettings
 from engine.runtime.queues import LatestSlot
 from engine.runtime.reference_source import ReferenceFeed, ReferenceSource
 from engine.runtime.stats import EngineState, RuntimeStats
+from engine.runtime.switching import Candidate, Crossfade, Failed, InputSwitch, Ready
 from engine.runtime.workers import (
     ChangeStamp,
     InputHealth,
@@ -63,16 +66,6 @@ _ON_LOSS_WORDS = {
     OnLossMode.BLACK: "show black",
     OnLossMode.PASSTHROUGH: "show the last input frame",
 }
-
-
-RUNTIME_INPUT_KEYS = {"type", "on_loss", "retry_seconds", "stall_seconds"}
-"""Keys of the ``input`` section that the runtime uses; the rest go to the bridge."""
-
-
-def source_spec(input_config: Any) -> tuple[str, dict[str, Any]]:
-    """Bridge name and constructor options from a validated ``input`` config section."""
-    options = input_config.model_dump(mode="json", exclude=RUNTIME_INPUT_KEYS)
-    return input_config.type, options
 
 
 def sink_spec(output_config: Any) -> tuple[str, dict[str, Any]]:
@@ -112,6 +105,7 @@ class Engine:
         control_sources: the ControlNets that have their own source (a thread each).
         reference_source: the IP-Adapter's reference frames from a bridge (``None``: a file).
         music_settings: the tempo source and audio input (``None``: an internal clock, no audio).
+        source_names: opens sources by name for ``/input/select`` (``None``: the input is fixed).
     """
 
     def __init__(
@@ -126,8 +120,10 @@ class Engine:
         control_sources: Sequence[ControlSource] = (),
         reference_source: ReferenceSource | None = None,
         music_settings: MusicSettings | None = None,
+        source_names: SourceNames | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.source_names = source_names
         self.backend = backend
         self.options = options or EngineOptions()
         self.stats = stats or RuntimeStats()
@@ -149,6 +145,19 @@ class Engine:
             self._stop,
             self.options.retry_seconds,
         )
+        self.switch = InputSwitch(
+            lambda opener, slot: SourceWorker(
+                opener,
+                slot,
+                self._preprocess,
+                self.stats,
+                self._stop,
+                self.options.retry_seconds,
+                one_try=True,
+                label="next",
+            )
+        )
+        self._crossfade: Crossfade | None = None
         self.control_feeds = ControlFeeds(
             control_sources,
             len(pipeline.settings.controlnets),
@@ -328,6 +337,7 @@ class Engine:
             if tick is not None:
                 tick()
             self._apply_pending()
+            self._poll_switch()
             item = self._slot.take(timeout=min(1.0 / self.options.keepalive_fps, 0.1))
             now = time.monotonic()
             if item is None:
@@ -342,6 +352,9 @@ class Engine:
             if self._input_health is not InputHealth.LIVE:
                 self._input_back(now)
             next_keepalive = now + self._keepalive_interval()
+            if self._crossfade is not None:  # a switched input fades in from the old one's last frame
+                item = InputItem(self._crossfade.blend(item.tensor), item.frame)
+                self._crossfade = None if self._crossfade.finished else self._crossfade
             self._process(item)
         for sink in self.sinks:
             sink.show_ended(self.ended_at if self.ended_at is not None else time.monotonic())
@@ -364,7 +377,8 @@ class Engine:
         if self.reference_feed is not None:
             self.reference_feed.wake()
         references = () if self.reference_feed is None else self.reference_feed.threads
-        threads = (self.source, *self.control_feeds.workers, *references, self.prompt_worker, self.post)
+        sources = (self.source, *self.switch.threads())
+        threads = (*sources, *self.control_feeds.workers, *references, self.prompt_worker, self.post)
         for thread in (*threads, *self.sinks):
             if thread.is_alive():
                 thread.join(max(0.05, deadline - time.monotonic()))
@@ -508,6 +522,7 @@ class Engine:
     def _apply(self, changes: dict[str, Any], crossfade_s: float) -> None:
         """One change at a frame boundary: runtime values, then the pipeline's (which may wait)."""
         runtime = validate_changes({k: v for k, v in changes.items() if k in RUNTIME_PARAMS}, RUNTIME_PARAMS)
+        switch_to = runtime.pop("input_source", None)  # applied (and echoed) once it sent a frame
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
         previous = self.pipeline.current_positive
         accepted = self._apply_to_pipeline(stream) if stream else {}
@@ -533,6 +548,55 @@ class Engine:
         if accepted:  # the outputs time how long it takes to be seen (stats change_latency_ms)
             self._change = ChangeStamp((self._change.number if self._change else 0) + 1, time.monotonic())
         if accepted and self.on_applied is not None:
+            self.on_applied(accepted)
+        if switch_to is not None:
+            self._begin_switch(switch_to)
+
+    def _begin_switch(self, name: str) -> None:
+        """``/input/select``: open ``name`` beside the playing input (ParamError: not here)."""
+        if self.source_names is None:
+            raise ParamError("input_source", "this engine's input is fixed; allowed: none")
+        if name == self.runtime_state["input_source"] and self.switch.waiting is None:
+            return  # already playing
+        try:
+            opener = self.source_names.opener(name)
+        except ValueError as err:
+            raise ParamError("input_source", str(err)) from None
+        self.switch.start(name, opener)
+        playing = self.runtime_state["input_source"]
+        logger.info("input: opening %s (%s plays until it sends a frame)", name, playing)
+
+    def _poll_switch(self) -> None:
+        """Between two frames: swap a switched-to source in once it sent a frame, or refuse it."""
+        outcome = self.switch.poll()
+        if isinstance(outcome, Failed):
+            old = self.runtime_state["input_source"]
+            reason = f"{outcome.name} cannot be played ({outcome.reason}); {old} stays"
+            self._report_error(f"input_source: {reason}")
+        elif isinstance(outcome, Ready):
+            self._swap_input(outcome.candidate)
+
+    def _swap_input(self, candidate: Candidate) -> None:
+        """1. the old worker stops putting frames (none of its frames after this), 2. its frame
+        waiting in the slot goes, 3. the new one's first frame takes its place and its worker feeds
+        the slot; the old worker closes its source on its own thread."""
+        old = self.source
+        self.switch.retire(old)  # 1.
+        self._slot.take(0)  # 2.
+        first = candidate.slot.take(0)  # 3.
+        if first is not None:
+            self._slot.put(first)
+        candidate.worker.retarget(self._slot)
+        self.source = candidate.worker
+        frames = int(self.runtime_state["input_crossfade"])
+        last = self._last_input
+        self._crossfade = Crossfade(last.tensor, frames) if frames > 0 and last is not None else None
+        self.runtime_state["input_source"] = candidate.name
+        accepted = {"input_source": candidate.name}
+        self.control.mark_applied(accepted)
+        waited = (time.monotonic() - candidate.started_at) * 1000
+        logger.info("input switched to %s (opened, first frame in %.0f ms)", candidate.name, waited)
+        if self.on_applied is not None:
             self.on_applied(accepted)
 
     def _apply_to_pipeline(self, changes: dict[str, Any]) -> dict[str, Any]:
@@ -623,15 +687,18 @@ def engine_from_config(
     sink_extra: Mapping[str, Mapping[str, Any]] | None = None,
     backend: Backend | None = None,
     keep_recordings: bool = False,
+    media_dir: str | os.PathLike[str] = "media",
 ) -> Engine:
     """An Engine for a validated config: pipeline, source and sinks from their sections.
 
     ``sink_extra`` adds options per bridge name (e.g. the preview's ``stats`` callable);
     ``backend`` runs the UNet and VAE (torch eager when ``None``); ``keep_recordings``
-    (a resumed or restarted show) records into ``take-2.mp4`` ... when the file exists.
+    (a resumed or restarted show) records into ``take-2.mp4`` ... when the file exists;
+    ``media_dir``: where ``/input/select s file:NAME`` finds video files.
     """
     pipeline = open_pipeline(models, settings or PipelineSettings.from_config(config), backend)
     source_name, source_options = source_spec(config.input)
+    names = SourceNames(media_dir, config.input)
     stats = RuntimeStats()
 
     def opener(name: str, options: dict[str, Any]) -> Callable[[], FrameSink]:
@@ -655,7 +722,7 @@ def engine_from_config(
         stall_seconds=config.input.stall_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
         output_scale=config.stream.output_scale,
-        runtime_values=runtime_values(config),
+        runtime_values={**runtime_values(config), "input_source": names.name_of(config.input)},
     )
     return Engine(
         pipeline,
@@ -667,6 +734,7 @@ def engine_from_config(
         control_sources=control_sources(config),
         reference_source=reference_source(config),
         music_settings=MusicSettings.from_config(config),
+        source_names=names,
     )
 
 

@@ -97,15 +97,22 @@ class SourceWorker(threading.Thread):
     def __init__(
         self,
         open_source: Callable[[], FrameSource],
-        slot: LatestSlot[InputItem],
+        slot: LatestSlot[InputItem] | None,
         preprocess: Callable[[Frame], InputItem],
         stats: RuntimeStats,
         stop: threading.Event,
         retry_s: float = 1.0,
+        one_try: bool = False,
+        label: str = "",
     ) -> None:
-        super().__init__(name="latentstage-source", daemon=True)
+        super().__init__(name="latentstage-source" + (f"-{label}" if label else ""), daemon=True)
         self._open = open_source
         self._slot = slot
+        self._slot_lock = threading.Lock()
+        self._one_try = one_try
+        self._halt = threading.Event()
+        self.failed: str | None = None  # one_try: why the first open failed
+        self.first_frame = threading.Event()
         self._preprocess = preprocess
         self._stats = stats
         self._stop_event = stop
@@ -116,6 +123,22 @@ class SourceWorker(threading.Thread):
         self.ended = threading.Event()
         self.fatal: str | None = None
         self.last_frame_at = time.monotonic()  # the last new frame, or the (re)connection
+
+    def retarget(self, slot: LatestSlot[InputItem] | None) -> None:
+        """Put frames into ``slot`` from now on (``None``: drop them). Once this returns, no
+        frame goes to the old slot any more (a switch relies on it)."""
+        with self._slot_lock:
+            self._slot = slot
+
+    def halt(self) -> None:
+        """Stop this worker only (the input was switched away): it closes its source within one
+        receive (``POLL_S``) and puts nothing anywhere meanwhile."""
+        self.retarget(None)
+        self._halt.set()
+
+    @property
+    def halted(self) -> bool:
+        return self._halt.is_set()
 
     def health(self, now: float, stall_s: float) -> InputHealth:
         """LOST while disconnected; STALLED after ``stall_s`` s without a new frame (0: never)."""
@@ -128,9 +151,11 @@ class SourceWorker(threading.Thread):
     def run(self) -> None:
         backoff = self._retry_s
         try:
-            while not self._stop_event.is_set():
+            while not (self._stop_event.is_set() or self._halt.is_set()):
                 if self._source is None:
                     if not self._connect():
+                        if self._one_try:
+                            return
                         self._stop_event.wait(backoff)
                         backoff = min(backoff * 2, MAX_BACKOFF_S)
                         continue
@@ -143,11 +168,17 @@ class SourceWorker(threading.Thread):
         try:
             source = self._open()
         except BridgeUnavailable as err:
+            if self._one_try:
+                self.failed = str(err)
+                return False
             self.fatal = str(err)
             logger.error("input cannot run here: %s", err)
             self._stop_event.wait(MAX_BACKOFF_S)
             return False
         except (BridgeError, OSError, ValueError) as err:
+            if self._one_try:
+                self.failed = str(err)
+                return False
             self._log(logging.WARNING, "open", "input not available (%s); retrying", err)
             return False
         logger.info("input connected: %s", source)
@@ -178,12 +209,18 @@ class SourceWorker(threading.Thread):
         self._last_sequence = frame.sequence
         now = time.monotonic()
         self.last_frame_at = now
-        self._stats.input_frame(now)
-        self._slot.put(self._preprocess(frame))
+        item = self._preprocess(frame)
+        with self._slot_lock:
+            if self._slot is None:
+                return
+            self._stats.input_frame(now)
+            self._slot.put(item)
+        self.first_frame.set()
 
     def _close_source(self) -> None:
         source, self._source = self._source, None
-        self._stats.source_connected = False
+        if not self._halt.is_set():
+            self._stats.source_connected = False
         _close_bridge(source, "the input")
 
 
