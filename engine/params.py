@@ -782,6 +782,37 @@ def _specs() -> tuple[ParamSpec, ...]:
             in_scene=False,
             applies=Applies.RUNTIME,
         ),
+        *(
+            ParamSpec(
+                f"controlnet_source_{index}",
+                k.STRING,
+                "",
+                f"Switch the source of ControlNet {index} (model.controlnets[{index}] with a source of its "
+                "own) live, as /input/select does for the main input ('': fed by the main input).",
+                f"/controlnet/{index}/source",
+                "s",
+                group="input",
+                in_scene=False,
+                applies=Applies.RUNTIME,
+                pattern=f"(?:{SOURCE_NAME_PATTERN})?",
+                pattern_text=SOURCE_NAME_TEXT,
+            )
+            for index in range(MAX_CONTROLNETS)
+        ),
+        ParamSpec(
+            "ip_adapter_source",
+            k.STRING,
+            "",
+            "Switch the IP-Adapter's reference source (model.ip_adapter.source) live, as /input/select "
+            "does for the main input ('': a reference image file).",
+            "/ip_adapter/source",
+            "s",
+            group="input",
+            in_scene=False,
+            applies=Applies.RUNTIME,
+            pattern=f"(?:{SOURCE_NAME_PATTERN})?",
+            pattern_text=SOURCE_NAME_TEXT,
+        ),
         _action(
             "input_sources",
             "Reply to the sender with the sources /input/select can switch to (NDI, Spout, Syphon, "

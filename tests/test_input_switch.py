@@ -6,6 +6,7 @@ source it came from: the shm writer sends one flat colour, the pattern never doe
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import statistics
 import threading
@@ -123,12 +124,11 @@ def test_switching_to_a_shm_writer_and_back_never_stops_the_output(bundle, tmp_p
     # the output never stops: the longest gap around a switch is within two frame intervals, or
     # no longer than the longest gap the run has anyway (a busy machine stalls any thread)
     times = [t for t, _f in frames]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    pairs = list(itertools.pairwise(times))
+    gaps = [b - a for a, b in pairs]
     interval = statistics.median(gaps)
-    near = [g for (a, _b), g in zip(zip(times, times[1:], strict=False), gaps, strict=True)
-            if any(abs(a - s) < 0.5 for s in (to_shm, back))]
-    elsewhere = [g for (a, _b), g in zip(zip(times, times[1:], strict=False), gaps, strict=True)
-                 if all(abs(a - s) >= 0.5 for s in (to_shm, back))]
+    near = [b - a for a, b in pairs if any(abs(a - s) < 0.5 for s in (to_shm, back))]
+    elsewhere = [b - a for a, b in pairs if all(abs(a - s) >= 0.5 for s in (to_shm, back))]
     print(f"output gaps: median {interval * 1000:.1f} ms, longest near a switch {max(near) * 1000:.1f} ms")
     assert max(near) <= max(2 * interval, max(elsewhere)) + 1e-3
 
@@ -185,3 +185,64 @@ def test_a_crossfade_blends_the_old_frame_out_over_n_frames():
     assert weights == pytest.approx([0.25, 0.5, 0.75])
     fade = Crossfade(old, 3)
     assert fade.blend(torch.ones(1, 3, 8, 8)).shape == (1, 3, 8, 8) and fade.finished  # a new size ends it
+
+
+def test_a_controlnets_own_source_switches_live_and_others_are_refused(bundle, tmp_path):
+    """``/controlnet/0/source`` moves ControlNet 0 from one shm writer to another (its control
+    frame follows); a ControlNet without a source of its own and the IP-Adapter without one are
+    refused naming what is allowed."""
+    from bridges.base import open_source
+    from engine.pipeline import ControlNetSettings
+    from tests.test_controlnet import StillSource, settings, with_controlnets
+
+    white, black = f"ls_cn_w_{secrets.token_hex(3)}", f"ls_cn_b_{secrets.token_hex(3)}"
+    writers = [Writer(white, colour=(255, 255, 255, 255)), Writer(black, colour=(0, 0, 0, 255))]
+    controlled = with_controlnets(bundle, 2)
+    pipe = StreamPipeline(
+        controlled,
+        settings(ControlNetSettings(from_input=False), ControlNetSettings(), t_index_list=[30]),
+    )
+    from engine.runtime.control_sources import ControlSource
+
+    source = ControlSource(0, lambda: open_source("shm", name=white), f"shm:{white}")
+    errors: list[str] = []
+    echoes: list[dict[str, Any]] = []
+    engine = Engine(
+        pipe,
+        lambda: StillSource(),
+        [("rec", RecordingSink)],
+        EngineOptions(runtime_values={"controlnet_source_0": f"shm:{white}"}),
+        control_sources=[source],
+        source_names=SourceNames(tmp_path),
+    )
+    engine.on_error = errors.append
+    engine.on_applied = echoes.append
+    dispatcher = OscDispatcher(engine.control, engine.control.applied)
+    thread = threading.Thread(target=engine.run, kwargs={"duration": 60.0}, daemon=True)
+    controls = pipe.extensions["controlnet"]
+    try:
+        with engine:
+            thread.start()
+            assert wait_until(lambda: controls.control_frames[0] is not None, 20)
+            assert wait_until(lambda: float(controls.control_frames[0].mean()) > 0.9, 20)
+            _r, error = dispatcher.handle_request("/controlnet/0/source", [f"shm:{black}"], ("127.0.0.1", 1))
+            assert error is None
+            assert wait_until(lambda: {"controlnet_source_0": f"shm:{black}"} in echoes, 20), errors
+            assert wait_until(lambda: float(controls.control_frames[0].mean()) < -0.9, 20)
+            dispatcher.handle_request("/controlnet/1/source", [f"shm:{white}"], ("127.0.0.1", 1))
+            dispatcher.handle_request("/ip_adapter/source", [f"shm:{white}"], ("127.0.0.1", 1))
+            assert wait_until(lambda: len(errors) >= 2, 10)
+            assert any(
+                e.startswith("controlnet_source_1: ControlNet 1 has no source of its own")
+                and "allowed: 0" in e
+                for e in errors
+            ), errors
+            assert any(
+                e.startswith("ip_adapter_source: the IP-Adapter has no source of its own") for e in errors
+            )
+            engine.stop()
+            thread.join(10)
+    finally:
+        for writer in writers:
+            writer.close()
+    assert engine.runtime_state["controlnet_source_0"] == f"shm:{black}"

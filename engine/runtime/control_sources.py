@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -10,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from bridges.base import FrameSource
+from bridges.base import Frame, FrameSource
 from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import RuntimeStats
+from engine.runtime.switching import Failed, InputSwitch, Ready, swap_into
 from engine.runtime.workers import InputHealth, InputItem, SourceWorker, make_preprocess
 
 logger = logging.getLogger(__name__)
@@ -95,12 +97,68 @@ class ControlFeeds:
         ]
         preprocess = make_preprocess(size, device, dtype)
         self.workers = []
+        self.switches: list[InputSwitch] = []
         for source, slot in zip(self.sources, self._slots):
             worker = SourceWorker(
                 source.open_source, slot, preprocess, RuntimeStats(), stop, source.retry_seconds
             )
             worker.name = f"latentstage-control-{source.index}"
             self.workers.append(worker)
+            self.switches.append(InputSwitch(functools.partial(self._candidate, source, preprocess, stop)))
+
+    @staticmethod
+    def _candidate(
+        source: ControlSource,
+        preprocess: Callable[[Frame], InputItem],
+        stop: threading.Event,
+        opener: Callable[[], FrameSource],
+        staging: LatestSlot[InputItem],
+    ) -> SourceWorker:
+        """The worker of a source being switched to (one try, into its staging slot)."""
+        return SourceWorker(
+            opener,
+            staging,
+            preprocess,
+            RuntimeStats(),
+            stop,
+            source.retry_seconds,
+            one_try=True,
+            label=f"control-{source.index}-next",
+        )
+
+    def select(self, index: int, name: str, open_source: Callable[[], FrameSource]) -> None:
+        """Switch ControlNet ``index``'s own source to ``name`` (``InputSwitch``); a ValueError when
+        that ControlNet has no source of its own."""
+        self.switches[self._position(index)].start(name, open_source)
+
+    def waiting(self, index: int) -> str | None:
+        return self.switches[self._position(index)].waiting
+
+    def poll(self) -> list[tuple[int, Ready | Failed]]:
+        """Switches that completed or failed since the last poll, by ControlNet index; a completed
+        one already feeds its ControlNet."""
+        outcomes: list[tuple[int, Ready | Failed]] = []
+        for position, (source, switch) in enumerate(zip(self.sources, self.switches)):
+            outcome = switch.poll()
+            if isinstance(outcome, Ready):
+                self.workers[position] = swap_into(
+                    self._slots[position], self.workers[position], outcome.candidate, switch
+                )
+            if outcome is not None:
+                outcomes.append((source.index, outcome))
+        return outcomes
+
+    def threads(self) -> list[SourceWorker]:
+        return [*self.workers, *(w for switch in self.switches for w in switch.threads())]
+
+    def _position(self, index: int) -> int:
+        for position, source in enumerate(self.sources):
+            if source.index == index:
+                return position
+        own = ", ".join(str(s.index) for s in self.sources) or "none"
+        raise ValueError(
+            f"ControlNet {index} has no source of its own (model.controlnets[{index}].source); allowed: {own}"
+        )
 
     def start(self) -> None:
         for worker in self.workers:

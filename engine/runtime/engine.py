@@ -22,6 +22,7 @@ from engine.models.bundle import ModelBundle
 from engine.params import (
     ENCODED_PARAMS,
     LIVE_PARAMS,
+    MAX_CONTROLNETS,
     REGISTRY,
     RUNTIME_PARAMS,
     SHAPE_PARAMS,
@@ -39,7 +40,7 @@ from engine.runtime.music import Music, MusicSettings
 from engine.runtime.queues import LatestSlot
 from engine.runtime.reference_source import ReferenceFeed, ReferenceSource
 from engine.runtime.stats import EngineState, RuntimeStats
-from engine.runtime.switching import Candidate, Crossfade, Failed, InputSwitch, Ready
+from engine.runtime.switching import Candidate, Crossfade, Failed, InputSwitch, Ready, swap_into
 from engine.runtime.workers import (
     ChangeStamp,
     InputHealth,
@@ -61,6 +62,12 @@ logger = logging.getLogger(__name__)
 KEEPALIVE_FPS = 30.0
 SHUTDOWN_BUDGET_S = 1.5
 LEAD_REFRESH_S = 0.5
+SOURCE_KEYS = (
+    "input_source",
+    *(f"controlnet_source_{index}" for index in range(MAX_CONTROLNETS)),
+    "ip_adapter_source",
+)
+"""The registry keys that switch a source live (applied once the new source sent a frame)."""
 _ON_LOSS_WORDS = {
     OnLossMode.HOLD: "hold the last frame",
     OnLossMode.BLACK: "show black",
@@ -378,7 +385,7 @@ class Engine:
             self.reference_feed.wake()
         references = () if self.reference_feed is None else self.reference_feed.threads
         sources = (self.source, *self.switch.threads())
-        threads = (*sources, *self.control_feeds.workers, *references, self.prompt_worker, self.post)
+        threads = (*sources, *self.control_feeds.threads(), *references, self.prompt_worker, self.post)
         for thread in (*threads, *self.sinks):
             if thread.is_alive():
                 thread.join(max(0.05, deadline - time.monotonic()))
@@ -522,7 +529,8 @@ class Engine:
     def _apply(self, changes: dict[str, Any], crossfade_s: float) -> None:
         """One change at a frame boundary: runtime values, then the pipeline's (which may wait)."""
         runtime = validate_changes({k: v for k, v in changes.items() if k in RUNTIME_PARAMS}, RUNTIME_PARAMS)
-        switch_to = runtime.pop("input_source", None)  # applied (and echoed) once it sent a frame
+        # source switches are applied (and echoed) once the new source sent its first frame
+        switches = {key: runtime.pop(key) for key in SOURCE_KEYS if key in runtime}
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
         previous = self.pipeline.current_positive
         accepted = self._apply_to_pipeline(stream) if stream else {}
@@ -549,53 +557,72 @@ class Engine:
             self._change = ChangeStamp((self._change.number if self._change else 0) + 1, time.monotonic())
         if accepted and self.on_applied is not None:
             self.on_applied(accepted)
-        if switch_to is not None:
-            self._begin_switch(switch_to)
+        for key, name in switches.items():  # each refused on its own (they may come in one change)
+            try:
+                self._begin_switch(key, name)
+            except ParamError as err:
+                self._report_error(str(err))
 
-    def _begin_switch(self, name: str) -> None:
-        """``/input/select``: open ``name`` beside the playing input (ParamError: not here)."""
+    def _begin_switch(self, key: str, name: str) -> None:
+        """``/input/select``, ``/controlnet/<i>/source``, ``/ip_adapter/source``: open ``name``
+        beside the playing source (ParamError: it cannot be switched, or not to that)."""
         if self.source_names is None:
-            raise ParamError("input_source", "this engine's input is fixed; allowed: none")
-        if name == self.runtime_state["input_source"] and self.switch.waiting is None:
-            return  # already playing
+            raise ParamError(key, "this engine's sources are fixed; allowed: none")
         try:
+            if not name:
+                raise ValueError("'' (no source of its own) cannot be switched to; allowed: a source name")
             opener = self.source_names.opener(name)
+            if key == "input_source":
+                if name == self.runtime_state[key] and self.switch.waiting is None:
+                    return  # already playing
+                self.switch.start(name, opener)
+            elif key == "ip_adapter_source":
+                if self.reference_feed is None:
+                    raise ValueError(
+                        "the IP-Adapter has no source of its own; allowed: with model.ip_adapter.source"
+                    )
+                self.reference_feed.select(name, opener)
+            else:
+                self.control_feeds.select(int(key.rsplit("_", 1)[1]), name, opener)
         except ValueError as err:
-            raise ParamError("input_source", str(err)) from None
-        self.switch.start(name, opener)
-        playing = self.runtime_state["input_source"]
-        logger.info("input: opening %s (%s plays until it sends a frame)", name, playing)
+            raise ParamError(key, str(err)) from None
+        logger.info("%s: opening %s (%s plays until it sends a frame)", key, name, self.runtime_state[key])
 
     def _poll_switch(self) -> None:
-        """Between two frames: swap a switched-to source in once it sent a frame, or refuse it."""
+        """Between two frames: swap switched-to sources in once they sent a frame, or refuse them."""
+        outcomes: list[tuple[str, Ready | Failed]] = []
         outcome = self.switch.poll()
-        if isinstance(outcome, Failed):
-            old = self.runtime_state["input_source"]
-            reason = f"{outcome.name} cannot be played ({outcome.reason}); {old} stays"
-            self._report_error(f"input_source: {reason}")
-        elif isinstance(outcome, Ready):
-            self._swap_input(outcome.candidate)
+        if outcome is not None:
+            outcomes.append(("input_source", outcome))
+        outcomes += [(f"controlnet_source_{index}", done) for index, done in self.control_feeds.poll()]
+        if self.reference_feed is not None:
+            outcome = self.reference_feed.poll()
+            if outcome is not None:
+                outcomes.append(("ip_adapter_source", outcome))
+        for key, done in outcomes:
+            if isinstance(done, Failed):
+                stays = self.runtime_state[key] or "the old one"
+                self._report_error(f"{key}: {done.name} cannot be played ({done.reason}); {stays} stays")
+            elif key == "input_source":
+                self._swap_input(done.candidate)
+            else:
+                self._switched(key, done.candidate)
 
     def _swap_input(self, candidate: Candidate) -> None:
-        """1. the old worker stops putting frames (none of its frames after this), 2. its frame
-        waiting in the slot goes, 3. the new one's first frame takes its place and its worker feeds
-        the slot; the old worker closes its source on its own thread."""
-        old = self.source
-        self.switch.retire(old)  # 1.
-        self._slot.take(0)  # 2.
-        first = candidate.slot.take(0)  # 3.
-        if first is not None:
-            self._slot.put(first)
-        candidate.worker.retarget(self._slot)
-        self.source = candidate.worker
+        """The main input becomes ``candidate`` (``swap_into``), fading in when asked."""
+        self.source = swap_into(self._slot, self.source, candidate, self.switch)
         frames = int(self.runtime_state["input_crossfade"])
         last = self._last_input
         self._crossfade = Crossfade(last.tensor, frames) if frames > 0 and last is not None else None
-        self.runtime_state["input_source"] = candidate.name
-        accepted = {"input_source": candidate.name}
+        self._switched("input_source", candidate)
+
+    def _switched(self, key: str, candidate: Candidate) -> None:
+        """A switch is done: ``key`` holds the new name, applied and echoed."""
+        self.runtime_state[key] = candidate.name
+        accepted = {key: candidate.name}
         self.control.mark_applied(accepted)
         waited = (time.monotonic() - candidate.started_at) * 1000
-        logger.info("input switched to %s (opened, first frame in %.0f ms)", candidate.name, waited)
+        logger.info("%s switched to %s (opened, first frame in %.0f ms)", key, candidate.name, waited)
         if self.on_applied is not None:
             self.on_applied(accepted)
 
@@ -722,7 +749,7 @@ def engine_from_config(
         stall_seconds=config.input.stall_seconds,
         sink_queue_sizes=[output.queue_size for output in config.outputs],
         output_scale=config.stream.output_scale,
-        runtime_values={**runtime_values(config), "input_source": names.name_of(config.input)},
+        runtime_values={**runtime_values(config), **source_names_of(config, names)},
     )
     return Engine(
         pipeline,
@@ -762,6 +789,18 @@ def reference_source(config: Any) -> ReferenceSource | None:
     return ReferenceSource(
         refresh_seconds=section.refresh_seconds, **_second_source(section.source, "model.ip_adapter.source")
     )
+
+
+def source_names_of(config: Any, names: SourceNames) -> dict[str, str]:
+    """The starting value of every source key: the configured sources' names."""
+    values = {"input_source": names.name_of(config.input)}
+    for index, entry in enumerate(config.model.controlnets):
+        if entry.source is not None:
+            values[f"controlnet_source_{index}"] = names.name_of(entry.source)
+    adapter = config.model.ip_adapter
+    if adapter is not None and adapter.source is not None:
+        values["ip_adapter_source"] = names.name_of(adapter.source)
+    return values
 
 
 def _second_source(source: Any, key: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from engine.runtime.control_sources import LossWatch
 from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import RuntimeStats
+from engine.runtime.switching import Failed, InputSwitch, Ready, swap_into
 from engine.runtime.workers import InputItem, SourceWorker, make_preprocess
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,35 @@ class ReferenceFeed:
             source.open_source, self._frames, preprocess, RuntimeStats(), stop, source.retry_seconds
         )
         self.reader.name = "latentstage-ip-source"
+        self.switch = InputSwitch(
+            lambda opener, staging: SourceWorker(
+                opener,
+                staging,
+                preprocess,
+                RuntimeStats(),
+                stop,
+                source.retry_seconds,
+                one_try=True,
+                label="ip-next",
+            )
+        )
         self.encoder = threading.Thread(target=self._run, name="latentstage-ip-encoder", daemon=True)
         self._black = torch.full((1, 3, REFERENCE_SIDE, REFERENCE_SIDE), -1.0, device=device, dtype=dtype)
 
     @property
-    def threads(self) -> tuple[threading.Thread, threading.Thread]:
-        return self.reader, self.encoder
+    def threads(self) -> tuple[threading.Thread, ...]:
+        return self.reader, self.encoder, *self.switch.threads()
+
+    def select(self, name: str, open_source: Callable[[], FrameSource]) -> None:
+        """Switch the reference source to ``name`` (``InputSwitch``: the old one feeds meanwhile)."""
+        self.switch.start(name, open_source)
+
+    def poll(self) -> Ready | Failed | None:
+        """A switch that completed (the new source already feeds the encoder) or failed."""
+        outcome = self.switch.poll()
+        if isinstance(outcome, Ready):
+            self.reader = swap_into(self._frames, self.reader, outcome.candidate, self.switch)
+        return outcome
 
     def start(self) -> None:
         self.reader.start()

@@ -115,6 +115,21 @@ class InputSwitch:
         return [*waiting, *self.retired]
 
 
+def swap_into(
+    slot: LatestSlot[InputItem], old: SourceWorker, candidate: Candidate, switch: InputSwitch
+) -> SourceWorker:
+    """Between two frames: 1. the old worker stops putting frames (none of its frames after this),
+    2. its frame waiting in ``slot`` goes, 3. the candidate's first frame takes its place and its
+    worker feeds ``slot``; the old worker closes its source on its own thread. The new worker."""
+    switch.retire(old)  # 1.
+    slot.take(0)  # 2.
+    first = candidate.slot.take(0)  # 3.
+    if first is not None:
+        slot.put(first)
+    candidate.worker.retarget(slot)
+    return candidate.worker
+
+
 class Crossfade:
     """The old input's last frame ``(1, 3, H, W)`` fading out over ``frames`` new frames."""
 
