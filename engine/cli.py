@@ -1,4 +1,4 @@
-"""The `latentstage` command line: run, config, params, bench, bridges, doctor."""
+"""The `latentstage` command line: run, config, params, bench, build, midi, sources, bridges, doctor."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from engine.exitcodes import (
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.5
+SOURCES_MAX_TIMEOUT_S = 60.0
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, name)
 )
@@ -154,6 +155,24 @@ def _build_parser() -> argparse.ArgumentParser:
     midi_cmd = _config_command(sub, "midi", "MIDI controllers: list the ports, check a mapping file")
     midi_cmd.add_argument("action", choices=("ports", "check"), help="ports: list them; check NAME")
     midi_cmd.add_argument("name", nargs="?", default=None, help="check: the mapping's name in presets/midi")
+
+    sources_cmd = _config_command(sub, "sources", "list the input sources that can be selected now")
+    sources_cmd.add_argument(
+        "--json", action="store_true", help='print {"sources": [...], "unavailable": {...}} as JSON'
+    )
+    sources_cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help=f"listen this long for network senders (NDI, Syphon); 0..{SOURCES_MAX_TIMEOUT_S:g}, default 1",
+    )
+    sources_cmd.add_argument(
+        "--kinds",
+        default=None,
+        metavar="K,K",
+        help="only these kinds: pattern, ndi, spout, syphon, shm, file (default: all)",
+    )
 
     sub.add_parser("bridges", help="list every frame bridge and whether it can run here")
     sub.add_parser("doctor", help="report torch, device, CUDA, TensorRT and each bridge SDK")
@@ -705,6 +724,44 @@ def _cmd_bridges(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sources(args: argparse.Namespace) -> int:
+    """``sources``: what could be selected as the input now (one line each), then the kinds
+    that cannot be listed here and why."""
+    from bridges.discovery import SourceKind, discover
+    from engine.config import media_dir
+
+    config = _load_config_or_report(args)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    if not 0 <= args.timeout <= SOURCES_MAX_TIMEOUT_S:
+        print(
+            f"latentstage: --timeout {args.timeout:g}: allowed: 0 to {SOURCES_MAX_TIMEOUT_S:g} seconds",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG_ERROR
+    kinds = None
+    if args.kinds is not None:
+        kinds = _enum_list(args.kinds, SourceKind, "--kinds")
+        if kinds is None:
+            return EXIT_CONFIG_ERROR
+        if not kinds:
+            print(f"latentstage: --kinds {args.kinds!r} names no kind", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+    folder = media_dir(args.config)
+    found = discover(kinds, folder, args.timeout)
+    if args.json:
+        print(json.dumps(found.as_json(), indent=2))
+        return EXIT_OK
+    name_width = max((len(source.name) for source in found.sources), default=0)
+    label_width = max((len(source.label) for source in found.sources), default=0)
+    for source in found.sources:
+        print(f"{source.name:<{name_width}}  {source.label:<{label_width}}  {source.detail}".rstrip())
+    for kind, reason in found.unavailable.items():
+        where = f"; put video files in {folder}" if kind is SourceKind.FILE else ""
+        print(f"{kind.value}: not available ({reason}{where})")
+    return EXIT_OK
+
+
 def _cmd_midi(args: argparse.Namespace) -> int:
     """``midi ports``: the inputs and outputs (or none and why); ``midi check NAME``: a mapping."""
     from engine.config import presets_dir
@@ -742,6 +799,7 @@ _COMMANDS = {
     "bridges": _cmd_bridges,
     "doctor": _cmd_doctor,
     "midi": _cmd_midi,
+    "sources": _cmd_sources,
 }
 
 

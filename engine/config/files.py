@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG_FILENAME = "config.yaml"
 PRESETS_DIRNAME = "presets"
+MEDIA_DIRNAME = "media"
 PRESET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -162,6 +163,17 @@ def presets_dir(config_path: str | os.PathLike[str] | None = None) -> Path:
         if local.is_dir():
             return local
     return REPO_ROOT / PRESETS_DIRNAME
+
+
+def media_dir(config_path: str | os.PathLike[str] | None = None) -> Path:
+    """``media/`` (video files a show can switch to) beside the config file used if it exists,
+    else beside the presets folder used (``presets_dir``); it may not exist."""
+    base = Path(config_path) if config_path is not None else default_config_path()
+    if base is not None:
+        local = base.parent / MEDIA_DIRNAME
+        if local.is_dir():
+            return local
+    return presets_dir(config_path).parent / MEDIA_DIRNAME
 
 
 def _preset_dirs(config_path: str | os.PathLike[str] | None) -> list[Path]:
