@@ -501,7 +501,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
     from engine.accel.backends import BackendUnavailableError
-    from engine.config import presets_dir
+    from engine.config import media_dir, presets_dir
     from engine.preflight import check_start
     from engine.runtime.engine import engine_from_config
 
@@ -543,7 +543,7 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
             sink_extra=extra,
             backend=backend,
             keep_recordings=args.resume,
-            media_dir=presets_dir(args.config).parent / "media",
+            media_dir=media_dir(args.config),
         )
     except BackendUnavailableError as error:
         print(f"latentstage: {error}", file=sys.stderr)
@@ -672,12 +672,14 @@ def _stopped_by_signals(stop: Callable[[], None], doing: str) -> Iterator[None]:
 def _start_control(config: Any, config_path: str | None, engine: Any, operator: Any = None) -> Any:
     """The OSC control service for a running engine (None when ``osc.enabled`` is false); it
     serves the preview's operator page too."""
-    from engine.config import presets_dir
+    from engine.config import media_dir, presets_dir
     from engine.control.service import ControlService, ControlSettings
 
     if not config.osc.enabled:
         return None
-    settings = ControlSettings.from_config(config.osc, presets_dir(config_path) / "scenes")
+    settings = ControlSettings.from_config(
+        config.osc, presets_dir(config_path) / "scenes", media_dir(config_path)
+    )
     service = ControlService(settings, engine.control, engine.submit, engine.status, operator, engine.music)
     engine.on_applied = service.echo
     engine.on_error = service.error

@@ -23,7 +23,7 @@ from engine.control.dispatch import OscDispatcher
 from engine.control.state import ControlState
 from engine.pipeline import StreamPipeline
 from engine.runtime.engine import Engine, EngineOptions
-from engine.runtime.inputs import SourceNames, split_name
+from engine.runtime.inputs import SourceNames
 from engine.runtime.switching import Crossfade
 from tests.fakes import SIZE, RecordingSink, pipeline_settings, wait_until
 
@@ -158,9 +158,9 @@ def test_bad_source_names_are_refused_naming_what_is_allowed(tmp_path):
         _replies, error = dispatcher.handle_request("/input/select", [bad], ("127.0.0.1", 1))
         assert error is not None and "allowed: a source name as /input/sources lists it" in error, bad
     assert state.take_pending() is None
-    with pytest.raises(ValueError, match="names a path"):
-        split_name("file:.hidden.mp4")
-    assert split_name("ndi:STAGE-PC (TouchDesigner)") == ("ndi", "STAGE-PC (TouchDesigner)")
+    names = SourceNames(tmp_path)
+    with pytest.raises(ValueError, match="allowed:"):
+        names.opener("file:.hidden.mp4")
 
 
 def test_names_open_what_they_say(tmp_path):
@@ -246,3 +246,44 @@ def test_a_controlnets_own_source_switches_live_and_others_are_refused(bundle, t
         for writer in writers:
             writer.close()
     assert engine.runtime_state["controlnet_source_0"] == f"shm:{black}"
+
+
+def test_input_sources_answers_from_the_catalogue_and_oscquery_offers_them(tmp_path):
+    """``/input/sources`` lists a shm writer, a media file and the pattern without waiting for
+    discovery (it runs on the catalogue's thread); OSCQuery gives the names as the switching
+    addresses' RANGE VALS (a menu in TouchDesigner); the operator page's state carries the look."""
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    from engine.control.oscquery import build_namespace, find_node
+    from engine.control.service import ControlService, ControlSettings
+
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "clip.mp4").write_bytes(b"")
+    name = f"ls_cat_{secrets.token_hex(3)}"
+    writer = Writer(name)
+    state = ControlState()
+    settings = ControlSettings(
+        port=0, feedback=[], oscquery_port=None, scenes_dir=str(tmp_path), media_dir=str(tmp_path / "media")
+    )
+    service = ControlService(settings, state, print, dict)
+    try:
+        with service:
+            assert service.catalog is not None
+            assert wait_until(lambda: service.catalog is not None and service.catalog.looks >= 1, 15)
+            builder = OscMessageBuilder("/input/sources")
+            started = time.monotonic()
+            (reply,) = service.dispatcher.handle_datagram(builder.build().dgram, ("127.0.0.1", 1))
+            answered_s = time.monotonic() - started
+            assert reply.address == "/input/sources" and reply.to_sender and not reply.to_feedback
+            assert {"pattern", f"shm:{name}", "file:clip.mp4"} <= set(reply.args), reply.args
+            print(f"/input/sources answered in {answered_s * 1000:.2f} ms")
+            root = build_namespace(state.applied(), {}, "127.0.0.1", 9000, reply.args)
+            node = find_node(root, "/input/select")
+            assert node is not None and node["RANGE"] == [{"VALS": list(reply.args)}]
+            assert find_node(root, "/controlnet/0/source")["RANGE"] == [{"VALS": list(reply.args)}]
+            snapshot = service.catalog.snapshot()
+            assert any(
+                s["name"] == f"shm:{name}" and "our shm writer" in s["detail"] for s in snapshot["sources"]
+            )
+    finally:
+        writer.close()

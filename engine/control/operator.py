@@ -86,11 +86,13 @@ class Operator:
         status = dict(service.engine_status())  # read before the time: beat_time <= time
         scenes = service.scenes.names()
         midi = getattr(service, "midi", None)
+        catalog = getattr(service, "catalog", None)
         return {
             "values": values,
             "status": status,
             "scenes": scenes,
             "midi": None if midi is None else midi.panel(),
+            "sources": None if catalog is None else catalog.snapshot(),
             "time": time.monotonic(),
         }
 

@@ -67,9 +67,14 @@ def _range(spec: ParamSpec) -> list[dict[str, Any]] | None:
 
 
 def build_namespace(
-    values: Mapping[str, Any], engine: Mapping[str, Any], osc_host: str, osc_port: int
+    values: Mapping[str, Any],
+    engine: Mapping[str, Any],
+    osc_host: str,
+    osc_port: int,
+    sources: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The whole OSCQuery tree (root node) from the registry and current values."""
+    """The whole OSCQuery tree (root node) from the registry and current values; ``sources``: the
+    names the source-switching addresses take (their RANGE VALS: a menu in TouchDesigner)."""
     root: dict[str, Any] = {
         "FULL_PATH": "/",
         "ACCESS": ACCESS_NONE,
@@ -104,6 +109,8 @@ def build_namespace(
             if spec.kind is not ParamKind.ACTION and value is not None:
                 node["VALUE"] = osc_args(spec, value)
             span = _range(spec)
+            if spec.pattern is not None and spec.pattern_text == params.SOURCE_NAME_TEXT and sources:
+                span = [{"VALS": list(sources)}]
             if span is not None:
                 node["RANGE"] = span
                 if spec.minimum is not None:
@@ -207,8 +214,10 @@ class OscQueryServer:
         host: str = "127.0.0.1",
         port: int = 9002,
         allow: Sequence[str] = (),
+        sources: Callable[[], list[str]] = list,
     ) -> None:
         self._values, self._engine = values, engine
+        self._sources = sources
         self.osc_host, self.osc_port = osc_host, osc_port
         self._allow = parse_allow(allow, "osc")
         self._log = RateLimitedLog(logger, 1.0)  # failures: a client must not fill the disk
@@ -234,7 +243,7 @@ class OscQueryServer:
         path, query = unquote(parts.path) or "/", parts.query
         if query == "HOST_INFO":
             return HTTPStatus.OK, host_info(self.osc_host, self.osc_port)
-        root = build_namespace(self._values(), self._engine(), self.osc_host, self.osc_port)
+        root = build_namespace(self._values(), self._engine(), self.osc_host, self.osc_port, self._sources())
         node = find_node(root, path)
         if node is None:
             return HTTPStatus.NOT_FOUND, {"error": f"no OSC node at {path}"}

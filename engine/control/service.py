@@ -17,6 +17,7 @@ from engine.control.dispatch import MidiLearner, Musical, OscDispatcher, osc_arg
 from engine.control.operator import Operator
 from engine.control.oscquery import OscQueryServer
 from engine.control.scenes import SceneError, SceneStore
+from engine.control.sources import SourceCatalog
 from engine.control.state import ControlState
 from engine.control.transport import FeedbackSender, OscUdpServer, parse_target
 
@@ -52,9 +53,12 @@ class ControlSettings:
     oscquery_port: int | None = None
     max_datagram_bytes: int = 65507
     scenes_dir: str = "presets/scenes"
+    media_dir: str | None = None  # set: a source catalogue answers /input/sources (discovery thread)
 
     @classmethod
-    def from_config(cls, osc: Any, scenes_dir: str | Path) -> ControlSettings:
+    def from_config(
+        cls, osc: Any, scenes_dir: str | Path, media_dir: str | Path | None = None
+    ) -> ControlSettings:
         return cls(
             host=osc.host,
             port=osc.port,
@@ -65,6 +69,7 @@ class ControlSettings:
             oscquery_port=osc.oscquery_port,
             max_datagram_bytes=osc.max_datagram_bytes,
             scenes_dir=str(scenes_dir),
+            media_dir=None if media_dir is None else str(media_dir),
         )
 
 
@@ -103,6 +108,9 @@ class ControlService:
         self.music = music
         self._now = now
         self.dispatcher = OscDispatcher(control, control.applied, self._scene, music=music, now=now)
+        self.catalog = None if settings.media_dir is None else SourceCatalog(settings.media_dir)
+        if self.catalog is not None:
+            self.dispatcher.sources = self._source_names
         self.server = OscUdpServer(
             self.dispatcher,
             self.feedback,
@@ -122,6 +130,7 @@ class ControlService:
                     host=settings.host,
                     port=settings.oscquery_port,
                     allow=settings.allow,
+                    sources=self._source_names if self.catalog is not None else list,
                 )
             except OSError as err:  # discovery is a convenience: the show goes on without it
                 logger.warning("%s; running without OSCQuery", err)
@@ -146,6 +155,12 @@ class ControlService:
         self.midi = midi
         self.dispatcher.midi = midi
 
+    def _source_names(self) -> list[str]:
+        """The catalogue's names, and a new look for the next asker (sources come and go)."""
+        assert self.catalog is not None
+        self.catalog.refresh()
+        return self.catalog.names()
+
     def announce(self, address: str, args: Sequence[Any]) -> None:
         """Send a feedback message (``/engine/midi``, an error) and let the operator page follow."""
         self.feedback.send(address, args)
@@ -161,6 +176,8 @@ class ControlService:
         if self.oscquery is not None:
             self.oscquery.start()
         self.changes.start()
+        if self.catalog is not None:
+            self.catalog.start()
         self._status_thread.start()
         if self.music is not None:
             self._music_thread.start()
@@ -176,6 +193,8 @@ class ControlService:
             self.midi.close()
         self.server.close()
         self.changes.close()
+        if self.catalog is not None:
+            self.catalog.close()
         if self.oscquery is not None:
             self.oscquery.close()
         for thread in (self._status_thread, self._music_thread):

@@ -1,6 +1,7 @@
 """Source names (``pattern``, ``ndi:NAME``, ``shm:NAME``, ``file:NAME``...) to bridge openers, and back.
 
-The names are what ``/input/sources`` lists and ``/input/select`` takes. A name is turned into an
+The names are what ``/input/sources`` lists and ``/input/select`` takes
+(``bridges.discovery.parse_source_name`` checks them). A name is turned into an
 ``input`` config section checked by the config schema (so a switched-to source gets the same
 defaults and checks as one configured at start) and then into the bridge's opener. ``file:NAME``
 is a video file by name inside the media folder, never a path.
@@ -16,10 +17,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from bridges.base import FrameSource, open_source
+from bridges.discovery import media_path, parse_source_name
 from engine.config.schema import InputSettings
-from engine.params import SOURCE_NAME_TEXT
 
-KINDS = ("pattern", "ndi", "spout", "syphon", "shm", "file")
 _INPUT = TypeAdapter(InputSettings)
 RUNTIME_INPUT_KEYS = {"type", "on_loss", "retry_seconds", "stall_seconds"}
 """Keys of the ``input`` section that the runtime uses; the rest go to the bridge."""
@@ -29,18 +29,6 @@ def source_spec(input_config: Any) -> tuple[str, dict[str, Any]]:
     """Bridge name and constructor options from a validated ``input`` config section."""
     options = input_config.model_dump(mode="json", exclude=RUNTIME_INPUT_KEYS)
     return input_config.type, options
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``(kind, value)`` of a source name; a ValueError naming it and what is allowed."""
-    kind, _, value = name.partition(":")
-    if name == "pattern":
-        return "pattern", ""
-    if kind not in KINDS[1:] or not value:
-        raise ValueError(f"{name!r:.80} is not a source name; allowed: {SOURCE_NAME_TEXT}")
-    if kind == "file" and (Path(value).name != value or value.startswith(".")):
-        raise ValueError(f"{name!r:.80} names a path; allowed: a file name in the media folder")
-    return kind, value
 
 
 class SourceNames:
@@ -59,7 +47,8 @@ class SourceNames:
 
     def section(self, name: str) -> Any:
         """The checked ``input`` config section that ``name`` means."""
-        kind, value = split_name(name)
+        source_kind, value = parse_source_name(name)
+        kind = source_kind.value
         data: dict[str, Any] = {"type": kind}
         if kind == "pattern" and self.base is not None and self.base.type == "pattern":
             data.update(fps=self.base.fps, width=self.base.width, height=self.base.height)
@@ -72,7 +61,7 @@ class SourceNames:
         elif kind == "shm":
             data["name"] = value
         elif kind == "file":
-            path = self.media_dir / value
+            path = media_path(self.media_dir, value)
             if not path.is_file():
                 raise ValueError(f"{name!r:.80}: no such video file in the media folder {self.media_dir}")
             data.update(type="video", path=str(path))
