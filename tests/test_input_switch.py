@@ -287,3 +287,23 @@ def test_input_sources_answers_from_the_catalogue_and_oscquery_offers_them(tmp_p
             )
     finally:
         writer.close()
+
+
+def test_scenes_leave_the_input_out_unless_the_file_names_one(tmp_path):
+    from engine.control.scenes import SceneError, SceneStore
+
+    store = SceneStore(tmp_path)
+    store.save("look", {"guidance_scale": 1.5, "input_source": "shm:cam"})
+    assert (
+        "input" not in (tmp_path / "look.yaml").read_text()
+        and "shm:cam" not in (tmp_path / "look.yaml").read_text()
+    )
+    assert "input_source" not in store.load_scene("look").values
+    text = (tmp_path / "look.yaml").read_text()
+    (tmp_path / "stage.yaml").write_text(text + "input: ndi:STAGE (Cam)\n")
+    assert store.load_scene("stage").values["input_source"] == "ndi:STAGE (Cam)"
+    (tmp_path / "bad.yaml").write_text(text + "input: /etc/passwd\n")
+    with pytest.raises(
+        SceneError, match="scene 'bad': input: '/etc/passwd' is not allowed; allowed: a source name"
+    ):
+        store.load_scene("bad")

@@ -36,7 +36,11 @@ MAX_SCENE_BYTES = 256 * 1024
 @dataclass(frozen=True)
 class Scene:
     """A loaded scene: its values, the prompt crossfade and where its load lands (``quantize:`` in
-    the file; ``None``: the global ``/quantize``)."""
+    the file; ``None``: the global ``/quantize``).
+
+    Scenes do not store the input by default (``/preset/save`` leaves it out: recalling a look
+    does not change the camera); a scene file that names one (``input: ndi:STAGE (Cam)``, a
+    source name) switches the main input with it: ``values["input_source"]``."""
 
     values: dict[str, Any]
     crossfade_s: float
@@ -139,4 +143,11 @@ class SceneStore:
         quantum = "off" if quantum is False else quantum  # YAML reads a bare off as false
         if quantum is not None and quantum not in params.QUANTA:
             raise SceneError(f"scene {name!r}: quantize {quantum!r}; allowed: {' | '.join(params.QUANTA)}")
+        source = data.get("input")
+        if source is not None:
+            try:
+                values["input_source"] = params.REGISTRY["input_source"].coerce(source)
+            except ParamError as err:
+                problem = str(err).removeprefix("input_source: ")
+                raise SceneError(f"scene {name!r}: input: {problem}") from None
         return Scene(values, float(crossfade), quantum)
