@@ -4,6 +4,7 @@ the operator page (input and output, every live parameter, scenes, a plot of fps
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import importlib.util
@@ -26,7 +27,7 @@ from bridges.base import BridgeError, BridgeUnavailable, Closing, Frame
 from bridges.ratelimit import RateLimitedLog
 from bridges.serving import DROPPED_CLIENT_ERRORS, Handler, guarded, report_failure
 from bridges.webassets import StaticFiles
-from bridges.webguard import client_allowed, foreign_origin, is_loopback, parse_allow, refusal
+from bridges.webguard import client_allowed, cross_site, foreign_origin, is_loopback, parse_allow, refusal
 from bridges.webserver import WebServer
 
 __all__ = ["MAX_JSON_DEPTH", "MAX_REQUEST_BYTES", "OperatorApi", "PreviewSink", "is_loopback"]
@@ -54,6 +55,9 @@ class OperatorApi(Protocol):
     the page's files (``/`` is its HTML). ``subscribe(listener)`` calls ``listener()`` (from the
     operator's threads, so it must not block) whenever the state or the status changed; it
     returns the function that unsubscribes. ``history(since)`` holds the samples after ``since``.
+    ``thumbnail(name)`` is a small JPEG of the source ``name`` (``None``: no frame came in time;
+    ``ValueError``: not a source name here; ``LookupError``: no thumbnails in this engine); it
+    may block for about a second, so the preview calls it on an executor of its own.
     """
 
     page: StaticFiles
@@ -68,9 +72,13 @@ class OperatorApi(Protocol):
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]: ...
 
+    def thumbnail(self, name: str) -> bytes | None: ...
+
 
 _LOG_INTERVAL_S = 1.0  # a failure or refusal that repeats is logged at most this often (per kind)
 _PUSH_INTERVAL_S = 0.05  # the page's websocket gets at most this many pushes a second
+_THUMBNAIL_THREADS = 4  # thumbnails wait up to a second each: on threads of their own
+MAX_SOURCE_NAME = 1000  # a thumbnail's ?name= longer than this is refused unread
 _NO_CACHE = {
     "Cache-Control": "no-store, no-cache, must-revalidate",
     "Pragma": "no-cache",
@@ -191,8 +199,10 @@ class PreviewSink(Closing):
     stays at ``/preview``): input (``/input.mjpg``, from ``send_input``) and output side by side,
     every live parameter, scenes, the state and a plot; ``/api/spec``, ``/api/state``,
     ``/api/history`` read, ``POST /api/param`` writes through the operator and the websocket
-    ``/api/ws`` pushes the state, the status and new plot samples as they change. Bound beyond
-    this machine, only clients in ``allow`` (addresses or networks, as ``osc.allow``) are served.
+    ``/api/ws`` pushes the state, the status and new plot samples as they change;
+    ``/api/source-thumbnail?name=NAME`` is a small JPEG of a source (the page's Sources box).
+    Bound beyond this machine, only clients in ``allow`` (addresses or networks, as ``osc.allow``)
+    are served.
 
     The server is aiohttp on a thread of its own (``bridges.webserver``). Raises ``BridgeError``
     when ``host:port`` cannot be bound (e.g. the port is in use), and ``ValueError`` for a host
@@ -246,6 +256,7 @@ class PreviewSink(Closing):
         self._frames_ready = asyncio.Event()
         self._page_wakes: set[asyncio.Event] = set()
         self._sockets: set[web.WebSocketResponse] = set()
+        self._thumbnails: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first ask
 
         self._web = WebServer(f"preview-{port}")
         app = web.Application(middlewares=[self._boundary], client_max_size=MAX_REQUEST_BYTES + 1)
@@ -317,6 +328,8 @@ class PreviewSink(Closing):
             self._unsubscribe()
         self._web.call(self._wake_streams)  # the streams see ``_closed`` and end
         self._web.close()
+        if self._thumbnails is not None:
+            self._thumbnails.shutdown(wait=False, cancel_futures=True)
         self._jpeg = self._source_jpeg = None
         logger.debug("preview on port %d closed", self.port)
 
@@ -382,6 +395,8 @@ class PreviewSink(Closing):
             return await self._stream(request, source=True)
         if path == "/api/ws" and operator is not None:
             return await self._page_socket(request, operator)
+        if path == "/api/source-thumbnail":
+            return await self._thumbnail(request)
         if path in ("/api/spec", "/api/state", "/api/history"):
             return await self._api_get(path.removeprefix("/api/"))
         if path == "/frame.jpg":
@@ -444,6 +459,40 @@ class PreviewSink(Closing):
         except RuntimeError as err:
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
         return _json(HTTPStatus.OK, _jsonable(body))
+
+    async def _thumbnail(self, request: web.Request) -> web.Response:
+        """``/api/source-thumbnail?name=NAME``: a small JPEG of a source (204: no frame came in
+        time). It may open the source, so only the page itself may ask (``cross_site``); the
+        operator's call blocks up to about a second, on this sink's own threads."""
+        operator = self._operator
+        if operator is None:
+            return _json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "this preview has no operator page"})
+        why = cross_site(request.headers)
+        if why is not None:
+            self._log(
+                logging.WARNING, "refused:origin", "preview request from %s refused: %s", request.remote, why
+            )
+            return _json(HTTPStatus.FORBIDDEN, {"ok": False, "error": why})
+        names = request.query.getall("name", [])
+        if len(names) != 1 or not 0 < len(names[0]) <= MAX_SOURCE_NAME:
+            allowed = f"one ?name=SOURCE (e.g. shm:cam, pattern) of at most {MAX_SOURCE_NAME} characters"
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": f"bad request; allowed: {allowed}"})
+        if self._thumbnails is None:
+            self._thumbnails = concurrent.futures.ThreadPoolExecutor(
+                _THUMBNAIL_THREADS, thread_name_prefix=f"preview-{self.port}-thumbnail"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            jpeg = await loop.run_in_executor(self._thumbnails, operator.thumbnail, names[0])
+        except ValueError as err:  # not a source name here
+            return _json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": str(err)})
+        except LookupError as err:  # no thumbnails in this engine
+            return _json(HTTPStatus.NOT_FOUND, {"ok": False, "error": str(err)})
+        except RuntimeError as err:  # the control service is not up yet
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(err)})
+        if jpeg is None:
+            return web.Response(status=HTTPStatus.NO_CONTENT, headers=_NO_CACHE)
+        return _reply(HTTPStatus.OK, "image/jpeg", jpeg)
 
     async def _stream(self, request: web.Request, source: bool = False) -> web.StreamResponse:
         response = web.StreamResponse(

@@ -74,3 +74,17 @@ def foreign_origin(headers: Mapping[str, str]) -> str | None:
     if origin is not None and urlsplit(origin).netloc != headers.get("Host", ""):
         return origin
     return None
+
+
+def cross_site(headers: Mapping[str, str]) -> str | None:
+    """Why a read that does work (opens a source) must be refused: a foreign ``Origin`` (a
+    script's request from another site), or ``Sec-Fetch-Site`` saying another site (or another
+    port of this one) asked, which a browser sends where it sends no ``Origin`` (an ``<img>``);
+    ``None`` for the page itself or a request typed or sent by a program."""
+    origin = foreign_origin(headers)
+    if origin is not None:
+        return f"cross-origin request from {origin[:100]!r} refused"
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return f"{site[:20]!r} request refused: only the operator page itself may ask"
+    return None

@@ -692,6 +692,12 @@ def _start_control(config: Any, config_path: str | None, engine: Any, operator: 
         service.attach_midi(
             MidiService(midi, service.dispatcher, lookup, applied, service.announce, engine.status)
         )
+    if engine.source_names is not None:
+        from engine.runtime.thumbnails import Thumbnails
+
+        service.thumbnails = Thumbnails(
+            engine.source_names, lambda: str(engine.runtime_state["input_source"]), engine.last_input_frame
+        ).jpeg
     service.start()
     if service.midi is not None:
         print(f"  .. MIDI: {service.midi.status_text()}", file=sys.stderr)

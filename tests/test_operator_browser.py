@@ -320,3 +320,165 @@ def test_the_midi_box_lists_learns_and_forgets(bundle, tmp_path, browser):
         severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         refused = "/api/param - Failed to load resource: the server responded with a status of 400"
         assert [refused in message for message in severe] == [True], severe  # the refused learn only
+
+
+class FakeCatalog:
+    """A source catalogue as the control service owns it (``SourceCatalog``): its last look as
+    ``snapshot()`` gives it, ``refresh()`` counted."""
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+        self.age_s: float | None = 1.5
+        self.sources = [
+            {"name": "pattern", "kind": "pattern", "label": "test pattern", "detail": "built in"},
+            {"name": "shm:cam", "kind": "shm", "label": "cam", "detail": "64x64 RGBA8, 30 frames a second"},
+            {"name": "file:clip.mp4", "kind": "file", "label": "clip.mp4", "detail": "media/clip.mp4"},
+        ]
+
+    def snapshot(self) -> dict:
+        return {
+            "sources": [dict(s) for s in self.sources],
+            "unavailable": {"ndi": "needs cyndilib (pip install latentstage[ndi])"},
+            "age_s": self.age_s,
+        }
+
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.sources]
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+        self.age_s = 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_sources_box_lists_plays_refreshes_and_shows_thumbnails(bundle, tmp_path, browser):
+    """The Sources box: the catalogue's sources with label, name and detail, the kinds not
+    available here; play posts input_source through the dispatcher and shows the switch until
+    the engine echoes it (then that source is marked playing) or refuses it (then it says why);
+    refresh makes the catalogue look again; thumbnails fetch each source's picture every ~2 s."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webelement import WebElement
+
+    def press(element: WebElement) -> None:
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def item(name: str) -> WebElement:
+        return browser.find_element(By.CSS_SELECTOR, f'#sources li.source[data-name="{name}"]')
+
+    def classes(element: WebElement) -> list[str]:
+        return (element.get_attribute("class") or "").split()
+
+    listed = (
+        "return Array.from(document.querySelectorAll('#sources li.source'), li => [li.dataset.name, "
+        "li.querySelector('.source-label').textContent, li.querySelector('.source-name').textContent, "
+        "li.querySelector('.source-detail').textContent])"
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((12, 16, 3), (20, 180, 60), np.uint8)).save(buffer, format="JPEG")
+    tiny = buffer.getvalue()
+    asked: list[str] = []
+
+    def thumbnails(name: str) -> bytes | None:
+        asked.append(name)
+        return tiny if name == "shm:cam" else None
+
+    with Show(bundle, tmp_path) as show:
+        browser.get(show.url("/"))
+        playing = browser.find_element(By.ID, "source-playing")
+        assert wait_until(lambda: playing.text == "playing pattern", 15), playing.text
+        assert browser.find_element(By.ID, "sources").text == "this engine lists no sources"
+        assert not browser.find_element(By.ID, "source-refresh").is_displayed()
+
+        catalog = FakeCatalog()
+        service = show.service
+        service.catalog = catalog  # as media_dir makes it: the state's sources, /input/sources
+        service.dispatcher.sources = service._source_names
+        service.thumbnails = thumbnails
+        show.operator.changed({})
+        assert wait_until(lambda: len(browser.execute_script(listed)) == 3, 10)
+        assert browser.execute_script(listed) == [
+            ["pattern", "test pattern", "pattern", "built in"],
+            ["shm:cam", "cam", "shm:cam", "64x64 RGBA8, 30 frames a second"],
+            ["file:clip.mp4", "clip.mp4", "file:clip.mp4", "media/clip.mp4"],
+        ]
+        assert playing.text == "playing pattern test pattern"
+        assert "playing" in classes(item("pattern")) and "playing" not in classes(item("shm:cam"))
+        button = item("pattern").find_element(By.CSS_SELECTOR, "button.source-play")
+        assert button.text == "playing" and not button.is_enabled()
+        unavailable = browser.find_element(By.ID, "source-unavailable").text
+        assert unavailable == "ndi needs cyndilib (pip install latentstage[ndi])"
+        assert browser.find_element(By.ID, "source-age").text == "looked 2 s ago"
+        assert browser.find_element(By.ID, "source-fade").text == "switches cut"
+        assert asked == []  # no thumbnails before they are asked for
+
+        # play: input_source reaches the dispatcher; the switch shows until the engine echoes it
+        requests: list[tuple[str, list]] = []
+        real_request = service.dispatcher.handle_request
+
+        def handle_request(address, args, sender):  # type: ignore[no-untyped-def]
+            requests.append((address, list(args)))
+            if address == "/input/select" and args == ["shm:cam"]:
+                return [], None  # accepted; the engine's switch is this test's to finish
+            return real_request(address, args, sender)
+
+        service.dispatcher.handle_request = handle_request  # type: ignore[method-assign]
+        press(item("shm:cam").find_element(By.CSS_SELECTOR, "button.source-play"))
+        assert wait_until(lambda: ("/input/select", ["shm:cam"]) in requests, 5), requests
+        assert playing.text == "switching to shm:cam\u2026"
+        assert "switching" in classes(item("shm:cam"))
+        assert item("shm:cam").find_element(By.CSS_SELECTOR, "button").text == "opening\u2026"
+        show.operator.changed({})  # a push without the echo: still switching
+        time.sleep(0.3)
+        assert playing.text == "switching to shm:cam\u2026"
+        show.engine.control.mark_applied({"input_source": "shm:cam"})  # the engine's echo
+        show.operator.changed({})
+        assert wait_until(lambda: playing.text == "playing shm:cam cam", 10), playing.text
+        assert "playing" in classes(item("shm:cam")) and "switching" not in classes(item("shm:cam"))
+        assert "playing" not in classes(item("pattern"))
+        assert item("pattern").find_element(By.CSS_SELECTOR, "button").text == "play"
+
+        # a switch the engine refuses (this engine's sources are fixed): the box says why
+        press(item("file:clip.mp4").find_element(By.CSS_SELECTOR, "button.source-play"))
+        assert wait_until(lambda: ("/input/select", ["file:clip.mp4"]) in requests, 5), requests
+        assert wait_until(
+            lambda: playing.text.startswith("input_source: this engine's sources are fixed"), 10
+        ), playing.text
+        assert "bad" in classes(playing) and "playing" in classes(item("shm:cam"))
+        assert show.engine.stats.last_error.startswith("input_source:")
+
+        # refresh: the catalogue looks again
+        press(browser.find_element(By.ID, "source-refresh"))
+        assert wait_until(lambda: catalog.refreshes == 1, 5), catalog.refreshes
+        assert ("/input/sources", []) in requests
+        assert wait_until(lambda: browser.find_element(By.ID, "source-age").text == "looked 0 s ago", 10)
+
+        # thumbnails: each listed source asked for, a picture shown, again every ~2 s; off stops
+        toggle = browser.find_element(By.ID, "source-thumbs")
+        press(toggle)
+        assert toggle.get_attribute("aria-pressed") == "true"
+        picture = item("shm:cam").find_element(By.CSS_SELECTOR, "img.source-thumb")
+        assert wait_until(
+            lambda: browser.execute_script("return arguments[0].naturalWidth", picture) == 16, 10
+        )
+        assert picture.get_attribute("src").startswith("data:image/jpeg;base64,")
+        assert picture.is_displayed()
+        note = item("pattern").find_element(By.CSS_SELECTOR, ".source-thumb-note")
+        assert wait_until(lambda: note.text == "no frame", 5), note.text
+        assert set(asked) == {"pattern", "shm:cam", "file:clip.mp4"}
+        assert wait_until(lambda: asked.count("shm:cam") >= 2, 6), asked  # the next round
+        press(toggle)
+        assert toggle.get_attribute("aria-pressed") == "false"
+        assert not picture.is_displayed()
+        time.sleep(0.5)  # a request on its way may still arrive
+        count = len(asked)
+        time.sleep(2.5)
+        assert len(asked) == count, asked
+        severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not severe, severe

@@ -96,6 +96,18 @@ class Operator:
             "time": time.monotonic(),
         }
 
+    def thumbnail(self, name: str) -> bytes | None:
+        """A small JPEG of the source ``name`` (the service's ``thumbnails``: the playing one's
+        newest frame, another opened for a moment), ``None`` when it sent no frame in time.
+        ``ValueError`` naming what is allowed for a name that cannot be a source; ``LookupError``
+        when this engine makes no thumbnails. Blocks up to about a second: not for the event loop."""
+        service = self._require()
+        thumbnails = getattr(service, "thumbnails", None)
+        if thumbnails is None:
+            raise LookupError("this engine makes no source thumbnails")
+        result: bytes | None = thumbnails(name)
+        return result
+
     def history(self, since: float | None = None) -> dict[str, Any]:
         """The plot's samples (only those after ``since`` when given)."""
         with self._lock:

@@ -146,6 +146,9 @@ class ControlService:
         self._music_thread = threading.Thread(target=self._music_loop, name="latentstage-beat", daemon=True)
         self._closed = False
         self.midi: MidiControl | None = None
+        self.thumbnails: Callable[[str], bytes | None] | None = None
+        """A small JPEG of a source by name for the operator page (``engine.runtime.thumbnails``;
+        ``None``: no thumbnails). ValueError for a name that cannot be a source."""
         if operator is not None:
             operator.attach(self)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bridges.base import FrameSink, FrameSource, open_sink, open_source
+from bridges.base import Frame, FrameSink, FrameSource, open_sink, open_source
 from bridges.ratelimit import RateLimitedLog
 from engine.accel.backends import Backend
 from engine.control.state import ControlState
@@ -286,6 +286,12 @@ class Engine:
             "beats_per_bar": music.beats_per_bar,
             "sequence_step": music.sequence_step,
         }
+
+    def last_input_frame(self) -> Frame | None:
+        """The newest input frame the frame loop took (``None`` before the first); any thread may
+        ask (the operator page's thumbnail of the source playing)."""
+        item = self._last_input
+        return None if item is None else item.frame
 
     @property
     def last_change(self) -> ChangeStamp | None:

@@ -522,6 +522,7 @@ function showState(body, at) {
   showTempo(st, body.time, at);
   renderScenes(Array.isArray(body.scenes) ? body.scenes : []);
   renderMidi(has(body, "midi") ? body.midi : null);
+  showSources(has(body, "sources") ? body.sources : null, values, st);
   showJson($("values"), values);
   showJson($("status-json"), st);
 }
@@ -882,6 +883,285 @@ window.addEventListener("keydown", function (event) {
   if (event.key !== "Escape" || typing(event.target)) { return; }
   if (learning() !== null) { post("midi_cancel", null); }
   else if (learnMode) { setLearnMode(false); }
+});
+
+// ------------------------------------------------------------------ sources
+// The source catalogue as pushed (state.sources, null where the engine lists none): each source
+// with play (posts input_source: the engine opens it beside the one playing and swaps them once
+// it sent a frame), the one playing (values.input_source) marked. A switch shows from the click
+// until the echo, a refusal (status.last_error naming input_source) or SWITCH_WAIT_MS. refresh
+// posts the action input_sources: the catalogue looks again and the next state has the new look.
+// With thumbnails on, the listed sources' pictures are asked for one after another, a round
+// every THUMB_EVERY_MS (a source not playing is opened for a moment on the engine's side).
+var sourcePlaying = $("source-playing");
+var sourceList = $("sources");
+var sourceThumbs = $("source-thumbs");
+var sourceRefresh = $("source-refresh");
+var sourceAge = $("source-age");
+var sourceFade = $("source-fade");
+var sourceUnavailable = $("source-unavailable");
+var THUMBNAIL_PATH = "/api/source-thumbnail";
+var SWITCH_WAIT_MS = 12000;  // the engine refuses a source that sent no frame within 10 s
+var THUMB_EVERY_MS = 2000;
+var LOOK_WAIT_MS = 5000;     // refresh shows "looking" until a newer look arrives, at most this long
+var catalogue = null;        // state.sources as last pushed
+var playing = null;          // values.input_source
+var switching = null;        // {name, from, error, at}: play clicked, the switch not echoed yet
+var switchFailed = null;     // {name, text}: the engine refused the last switch
+var looking = null;          // {at, age}: refresh clicked, no newer look yet
+var sourceListKey = null;
+var playingKey = null;
+var sourceItems = {};        // name -> {item, button, img, note}
+var thumbsOn = false;
+var thumbRound = 0;          // bumped to stop the round under way
+var thumbTimer = null;
+var thumbs = {};             // name -> {url} | {note}: the last answer (kept across list rebuilds)
+var lastStatus = {};         // the status as last pushed (its last_error tells a refused switch)
+
+function listedSources() {
+  var list = catalogue !== null && Array.isArray(catalogue.sources) ? catalogue.sources : [];
+  return list.filter(function (s) { return isObj(s) && typeof s.name === "string" && s.name; });
+}
+
+function sourceLabel(name) {
+  var found = listedSources().filter(function (s) { return s.name === name; })[0];
+  return found && typeof found.label === "string" && found.label && found.label !== name ? found.label : "";
+}
+
+function play(name) {
+  if (name === playing && switching === null) { return; }
+  switching = { name: name, from: playing, error: lastError(), at: now() };
+  switchFailed = null;
+  markSources();
+  post("input_source", name).then(function (ok) {
+    if (!ok && switching !== null && switching.name === name) { switching = null; markSources(); }
+  });
+}
+
+function lastError() { return typeof lastStatus.last_error === "string" ? lastStatus.last_error : null; }
+
+function sourceItem(s) {
+  var name = s.name;
+  var item = el("li", { "class": "source", "data-name": name });
+  var pic = el("div", { "class": "source-pic" });
+  var img = el("img", { "class": "source-thumb", alt: "" });
+  var note = el("small", { "class": "source-thumb-note" });
+  pic.appendChild(img);
+  pic.appendChild(note);
+  item.appendChild(pic);
+  var text = el("div", { "class": "source-text" });
+  var label = typeof s.label === "string" && s.label ? s.label : name;
+  text.appendChild(el("b", { "class": "source-label" }, label));
+  text.appendChild(el("span", { "class": "source-name" }, name));
+  if (typeof s.detail === "string" && s.detail) {
+    text.appendChild(el("small", { "class": "source-detail" }, s.detail));
+  }
+  item.appendChild(text);
+  var button = el("button", { type: "button", "class": "source-play", title: "switch the main input to " + name },
+    "play");
+  button.addEventListener("click", function () { play(name); });
+  item.appendChild(button);
+  sourceItems[name] = { item: item, button: button, img: img, note: note };
+  showThumb(name);
+  return item;
+}
+
+function renderSourceList() {
+  var sources = listedSources();
+  var key = JSON.stringify([catalogue === null, sources]);
+  if (key === sourceListKey) { return; }  // unchanged: no rebuild under the pointer
+  sourceListKey = key;
+  sourceItems = {};
+  sourceList.textContent = "";
+  if (catalogue === null) {
+    sourceList.appendChild(el("li", { "class": "note" }, "this engine lists no sources"));
+    return;
+  }
+  if (!sources.length) { sourceList.appendChild(el("li", { "class": "note" }, "no sources found")); }
+  sources.forEach(function (s) { sourceList.appendChild(sourceItem(s)); });
+}
+
+function markSources() {
+  Object.keys(sourceItems).forEach(function (name) {
+    var entry = sourceItems[name];
+    var isPlaying = name === playing;
+    var isOpening = switching !== null && switching.name === name;
+    entry.item.classList.toggle("playing", isPlaying);
+    entry.item.classList.toggle("switching", isOpening);
+    entry.button.disabled = isOpening || (isPlaying && switching === null);
+    var text = isOpening ? "opening\u2026" : (isPlaying ? "playing" : "play");
+    if (entry.button.textContent !== text) { entry.button.textContent = text; }
+  });
+  var label = playing !== null ? sourceLabel(playing) : "";
+  var key = JSON.stringify([switching && switching.name, switchFailed, playing, label]);
+  if (key === playingKey) { return; }  // unchanged: nothing re-announced
+  playingKey = key;
+  sourcePlaying.textContent = "";
+  sourcePlaying.classList.toggle("bad", switchFailed !== null && switching === null);
+  if (switching !== null) {
+    sourcePlaying.appendChild(document.createTextNode("switching to "));
+    sourcePlaying.appendChild(el("b", null, switching.name));
+    sourcePlaying.appendChild(document.createTextNode("\u2026"));
+  } else if (switchFailed !== null) {
+    sourcePlaying.textContent = switchFailed.text;
+  } else if (playing !== null) {
+    sourcePlaying.appendChild(document.createTextNode("playing "));
+    sourcePlaying.appendChild(el("b", null, playing));
+    if (label) { sourcePlaying.appendChild(el("small", null, " " + label)); }
+  }
+}
+
+function showSources(data, values, st) {
+  catalogue = isObj(data) ? data : null;
+  lastStatus = st;
+  var was = playing;
+  playing = typeof values.input_source === "string" ? values.input_source : null;
+  if (was !== playing) { switchFailed = null; }
+  var error = lastError();
+  if (switching !== null) {
+    if (playing !== switching.from) {
+      switching = null;  // switched (or another switch came first)
+    } else if (error !== null && error !== switching.error && error.indexOf("input_source") === 0) {
+      switchFailed = { name: switching.name, text: error };
+      switching = null;
+    } else if (now() - switching.at > SWITCH_WAIT_MS) {  // e.g. refused with the same words again
+      var named = error !== null && error.indexOf("input_source") === 0 && error.indexOf(switching.name) >= 0;
+      var text = named ? error : "not switched to " + switching.name
+        + (error !== null ? "; the engine's last error: " + error : "");
+      switchFailed = { name: switching.name, text: text };
+      switching = null;
+    }
+  }
+  var listing = catalogue !== null;
+  sourceRefresh.hidden = !listing;
+  sourceThumbs.hidden = !listing;
+  if (!listing && thumbsOn) { setThumbs(false); }
+  renderSourceList();
+  markSources();
+  var age = catalogue !== null && isNum(catalogue.age_s) ? catalogue.age_s : null;
+  if (looking !== null && ((age !== null && (looking.age === null || age < looking.age))
+    || now() - looking.at > LOOK_WAIT_MS)) { looking = null; }
+  var ageText = !listing ? "" : (looking !== null || age === null ? "looking\u2026"
+    : "looked " + Math.round(age) + " s ago");
+  if (sourceAge.textContent !== ageText) { sourceAge.textContent = ageText; }
+  var fade = isNum(values.input_crossfade) && values.input_crossfade > 0
+    ? "switches crossfade " + Math.round(values.input_crossfade) + " frames" : "switches cut";
+  if (sourceFade.textContent !== fade) { sourceFade.textContent = fade; }
+  renderUnavailable(catalogue !== null && isObj(catalogue.unavailable) ? catalogue.unavailable : {});
+}
+
+var unavailableKey = null;
+function renderUnavailable(kinds) {
+  var key = JSON.stringify(kinds);
+  if (key === unavailableKey) { return; }
+  unavailableKey = key;
+  sourceUnavailable.textContent = "";
+  Object.keys(kinds).forEach(function (kind) {
+    var item = el("li");
+    item.appendChild(el("b", null, kind + " "));
+    item.appendChild(document.createTextNode(String(kinds[kind])));
+    sourceUnavailable.appendChild(item);
+  });
+}
+
+sourceRefresh.addEventListener("click", function () {
+  var age = catalogue !== null && isNum(catalogue.age_s) ? catalogue.age_s : null;
+  looking = { at: now(), age: age };
+  sourceAge.textContent = "looking\u2026";
+  post("input_sources", null).then(function (ok) { if (!ok) { looking = null; } });
+});
+
+// -- thumbnails: JPEGs fetched as data: URLs (the page's CSP allows those, not blob:)
+function dataUrl(blob) {
+  return new Promise(function (resolve, reject) {
+    var reader = new FileReader();
+    reader.addEventListener("load", function () { resolve(String(reader.result)); });
+    reader.addEventListener("error", function () { reject(reader.error); });
+    reader.readAsDataURL(blob);
+  });
+}
+
+function errorText(response) {
+  return response.text().then(function (text) {
+    var body;
+    try { body = JSON.parse(text); } catch { body = null; }
+    return { note: isObj(body) && typeof body.error === "string" ? body.error : "HTTP " + response.status };
+  }, function () { return { note: "HTTP " + response.status }; });
+}
+
+function fetchThumb(name) {
+  var controller = typeof AbortController === "function" ? new AbortController() : null;
+  var timer = controller ? setTimeout(function () { controller.abort(); }, TIMEOUT_MS) : null;
+  var options = { cache: "no-store" };
+  if (controller) { options.signal = controller.signal; }
+  return fetch(THUMBNAIL_PATH + "?name=" + encodeURIComponent(name), options).then(function (response) {
+    if (response.status === 204) { return { note: "no frame" }; }
+    if (!response.ok) { return errorText(response); }
+    return response.blob().then(dataUrl).then(function (url) { return { url: url }; });
+  }).catch(function () {
+    return { note: "no answer" };
+  }).finally(function () {
+    if (timer !== null) { clearTimeout(timer); }
+  });
+}
+
+function showThumb(name) {
+  var entry = sourceItems[name];
+  var got = thumbs[name];
+  if (!entry) { return; }
+  var url = got && typeof got.url === "string" ? got.url : "";
+  if (url && entry.img.getAttribute("src") !== url) { entry.img.src = url; }
+  if (!url) { entry.img.removeAttribute("src"); }
+  entry.img.hidden = !url;
+  var note = got && typeof got.note === "string" ? got.note : (got ? "" : "\u2026");
+  entry.note.textContent = note;
+  entry.note.title = note;
+}
+
+function thumbnailRound() {
+  thumbTimer = null;
+  if (!thumbsOn || document.hidden) { return; }
+  var round = thumbRound;
+  var started = now();
+  var names = listedSources().map(function (s) { return s.name; });
+  var index = 0;
+  function next() {
+    if (round !== thumbRound) { return; }
+    if (index >= names.length) {
+      thumbTimer = setTimeout(thumbnailRound, Math.max(0, THUMB_EVERY_MS - (now() - started)));
+      return;
+    }
+    var name = names[index];
+    index += 1;
+    fetchThumb(name).then(function (result) {
+      if (round !== thumbRound) { return; }
+      thumbs[name] = result;
+      showThumb(name);
+      next();
+    });
+  }
+  next();
+}
+
+function stopThumbs() {
+  thumbRound += 1;
+  if (thumbTimer !== null) { clearTimeout(thumbTimer); thumbTimer = null; }
+}
+
+function setThumbs(on) {
+  thumbsOn = Boolean(on);
+  stopThumbs();
+  sourceThumbs.setAttribute("aria-pressed", thumbsOn ? "true" : "false");
+  sourceThumbs.classList.toggle("on", thumbsOn);
+  sourceList.classList.toggle("thumbs", thumbsOn);
+  if (thumbsOn) { thumbnailRound(); }
+}
+
+sourceThumbs.addEventListener("click", function () { setThumbs(!thumbsOn); });
+// A hidden tab asks for no thumbnails (each may open a source on the engine's side).
+document.addEventListener("visibilitychange", function () {
+  stopThumbs();
+  if (!document.hidden && thumbsOn) { thumbnailRound(); }
 });
 
 // ------------------------------------------------------------------ video
