@@ -94,7 +94,7 @@ GOOD = [
     (msg("/controlnet/0/source", "shm:depth_cam"), {"controlnet_source_0": "shm:depth_cam"}),
     (msg("/controlnet/1/source", "pattern"), {"controlnet_source_1": "pattern"}),
     (msg("/controlnet/2/source", "file:walk.mp4"), {"controlnet_source_2": "file:walk.mp4"}),
-    (msg("/controlnet/3/source", "spout:TDSyphonSpoutOut"), {"controlnet_source_3": "spout:TDSyphonSpoutOut"}),
+    (msg("/controlnet/3/source", "spout:TD_Out"), {"controlnet_source_3": "spout:TD_Out"}),
     (msg("/ip_adapter/source", "syphon:Resolume - Main"), {"ip_adapter_source": "syphon:Resolume - Main"}),
     (msg("/feature_cache/enabled", True), {"feature_cache_enabled": True}),
     (msg("/feature_cache/frames", 3), {"feature_cache_frames": 3}),
