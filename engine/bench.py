@@ -54,6 +54,7 @@ class BenchGroup(str, Enum):
     COMPARE = "compare"
     CLAIMS = "claims"
     MODULATION = "modulation"
+    FEEDBACK = "feedback"
 
 
 DEFAULT_GROUPS = (
@@ -204,6 +205,69 @@ class ModulationRow:
         }
 
 
+@dataclass(frozen=True)
+class FeedbackRow:
+    """The engine's frame loop with one setting of the feedback loop (``FEEDBACK``).
+
+    Attributes:
+        name: the setting, e.g. ``amount 0.5, zoom 1.02, rotate 1``.
+        round_ms: milliseconds per frame of each round (``Engine.run``, everything on the loop).
+        step_ms: milliseconds per frame of each round spent in ``Engine._feed_back`` (the transform
+            and the mix; on a GPU only their launch, the kernels run with the frame's).
+        baseline_ms: the frame time with the feedback off (amount 0; the ratio's denominator).
+        baseline_round_ms: the rounds with it off, each run just before this row's round of the
+            same index (``paired_ratio``).
+        fed: frames of the timed rounds whose input the feedback changed.
+        frames: frames in the timed rounds.
+    """
+
+    name: str
+    round_ms: tuple[float, ...]
+    step_ms: tuple[float, ...]
+    baseline_ms: float
+    baseline_round_ms: tuple[float, ...] = ()
+    fed: int = 0
+    frames: int = 0
+
+    @property
+    def frame_ms(self) -> float:
+        return statistics.median(self.round_ms)
+
+    @property
+    def step(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def share(self) -> float:
+        """The feedback step's part of the frame time (0..1)."""
+        return self.step / self.frame_ms if self.frame_ms > 0 else float("nan")
+
+    @property
+    def ratio(self) -> float:
+        """Frame time ÷ the frame time with the feedback off (median ÷ median)."""
+        return self.frame_ms / self.baseline_ms if self.baseline_ms > 0 else float("nan")
+
+    @property
+    def paired_ratio(self) -> float:
+        """The median over rounds of this round's frame time ÷ the baseline's in the same round."""
+        pairs = [ms / base for ms, base in zip(self.round_ms, self.baseline_round_ms) if base > 0]
+        return statistics.median(pairs) if pairs else float("nan")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "frame_ms": round(self.frame_ms, 3),
+            "step_ms": round(self.step, 4),
+            "step_share": round(self.share, 5),
+            "time_ratio": round(self.ratio, 4),
+            "paired_time_ratio": round(self.paired_ratio, 4),
+            "fed": self.fed,
+            "frames": self.frames,
+            "round_ms": [round(ms, 3) for ms in self.round_ms],
+            "round_step_ms": [round(ms, 4) for ms in self.step_ms],
+        }
+
+
 @dataclass
 class Timing:
     """Frames per second of one contender: the median of its rounds, and each round's ms/frame."""
@@ -236,6 +300,7 @@ class BenchReport:
     flicker: list[FlickerRow] = field(default_factory=list)
     claims: ClaimsReport | None = None
     modulation: list[ModulationRow] = field(default_factory=list)
+    feedback: list[FeedbackRow] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -254,6 +319,7 @@ class BenchReport:
             "flicker": [row.as_json() for row in self.flicker],
             "claims": None if self.claims is None else self.claims.as_json(),
             "modulation": [row.as_json() for row in self.modulation],
+            "feedback": [row.as_json() for row in self.feedback],
             "ratios": self.ratios(),
             "summary": {key: round(value, 4) for key, value in self.summary.items()},
             "latency": self.latency,
@@ -405,7 +471,8 @@ def run_bench(
     torch eager; ``controlnet``: 0, 1 and 2 ControlNets (and Canny); ``compare``: latentstage
     beside the floor and the peers of ``compare``; ``claims``: the paper's claims judged
     (``engine/claims.py``); ``modulation``: the engine's frame loop with 0 and 4 modulators
-    (``measure_modulation``).
+    (``measure_modulation``); ``feedback``: the engine's frame loop with the feedback loop off and
+    on (``measure_feedback``).
     """
     settings = replace(settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False)
     moving = frames_for(settings, models, frames + warmup, moving=True)
@@ -497,6 +564,15 @@ def run_bench(
             fps, baseline = 1000.0 / row.frame_ms, 1000.0 / row.baseline_ms
             name = f"engine loop, {row.modulators} modulators"
             rows.append(BenchRow("modulation", name, fps, baseline, row.round_ms))
+
+    # 10. the feedback loop on the engine's frame loop: off vs on (transform + mix on the device)
+    if BenchGroup.FEEDBACK in groups:
+        say("feedback: the engine's frame loop with the feedback off and on")
+        bench.feedback = measure_feedback(models, settings, frames, warmup, rounds)
+        for (key, _, _), feedback_row in zip(FEEDBACK, bench.feedback):
+            fps, baseline = 1000.0 / feedback_row.frame_ms, 1000.0 / feedback_row.baseline_ms
+            name = f"engine loop, feedback {key}"
+            rows.append(BenchRow("feedback", name, fps, baseline, feedback_row.round_ms, key))
     return bench
 
 
@@ -672,27 +748,35 @@ class _OnDemandSource:
 
 
 class _TimedEngine:
-    """An ``Engine`` on an on-demand pattern source and a counting sink, its modulation step timed.
+    """An ``Engine`` on an on-demand pattern source and a counting sink, one step of it timed.
 
-    The step is the engine's own two calls, wrapped on this instance: ``music.frame`` (the
-    modulators evaluated for the frame) and ``_modulate`` (the moved values through
-    ``apply_change``: plan, commit).
+    ``step="modulation"``: the engine's own two calls, wrapped on this instance: ``music.frame``
+    (the modulators evaluated for the frame) and ``_modulate`` (the moved values through
+    ``apply_change``: plan, commit). ``step="feedback"``: ``_feed_back`` (the previous output
+    transformed and mixed into the input; ``fed`` counts the frames it changed).
     """
 
-    def __init__(self, models: ModelBundle, settings: PipelineSettings, modulators: Sequence[dict[str, Any]]):
+    def __init__(
+        self,
+        models: ModelBundle,
+        settings: PipelineSettings,
+        runtime_values: dict[str, Any],
+        step: str = "modulation",
+    ):
         from engine.runtime.engine import Engine, EngineOptions
 
         self.source = _OnDemandSource(settings.width, settings.height)
         sink = _CountingSink()
-        options = EngineOptions(
-            stall_seconds=0.0,
-            runtime_values={"modulators": [dict(item) for item in modulators], "bpm": MODULATION_BPM},
-        )
+        options = EngineOptions(stall_seconds=0.0, runtime_values={"bpm": MODULATION_BPM, **runtime_values})
         pipe = StreamPipeline(models, settings)
         self.engine = engine = Engine(pipe, lambda: self.source, [("bench", lambda: sink)], options)
         self.device = models.device
         self.step_s = 0.0
         self.commits = 0  # pipeline commits while timed (``run`` after the warm-up)
+        self.fed = 0  # frames whose input the feedback changed
+        if step == "feedback":
+            self._time_feedback()
+            return
         music_frame, modulate = engine.music.frame, engine._modulate
 
         def timed_frame(now: float, base: Any) -> dict[str, Any]:
@@ -712,9 +796,23 @@ class _TimedEngine:
         engine.music.frame = timed_frame  # type: ignore[method-assign]
         engine._modulate = timed_modulate  # type: ignore[method-assign]
 
+    def _time_feedback(self) -> None:
+        feed_back = self.engine._feed_back
+
+        def timed_feed_back(image: torch.Tensor | None) -> torch.Tensor | None:
+            started = time.perf_counter()
+            try:
+                result = feed_back(image)
+            finally:
+                self.step_s += time.perf_counter() - started
+            self.fed += result is not image
+            return result
+
+        self.engine._feed_back = timed_feed_back  # type: ignore[method-assign]
+
     def run(self, frames: int) -> tuple[float, float]:
         """``frames`` more output frames through ``Engine.run``; ms per frame of the whole loop
-        and of the modulation step."""
+        and of the timed step."""
         engine = self.engine
         step_before, version_before = self.step_s, engine.pipeline.version
         _sync(self.device)
@@ -740,7 +838,8 @@ def measure_modulation(
     At least one warm-up frame each, untimed, starts the threads and fills the stream batch.
     """
     settings = replace(settings, similarity_filter_enabled=False)
-    variants = [_TimedEngine(models, settings, ()), _TimedEngine(models, settings, MODULATORS)]
+    modulated = {"modulators": [dict(item) for item in MODULATORS]}
+    variants = [_TimedEngine(models, settings, {}), _TimedEngine(models, settings, modulated)]
     try:
         for variant in variants:
             variant.run(max(warmup, 1))
@@ -780,6 +879,72 @@ def format_modulation(rows: Sequence[ModulationRow]) -> str:
         lines.append(
             f"  {row.modulators:>10}{row.frame_ms:>12.2f}{row.step:>16.3f}{100 * row.share:>11.4f}%"
             f"{row.ratio:>14.3f}x{row.paired_ratio:>9.3f}x{commits:>15.2f}"
+        )
+    return "\n".join(lines)
+
+
+FEEDBACK: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("off", "off (amount 0)", {"feedback_amount": 0.0}),
+    (
+        "on",
+        "amount 0.5, zoom 1.02, rotate 1",
+        {"feedback_amount": 0.5, "feedback_zoom": 1.02, "feedback_rotate": 1.0},
+    ),
+)
+"""The ``feedback`` group's settings (key, name, values): off, and on with a slowly turning tunnel
+(one grid_sample and the mix per frame; the grid is made once, the parameters stay)."""
+
+
+def measure_feedback(
+    models: ModelBundle, settings: PipelineSettings, frames: int, warmup: int, rounds: int = ROUNDS
+) -> list[FeedbackRow]:
+    """The engine's frame loop (``Engine.run``) with the feedback loop off and on (``FEEDBACK``),
+    in alternating rounds (A B A B ...), img2img, the similarity filter off.
+
+    Each variant is its own ``Engine`` and pipeline on the same models; at least two warm-up frames
+    each (untimed) start the threads, fill the stream batch and give the loop a previous output.
+    """
+    settings = replace(settings, similarity_filter_enabled=False)
+    variants = [_TimedEngine(models, settings, values, step="feedback") for _, _, values in FEEDBACK]
+    try:
+        for variant in variants:
+            variant.run(max(warmup, 2))
+            variant.fed = 0
+        timings: list[list[tuple[float, float]]] = [[] for _ in variants]
+        for _ in range(rounds):
+            for index, variant in enumerate(variants):
+                timings[index].append(variant.run(frames))
+    finally:
+        for variant in variants:
+            variant.close()
+    baseline = statistics.median(ms for ms, _ in timings[0])
+    return [
+        FeedbackRow(
+            name,
+            tuple(ms for ms, _ in results),
+            tuple(step for _, step in results),
+            baseline,
+            tuple(ms for ms, _ in timings[0]),
+            variant.fed,
+            frames * rounds,
+        )
+        for (_, name, _), results, variant in zip(FEEDBACK, timings, variants)
+    ]
+
+
+def format_feedback(rows: Sequence[FeedbackRow]) -> str:
+    """The feedback step's cost beside the frame time, off and on."""
+    lines = [
+        "feedback: the engine's frame loop; step = Engine._feed_back (transform + mix; on a GPU only "
+        "their launch); paired ÷ = median over rounds of the round's time ÷ off's in it",
+        f"  {'setting':<34}{'ms/frame':>10}{'step ms/frame':>15}{'step share':>12}{'time ÷ off':>12}"
+        f"{'paired ÷':>10}{'fed/frame':>11}",
+    ]
+    for row in rows:
+        fed = row.fed / row.frames if row.frames else float("nan")
+        lines.append(
+            f"  {row.name:<34}{row.frame_ms:>10.2f}{row.step:>15.3f}{100 * row.share:>11.3f}%"
+            f"{row.ratio:>11.3f}x{row.paired_ratio:>9.3f}x{fed:>11.2f}"
         )
     return "\n".join(lines)
 
@@ -845,6 +1010,9 @@ def format_report(bench: BenchReport, header: str) -> str:
     if bench.modulation:
         lines.append("")
         lines.append(format_modulation(bench.modulation))
+    if bench.feedback:
+        lines.append("")
+        lines.append(format_feedback(bench.feedback))
     for name, reason in bench.skipped.items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -104,8 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="GROUPS",
         help="row groups to run: denoising, guidance, filter, backend, controlnet, flicker, compare, "
         "claims (the paper's claims judged, on builtin:shapes), modulation (the engine's frame loop "
-        "with 0 and 4 modulators); default: all but compare, claims and modulation, and compare with "
-        "--compare",
+        "with 0 and 4 modulators), feedback (the engine's frame loop with the feedback loop off and "
+        "on); default: all but compare, claims, modulation and feedback, and compare with --compare",
     )
     bench_cmd.add_argument(
         "--latency-frames",

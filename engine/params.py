@@ -89,11 +89,15 @@ class ParamSpec:
         minimum, maximum: inclusive numeric bounds (for lists: bounds of each item).
         choices: allowed values of an ENUM.
         max_items: longest list accepted (lists and blends).
+        min_items: shortest number list accepted (``None``: 1); equal to ``max_items`` for a list of
+            a fixed length, e.g. ``/feedback/translate f f``.
         in_scene: saved by ``/preset/save`` and restored by ``/preset/load``.
         restored: kept in the live-state autosave and restored when the supervisor restarts
             the engine (``live_state_params``); actions never are.
         group: the heading it is listed under (docs, OSCQuery containers, the TD page).
         applies: where it takes effect (the pipeline, the engine loop, the control service).
+        per_frame: a value of the engine loop read on every frame (the feedback transform), so a
+            modulator may move it like a continuous pipeline value (``modulatable``).
         changes_shape: may change the shapes the UNet / VAE run at (n, cfg batch, size), so a
             backend with static engines builds before the change commits.
         needs_encoding: the text encoder runs before the change may apply (off the frame loop).
@@ -119,10 +123,12 @@ class ParamSpec:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     max_items: int | None = None
+    min_items: int | None = None
     in_scene: bool = True
     restored: bool = True
     group: str = "stream"
     applies: Applies = Applies.PIPELINE
+    per_frame: bool = False
     changes_shape: bool = False
     needs_encoding: bool = False
     overridden_by: str | None = None
@@ -150,7 +156,9 @@ class ParamSpec:
                 f"in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
             )
         if self.kind is ParamKind.FLOAT_LIST:
-            return f"1 to {self.max_items} numbers in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
+            least = self.min_items or 1
+            count = f"exactly {least}" if least == self.max_items else f"{least} to {self.max_items}"
+            return f"{count} numbers in [{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
         if self.kind is ParamKind.PROMPT_BLEND:
             return f"1 to {self.max_items} pairs (prompt, weight >= 0), weights not all 0"
         if self.kind is ParamKind.SEED_BLEND:
@@ -266,7 +274,7 @@ def _coerce_int_list(spec: ParamSpec, value: Any) -> list[int]:
 
 def _coerce_float_list(spec: ParamSpec, value: Any) -> list[float]:
     items = _as_sequence(spec, value)
-    if not 1 <= len(items) <= (spec.max_items or MAX_LORAS):
+    if not (spec.min_items or 1) <= len(items) <= (spec.max_items or MAX_LORAS):
         raise ParamError(spec.name, f"{len(items)} items given; allowed: {spec.allowed_text()}")
     return [_coerce_float(spec, item) for item in items]
 
@@ -732,6 +740,94 @@ def _specs() -> tuple[ParamSpec, ...]:
             config_key="stream.feature_cache.threshold",
         ),
         ParamSpec(
+            "feedback_amount",
+            k.FLOAT,
+            0.0,
+            "Feedback: how much of the previous output, transformed, is mixed into the next input "
+            "(0: off, the input untouched; txt2img generates from the fed-back picture when above 0).",
+            "/feedback/amount",
+            "f",
+            minimum=0.0,
+            maximum=1.0,
+            group="feedback",
+            applies=Applies.RUNTIME,
+            per_frame=True,
+            config_key="feedback.amount",
+        ),
+        ParamSpec(
+            "feedback_zoom",
+            k.FLOAT,
+            1.0,
+            "Feedback zoom per frame (above 1 zooms in: content moves outward, a tunnel; below 1 zooms "
+            "out, the picture mirrored at its edges).",
+            "/feedback/zoom",
+            "f",
+            minimum=0.5,
+            maximum=2.0,
+            group="feedback",
+            applies=Applies.RUNTIME,
+            per_frame=True,
+            config_key="feedback.zoom",
+        ),
+        ParamSpec(
+            "feedback_rotate",
+            k.FLOAT,
+            0.0,
+            "Feedback rotation per frame in degrees, counter-clockwise.",
+            "/feedback/rotate",
+            "f",
+            minimum=-45.0,
+            maximum=45.0,
+            group="feedback",
+            applies=Applies.RUNTIME,
+            per_frame=True,
+            config_key="feedback.rotate",
+        ),
+        ParamSpec(
+            "feedback_translate",
+            k.FLOAT_LIST,
+            [0.0, 0.0],
+            "Feedback shift per frame: x (right) and y (up) in fractions of the width and height.",
+            "/feedback/translate",
+            "f f",
+            minimum=-0.5,
+            maximum=0.5,
+            max_items=2,
+            min_items=2,
+            group="feedback",
+            applies=Applies.RUNTIME,
+            per_frame=True,
+            config_key="feedback.translate",
+        ),
+        ParamSpec(
+            "feedback_hue",
+            k.FLOAT,
+            0.0,
+            "Feedback hue shift per frame in degrees (a rotation about the grey axis; 120: red to green).",
+            "/feedback/hue",
+            "f",
+            minimum=-180.0,
+            maximum=180.0,
+            group="feedback",
+            applies=Applies.RUNTIME,
+            per_frame=True,
+            config_key="feedback.hue",
+        ),
+        ParamSpec(
+            "feedback_decay",
+            k.FLOAT,
+            0.0,
+            "Feedback fade per frame toward mid-grey (0: none, 1: the fed-back picture is flat grey).",
+            "/feedback/decay",
+            "f",
+            minimum=0.0,
+            maximum=1.0,
+            group="feedback",
+            applies=Applies.RUNTIME,
+            per_frame=True,
+            config_key="feedback.decay",
+        ),
+        ParamSpec(
             "bypass",
             k.BOOL,
             False,
@@ -1107,7 +1203,9 @@ def names_where(
 PIPELINE_PARAMS = names_where(applies=Applies.PIPELINE)
 """What ``StreamPipeline.plan`` accepts."""
 RUNTIME_PARAMS = names_where(applies=Applies.RUNTIME)
-"""What the engine loop applies itself (bypass, pause)."""
+"""What the engine loop applies itself (bypass, pause, tempo, modulators, sequence, feedback)."""
+FRAME_PARAMS = tuple(spec.name for spec in REGISTRY.values() if spec.per_frame)
+"""Runtime values the frame loop reads on every frame (the feedback); modulators may move them."""
 LIVE_PARAMS = PIPELINE_PARAMS + RUNTIME_PARAMS
 """Every value ``Engine.submit`` accepts (actions are answered by the control service)."""
 SHAPE_PARAMS = names_where(changes_shape=True)
@@ -1200,6 +1298,7 @@ def as_json() -> list[dict[str, Any]]:
                 "max": spec.maximum,
                 "choices": list(spec.choices),
                 "max_items": spec.max_items,
+                "min_items": spec.min_items,
                 "osc_address": spec.osc_address,
                 "osc_args": spec.osc_args,
                 "aliases": list(spec.aliases),
@@ -1316,8 +1415,9 @@ MODULATED_ITEM_KINDS = (ParamKind.FLOAT_LIST, ParamKind.PROMPT_BLEND, ParamKind.
 
 def modulatable(spec: ParamSpec) -> bool:
     """Whether a modulator may move ``spec``: a continuous scalar of the pipeline (``strength``
-    keeps n, so no shape changes), or the items (blend weights) of a number list or a blend."""
-    scalar = spec.kind is ParamKind.FLOAT and spec.applies is Applies.PIPELINE
+    keeps n, so no shape changes) or of the frame loop (``per_frame``: the feedback), or the items
+    (blend weights) of a number list or a blend."""
+    scalar = spec.kind is ParamKind.FLOAT and (spec.applies is Applies.PIPELINE or spec.per_frame)
     return scalar or spec.kind in MODULATED_ITEM_KINDS
 
 
@@ -1349,7 +1449,8 @@ def as_markdown() -> str:
         address = " ".join(f"`{a}`" for a in spec.addresses)
         span = _span(spec, spaced=True)
         if spec.max_items:
-            span += f" (at most {spec.max_items})"
+            exactly = spec.min_items == spec.max_items
+            span += f" ({'exactly' if exactly else 'at most'} {spec.max_items})"
         default = "-" if spec.default is None else f"`{spec.default!r}`"
         args = f"`{spec.osc_args}`" if spec.osc_args else "-"
         cells = (address, args, span, default, spec.doc)

@@ -36,10 +36,11 @@ logger = logging.getLogger(__name__)
 class StreamPipeline:
     """Real-time img2img / txt2img on a stream of frames (StreamDiffusion).
 
-    ``pipeline(image)`` takes one frame ``(1, 3, H, W)`` in [-1, 1] (``None`` in txt2img mode)
-    and returns the finished frame of the same shape, or ``None`` while the stream batch is
-    still filling (the first n − 1 frames). A live change is ``plan(changes)`` (validates and
-    computes everything, touches nothing) then ``commit(plan, runners)`` between two frames.
+    ``pipeline(image)`` takes one frame ``(1, 3, H, W)`` in [-1, 1] (``None`` in txt2img mode,
+    or there the fed-back picture of the runtime's feedback loop) and returns the finished frame
+    of the same shape, or ``None`` while the stream batch is still filling (the first n − 1
+    frames). A live change is ``plan(changes)`` (validates and computes everything, touches
+    nothing) then ``commit(plan, runners)`` between two frames.
     What changes the UNet call (ControlNets, IP-Adapter, SDXL's added conditioning, the feature
     cache, cross-frame attention, ...) lives in ``extensions`` (``engine.extensions``), asked at
     each step of both paths.
@@ -124,20 +125,25 @@ class StreamPipeline:
     ) -> torch.Tensor | None:
         """Process one frame; see the class docstring for shapes.
 
+        In txt2img mode an ``image`` (the runtime's feedback: the previous output, transformed)
+        takes the img2img path for this frame (VAE encode, noised into slot 0; no similarity
+        filter, which compares input frames); ``None`` starts slot 0 from its cached noise.
+
         ``controls``: for each ControlNet that has its own source, its newest frame ``(1, 3, H',
         W')`` in [-1, 1] or ``None`` (nothing new: the last one is used again); entries of
         ControlNets fed by the input are ignored.
         """
         self.stats.frames_in += 1
-        # 1. check the input and take the slot-0 latent
-        if self.mode is GenerationMode.TXT2IMG:
+        # 1. check the input and take the slot-0 latent (txt2img without an image: pure noise)
+        txt2img = self.mode is GenerationMode.TXT2IMG
+        if txt2img and image is None:
             latent = self.batch.noise[:1]
         else:
             check_image(image, self.height, self.width)
             assert image is not None
             image = image.to(device=self.device, dtype=self.dtype)
             # 2. similarity filter: a skipped frame re-emits the previous output, no VAE/UNet
-            if self.state["similarity_filter_enabled"]:
+            if self.state["similarity_filter_enabled"] and not txt2img:
                 if self.last_output is None:
                     self.similarity_filter.mark_processed(image)
                 elif self.similarity_filter.should_skip(image):

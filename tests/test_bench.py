@@ -199,3 +199,26 @@ def test_the_modulation_group_times_the_engine_loop_with_0_and_4_modulators(tmp_
     assert all(row["step_ms"] >= 0 and row["frames"] == 4 for row in (none, four))
     # the modulators really ran on the frame loop: every timed frame committed moved values
     assert none["commits"] == 0 and four["commits"] == 4
+
+
+def test_the_feedback_group_times_the_engine_loop_with_the_feedback_off_and_on(tmp_path, capsys):
+    out = tmp_path / "feedback.json"
+    args = ["bench", "--preset", "demo", "--set", "model.id=builtin:tiny", "--groups", "feedback"]
+    args += ["--frames", "2", "--warmup", "1", "--rounds", "2", *SMALL, "--json", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line.startswith("feedback ")]
+    assert [" ".join(line.split()[1:5]) for line in lines] == [
+        "engine loop, feedback off",
+        "engine loop, feedback on",
+    ]
+    assert all(math.isfinite(float(line.split()[-1].rstrip("x"))) for line in lines)
+    assert "step = Engine._feed_back" in text
+    data = json.loads(out.read_text())
+    off, on = data["feedback"]
+    assert (off["name"], on["name"]) == ("off (amount 0)", "amount 0.5, zoom 1.02, rotate 1")
+    assert off["time_ratio"] == 1.0 and off["paired_time_ratio"] == 1.0
+    assert math.isfinite(on["time_ratio"]) and math.isfinite(on["paired_time_ratio"])
+    assert all(row["frames"] == 4 and row["step_ms"] >= 0 for row in (off, on))
+    # the feedback really ran on the frame loop: every timed frame with it on was fed
+    assert off["fed"] == 0 and on["fed"] == 4

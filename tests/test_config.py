@@ -22,7 +22,7 @@ from engine.params import REGISTRY, SIDE_MULTIPLE, ParamKind
 from engine.stream.modes import CfgType, GenerationMode
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("model", "stream", "similarity_filter", "acceleration", "input", "outputs", "osc",
+SECTIONS = ("model", "stream", "similarity_filter", "feedback", "acceleration", "input", "outputs", "osc",
             "logging", "supervise", "tempo", "audio", "midi", "modulators", "sequence", "extensions")
 
 
@@ -79,6 +79,7 @@ def test_repository_config_lists_and_comments_every_key() -> None:
     assert tuple(data) == SECTIONS
     for section, model in [("model", cfg.ModelSettings), ("stream", cfg.StreamSettings),
                            ("similarity_filter", cfg.SimilarityFilterSettings),
+                           ("feedback", cfg.FeedbackSettings),
                            ("acceleration", cfg.AccelerationSettings), ("osc", cfg.OscSettings),
                            ("logging", cfg.LoggingSettings), ("input", cfg.PatternInput),
                            ("supervise", cfg.SuperviseSettings), ("tempo", cfg.TempoSettings),
@@ -128,7 +129,11 @@ def test_every_section_key_of_a_live_parameter_exists() -> None:
 @pytest.mark.parametrize("spec", LIVE_SPECS, ids=lambda spec: spec.config_key)
 def test_live_defaults_and_ranges_come_from_the_registry(spec: Any) -> None:
     *sections, key = spec.config_key.split(".")
-    owner = functools.reduce(getattr, sections, Config())
+
+    def owner_of(config: Config) -> Any:
+        return functools.reduce(getattr, sections, config)
+
+    owner = owner_of(Config())
     value = getattr(owner, key)
     assert getattr(value, "value", value) == spec.default
     model = type(owner)
@@ -136,10 +141,24 @@ def test_live_defaults_and_ranges_come_from_the_registry(spec: Any) -> None:
     if spec.kind is ParamKind.STRUCT:  # checked by its model (tests/test_music.py), not by bounds
         assert REGISTRY[spec.name].coerce(value) == value
         return
-    if isinstance(spec.default, list):  # items are checked against num_inference_steps instead
+    if spec.name == "t_index_list":  # items are checked against num_inference_steps instead
         assert (ge, le, longest) == (None, None, spec.max_items)
         steps = _bounds(model, "num_inference_steps")
         assert (spec.minimum, spec.maximum) == (0, steps[1] - 1)
+    elif isinstance(spec.default, list):  # a number list: its length, and each item's bounds
+        assert (ge, le, longest) == (None, None, spec.max_items)
+        shortest, longest = spec.min_items or 1, spec.max_items or 1
+
+        def section(items: list[float]) -> dict[str, Any]:
+            return functools.reduce(lambda inner, name: {name: inner}, reversed(sections), {key: items})
+
+        edges = [spec.minimum, spec.maximum] * longest
+        loaded = cfg_files.config_from_dict(section(edges[:shortest]))
+        assert getattr(owner_of(loaded), key) == edges[:shortest]
+        for bad in ([spec.maximum + 0.1] * shortest, [spec.minimum - 0.1] * shortest, [0.0] * (longest + 1),
+                    [0.0] * (shortest - 1)):
+            with pytest.raises(ConfigError):
+                cfg_files.config_from_dict(section(bad))
     else:
         assert (ge, le) == (spec.minimum, spec.maximum)
     annotation = model.model_fields[key].annotation

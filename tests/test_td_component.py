@@ -386,6 +386,10 @@ def test_values_are_validated_and_converted_like_the_engine_does():
     with pytest.raises(ValueError, match="whole"):
         mapping.osc_args(entry["seed"], 7.5)
     assert mapping.osc_args(entry["bypass"], True) == [1] and mapping.osc_args(entry["bypass"], 0) == [0]
+    assert mapping.osc_args(entry["feedback_translate"], "0.01 -0.2") == [0.01, -0.2]
+    for bad in ("0.1", "0.1 0.1 0.1", "0.1 0.9"):  # exactly two numbers, each in [-0.5, 0.5]
+        with pytest.raises(ValueError, match=r"feedback_translate.*allowed: exactly 2 numbers"):
+            mapping.osc_args(entry["feedback_translate"], bad)
     assert mapping.osc_args(entry["cfg_type"], "full") == ["full"]
     with pytest.raises(ValueError, match="cfg_type"):
         mapping.osc_args(entry["cfg_type"], "loud")

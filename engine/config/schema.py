@@ -314,6 +314,26 @@ class SimilarityFilterSettings(_Section):
     )
 
 
+_SHIFT = REGISTRY["feedback_translate"]
+FeedbackShift = Annotated[StrictFloat | StrictInt, Field(ge=_SHIFT.minimum, le=_SHIFT.maximum)]
+
+
+class FeedbackSettings(_Section):
+    """The feedback loop: the previous output, transformed each frame, mixed into the next input."""
+
+    amount: StrictFloat | StrictInt = _live("feedback.amount", "share of the fed-back picture (0: off)")
+    zoom: StrictFloat | StrictInt = _live("feedback.zoom", "zoom per frame (> 1: in, content moves out)")
+    rotate: StrictFloat | StrictInt = _live("feedback.rotate", "degrees per frame, counter-clockwise")
+    translate: list[FeedbackShift] = Field(
+        default_factory=lambda: list(_SHIFT.default),
+        min_length=_SHIFT.min_items,
+        max_length=_SHIFT.max_items,
+        description="x (right) and y (up) per frame, fractions of the width and height",
+    )
+    hue: StrictFloat | StrictInt = _live("feedback.hue", "hue shift per frame in degrees")
+    decay: StrictFloat | StrictInt = _live("feedback.decay", "fade toward mid-grey per frame")
+
+
 class AccelerationSettings(_Section):
     """How the UNet and VAE are executed."""
 
@@ -779,6 +799,7 @@ class Config(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     similarity_filter: SimilarityFilterSettings = Field(default_factory=SimilarityFilterSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     acceleration: AccelerationSettings = Field(default_factory=AccelerationSettings)
     input: InputSettings = Field(default_factory=PatternInput)
     outputs: list[OutputSettings] = Field(default_factory=_default_outputs, max_length=16)

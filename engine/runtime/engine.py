@@ -21,6 +21,7 @@ from engine.extensions.ip_adapter import IpAdapter
 from engine.models.bundle import ModelBundle
 from engine.params import (
     ENCODED_PARAMS,
+    FRAME_PARAMS,
     LIVE_PARAMS,
     MAX_CONTROLNETS,
     REGISTRY,
@@ -54,6 +55,7 @@ from engine.runtime.workers import (
     black_frame,
     make_preprocess,
 )
+from engine.stream.feedback import Feedback, FeedbackTransform
 from engine.stream.modes import GenerationMode
 
 logger = logging.getLogger(__name__)
@@ -193,6 +195,11 @@ class Engine:
         self.music = Music(music_settings or MusicSettings(), self.control, self._lead_s)
         self.music.apply(self.runtime_state, time.monotonic())
         self._modulated: dict[str, Any] = {}  # what the modulators last committed
+        self.feedback = Feedback()  # the feedback loop's device buffers
+        self._feedback_ready = False  # whether the pipeline's last output may be fed back
+        self._played: dict[str, Any] = {}  # the per-frame values playing (base or modulated)
+        self._feedback_amount, self._feedback_transform = 0.0, FeedbackTransform()
+        self._play({name: self.runtime_state[name] for name in FRAME_PARAMS})
         self.control.mark_applied({**pipeline.state, **self.runtime_state})
         applied = self.control.applied()
         self._base = {name: applied.get(name) for name in self.music.targets}  # what they modulate
@@ -417,11 +424,13 @@ class Engine:
         frame = item.frame
         # 1. pause: freeze the output on the last frame (input keeps being consumed)
         if self.runtime_state["pause"]:
+            self._feedback_ready = False  # the loop starts again from the input afterwards
             self.stats.set_state(EngineState.PAUSED)
             self._emit(OutputItem(OutputKind.REPEAT, frame.timestamp, measure_latency=False))
             return
         # 2. bypass: the input goes straight through
         if self.runtime_state["bypass"]:
+            self._feedback_ready = False
             stamp = frame.timestamp
             self._emit(OutputItem(OutputKind.FRAME, stamp, frame=frame, source=frame, change=self._change))
             return
@@ -430,7 +439,6 @@ class Engine:
             self._step_transition()
         # 4. modulators: base + modulation for the moment this frame is seen (not echoed, not saved)
         self._modulate(self.music.frame(time.monotonic(), self._base))
-        # 5. the pipeline (txt2img ignores the input; the source only paces the output)
         skipped_before = self.pipeline.stats.skipped
         image = None if self.pipeline.mode is GenerationMode.TXT2IMG else item.tensor
         controls = self.control_feeds.take()  # the ControlNets' own sources: newest frames
@@ -438,6 +446,9 @@ class Engine:
         if reference is not None:  # the IP-Adapter source's newest frame, encoded off the loop
             self.pipeline.set_reference_tokens(reference)
         try:
+            # 5. feedback: the previous output, transformed on the device, mixed into the input
+            image = self._feed_back(image)
+            # 6. the pipeline (txt2img ignores the input; the source only paces the output)
             output = self.pipeline(image) if controls is None else self.pipeline(image, controls)
         # the frame guard: a failing frame (e.g. out of memory) must not black the screen;
         # the output holds, the error is reported, the next frame tries again
@@ -448,11 +459,43 @@ class Engine:
         if output is None:
             self.stats.set_state(EngineState.WARMING)
             return
+        self._feedback_ready = True
         self.stats.set_state(EngineState.RUNNING)
         skipped = self.pipeline.stats.skipped != skipped_before
         self.stats.record_skip(skipped)
         change = None if skipped else self._change  # a skipped frame re-emits an older output
         self._emit(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=output, source=frame, change=change))
+
+    def _feed_back(self, image: torch.Tensor | None) -> torch.Tensor | None:
+        """This frame's pipeline input with the feedback loop: ``image`` (``None`` in txt2img)
+        itself while ``feedback_amount`` is 0 or there is no previous output of this size since the
+        last start, pause, bypass or resolution change; else ``(1 - a) · image + a · T(previous)``,
+        in txt2img ``T(previous)`` alone (``engine.stream.feedback``; all on the device)."""
+        amount = self._feedback_amount
+        previous = self.pipeline.last_output
+        if amount == 0.0 or not self._feedback_ready or previous is None:
+            return image
+        if tuple(previous.shape[-2:]) != self._size:
+            return image  # made at another size: never fed back
+        if image is None:
+            return self.feedback.transform(previous, self._feedback_transform)
+        return self.feedback.mix(image, previous, amount, self._feedback_transform)
+
+    def _play(self, values: Mapping[str, Any]) -> None:
+        """The per-frame runtime values (``FRAME_PARAMS``: the feedback) the loop plays from now on,
+        bases or modulated; cannot fail (validated, or clamped by the modulation, before)."""
+        if not values:
+            return
+        self._played.update(values)
+        played = self._played
+        self._feedback_amount = float(played["feedback_amount"])
+        self._feedback_transform = FeedbackTransform(
+            zoom=float(played["feedback_zoom"]),
+            rotate=float(played["feedback_rotate"]),
+            translate=(float(played["feedback_translate"][0]), float(played["feedback_translate"][1])),
+            hue=float(played["feedback_hue"]),
+            decay=float(played["feedback_decay"]),
+        )
 
     def _input_missing(self, health: InputHealth, now: float) -> None:
         """The source is lost or stalled: say so once; ``on_loss`` applies until it is back."""
@@ -540,8 +583,13 @@ class Engine:
         stream = {k: v for k, v in changes.items() if k not in RUNTIME_PARAMS}
         previous = self.pipeline.current_positive
         accepted = self._apply_to_pipeline(stream) if stream else {}
-        self._size = (self.pipeline.height, self.pipeline.width)
+        size = (self.pipeline.height, self.pipeline.width)
+        if size != self._size:  # the feedback starts again at the new size, its buffers too
+            self._feedback_ready = False
+            self.feedback.reset()
+        self._size = size
         self.runtime_state.update(runtime)
+        self._play({name: value for name, value in runtime.items() if name in FRAME_PARAMS})
         self.music.apply(runtime, time.monotonic())
         accepted.update(runtime)
         prompt_changed = any(k in accepted for k in ENCODED_PARAMS)
@@ -673,8 +721,13 @@ class Engine:
             self._commit_unechoed(base, "restoring the base of")
 
     def _commit_unechoed(self, changes: dict[str, Any], doing: str) -> bool:
-        """Commit ``changes`` to the pipeline without telling anyone (what the modulators play);
-        a refusal is one rate-limited line and changes nothing. Whether it was committed."""
+        """Commit ``changes`` without telling anyone (what the modulators play): the per-frame
+        runtime values (the feedback) to the frame loop, the rest to the pipeline; a refusal is one
+        rate-limited line and changes nothing of the pipeline. Whether all was committed."""
+        self._play({name: value for name, value in changes.items() if name in FRAME_PARAMS})
+        changes = {name: value for name, value in changes.items() if name not in FRAME_PARAMS}
+        if not changes:
+            return True
         try:
             apply_change(self.pipeline, changes, self.backend)
         except (ParamError, RuntimeError, ValueError) as err:

@@ -432,8 +432,8 @@ def parse_float_list(entry: dict[str, Any], value: Any) -> list[float]:
         if not math.isfinite(number):
             raise _refuse(entry, f"{token!r} is not finite")
         items.append(number)
-    most = entry.get("max_items") or 16
-    if not 1 <= len(items) <= most:
+    least, most = entry.get("min_items") or 1, entry.get("max_items") or 16
+    if not least <= len(items) <= most:
         raise _refuse(entry, f"{len(items)} numbers given")
     for item in items:
         _check_range(entry, item, str(item))
