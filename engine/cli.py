@@ -828,10 +828,14 @@ def console_main() -> None:
     then ends at once instead of running Python's finalisation, which spends 1-5 s
     collecting torch's and diffusers' module graphs — time a stop on stage does not have.
     """
-    status = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        status = main()
+        logging.shutdown()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`latentstage params | head`): nothing to tell it
+        status = EXIT_OK
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(status)
 
 

@@ -142,3 +142,18 @@ def test_export_chatter_stays_out_of_the_log_at_info():
         root.setLevel(level)
         for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_a_reader_that_goes_away_early_is_no_traceback():
+    """``latentstage params | head -1``: the pipe closes while the command still writes; the
+    command ends quietly (it printed a BrokenPipeError traceback before)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from engine.cli import console_main; console_main()", "params"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the command writes (it imports first)
+    error = proc.stderr.read().decode()
+    proc.wait(60)
+    assert "Traceback" not in error and "BrokenPipeError" not in error, error
