@@ -139,8 +139,43 @@ class FlickerRow:
         }
 
 
+class _LoopRatios:
+    """What a row of the engine's own frame loop beside its baseline reports (``ModulationRow``,
+    ``FeedbackRow``): medians of its rounds and of its step, the step's share, the ratios."""
+
+    round_ms: tuple[float, ...]
+    step_ms: tuple[float, ...]
+    baseline_ms: float
+    baseline_round_ms: tuple[float, ...]
+
+    @property
+    def frame_ms(self) -> float:
+        return statistics.median(self.round_ms)
+
+    @property
+    def step(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def share(self) -> float:
+        """The step's part of the frame time (0..1)."""
+        return self.step / self.frame_ms if self.frame_ms > 0 else float("nan")
+
+    @property
+    def ratio(self) -> float:
+        """Frame time ÷ the baseline's frame time (median ÷ median)."""
+        return self.frame_ms / self.baseline_ms if self.baseline_ms > 0 else float("nan")
+
+    @property
+    def paired_ratio(self) -> float:
+        """The median over rounds of this round's frame time ÷ the baseline's in the same round:
+        a machine whose load changes between rounds moves both sides of each quotient alike."""
+        pairs = [ms / base for ms, base in zip(self.round_ms, self.baseline_round_ms) if base > 0]
+        return statistics.median(pairs) if pairs else float("nan")
+
+
 @dataclass(frozen=True)
-class ModulationRow:
+class ModulationRow(_LoopRatios):
     """The engine's frame loop with ``modulators`` active modulators (``MODULATORS``).
 
     Attributes:
@@ -165,31 +200,6 @@ class ModulationRow:
     commits: int = 0
     frames: int = 0
 
-    @property
-    def frame_ms(self) -> float:
-        return statistics.median(self.round_ms)
-
-    @property
-    def step(self) -> float:
-        return statistics.median(self.step_ms)
-
-    @property
-    def share(self) -> float:
-        """The modulation step's part of the frame time (0..1)."""
-        return self.step / self.frame_ms if self.frame_ms > 0 else float("nan")
-
-    @property
-    def ratio(self) -> float:
-        """Frame time ÷ the frame time without modulators (median ÷ median)."""
-        return self.frame_ms / self.baseline_ms if self.baseline_ms > 0 else float("nan")
-
-    @property
-    def paired_ratio(self) -> float:
-        """The median over rounds of this round's frame time ÷ the baseline's in the same round:
-        a machine whose load changes between rounds moves both sides of each quotient alike."""
-        pairs = [ms / base for ms, base in zip(self.round_ms, self.baseline_round_ms) if base > 0]
-        return statistics.median(pairs) if pairs else float("nan")
-
     def as_json(self) -> dict[str, Any]:
         return {
             "modulators": self.modulators,
@@ -206,7 +216,7 @@ class ModulationRow:
 
 
 @dataclass(frozen=True)
-class FeedbackRow:
+class FeedbackRow(_LoopRatios):
     """The engine's frame loop with one setting of the feedback loop (``FEEDBACK``).
 
     Attributes:
@@ -228,30 +238,6 @@ class FeedbackRow:
     baseline_round_ms: tuple[float, ...] = ()
     fed: int = 0
     frames: int = 0
-
-    @property
-    def frame_ms(self) -> float:
-        return statistics.median(self.round_ms)
-
-    @property
-    def step(self) -> float:
-        return statistics.median(self.step_ms)
-
-    @property
-    def share(self) -> float:
-        """The feedback step's part of the frame time (0..1)."""
-        return self.step / self.frame_ms if self.frame_ms > 0 else float("nan")
-
-    @property
-    def ratio(self) -> float:
-        """Frame time ÷ the frame time with the feedback off (median ÷ median)."""
-        return self.frame_ms / self.baseline_ms if self.baseline_ms > 0 else float("nan")
-
-    @property
-    def paired_ratio(self) -> float:
-        """The median over rounds of this round's frame time ÷ the baseline's in the same round."""
-        pairs = [ms / base for ms, base in zip(self.round_ms, self.baseline_round_ms) if base > 0]
-        return statistics.median(pairs) if pairs else float("nan")
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bridges.base import Frame, FrameSource
+from bridges.base import FrameSource
 from engine.runtime.loss import OnLossMode
 from engine.runtime.queues import LatestSlot
 from engine.runtime.stats import RuntimeStats
@@ -104,27 +103,8 @@ class ControlFeeds:
             )
             worker.name = f"latentstage-control-{source.index}"
             self.workers.append(worker)
-            self.switches.append(InputSwitch(functools.partial(self._candidate, source, preprocess, stop)))
-
-    @staticmethod
-    def _candidate(
-        source: ControlSource,
-        preprocess: Callable[[Frame], InputItem],
-        stop: threading.Event,
-        opener: Callable[[], FrameSource],
-        staging: LatestSlot[InputItem],
-    ) -> SourceWorker:
-        """The worker of a source being switched to (one try, into its staging slot)."""
-        return SourceWorker(
-            opener,
-            staging,
-            preprocess,
-            RuntimeStats(),
-            stop,
-            source.retry_seconds,
-            one_try=True,
-            label=f"control-{source.index}-next",
-        )
+            label = f"control-{source.index}-next"
+            self.switches.append(InputSwitch(preprocess, stop, source.retry_seconds, label))
 
     def select(self, index: int, name: str, open_source: Callable[[], FrameSource]) -> None:
         """Switch ControlNet ``index``'s own source to ``name`` (``InputSwitch``); a ValueError when

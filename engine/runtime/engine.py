@@ -154,18 +154,8 @@ class Engine:
             self._stop,
             self.options.retry_seconds,
         )
-        self.switch = InputSwitch(
-            lambda opener, slot: SourceWorker(
-                opener,
-                slot,
-                self._preprocess,
-                self.stats,
-                self._stop,
-                self.options.retry_seconds,
-                one_try=True,
-                label="next",
-            )
-        )
+        retry_s = self.options.retry_seconds
+        self.switch = InputSwitch(self._preprocess, self._stop, retry_s, "next", self.stats)
         self._crossfade: Crossfade | None = None
         self.control_feeds = ControlFeeds(
             control_sources,

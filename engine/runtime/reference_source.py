@@ -73,18 +73,7 @@ class ReferenceFeed:
             source.open_source, self._frames, preprocess, RuntimeStats(), stop, source.retry_seconds
         )
         self.reader.name = "latentstage-ip-source"
-        self.switch = InputSwitch(
-            lambda opener, staging: SourceWorker(
-                opener,
-                staging,
-                preprocess,
-                RuntimeStats(),
-                stop,
-                source.retry_seconds,
-                one_try=True,
-                label="ip-next",
-            )
-        )
+        self.switch = InputSwitch(preprocess, stop, source.retry_seconds, "ip-next")
         self.encoder = threading.Thread(target=self._run, name="latentstage-ip-encoder", daemon=True)
         self._black = torch.full((1, 3, REFERENCE_SIDE, REFERENCE_SIDE), -1.0, device=device, dtype=dtype)
 

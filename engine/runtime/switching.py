@@ -12,14 +12,16 @@ pixel space, on the device.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from bridges.base import FrameSource
+from bridges.base import Frame, FrameSource
 from engine.runtime.queues import LatestSlot
+from engine.runtime.stats import RuntimeStats
 from engine.runtime.workers import InputItem, SourceWorker
 
 logger = logging.getLogger(__name__)
@@ -52,16 +54,26 @@ class Failed:
 class InputSwitch:
     """The waiting switch of one input (see the module docstring).
 
-    ``make_worker(open_source, slot)`` builds the candidate's worker (one try, not started).
+    The candidate's worker is a ``SourceWorker`` with one try, pre-processing with ``preprocess``,
+    counting into ``stats`` (a fresh one: a second source's figures stay apart from the main
+    input's), stopped with ``stop``; ``label`` names its thread.
     """
 
     def __init__(
         self,
-        make_worker: Callable[[Callable[[], FrameSource], LatestSlot[InputItem]], SourceWorker],
+        preprocess: Callable[[Frame], InputItem],
+        stop: threading.Event,
+        retry_s: float,
+        label: str,
+        stats: RuntimeStats | None = None,
         timeout_s: float = SWITCH_TIMEOUT_S,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._make_worker = make_worker
+        self._preprocess = preprocess
+        self._stop = stop
+        self._retry_s = retry_s
+        self._label = label
+        self._stats = stats
         self.timeout_s = timeout_s
         self._now = now
         self.candidate: Candidate | None = None
@@ -76,7 +88,11 @@ class InputSwitch:
         """Open ``name`` on its own thread; a switch still waiting is dropped (the newest wins)."""
         self.cancel()
         slot: LatestSlot[InputItem] = LatestSlot()
-        worker = self._make_worker(open_source, slot)
+        stats = RuntimeStats() if self._stats is None else self._stats
+        worker = SourceWorker(
+            open_source, slot, self._preprocess, stats, self._stop, self._retry_s,
+            one_try=True, label=self._label,
+        )  # fmt: skip
         self.candidate = Candidate(name, worker, slot, self._now())
         worker.start()
 

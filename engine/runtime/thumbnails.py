@@ -41,7 +41,10 @@ encoding the frame it got)."""
 
 
 def scaled_jpeg(pixels: np.ndarray, width: int = THUMBNAIL_WIDTH, quality: int = JPEG_QUALITY) -> bytes:
-    """RGBA (or RGB) ``(h, w, 4|3)`` uint8 → a JPEG ``width`` pixels wide, the aspect kept."""
+    """RGBA (or RGB) ``(h, w, 4|3)`` uint8 → a JPEG ``width`` pixels wide, the aspect kept.
+
+    PIL here is off the frame path: it runs on the preview's thumbnail threads, for a page that
+    asked, on a copy of a frame the loop already handed over."""
     from PIL import Image
 
     height, original = int(pixels.shape[0]), int(pixels.shape[1])
