@@ -55,6 +55,7 @@ from engine.midi.mapping import (
 from engine.midi.profile import DEFAULT_PROFILE, DeviceProfile, MidiYamlLoader, load_profile
 from engine.midi.surface import Command, Surface, describe
 from engine.modulation.modulator import modulator_index
+from engine.tempo import midi_port
 from engine.tempo.extras import TempoSourceUnavailable, missing_extra
 
 logger = logging.getLogger(__name__)
@@ -88,12 +89,8 @@ class MidiSettings:
 
 
 def import_mido() -> ModuleType:
-    """The ``mido`` module, or the one-line error naming the extra."""
-    try:
-        import mido
-    except ImportError as exc:
-        raise missing_extra(EXTRA, "MIDI", f"the mido package is not installed ({exc})") from None
-    return mido
+    """The ``mido`` module, or the one-line error naming the extra (``engine.tempo.midi_port``'s)."""
+    return midi_port.import_mido("MIDI")
 
 
 def open_backend(name: str | None) -> Any:

@@ -30,12 +30,12 @@ def feed_message(follower: MidiClockFollower, message: RawMessage, t: float) -> 
     return bool(raw) and follower.feed(raw[0], t, raw[1:])
 
 
-def import_mido() -> ModuleType:
-    """The ``mido`` module, or the one-line error naming the extra."""
+def import_mido(what: str = "MIDI clock input") -> ModuleType:
+    """The ``mido`` module, or the one-line error naming ``what`` needs it and the extra."""
     try:
         import mido
     except ImportError as exc:
-        raise missing_extra(EXTRA, "MIDI clock input", f"the mido package is not installed ({exc})") from None
+        raise missing_extra(EXTRA, what, f"the mido package is not installed ({exc})") from None
     return mido
 
 
