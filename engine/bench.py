@@ -20,6 +20,7 @@ from bridges.base import Frame
 from bridges.pattern import PatternSource
 from engine import contenders
 from engine.accel.backends import Backend
+from engine.bench_replicas import ReplicaRequest, ReplicaRow, format_replicas, measure_replicas
 from engine.claims import (
     ClaimsReport,
     finished_outputs,
@@ -55,6 +56,7 @@ class BenchGroup(str, Enum):
     CLAIMS = "claims"
     MODULATION = "modulation"
     FEEDBACK = "feedback"
+    REPLICAS = "replicas"
 
 
 DEFAULT_GROUPS = (
@@ -287,6 +289,7 @@ class BenchReport:
     claims: ClaimsReport | None = None
     modulation: list[ModulationRow] = field(default_factory=list)
     feedback: list[FeedbackRow] = field(default_factory=list)
+    replicas: list[ReplicaRow] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -306,6 +309,7 @@ class BenchReport:
             "claims": None if self.claims is None else self.claims.as_json(),
             "modulation": [row.as_json() for row in self.modulation],
             "feedback": [row.as_json() for row in self.feedback],
+            "replicas": [row.as_json() for row in self.replicas],
             "ratios": self.ratios(),
             "summary": {key: round(value, 4) for key, value in self.summary.items()},
             "latency": self.latency,
@@ -449,6 +453,7 @@ def run_bench(
     groups: Sequence[BenchGroup] = DEFAULT_GROUPS,
     compare: CompareRequest | None = None,
     rounds: int = ROUNDS,
+    replicas: ReplicaRequest | None = None,
 ) -> BenchReport:
     """Measure the chosen groups of rows.
 
@@ -458,8 +463,12 @@ def run_bench(
     beside the floor and the peers of ``compare``; ``claims``: the paper's claims judged
     (``engine/claims.py``); ``modulation``: the engine's frame loop with 0 and 4 modulators
     (``measure_modulation``); ``feedback``: the engine's frame loop with the feedback loop off and
-    on (``measure_feedback``).
+    on (``measure_feedback``); ``replicas``: the engine with each count of ``replicas`` (default 1, 2)
+    of pipeline replicas side by side (``engine.bench_replicas``; it needs the config).
     """
+    if BenchGroup.REPLICAS in groups and replicas is None:
+        raise ValueError("the replicas group needs a ReplicaRequest (the config the replicas load)")
+    pipeline_settings = settings  # the engine as configured (the replicas group runs it)
     settings = replace(settings, mode=GenerationMode.IMG2IMG, cross_frame_attention=False)
     moving = frames_for(settings, models, frames + warmup, moving=True)
     bench = BenchReport()
@@ -559,6 +568,12 @@ def run_bench(
             fps, baseline = 1000.0 / feedback_row.frame_ms, 1000.0 / feedback_row.baseline_ms
             name = f"engine loop, feedback {key}"
             rows.append(BenchRow("feedback", name, fps, baseline, feedback_row.round_ms, key))
+
+    # 11. replicas of the pipeline in processes of their own: throughput and latency beside one
+    if replicas is not None and BenchGroup.REPLICAS in groups:
+        counts = ", ".join(str(count) for count in replicas.counts)
+        say(f"replicas: the engine with {counts} pipeline replicas")
+        bench.replicas = measure_replicas(models, pipeline_settings, replicas, frames, warmup, rounds, say)
     return bench
 
 
@@ -999,6 +1014,9 @@ def format_report(bench: BenchReport, header: str) -> str:
     if bench.feedback:
         lines.append("")
         lines.append(format_feedback(bench.feedback))
+    if bench.replicas:
+        lines.append("")
+        lines.append(format_replicas(bench.replicas))
     for name, reason in bench.skipped.items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -115,6 +115,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="frames of the engine run that measures end-to-end latency (compare; default: --frames, >= 3)",
     )
     bench_cmd.add_argument(
+        "--replicas",
+        default=None,
+        metavar="COUNTS",
+        help="the engine with these numbers of pipeline replicas side by side, e.g. 1,2 (the replicas "
+        "group: throughput and latency ratios; alone unless --groups names others)",
+    )
+    bench_cmd.add_argument(
         "--json", default=None, metavar="FILE", help="also write every figure to FILE as JSON"
     )
 
@@ -126,6 +133,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=None, metavar="S", help="stop cleanly after S seconds"
     )
     run_cmd.add_argument("--quiet", action="store_true", help="no live status line")
+    run_cmd.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N replicas of the pipeline, each in its own process (scale.replicas; see scale.devices)",
+    )
     run_cmd.add_argument(
         "--supervise",
         action="store_true",
@@ -231,6 +245,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         DEFAULT_GROUPS,
         BenchGroup,
         CompareRequest,
+        ReplicaRequest,
         format_report,
         machine_facts,
         run_bench,
@@ -257,6 +272,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.groups is not None and not groups:
         print(f"latentstage: --groups {args.groups!r} names no group", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    counts = _replica_counts(args.replicas)
+    if counts is None:
+        return EXIT_CONFIG_ERROR
+    if counts and BenchGroup.REPLICAS not in groups:
+        groups.append(BenchGroup.REPLICAS)
+    elif BenchGroup.REPLICAS in groups and not counts:
+        counts = (1, 2)
     if not groups:
         groups = [*DEFAULT_GROUPS, BenchGroup.COMPARE] if peers else list(DEFAULT_GROUPS)
     latency_frames = args.latency_frames if args.latency_frames is not None else max(3, args.frames)
@@ -289,6 +311,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         groups=groups,
         compare=compare,
         rounds=args.rounds,
+        replicas=ReplicaRequest(config, counts) if counts else None,
     )
     header = (
         f"latentstage bench: {config.model.id} on {models.device} ({str(models.dtype)[6:]}), "
@@ -313,6 +336,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             handle.write("\n")
         print(f"wrote {args.json}")
     return EXIT_OK
+
+
+def _replica_counts(text: str | None) -> tuple[int, ...] | None:
+    """``--replicas 1,2``: the counts (empty: not asked), or None after printing what is wrong."""
+    if text is None:
+        return ()
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or max(counts) > 8:
+        print(f"latentstage: --replicas {text!r}: allowed: counts 1..8 like 1,2", file=sys.stderr)
+        return None
+    return counts
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -483,6 +520,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        args.sets = [*args.sets, f"scale.replicas={args.replicas}"]
     config = _load_config_or_report(args)
     if config is None:
         return EXIT_CONFIG_ERROR

@@ -1402,6 +1402,12 @@ STATUS: tuple[StatusSpec, ...] = (
         periodic=False,
     ),
     StatusSpec("restarts", "i", "how often `run --supervise` restarted the engine after a crash or a hang"),
+    StatusSpec(
+        "replicas",
+        "i",
+        "pipeline replicas making frames now (`scale.replicas`; fewer while one is out or restarting; "
+        "1: the engine runs the pipeline itself)",
+    ),
     StatusSpec("error", "s", "why a message or a frame was refused; nothing changed", periodic=False),
 )
 """The status addresses, in the order they are sent and documented."""

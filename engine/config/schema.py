@@ -353,6 +353,26 @@ class AccelerationSettings(_Section):
     refittable: StrictBool = Field(default=False, description="build refittable TensorRT engines")
 
 
+class ScaleSettings(_Section):
+    """Replicas of the whole pipeline on several devices (torch.distributed), frames round-robin."""
+
+    replicas: StrictInt = Field(
+        default=1, ge=1, le=8, description="pipeline replicas, each in its own process (1: in the engine)"
+    )
+    devices: list[Device] = Field(
+        default_factory=list,
+        max_length=8,
+        description="the replicas' devices in turn, e.g. [cuda:0, cuda:1] ([]: model.device for all)",
+    )
+    threads: StrictInt = Field(default=0, ge=0, le=256, description="torch threads per replica (0: torch's)")
+    hang_seconds: StrictFloat | StrictInt = Field(
+        default=1.0, gt=0, le=60, description="a frame not back from a replica this long = hung: out"
+    )
+    reorder_ms: StrictFloat | StrictInt = Field(
+        default=50.0, ge=0, le=1000, description="how long a finished frame waits for an earlier one"
+    )
+
+
 class _InputBase(_Section):
     type: str
     on_loss: OnLossMode = Field(default=OnLossMode.HOLD, description=allowed(OnLossMode))
@@ -801,6 +821,7 @@ class Config(_Section):
     similarity_filter: SimilarityFilterSettings = Field(default_factory=SimilarityFilterSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     acceleration: AccelerationSettings = Field(default_factory=AccelerationSettings)
+    scale: ScaleSettings = Field(default_factory=ScaleSettings)
     input: InputSettings = Field(default_factory=PatternInput)
     outputs: list[OutputSettings] = Field(default_factory=_default_outputs, max_length=16)
     osc: OscSettings = Field(default_factory=OscSettings)

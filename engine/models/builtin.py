@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,6 +161,17 @@ def _rescale_output(
     conv.bias[:channels] = (conv.bias[:channels] - observed_mean) * scale + mean
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread for a while (the calibration's result must not depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def _calibrate_vae(vae: Any) -> None:
     """Give the random VAE a usable range: latents ~ N(0, 1) after scaling, images mid-grey ± colour.
@@ -223,7 +235,8 @@ def build_builtin_vae(name: str, seed: int = 0, vae: str = "taesd") -> Autoencod
         image_vae = _seeded(seed + _SEED_OFFSETS["taesd"], lambda: AutoencoderTiny(**spec.taesd))
     else:
         image_vae = _seeded(seed + _SEED_OFFSETS["vae"], lambda: AutoencoderKL(**spec.vae))
-    _calibrate_vae(image_vae)
+    with _one_thread():  # a multi-threaded reduction may round differently: every process the same weights
+        _calibrate_vae(image_vae)
     return image_vae
 
 

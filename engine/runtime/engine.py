@@ -40,6 +40,8 @@ from engine.runtime.loss import OnLossMode
 from engine.runtime.music import Music, MusicSettings
 from engine.runtime.queues import LatestSlot
 from engine.runtime.reference_source import ReferenceFeed, ReferenceSource
+from engine.runtime.replicas.coordinator import Made, ReplicaSet, ReplicaSettings
+from engine.runtime.replicas.worker import weights_fingerprint
 from engine.runtime.stats import EngineState, RuntimeStats
 from engine.runtime.switching import Candidate, Crossfade, Failed, InputSwitch, Ready, swap_into
 from engine.runtime.workers import (
@@ -115,6 +117,10 @@ class Engine:
         reference_source: the IP-Adapter's reference frames from a bridge (``None``: a file).
         music_settings: the tempo source and audio input (``None``: an internal clock, no audio).
         source_names: opens sources by name for ``/input/select`` (``None``: the input is fixed).
+        replicas: replicas of the pipeline in processes of their own (``scale.replicas`` > 1): the
+            frame loop hands them the frames round-robin and sends out what they made in input
+            order; ``pipeline`` then runs no frame: it checks and commits every change (what the
+            replicas are sent) and holds the state.
     """
 
     def __init__(
@@ -130,8 +136,13 @@ class Engine:
         reference_source: ReferenceSource | None = None,
         music_settings: MusicSettings | None = None,
         source_names: SourceNames | None = None,
+        replicas: ReplicaSet | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.replicas = replicas
+        self._replica_output: torch.Tensor | None = None  # the newest output a replica made
+        self._controls: list[torch.Tensor | None] = []  # the ControlNets' own sources' newest frames
+        self._reference: torch.Tensor | None = None  # the IP-Adapter source's newest tokens
         self.source_names = source_names
         self.backend = backend
         self.options = options or EngineOptions()
@@ -215,6 +226,10 @@ class Engine:
         ``max_frames`` (``time.monotonic()``); a recording holds its last frame until then."""
         self.on_applied: Callable[[dict[str, Any]], None] | None = None
         self.on_error: Callable[[str], None] | None = None
+        if replicas is not None:
+            replicas.on_wake = self._slot.wake
+            self.stats.replicas_configured = len(replicas.lanes)
+            self.stats.replicas = 0
 
     # ------------------------------------------------------------------ control
     def submit(
@@ -266,6 +281,8 @@ class Engine:
             self.ended_at = time.monotonic()
         self._stop.set()
         self._slot.wake()
+        if self.replicas is not None:
+            self.replicas.wake()
 
     @property
     def stopping(self) -> bool:
@@ -314,6 +331,8 @@ class Engine:
         self._started = True
         self.music.start()
         self.stats.set_state(EngineState.WARMING)
+        if self.replicas is not None:
+            self.replicas.start(self.pipeline.state)
         for sink in self.sinks:
             sink.start()
         self.post.start()
@@ -348,6 +367,13 @@ class Engine:
                 tick()
             self._apply_pending()
             self._poll_switch()
+            if self.replicas is not None and not self._replicas_turn(time.monotonic()):
+                now = time.monotonic()
+                if self.replicas.active == 0 and now >= next_keepalive:  # none plays: outputs hold
+                    self._emit(OutputItem(OutputKind.REPEAT, now, measure_latency=False))
+                    next_keepalive = now + self._keepalive_interval()
+                self.replicas.wait(self.replicas.wait_s(now))
+                continue
             item = self._slot.take(timeout=min(1.0 / self.options.keepalive_fps, 0.1))
             now = time.monotonic()
             if item is None:
@@ -394,6 +420,8 @@ class Engine:
                 thread.join(max(0.05, deadline - time.monotonic()))
             if thread.is_alive():
                 logger.warning("thread %s did not stop in time", thread.name)
+        if self.replicas is not None:
+            self.replicas.close()
         if self.backend is not None:
             self.backend.close()
         self.music.close()
@@ -425,8 +453,7 @@ class Engine:
             self._emit(OutputItem(OutputKind.FRAME, stamp, frame=frame, source=frame, change=self._change))
             return
         # 3. a running prompt crossfade moves one step
-        if self._transition is not None:
-            self._step_transition()
+        progress = self._step_transition() if self._transition is not None else None
         # 4. modulators: base + modulation for the moment this frame is seen (not echoed, not saved)
         self._modulate(self.music.frame(time.monotonic(), self._base))
         skipped_before = self.pipeline.stats.skipped
@@ -438,6 +465,9 @@ class Engine:
         try:
             # 5. feedback: the previous output, transformed on the device, mixed into the input
             image = self._feed_back(image)
+            if self.replicas is not None:  # 6'. a replica makes it; it leaves in input order
+                self._send_to_replica(item, image, controls, reference, progress)
+                return
             # 6. the pipeline (txt2img ignores the input; the source only paces the output)
             output = self.pipeline(image) if controls is None else self.pipeline(image, controls)
         # the frame guard: a failing frame (e.g. out of memory) must not black the screen;
@@ -462,7 +492,7 @@ class Engine:
         last start, pause, bypass or resolution change; else ``(1 - a) · image + a · T(previous)``,
         in txt2img ``T(previous)`` alone (``engine.stream.feedback``; all on the device)."""
         amount = self._feedback_amount
-        previous = self.pipeline.last_output
+        previous = self.pipeline.last_output if self.replicas is None else self._replica_output
         if amount == 0.0 or not self._feedback_ready or previous is None:
             return image
         if tuple(previous.shape[-2:]) != self._size:
@@ -531,6 +561,15 @@ class Engine:
             self._emit(OutputItem(OutputKind.REPEAT, now, measure_latency=False))
 
     def _emit(self, item: OutputItem) -> None:
+        """Hand ``item`` to the outputs; with replicas in its place in the input order."""
+        if self.replicas is None:
+            self._emit_now(item)
+            return
+        order = self.replicas.order
+        order.arrive(order.expect(), item, time.monotonic())
+        self._release()
+
+    def _emit_now(self, item: OutputItem) -> None:
         if item.kind is OutputKind.REPEAT and self.post.last_frame is None and self.frames_emitted == 0:
             return  # nothing to repeat yet
         self.post.put(item)
@@ -591,6 +630,8 @@ class Engine:
         if "pause" in runtime and not runtime["pause"]:
             self.stats.set_state(EngineState.RUNNING)
         self.control.mark_applied(accepted)
+        if self.replicas is not None:  # the replicas commit it before the next frame they make
+            self.replicas.sync(self.pipeline.state, transition=crossfade_s > 0 and prompt_changed)
         if accepted or "modulators" in runtime:  # the modulators start again from the new base
             applied = self.control.applied()
             self._base = {name: applied.get(name) for name in self.music.targets}
@@ -723,15 +764,100 @@ class Engine:
         except (ParamError, RuntimeError, ValueError) as err:
             self._log(logging.WARNING, "modulation", "%s %s refused: %s", doing, ", ".join(changes), err)
             return False
+        if self.replicas is not None:
+            self.replicas.sync(self.pipeline.state)
         return True
 
-    def _step_transition(self) -> None:
+    def _step_transition(self) -> float:
+        """The prompt crossfade's progress now (0..1, clamped by the pipeline), set on the pipeline."""
         assert self._transition is not None
         previous, start, duration = self._transition
         progress = (time.monotonic() - start) / duration
         self.pipeline.set_prompt_transition(previous, progress)
         if progress >= 1.0:
             self._transition = None
+        return progress
+
+    # ------------------------------------------------------------------ replicas
+    def _replicas_turn(self, now: float) -> bool:
+        """Between two frames with replicas: their health, restarts and joins (``ReplicaSet.poll``),
+        what they made sent out in input order; whether one can take a frame now."""
+        replicas = self.replicas
+        assert replicas is not None
+        for line in replicas.poll(now, self.pipeline.state):
+            if "out of the rotation" in line or "stays out" in line:
+                self._report_error(line)
+            else:
+                logger.info("%s", line)
+        self.stats.replicas = replicas.active
+        self._release()
+        return replicas.free_lane(now) is not None
+
+    def _send_to_replica(
+        self,
+        item: InputItem,
+        image: torch.Tensor | None,
+        controls: list[torch.Tensor | None] | None,
+        reference: torch.Tensor | None,
+        progress: float | None,
+    ) -> None:
+        """Frame ``item`` (its pipeline input ``image``, after the feedback) to the next replica in
+        the rotation, with the newest frame of every ControlNet source and the newest IP-Adapter
+        reference (each replica may not have seen the last ones: they go with every frame)."""
+        replicas = self.replicas
+        assert replicas is not None
+        number = replicas.free_lane(time.monotonic())
+        if number is None:  # it went between the loop's check and now
+            self._emit(OutputItem(OutputKind.REPEAT, item.frame.timestamp, measure_latency=False))
+            return
+        if controls is not None:
+            if len(self._controls) != len(controls):
+                self._controls = [None] * len(controls)
+            self._controls = [new if new is not None else old for new, old in zip(controls, self._controls)]
+        if reference is not None:
+            self._reference = reference
+        index = replicas.order.expect()
+        meta = (item.frame, self._change, replicas.serial)
+        sent_controls = None if controls is None else self._controls
+        replicas.send_frame(number, index, image, meta, progress, self._reference, sent_controls)
+
+    def _release(self) -> None:
+        """Send out, in input order, what may leave the reorder buffer now."""
+        assert self.replicas is not None
+        for _, result in self.replicas.release(time.monotonic()):
+            if isinstance(result, Made):
+                self._emit_made(result)
+            else:
+                self._emit_now(result)
+
+    def _emit_made(self, made: Made) -> None:
+        """A replica's frame, as the engine's own loop would have sent it."""
+        assert self.replicas is not None
+        frame, change, serial = made.meta
+        if made.error is not None:
+            self._report_error(f"replica {made.replica}: {made.error}", frame_failed=True)
+            self._emit_now(OutputItem(OutputKind.REPEAT, frame.timestamp, measure_latency=False))
+            return
+        if made.serial != serial:  # never shown: another picture than the engine's values make
+            self.replicas.out_of_step(
+                made.replica, f"it made frame with change {made.serial}, the engine had sent {serial}"
+            )
+            return
+        if made.warming:
+            if self.frames_emitted == 0:
+                self.stats.set_state(EngineState.WARMING)
+            return
+        self.stats.set_state(EngineState.RUNNING)
+        self.stats.record_skip(made.skipped)
+        if made.skipped:  # the newest output again (a replica's own last one may be N frames older)
+            if self._replica_output is not None:
+                newest = self._replica_output
+                self._emit_now(OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=newest, source=frame))
+            return
+        self._replica_output = made.tensor
+        self._feedback_ready = True
+        item = OutputItem(OutputKind.TENSOR, frame.timestamp, tensor=made.tensor, source=frame, change=change)
+        self._emit_now(item)
 
     def _report_error(self, message: str, frame_failed: bool = False) -> None:
         """Log (rate-limited), remember and announce an error.
@@ -773,6 +899,10 @@ def engine_from_config(
     ``media_dir``: where ``/input/select s file:NAME`` finds video files.
     """
     pipeline = open_pipeline(models, settings or PipelineSettings.from_config(config), backend)
+    replicas = None
+    if config.scale.replicas > 1:
+        replica_settings = ReplicaSettings.from_config(config, str(models.device))
+        replicas = ReplicaSet(replica_settings, config.model_dump(mode="json"), weights_fingerprint(models))
     source_name, source_options = source_spec(config.input)
     names = SourceNames(media_dir, config.input)
     stats = RuntimeStats()
@@ -811,6 +941,7 @@ def engine_from_config(
         reference_source=reference_source(config),
         music_settings=MusicSettings.from_config(config),
         source_names=names,
+        replicas=replicas,
     )
 
 

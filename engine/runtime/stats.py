@@ -97,6 +97,8 @@ class RuntimeStats:
         self.source_connected = False
         self.building: str | None = None  # engines prepared in the background, e.g. "batch 2 at 768x512"
         self.restarts = 0  # times the supervisor restarted the engine before this process
+        self.replicas = 1  # replicas making frames now (scale.replicas; 1: the engine itself)
+        self.replicas_configured = 1
         self.sinks: dict[str, SinkCounters] = {}
         self.started = time.monotonic()
 
@@ -171,6 +173,8 @@ class RuntimeStats:
                 # change is committed this much before the beat)
                 "change_latency_ms": max((c.change_latency_ms for c in self.sinks.values()), default=0.0),
                 "restarts": self.restarts,
+                "replicas": self.replicas,
+                "replicas_configured": self.replicas_configured,
                 "uptime_s": round(now - self.started, 1),
                 "outputs": {
                     name: {
@@ -198,6 +202,8 @@ class RuntimeStats:
             line += "  SOURCE LOST"
         if s["restarts"]:
             line += f"  restarts {s['restarts']}"
+        if s["replicas_configured"] > 1:
+            line += f"  replicas {s['replicas']}/{s['replicas_configured']}"
         if s["building"]:
             line += f"  building {s['building']}"
         if s["error"]:
