@@ -111,6 +111,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _same_address(target: str, host: str, port: int) -> bool:
+    """Whether the ``host:port`` target is where ``host`` / ``port`` listens: the same port on the
+    same host, every loopback name (127.x.x.x, ::1, localhost) counting as one, and a loopback or
+    the literal target counting as the wildcard listener's (0.0.0.0, ::)."""
+    match = _FEEDBACK_RE.match(target)
+    if match is None or int(match["port"]) != port:
+        return False
+    name = (match["v6"] or match["host"]).lower()
+    listen = host.strip().strip("[]").lower()
+    if name == listen or (_is_loopback(name) and _is_loopback(listen)):
+        return True
+    return listen in ("0.0.0.0", "::") and (_is_loopback(name) or name in ("0.0.0.0", "::"))
+
+
 _MODEL_ID_ALLOWED = "a hub id (org/name), a local folder, a .safetensors/.ckpt file, or " + " / ".join(
     BUILTIN_IDS
 )
@@ -667,6 +681,11 @@ class OscSettings(_Section):
     feedback: list[Feedback] = Field(
         default_factory=lambda: ["127.0.0.1:9001"], description="host:port feedback targets"
     )
+    forward: list[Feedback] = Field(
+        default_factory=list,
+        description="host:port of other engines that receive every accepted change "
+        "(several machines, one show)",
+    )
     allow: list[Network] = Field(
         default_factory=list, description="IP addresses/CIDR networks obeyed ([] = loopback)"
     )
@@ -690,6 +709,20 @@ class OscSettings(_Section):
                 value=self.allow,
                 has_value=True,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _forward_elsewhere(self) -> OscSettings:
+        for index, target in enumerate(self.forward):
+            if self.enabled and _same_address(target, self.host, self.port):
+                raise _Problem(
+                    f"is this engine's own OSC address (osc.host {self.host!r}, osc.port {self.port}): "
+                    "it would feed every change back to itself",
+                    "host:port of another engine (another machine or another port), e.g. 192.168.1.21:9000",
+                    key=f"forward[{index}]",
+                    value=target,
+                    has_value=True,
+                )
         return self
 
 

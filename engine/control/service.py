@@ -47,6 +47,7 @@ class ControlSettings:
     host: str = "127.0.0.1"
     port: int = 9000
     feedback: list[str] = field(default_factory=lambda: ["127.0.0.1:9001"])
+    forward: list[str] = field(default_factory=list)  # other engines: every accepted change, no status
     allow: list[str] = field(default_factory=list)
     status_hz: float = 4.0
     modulation_hz: float = 20.0
@@ -63,6 +64,7 @@ class ControlSettings:
             host=osc.host,
             port=osc.port,
             feedback=list(osc.feedback),
+            forward=list(osc.forward),
             allow=list(osc.allow),
             status_hz=osc.status_hz,
             modulation_hz=osc.modulation_hz,
@@ -105,6 +107,10 @@ class ControlService:
         self.scenes = SceneStore(settings.scenes_dir)
         self.scenes.remove_stale_temporaries()  # what saves killed mid-write left behind
         self.feedback = FeedbackSender([parse_target(t) for t in settings.feedback])
+        self.forward = (
+            FeedbackSender([parse_target(t) for t in settings.forward]) if settings.forward else None
+        )
+        """Other engines (``osc.forward``): every accepted change, as echoed; never the status."""
         self.music = music
         self._now = now
         self.dispatcher = OscDispatcher(control, control.applied, self._scene, music=music, now=now)
@@ -175,6 +181,8 @@ class ControlService:
         return int(self.server.port)
 
     def start(self) -> None:
+        if self.forward is not None:
+            logger.info("forwarding every accepted change to %s", ", ".join(self.settings.forward))
         self.server.start()
         if self.oscquery is not None:
             self.oscquery.start()
@@ -204,6 +212,8 @@ class ControlService:
             if thread.is_alive():
                 thread.join(1.0)
         self.feedback.close()
+        if self.forward is not None:
+            self.forward.close()
 
     def __enter__(self) -> ControlService:
         self.start()
@@ -214,12 +224,17 @@ class ControlService:
 
     # ------------------------------------------------------------------ engine callbacks
     def echo(self, accepted: Mapping[str, Any]) -> None:
-        """Every accepted change goes out on its own address (two-way surfaces follow)."""
+        """Every accepted change goes out on its own address (two-way surfaces follow), to the
+        feedback targets and to the engines of ``osc.forward``, which apply it as if it were sent
+        to them. A value accepted again unchanged is echoed again: forward in one direction only."""
         for name, value in accepted.items():
             spec = params.REGISTRY.get(name)
             if spec is None or value is None:
                 continue
-            self.feedback.send(spec.osc_address, osc_args(spec, value))
+            address, args = spec.osc_address, osc_args(spec, value)
+            self.feedback.send(address, args)
+            if self.forward is not None:
+                self.forward.send(address, args)
 
     def error(self, message: str) -> None:
         self.feedback.send("/engine/error", [message[:500]])
