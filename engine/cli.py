@@ -616,7 +616,12 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
         f"stopped: {engine.frames_emitted} frames out, {summary['frames_in']} in, "
         f"latency {summary['latency_ms']} ms (p95 {summary['latency_p95_ms']}), "
         f"skip rate {summary['skip_rate']:.1%}, dropped inputs {summary['input_dropped']}, "
-        f"superseded inputs {summary['input_superseded']} (newest frame wins)",
+        f"superseded inputs {summary['input_superseded']} (newest frame wins)"
+        + (
+            f", replicas {summary['replicas']}/{summary['replicas_configured']} playing"
+            if summary["replicas_configured"] > 1
+            else ""
+        ),
         file=sys.stderr,
     )
     return EXIT_OK

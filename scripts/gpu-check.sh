@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, sized to finish within 8 minutes on the accelerator machine (an NVIDIA H200):
-# at most 2 min of CUDA tests and 5:45 of figures (a 300 s budget the script keeps to, then a hard stop).
+# The GPU check, sized to finish within 10 minutes on the accelerator machine (an NVIDIA H200):
+# at most 2 min of CUDA tests, 5:45 of figures (a 300 s budget the script keeps to, then a hard stop)
+# and 2:30 of two replicas on the one GPU.
 #
 #   bash scripts/gpu-check.sh --fetch-wheels   # here, once: what the device image lacks, into .whl/
 #   bash scripts/gpu-check.sh                  # there (the device tool: carry .whl): CUDA tests + figures
@@ -8,7 +9,8 @@
 #
 # Writes into $OUT (the device tool's folder) or out/gpu-check/: sdk-tests.txt (the CUDA tests),
 # gpu-check.json and gpu-check.md (scripts/gpu_check.py: float16 vs float32, eager / compile /
-# CUDA graphs beside diffusers and the paper's code, memory peaks). Exit status 0 when both passed.
+# CUDA graphs beside diffusers and the paper's code, memory peaks), replicas.txt / replicas.json (two
+# pipeline replicas on the one GPU beside one: the mechanism's overhead). Exit status 0 when all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -63,5 +65,16 @@ fi
 timeout 345 "$PY" scripts/gpu_check.py --out "$OUT_DIR" "${check_args[@]}" 2>&1 | tee "$OUT_DIR/gpu-check.log"
 check_status=${PIPESTATUS[0]}
 
-echo "== gpu-check: tests exit $tests_status, figures exit $check_status; files in $OUT_DIR"
-[ "$tests_status" -eq 0 ] && [ "$check_status" -eq 0 ]
+echo "== 3. two replicas on one GPU (the mechanism and its overhead there: one GPU is not scaling)"
+if [ "$mode" = cpu ]; then
+  replica_args=(--set model.id=builtin:tiny --set stream.width=256 --set stream.height=256 --frames 10 --rounds 1)
+else
+  replica_args=(--set model.id=builtin:sd-turbo-shape --set stream.width=512 --set stream.height=512 \
+    --set scale.devices=[cuda:0] --frames 60 --rounds 2)
+fi
+timeout 150 "$PY" -m engine.cli bench --replicas 1,2 --json "$OUT_DIR/replicas.json" "${replica_args[@]}" \
+  2>&1 | tee "$OUT_DIR/replicas.txt"
+replicas_status=${PIPESTATUS[0]}
+
+echo "== gpu-check: tests exit $tests_status, figures exit $check_status, replicas exit $replicas_status; files in $OUT_DIR"
+[ "$tests_status" -eq 0 ] && [ "$check_status" -eq 0 ] && [ "$replicas_status" -eq 0 ]

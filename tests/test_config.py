@@ -22,8 +22,8 @@ from engine.params import REGISTRY, SIDE_MULTIPLE, ParamKind
 from engine.stream.modes import CfgType, GenerationMode
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("model", "stream", "similarity_filter", "feedback", "acceleration", "scale", "input", "outputs", "osc",
-            "logging", "supervise", "tempo", "audio", "midi", "modulators", "sequence", "extensions")
+SECTIONS = ("model", "stream", "similarity_filter", "feedback", "acceleration", "scale", "input", "outputs",
+            "osc", "logging", "supervise", "tempo", "audio", "midi", "modulators", "sequence", "extensions")
 
 
 @pytest.fixture()

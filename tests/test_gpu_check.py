@@ -50,6 +50,8 @@ def test_cpu_dry_run_passes_and_reports_every_section(tmp_path: Path) -> None:
     assert "| peers n=1 | diffusers img2img (defaults) |" in table
     tests = (tmp_path / "sdk-tests.txt").read_text()
     assert "skipped" in tests and "failed" not in tests
+    replicas = json.loads((tmp_path / "replicas.json").read_text())["replicas"]
+    assert [row["replicas"] for row in replicas] == [1, 2] and all(row["fps"] > 0 for row in replicas)
 
 
 def test_unknown_option_is_refused(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ STATUS_ADDRESSES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "/engine/bpm": ("Enginebpm", float),
     "/engine/sequence_step": ("Sequencestep", int),
     "/engine/restarts": ("Restarts", int),
+    "/engine/replicas": ("Replicas", int),
 }
 #: Sent on each beat (not periodic): the beat in the bar.
 BEAT_ADDRESS = "/engine/beat"

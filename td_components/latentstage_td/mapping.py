@@ -201,6 +201,7 @@ def _component_pars(platform: str) -> tuple[ParDef, ...]:
         ParDef("Sequencestep", "Int", "Status", "Sequence step (-1: off)", -1, -1, 64, read_only=True),
         ParDef("Midi", "Str", "Status", "MIDI controllers", "", read_only=True),
         ParDef("Restarts", "Int", "Status", "Supervisor restarts", 0, 0, 1000, read_only=True),
+        ParDef("Replicas", "Int", "Status", "Replicas playing", 1, 0, 8, read_only=True),
         ParDef("Lasterror", "Str", "Status", "Last error", "", read_only=True),
     )
 
@@ -229,6 +230,7 @@ STATUS_PARS = (
     "Sequencestep",
     "Midi",
     "Restarts",
+    "Replicas",
     "Lasterror",
 )
 
