@@ -588,6 +588,10 @@ def _run_engine(args: argparse.Namespace, config: Any, link: Any) -> int:
         print(f"latentstage: {error}", file=sys.stderr)
         return EXIT_BACKEND_UNAVAILABLE
     engine.stats.restarts = args.restart_count
+    if engine.replicas is not None and engine.replicas.settings.engine_threads:
+        import torch  # CPU replicas have the cores: the engine's own tensor work takes what is left
+
+        torch.set_num_threads(engine.replicas.settings.engine_threads)
     print(f"  .. running on {backend.describe()}", file=sys.stderr)
     try:
         control = _start_control(config, args.config, engine, operator)

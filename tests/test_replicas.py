@@ -27,6 +27,7 @@ REPLICA_CONFIG = [
     "similarity_filter.enabled=false",
     "scale.replicas=2",
     "scale.threads=1",
+    "scale.hang_seconds=5",  # a busy test machine may stall a process for a while: not a hang here
     "logging.level=WARNING",
 ]
 
@@ -117,10 +118,12 @@ def test_scale_section_is_checked_and_shares_the_cores() -> None:
     settings = ReplicaSettings.from_config(config, "cpu")
     assert settings.devices == ["cpu"] * 3
     assert settings.threads == max(1, (os.cpu_count() or 1) // 3)
+    assert settings.engine_threads == max(1, (os.cpu_count() or 1) - 3 * settings.threads)
     placed = ReplicaSettings.from_config(
         load_config(overrides=["scale.replicas=3", "scale.devices=[cuda:0, cuda:1]"]), "cpu"
     )
     assert placed.devices == ["cuda:0", "cuda:1", "cuda:0"] and placed.threads == 0
+    assert placed.engine_threads == 0  # GPU replicas: the engine keeps torch's threads
 
 
 # ---------------------------------------------------------------------------- the engine with replicas
@@ -192,16 +195,23 @@ def test_two_replicas_make_every_frame_in_order_and_commit_a_change_at_the_same_
         _run_until(engine, lambda: engine.stats.replicas == 2, 300.0)
         first = len(recorder.made)
         _run_until(engine, lambda: len(recorder.made) >= first + 30, 120.0, tick=change_once)
+        seeded = engine.replicas.serial
+        made = recorder.made[first:]
+        # a shape change reaches both too: the frames after it are made at the new size
+        engine.submit({"resolution": [96, 64]})
+        _run_until(engine, lambda: sum(item.serial > seeded for item in recorder.made) >= 8, 120.0)
+        resized = [item for item in recorder.made if item.serial > seeded]
+        assert {item.replica for item in resized} == {0, 1}
+        assert {tuple(item.tensor.shape) for item in resized} == {(1, 3, 64, 96)}
         engine.post.drain(2.0)
         for worker in engine.sinks:
             worker.drain(2.0)
-    made = recorder.made[first:]
     assert {item.replica for item in made} == {0, 1}  # both made frames
     stamps = [item.meta[0].timestamp for item in made]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # input order, no duplicates
     sent = [frame.timestamp for frame in sink.frames]
     assert sent == sorted(sent) and len(set(sent)) == len(sent)
-    assert changed and {item.serial for item in made} >= {engine.replicas.serial}
+    assert changed and {item.serial for item in made} >= {seeded}
     # every frame was made with the values the engine had when it sent it (the same frame index on both)
     assert all(item.serial == item.meta[2] for item in made)
     # ... and is bit for bit what one pipeline makes of its input with those values
@@ -210,8 +220,8 @@ def test_two_replicas_make_every_frame_in_order_and_commit_a_change_at_the_same_
     try:
         config = load_config(overrides=REPLICA_CONFIG)
         reference = open_pipeline(load_models(config.model), PipelineSettings.from_config(config))
-        before = [item for item in made if item.serial < engine.replicas.serial][-4:]
-        after = [item for item in made if item.serial == engine.replicas.serial][:4]
+        before = [item for item in made if item.serial < seeded][-4:]
+        after = [item for item in made if item.serial == seeded][:4]
         assert before and after and {item.replica for item in after} == {0, 1}
         for item in before:
             assert torch.equal(reference(recorder.images[id(item.meta[0])]), item.tensor)
@@ -227,23 +237,24 @@ def test_a_killed_or_hung_replica_is_taken_out_the_output_flows_and_it_rejoins()
     sink = RecordingSink()
     engine = _replica_engine(["scale.hang_seconds=1.0"], sink)
     replicas = engine.replicas
+
+    def said(since: int, text: str) -> list[str]:
+        return [line for line in list(replicas.events)[since:] if text in line]
+
     with engine:
         _run_until(engine, lambda: engine.stats.replicas == 2, 300.0)
-        os.kill(replicas.lanes[0].process.pid, signal.SIGKILL)
-        before = len(sink.frames)
-        _run_until(engine, lambda: any("replica 0: out" in line for line in replicas.events), 30.0)
-        _run_until(engine, lambda: len(sink.frames) >= before + 10, 60.0)  # replica 1 plays on
-        _run_until(engine, lambda: sum("replica 0: joined" in line for line in replicas.events) >= 2, 300.0)
-        assert engine.stats.replicas == 2
-        hung = replicas.lanes[1].process.pid
-        os.kill(hung, signal.SIGSTOP)  # alive, but makes nothing
-        _run_until(engine, lambda: any("replica 1: out" in line for line in replicas.events), 60.0)
-        assert not replicas.lanes[1].process.is_alive()  # killed: a stopped process holds nothing
-        assert "scale.hang_seconds" in next(line for line in replicas.events if "replica 1: out" in line)
-        before = len(sink.frames)
-        _run_until(engine, lambda: len(sink.frames) >= before + 10, 60.0)
-        _run_until(engine, lambda: sum("replica 1: joined" in line for line in replicas.events) >= 2, 300.0)
-        assert engine.stats.snapshot()["replicas"] == 2
+        for number, sent in ((0, signal.SIGKILL), (1, signal.SIGSTOP)):  # dead, then alive but stuck
+            _run_until(engine, lambda: engine.stats.replicas == 2, 300.0)
+            since, before = len(replicas.events), len(sink.frames)
+            os.kill(replicas.lanes[number].process.pid, sent)
+            out, joined = f"replica {number}: out", f"replica {number}: joined"
+            _run_until(engine, lambda s=since, t=out: bool(said(s, t)), 60.0)
+            if sent is signal.SIGSTOP:
+                assert "scale.hang_seconds" in said(since, out)[0]
+                assert not replicas.lanes[number].process.is_alive()  # a stuck process is killed
+            _run_until(engine, lambda b=before: len(sink.frames) >= b + 10, 60.0)  # the other plays on
+            _run_until(engine, lambda s=since, t=joined: bool(said(s, t)), 300.0)
+            assert engine.stats.snapshot()["replicas"] == 2
         assert "replicas 2/2" in engine.stats.status_line()
     stamps = [frame.timestamp for frame in sink.frames]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
@@ -276,7 +287,7 @@ def test_run_demo_with_two_replicas_60_frames(tmp_path: Any, capsys: Any) -> Non
     shm_name = f"ls_rep_{uuid.uuid4().hex[:8]}"
     watcher = ShmWatcher(shm_name)
     watcher.start()
-    extra = ("--replicas", "2", "--set", "logging.level=WARNING")
+    extra = ("--replicas", "2", "--set", "logging.level=WARNING", "--set", "scale.hang_seconds=5")
     status = main(demo_args(tmp_path, shm_name, frames=60, extra=extra))
     watcher.stop.set()
     watcher.join(5)

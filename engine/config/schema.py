@@ -380,7 +380,10 @@ class ScaleSettings(_Section):
     )
     threads: StrictInt = Field(default=0, ge=0, le=256, description="torch threads per replica (0: torch's)")
     hang_seconds: StrictFloat | StrictInt = Field(
-        default=1.0, gt=0, le=60, description="a frame not back from a replica this long = hung: out"
+        default=0.5,
+        gt=0,
+        le=60,
+        description="a frame not back from a replica this long (or 4 frame times, the longer) = hung: out",
     )
     reorder_ms: StrictFloat | StrictInt = Field(
         default=50.0, ge=0, le=1000, description="how long a finished frame waits for an earlier one"

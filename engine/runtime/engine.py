@@ -784,11 +784,11 @@ class Engine:
         what they made sent out in input order; whether one can take a frame now."""
         replicas = self.replicas
         assert replicas is not None
-        for line in replicas.poll(now, self.pipeline.state):
-            if "out of the rotation" in line or "stays out" in line:
-                self._report_error(line)
+        for event in replicas.poll(now, self.pipeline.state):
+            if event.fault:
+                self._report_error(event.text)
             else:
-                logger.info("%s", line)
+                logger.info("%s", event.text)
         self.stats.replicas = replicas.active
         self._release()
         return replicas.free_lane(now) is not None

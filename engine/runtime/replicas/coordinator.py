@@ -50,22 +50,25 @@ class ReplicaSettings:
     count: int
     devices: list[str]
     threads: int = 0
-    hang_s: float = 1.0
+    hang_s: float = 0.5
     startup_s: float = 300.0
     reorder_ms: float = 50.0
     max_restarts: int = 5
     window_s: float = 600.0
     restart_delay_s: float = 1.0
     log_level: str = "INFO"
+    engine_threads: int = 0  # the engine's own torch threads beside CPU replicas (0: leave them)
 
     @classmethod
     def from_config(cls, config: Any, model_device: str) -> ReplicaSettings:
         scale = config.scale
         devices = [str(device) for device in scale.devices] or [model_device]
         placed = [devices[number % len(devices)] for number in range(scale.replicas)]
-        threads = scale.threads
-        if not threads and all(device == "cpu" for device in placed):  # the cores shared out, not oversold
-            threads = max(1, (os.cpu_count() or 1) // scale.replicas)
+        threads, engine_threads = scale.threads, 0
+        if all(device == "cpu" for device in placed):  # the cores shared out, not oversold
+            cores = os.cpu_count() or 1
+            threads = threads or max(1, cores // scale.replicas)
+            engine_threads = max(1, cores - threads * scale.replicas)
         return cls(
             count=scale.replicas,
             devices=placed,
@@ -76,7 +79,17 @@ class ReplicaSettings:
             max_restarts=config.supervise.max_restarts,
             window_s=config.supervise.window_minutes * 60.0,
             log_level=config.logging.level.value,
+            engine_threads=engine_threads,
         )
+
+
+@dataclass(frozen=True)
+class ReplicaEvent:
+    """Something that happened to a replica: ``fault`` (taken out, or out for good) or not (restarting,
+    joined); ``text`` says which, and why."""
+
+    fault: bool
+    text: str
 
 
 @dataclass
@@ -160,6 +173,7 @@ class ReplicaSet:
         self._sent_state: dict[str, Any] | None = None
         self.serial = 0  # changes sent so far (a replica reports the last one it committed)
         self.events: deque[str] = deque(maxlen=64)  # what happened to the replicas, newest last
+        self.taken_out = 0  # times a replica was taken out of the rotation
         self._closed = False
 
     # ------------------------------------------------------------------ frame loop
@@ -176,29 +190,33 @@ class ReplicaSet:
     def states(self) -> list[str]:
         return [lane.state.value for lane in self.lanes]
 
-    def poll(self, now: float, state: Mapping[str, Any]) -> list[str]:
+    def poll(self, now: float, state: Mapping[str, Any]) -> list[ReplicaEvent]:
         """Between two frames: take out dead or hung replicas, restart those due, let ready ones join
-        with ``state`` (the engine's committed values). Returns what happened, one line each."""
-        said: list[str] = []
+        with ``state`` (the engine's committed values). Returns what happened."""
+        said: list[ReplicaEvent] = []
         for lane in self.lanes:
             with self._lock:
                 problem = self._problem(lane, now)
             if problem is not None:
-                said.append(self._take_out(lane, problem, now))
+                said.append(ReplicaEvent(True, self._take_out(lane, problem, now)))
             elif lane.state is LaneState.OUT and now - lane.out_since >= self.settings.restart_delay_s:
                 if self.budget.spend(now):
-                    said.append(f"replica {lane.number}: restarting")
+                    said.append(ReplicaEvent(False, f"replica {lane.number}: restarting"))
                     self._start_lane(lane, now)
                 else:
                     lane.state = LaneState.FAILED
                     said.append(
-                        f"replica {lane.number}: restarts used up ({self.settings.max_restarts} within "
-                        f"{self.settings.window_s / 60:g} min, supervise.*); it stays out"
+                        ReplicaEvent(
+                            True,
+                            f"replica {lane.number}: restarts used up ({self.settings.max_restarts} within "
+                            f"{self.settings.window_s / 60:g} min, supervise.*); it stays out",
+                        )
                     )
             elif lane.state is LaneState.JOINING:
                 self._join(lane, state)
-                said.append(f"replica {lane.number}: joined at frame {self.order_index()} on {lane.device}")
-        self.events.extend(said)
+                text = f"replica {lane.number}: joined at frame {self.order_index()} on {lane.device}"
+                said.append(ReplicaEvent(False, text))
+        self.events.extend(event.text for event in said)
         return said
 
     def order_index(self) -> int:
@@ -341,6 +359,7 @@ class ReplicaSet:
         return max(self.settings.hang_s, _HANG_FRAMES * typical)
 
     def _take_out(self, lane: _Lane, why: str, now: float) -> str:
+        self.taken_out += 1
         with self._lock:
             lost = list(lane.outstanding)
             lane.outstanding.clear()
