@@ -512,4 +512,8 @@ class ReplicaSet:
 
 
 def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    """The gist of a link error: gloo's text without its source location and its advice."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically")[0][:160]
