@@ -296,3 +296,14 @@ def test_run_demo_with_two_replicas_60_frames(tmp_path: Any, capsys: Any) -> Non
     assert "stopped: 60 frames out" in err and "replicas 2/2 playing" in err, err
     assert watcher.sequences == sorted(set(watcher.sequences)) and len(watcher.sequences) >= 20
     assert not segment_exists(shm_name)
+
+
+def test_a_link_error_reads_as_its_gist() -> None:
+    from engine.runtime.replicas.wire import link_error
+
+    raw = RuntimeError(
+        "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6055: "
+        "Connection reset by peer. This is typically caused by a remote worker crashing."
+    )
+    assert link_error(raw) == "Read error [127.0.0.1]:6055: Connection reset by peer"
+    assert link_error(RuntimeError()) == "RuntimeError"

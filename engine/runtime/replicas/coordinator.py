@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from engine.params import SHAPE_PARAMS
 from engine.runtime.replicas.reorder import ReorderBuffer
-from engine.runtime.replicas.wire import ENGINE_RANK, Kind, Link, Message, plain
+from engine.runtime.replicas.wire import ENGINE_RANK, Kind, Link, Message, link_error, plain
 from engine.runtime.replicas.worker import ReplicaSpec, replica_main, same_weights
 from engine.runtime.supervisor import RestartBudget
 
@@ -460,7 +460,7 @@ class ReplicaSet:
                 if message.kind is Kind.OUTPUT:
                     self._made(lane, generation, message)
         except RuntimeError as err:  # the link broke: the process died or was killed
-            self._fail(lane, generation, f"its link broke: {_first_line(err)}")
+            self._fail(lane, generation, f"its link broke: {link_error(err)}")
 
     def _send(self, lane: _Lane, generation: int, link: Link) -> None:
         while True:
@@ -470,7 +470,7 @@ class ReplicaSet:
             try:
                 link.send(message)
             except RuntimeError as err:
-                self._fail(lane, generation, f"its link broke: {_first_line(err)}")
+                self._fail(lane, generation, f"its link broke: {link_error(err)}")
                 return
             if message.kind is Kind.STOP:
                 return
@@ -509,11 +509,3 @@ class ReplicaSet:
         )
         self.order.arrive(message.index, made, now)
         self.wake()
-
-
-def _first_line(err: BaseException) -> str:
-    """The gist of a link error: gloo's text without its source location and its advice."""
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if text.startswith("[") and "] " in text:
-        text = text.split("] ", 1)[1]
-    return text.split(". This is typically")[0][:160]

@@ -133,6 +133,14 @@ class Link:
         self.group.recv([tensor], self.peer, self._recv_tag).wait()
 
 
+def link_error(err: BaseException) -> str:
+    """The gist of a broken link: gloo's text without its source location and its advice."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically")[0][:160]
+
+
 def _describe(tensor: torch.Tensor | None) -> dict[str, Any] | None:
     if tensor is None:
         return None

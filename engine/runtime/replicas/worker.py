@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from engine.runtime.replicas.wire import REPLICA_RANK, Kind, Link, Message
+from engine.runtime.replicas.wire import REPLICA_RANK, Kind, Link, Message, link_error
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,11 @@ def replica_main(spec: ReplicaSpec) -> None:
         link.send(Message(Kind.HELLO, data={"error": f"{type(err).__name__}: {err}"}))
         raise SystemExit(1) from err
     link.send(Message(Kind.HELLO, data=replica.hello()))
-    replica.serve(link)
+    try:
+        replica.serve(link)
+    except RuntimeError as err:  # the engine's end is gone (it ended, or was killed): so is this replica
+        logger.warning("the engine's link broke (%s): this replica ends", link_error(err))
+        raise SystemExit(1) from None
 
 
 class Replica:
