@@ -69,6 +69,9 @@ def test_moving_a_slider_changes_the_engine_and_osc_changes_the_page(bundle, tmp
         for element in ("input", "output", "plot", "status", "scene-save", "scene-load"):
             assert browser.find_elements(By.ID, element), element
         assert wait_until(lambda: "fps" in browser.find_element(By.ID, "status").text.lower(), 10)
+        assert "replicas" not in browser.find_element(By.ID, "status").text  # one: the engine itself
+        show.engine.stats.replicas_configured, show.engine.stats.replicas = 2, 1  # one of two is out
+        assert wait_until(lambda: "replicas 1/2" in browser.find_element(By.ID, "status").text, 10)
         for video in ("input", "output"):  # both MJPEG streams play under the page's CSP
             script = f"return document.getElementById('{video}').naturalWidth"
             assert wait_until(lambda script=script: browser.execute_script(script) > 0, 10), video

@@ -307,3 +307,61 @@ def test_a_link_error_reads_as_its_gist() -> None:
     )
     assert link_error(raw) == "Read error [127.0.0.1]:6055: Connection reset by peer"
     assert link_error(RuntimeError()) == "RuntimeError"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name (state, parent, ...), or None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux: /proc)."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(int(entry))
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the replica processes")
+def test_replicas_end_when_their_engine_is_killed(tmp_path: Any) -> None:
+    """An engine killed with SIGKILL leaves no replica behind (a GPU is not held by an orphan)."""
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable, "-m", "engine.cli", "run", "--preset", "demo", "--replicas", "2", "--quiet",
+        "--set", "osc.enabled=false", "--set", "outputs=[]", "--set", "stream.width=64",
+        "--set", "stream.height=64", "--set", "scale.hang_seconds=30",
+    ]  # fmt: skip
+    log = tmp_path / "engine.log"
+    with open(log, "wb") as output:
+        engine = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while log.read_text(errors="replace").count(": joined at frame") < 2:
+                assert engine.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            replicas = _children(engine.pid)
+            assert len(replicas) >= 2
+            engine.kill()
+            engine.wait(10)
+            deadline = time.monotonic() + 60
+            while any(_alive(pid) for pid in replicas):
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            if engine.poll() is None:
+                engine.kill()
+    assert "this replica ends" in log.read_text(errors="replace")

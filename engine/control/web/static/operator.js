@@ -494,6 +494,10 @@ function renderStatus(st) {
   statusItem("fps", isNum(st.fps) ? st.fps.toFixed(1) : "-");
   statusItem("latency", isNum(st.latency_ms) ? Math.round(st.latency_ms) + " ms" : "-");
   statusItem("skip", isNum(st.skip_rate) ? (st.skip_rate * 100).toFixed(1) + "%" : "-");
+  if (isNum(st.replicas_configured) && st.replicas_configured > 1 && isNum(st.replicas)) {
+    var short = st.replicas < st.replicas_configured;
+    statusItem("replicas", st.replicas + "/" + st.replicas_configured, short ? "bad" : "");
+  }
   if (typeof st.error === "string" && st.error) { statusItem("error", st.error, "bad"); }
 }
 
