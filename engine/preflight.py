@@ -82,11 +82,43 @@ def check_start(
     if config.input.type == "video":
         problems.extend(_video_problem("input.path", config.input.path))
     problems.extend(_music_problems(config))
+    problems.extend(_replica_problems(config))
     problems.extend(_midi_problems(config, Path("presets/midi") if midi_dir is None else midi_dir))
     if scenes_dir is not None and config.osc.enabled and _folder_problem("scenes", scenes_dir):
         logger.warning(
             "the scenes folder %s is not writable: /preset/save will fail (loading works)", scenes_dir
         )
+    return problems
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+def _replica_problems(config: Any) -> list[StartProblem]:
+    """``scale``: torch.distributed in this torch build, and every device of ``scale.devices`` here
+    (a replica on a missing GPU would fail to load over and over while the show holds its frame)."""
+    if config.scale.replicas < 2:
+        return []
+    import torch.distributed
+
+    from engine.models.device import resolve_device
+    from engine.models.errors import ModelLoadError
+
+    if not torch.distributed.is_available():
+        return [
+            StartProblem(
+                "scale.replicas",
+                "this torch build has no torch.distributed",
+                "install a torch build with it (the PyPI wheels have it), or set scale.replicas: 1",
+            )
+        ]
+    problems = []
+    for index, device in enumerate(config.scale.devices):
+        try:
+            resolve_device(device)
+        except ModelLoadError as err:
+            fix = "name the devices this machine has (latentstage doctor lists them), or cpu"
+            problems.append(StartProblem(f"scale.devices[{index}]", str(err).split(";")[0], fix))
     return problems
 
 

@@ -262,6 +262,17 @@ def test_a_killed_or_hung_replica_is_taken_out_the_output_flows_and_it_rejoins()
         assert lane.process is None or not lane.process.is_alive()  # close() ended them
 
 
+def test_a_device_this_machine_lacks_stops_the_start_with_its_name(tmp_path: Any) -> None:
+    from engine.preflight import check_start
+
+    config = load_config(overrides=["scale.replicas=2", "scale.devices=[cpu, cuda:7]", "osc.enabled=false"])
+    problems = [str(problem) for problem in check_start(config) if problem.key.startswith("scale")]
+    assert len(problems) == 1 and problems[0].startswith("scale.devices[1]: device 'cuda:7' is not available")
+    assert not [
+        p for p in check_start(load_config(overrides=["scale.devices=[cuda:7]"])) if p.key.startswith("scale")
+    ]
+
+
 def test_one_replica_is_the_engine_itself() -> None:
     from engine.models.loader import load_models
     from engine.runtime.engine import engine_from_config
