@@ -361,7 +361,7 @@ def test_replicas_end_when_their_engine_is_killed(tmp_path: Any) -> None:
         engine = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
-            while log.read_text(errors="replace").count(": joined at frame") < 2:
+            while log.read_text(errors="replace").count(": joined on ") < 2:
                 assert engine.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
             replicas = _children(engine.pid)

@@ -214,7 +214,8 @@ class ReplicaSet:
                     )
             elif lane.state is LaneState.JOINING:
                 self._join(lane, state)
-                text = f"replica {lane.number}: joined at frame {self.order_index()} on {lane.device}"
+                took = now - lane.started_at
+                text = f"replica {lane.number}: joined on {lane.device}, {took:.1f} s after its start"
                 said.append(ReplicaEvent(False, text))
         self.events.extend(event.text for event in said)
         return said
