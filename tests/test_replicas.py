@@ -256,6 +256,7 @@ def test_a_killed_or_hung_replica_is_taken_out_the_output_flows_and_it_rejoins()
             _run_until(engine, lambda s=since, t=joined: bool(said(s, t)), 300.0)
             assert engine.stats.snapshot()["replicas"] == 2
         assert "replicas 2/2" in engine.stats.status_line()
+        assert engine.stats.snapshot()["replica_states"] == ["active", "active"]
     stamps = [frame.timestamp for frame in sink.frames]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
     for lane in replicas.lanes:

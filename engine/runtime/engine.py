@@ -790,6 +790,7 @@ class Engine:
             else:
                 logger.info("%s", event.text)
         self.stats.replicas = replicas.active
+        self.stats.replica_states = replicas.states()
         self._release()
         return replicas.free_lane(now) is not None
 

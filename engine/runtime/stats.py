@@ -99,6 +99,7 @@ class RuntimeStats:
         self.restarts = 0  # times the supervisor restarted the engine before this process
         self.replicas = 1  # replicas making frames now (scale.replicas; 1: the engine itself)
         self.replicas_configured = 1
+        self.replica_states: list[str] = []  # each replica's state (starting, active, out ...) when > 1
         self.sinks: dict[str, SinkCounters] = {}
         self.started = time.monotonic()
 
@@ -175,6 +176,7 @@ class RuntimeStats:
                 "restarts": self.restarts,
                 "replicas": self.replicas,
                 "replicas_configured": self.replicas_configured,
+                "replica_states": list(self.replica_states),
                 "uptime_s": round(now - self.started, 1),
                 "outputs": {
                     name: {

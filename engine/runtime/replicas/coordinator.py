@@ -188,6 +188,7 @@ class ReplicaSet:
         return sum(1 for lane in self.lanes if lane.state is LaneState.ACTIVE)
 
     def states(self) -> list[str]:
+        """Where each replica is (``LaneState`` values, by replica number): the status shows them."""
         return [lane.state.value for lane in self.lanes]
 
     def poll(self, now: float, state: Mapping[str, Any]) -> list[ReplicaEvent]:
@@ -407,17 +408,16 @@ class ReplicaSet:
 
     def _join(self, lane: _Lane, state: Mapping[str, Any]) -> None:
         """At a frame boundary: the whole current state, then the rotation."""
-        lane.outbox.put(self._change(dict(state), transition=False, whole=True))
+        lane.outbox.put(self._change(dict(state), transition=False))
         lane.state = LaneState.ACTIVE
         lane.slow = True  # its first frame commits the whole state and warms up
 
-    def _change(self, values: Mapping[str, Any], transition: bool, whole: bool = False) -> Message:
+    def _change(self, values: Mapping[str, Any], transition: bool) -> Message:
         index = self.order_index()
         data = {
             "values": plain(dict(values)),
             "transition": transition,
             "serial": self.serial,
-            "whole": whole,
         }
         return Message(Kind.CHANGE, index, data)
 
