@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import time
 from collections.abc import Callable
 
@@ -108,7 +107,7 @@ def main() -> None:
     with engine:
         _until(engine, lambda: engine.stats.replicas == 2, 300.0)
         _until(engine, lambda: sink.frames > 20, 60.0)
-        frame_ms = 1000 * statistics.median(replicas._timings)
+        frame_ms = 1000 * replicas.typical_frame_s()
         print(f"frame {frame_ms:.1f} ms; a hang after {replicas.hang_limit_s():.2f} s")
         for number, sent in ((0, signal.SIGKILL), (1, signal.SIGSTOP)):
             _until(engine, lambda: engine.stats.replicas == 2, 300.0)

@@ -189,7 +189,7 @@ def test_two_replicas_make_every_frame_in_order_and_commit_a_change_at_the_same_
     def change_once() -> None:
         if not changed and len(recorder.made) >= 12:
             changed.append(engine.replicas.order_index())
-            engine.submit({"seed": 7, "guidance_scale": 1.0})
+            engine.submit({"seed": 7, "guidance_scale": 1.0, "feedback_amount": 0.3})  # fed back too
 
     with engine:
         _run_until(engine, lambda: engine.stats.replicas == 2, 300.0)
@@ -251,7 +251,8 @@ def test_a_killed_or_hung_replica_is_taken_out_the_output_flows_and_it_rejoins()
             _run_until(engine, lambda s=since, t=out: bool(said(s, t)), 60.0)
             if sent is signal.SIGSTOP:
                 assert "scale.hang_seconds" in said(since, out)[0]
-                assert not replicas.lanes[number].process.is_alive()  # a stuck process is killed
+                stuck = replicas.lanes[number].process
+                _run_until(engine, lambda p=stuck: not p.is_alive(), 30.0)  # a stuck process is killed
             _run_until(engine, lambda b=before: len(sink.frames) >= b + 10, 60.0)  # the other plays on
             _run_until(engine, lambda s=since, t=joined: bool(said(s, t)), 300.0)
             assert engine.stats.snapshot()["replicas"] == 2

@@ -817,6 +817,8 @@ class Engine:
             self._controls = [new if new is not None else old for new, old in zip(controls, self._controls)]
         if reference is not None:
             self._reference = reference
+        if image is not None and image is not item.tensor:
+            image = image.clone()  # the feedback's mix is a buffer the next frame writes over; sent later
         index = replicas.order.expect()
         meta = (item.frame, self._change, replicas.serial)
         sent_controls = None if controls is None else self._controls

@@ -167,7 +167,9 @@ class ReplicaSet:
         self.budget = RestartBudget(settings.max_restarts, settings.window_s)
         self._lock = threading.Lock()  # lane state and outstanding frames, frame loop vs lane threads
         self._arrived = threading.Event()
-        self._timings: deque[float] = deque(maxlen=_TIMINGS)
+        self._timings: deque[float] = deque(maxlen=_TIMINGS)  # appended by the receivers
+        self._timings_lock = threading.Lock()
+        self._reaping: list[Any] = []  # killed processes not yet reaped
         self._next = 0  # the lane the rotation tries first
         self._last_sent_at = 0.0
         self._sent_state: dict[str, Any] | None = None
@@ -195,6 +197,7 @@ class ReplicaSet:
         """Between two frames: take out dead or hung replicas, restart those due, let ready ones join
         with ``state`` (the engine's committed values). Returns what happened."""
         said: list[ReplicaEvent] = []
+        self._reaping = [process for process in self._reaping if _still_running(process)]
         for lane in self.lanes:
             with self._lock:
                 problem = self._problem(lane, now)
@@ -332,10 +335,14 @@ class ReplicaSet:
         self.close()
 
     # ------------------------------------------------------------------ internals (frame loop)
+    def typical_frame_s(self) -> float:
+        """The median time a frame took from sending to its result (0 before the first)."""
+        with self._timings_lock:
+            timings = list(self._timings)
+        return statistics.median(timings) if timings else 0.0
+
     def _spacing(self, active: int) -> float:
-        if not self._timings:
-            return 0.0
-        return statistics.median(self._timings) / active
+        return self.typical_frame_s() / active
 
     def _problem(self, lane: _Lane, now: float) -> str | None:
         """Why ``lane`` must come out now, or ``None`` (called under the lock)."""
@@ -357,8 +364,7 @@ class ReplicaSet:
     def hang_limit_s(self) -> float:
         """How long a frame may take: ``hang_s``, or 4 times the median frame when frames take longer
         than a quarter of that (a slow model on a CPU is not hung)."""
-        typical = statistics.median(self._timings) if self._timings else 0.0
-        return max(self.settings.hang_s, _HANG_FRAMES * typical)
+        return max(self.settings.hang_s, _HANG_FRAMES * self.typical_frame_s())
 
     def _take_out(self, lane: _Lane, why: str, now: float) -> str:
         self.taken_out += 1
@@ -422,13 +428,19 @@ class ReplicaSet:
         return Message(Kind.CHANGE, index, data)
 
     def _end_process(self, lane: _Lane, wait_s: float) -> None:
+        """End ``lane``'s process: let it stop within ``wait_s``, else kill it (reaped later by ``poll``
+        when ``wait_s`` is 0: the frame loop never waits for a process)."""
         process = lane.process
         if process is None:
             return
-        process.join(wait_s)
+        if wait_s > 0:
+            process.join(wait_s)
         if process.is_alive():
             process.kill()
+        if wait_s > 0:
             process.join(1.0)
+        else:
+            self._reaping.append(process)
 
     # ------------------------------------------------------------------ lane threads
     def _receive(self, lane: _Lane, generation: int, store: Path) -> None:
@@ -497,7 +509,8 @@ class ReplicaSet:
             return
         sent, meta, slow = entry
         if not slow:
-            self._timings.append(now - sent)
+            with self._timings_lock:
+                self._timings.append(now - sent)
         data = message.data
         made = Made(
             lane.number,
@@ -510,3 +523,9 @@ class ReplicaSet:
         )
         self.order.arrive(message.index, made, now)
         self.wake()
+
+
+def _still_running(process: Any) -> bool:
+    """Reap ``process`` if it ended (``join(0)``); whether it still runs."""
+    process.join(0)
+    return bool(process.is_alive())
