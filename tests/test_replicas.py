@@ -233,6 +233,7 @@ def test_two_replicas_make_every_frame_in_order_and_commit_a_change_at_the_same_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="stops a replica with SIGSTOP (POSIX)")
 def test_a_killed_or_hung_replica_is_taken_out_the_output_flows_and_it_rejoins() -> None:
     sink = RecordingSink()
     engine = _replica_engine(["scale.hang_seconds=1.0"], sink)
