@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 _TIMINGS = 16  # the call times the pacing takes the median of
 _HANG_FRAMES = 4  # a frame is hung after this many typical frames (or scale.hang_seconds, the longer)
 _STOP_WAIT_S = 2.0
+_KILL_WAIT_S = 2.0  # a killed process is gone in milliseconds; this bounds a process stuck in the kernel
 
 
 class LaneState(str, Enum):
@@ -321,8 +322,10 @@ class ReplicaSet:
                 lane.outbox.put(Message(Kind.STOP))
             lane.outbox.put(None)
         deadline = time.monotonic() + _STOP_WAIT_S
-        for lane in self.lanes:
+        for lane in self.lanes:  # together they have _STOP_WAIT_S to end, then they are killed
             self._end_process(lane, max(0.0, deadline - time.monotonic()))
+        for process in self._reaping:
+            process.join(_KILL_WAIT_S)
         for lane in self.lanes:
             for thread in lane.threads:
                 thread.join(max(0.05, deadline - time.monotonic()))
@@ -378,7 +381,7 @@ class ReplicaSet:
         for index in lost:
             self.order.lose(index)
         lane.outbox.put(None)
-        self._end_process(lane, 0.0)
+        self._end_process(lane, None)
         return (
             f"replica {lane.number}: out of the rotation: {why}; {self.active} of {len(self.lanes)} play on"
         )
@@ -427,20 +430,20 @@ class ReplicaSet:
         }
         return Message(Kind.CHANGE, index, data)
 
-    def _end_process(self, lane: _Lane, wait_s: float) -> None:
-        """End ``lane``'s process: let it stop within ``wait_s``, else kill it (reaped later by ``poll``
-        when ``wait_s`` is 0: the frame loop never waits for a process)."""
+    def _end_process(self, lane: _Lane, wait_s: float | None) -> None:
+        """End ``lane``'s process: let it stop within ``wait_s``, else kill it and reap it; ``None``:
+        kill it now and let ``poll`` reap it (the frame loop never waits for a process)."""
         process = lane.process
         if process is None:
             return
-        if wait_s > 0:
-            process.join(wait_s)
+        if wait_s is None:
+            process.kill()
+            self._reaping.append(process)
+            return
+        process.join(wait_s)
         if process.is_alive():
             process.kill()
-        if wait_s > 0:
-            process.join(1.0)
-        else:
-            self._reaping.append(process)
+            process.join(_KILL_WAIT_S)
 
     # ------------------------------------------------------------------ lane threads
     def _receive(self, lane: _Lane, generation: int, store: Path) -> None:
