@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +41,20 @@ logger = logging.getLogger(__name__)
 
 ROUNDS = 3
 """Timed rounds per row; contenders alternate round by round and each row is their median."""
+
+
+_V = TypeVar("_V")
+_R = TypeVar("_R")
+
+
+def alternate_rounds(variants: Sequence[_V], run: Callable[[_V], _R], rounds: int) -> list[list[_R]]:
+    """``run`` of every variant in each of ``rounds`` rounds, the variants taking turns (A B A B ...),
+    so a machine whose load drifts moves them alike; each variant's results in round order."""
+    results: list[list[_R]] = [[] for _ in variants]
+    for _ in range(rounds):
+        for index, variant in enumerate(variants):
+            results[index].append(run(variant))
+    return results
 
 
 class BenchGroup(str, Enum):
@@ -366,18 +380,18 @@ def side_by_side(
     for step, inputs in zip(steps, per_step, strict=True):
         for frame in inputs[:warmup]:
             step(frame)
-    results: list[list[float]] = [[] for _ in steps]
     device = per_step[0][0].device
-    for _ in range(rounds):
-        for index, step in enumerate(steps):
-            timed = per_step[index][warmup:]
-            _sync(device)
-            start = time.perf_counter()
-            for frame in timed:
-                step(frame)
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            results[index].append(1000.0 * elapsed / len(timed))
+
+    def ms_per_frame(index: int) -> float:
+        timed = per_step[index][warmup:]
+        _sync(device)
+        start = time.perf_counter()
+        for frame in timed:
+            steps[index](frame)
+        _sync(device)
+        return 1000.0 * (time.perf_counter() - start) / len(timed)
+
+    results = alternate_rounds(range(len(steps)), ms_per_frame, rounds)
     medians = [statistics.median(values) for values in results]
     return [
         Timing(1000.0 / median if median > 0 else float("inf"), tuple(values))
@@ -845,10 +859,7 @@ def measure_modulation(
         for variant in variants:
             variant.run(max(warmup, 1))
             variant.commits = 0
-        timings: list[list[tuple[float, float]]] = [[] for _ in variants]
-        for _ in range(rounds):
-            for index, variant in enumerate(variants):
-                timings[index].append(variant.run(frames))
+        timings = alternate_rounds(variants, lambda variant: variant.run(frames), rounds)
     finally:
         for variant in variants:
             variant.close()
@@ -911,10 +922,7 @@ def measure_feedback(
         for variant in variants:
             variant.run(max(warmup, 2))
             variant.fed = 0
-        timings: list[list[tuple[float, float]]] = [[] for _ in variants]
-        for _ in range(rounds):
-            for index, variant in enumerate(variants):
-                timings[index].append(variant.run(frames))
+        timings = alternate_rounds(variants, lambda variant: variant.run(frames), rounds)
     finally:
         for variant in variants:
             variant.close()

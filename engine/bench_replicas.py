@@ -223,6 +223,8 @@ def measure_replicas(
     replica count of ``request``, in alternating rounds (1 2 1 2 ...), every process on
     ``REPLICA_THREADS`` torch thread; the similarity filter off (skips would measure the input, not the
     replicas)."""
+    from engine.bench import alternate_rounds  # bench imports this module
+
     settings = replace(settings, similarity_filter_enabled=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(REPLICA_THREADS)
@@ -231,10 +233,7 @@ def measure_replicas(
         for count in request.counts:
             variants.append(_ReplicaEngine(models, settings, request.config, count))
             variants[-1].warm(warmup, say)
-        results: list[list[tuple[float, float, float]]] = [[] for _ in variants]
-        for _ in range(rounds):
-            for index, variant in enumerate(variants):
-                results[index].append(variant.run(frames))
+        results = alternate_rounds(variants, lambda variant: variant.run(frames), rounds)
         rows = []
         baseline = results[0]
         base_fps = statistics.median(fps for fps, _, _ in baseline)
